@@ -1,0 +1,1 @@
+"""launch: the `foundry` command, run configuration and process launchers."""

@@ -1,0 +1,35 @@
+"""The `foundry` command (also `python -m launch`).
+
+Each command group lives beside the code it drives and contributes its sub-parser through
+an ``add_parser(subparsers)`` function that sets ``func`` (called with the parsed args,
+returns the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep.cli import add_parser as add_prep
+    from launch.bench import add_parser as add_bench
+    from launch.commands import add_eval_parser, add_pretrain_parser
+
+    parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_prep(sub)
+    add_pretrain_parser(sub)
+    add_eval_parser(sub)
+    add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"foundry: config error: {err}", file=sys.stderr)
+        return 2

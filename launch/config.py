@@ -1,0 +1,317 @@
+"""Typed run configuration: dataclasses, one YAML per recipe, dotted ``key=value`` overrides.
+
+A recipe YAML is merged onto the dataclass defaults, then each override is applied, then
+the whole tree is validated: an unknown key names the valid ones, a wrong type names the
+key and the type it wants, a missing data path says how to make it. The resolved config is
+written with every run (``<output_dir>/config.yaml``) and logged to MLflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class AugmentOp:
+    """One augmentation step: an op name from the augmentation registry, its
+    parameters, and the probability it is applied to a sample (1.0 = always)."""
+
+    op: str = ""
+    p: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ViewSpec:
+    """``count`` views built by the same op chain (e.g. SimCLR: 2 identical-recipe views)."""
+
+    count: int = 1
+    ops: list[AugmentOp] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard folder (with manifest.json) for pretraining
+    eval_train: str = ""  # labelled shards: the kNN memory bank
+    eval_test: str = ""  # labelled shards: the kNN queries
+    backend: str = "torch"  # augmentation backend (torch; dali arrives with issue 4)
+    num_workers: int = 2  # loader processes per rank
+    prefetch_batches: int = 2  # batches each worker keeps ready
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    resampled: bool = False  # sample shards with replacement forever instead of epochs
+    eval_image_size: int = 32  # resize for feature extraction (kNN / probes)
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    views: list[ViewSpec] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "simclr"  # key in models.registry
+    backbone: str = "resnet18"  # any timm model name
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
+    method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps
+    batch_size: int = 256  # global batch: all ranks x grad_accum_steps
+    grad_accum_steps: int = 1
+    optimizer: str = "lars"  # lars | adamw | sgd
+    lr: float = 0.3  # base lr for lr_batch_ref samples (scaled linearly with batch_size)
+    lr_batch_ref: int = 256
+    min_lr: float = 0.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    warmup_steps: int = 10
+    grad_clip: float = 0.0  # 0 = off; the norm is always logged
+    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
+    channels_last: bool = True
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest in output_dir) | never | path to a checkpoint
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
+
+
+@dataclass
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    batch_size: int = 512
+    after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # empty: sqlite:///<output_dir>/mlflow.db, artifacts beside it
+    experiment: str = "ssl-foundry"
+    registered_model: str = ""  # empty: don't register
+    run_name: str = ""
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 1  # >1: `foundry pretrain` starts the ranks (torch elastic)
+    nnodes: int = 1
+    rdzv_endpoint: str = "127.0.0.1:29500"
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to annotation ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            converted = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, (float, str)) and float(value) != converted:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return converted
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, naming any unknown key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{dotted}'.{hint} Valid keys"
+                f"{' under ' + prefix if prefix else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values): MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    # YAML parsing gives numbers, bools, lists ("[0.2,1.0]") and mappings their types;
+    # _coerce then checks them against the annotation.
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in (
+            "backbone_args",
+            "method_args",
+            "args",
+        ):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        pairs.append((key.strip(), raw))
+    return pairs
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Recipe YAML (or defaults when ``path`` is None) + overrides -> validated ``Config``."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found (recipes live in configs/*.yaml)")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+        tree = loaded
+    for key, raw in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, raw)
+    cfg = build(Config, tree)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (checkpoint, MLflow, worker processes)."""
+    return build(Config, tree)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    from models.registry import method_names  # late: models imports torch
+
+    t = cfg.train
+    if cfg.model.method not in method_names():
+        raise ConfigError(
+            f"model.method: unknown method '{cfg.model.method}'. Registered: {', '.join(method_names())}"
+        )
+    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum_steps", t.grad_accum_steps),
+                       ("launch.nproc_per_node", cfg.launch.nproc_per_node)):
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    choices = {
+        "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
+        "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+        "data.backend": (cfg.data.backend, ("torch",)),
+        "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
+        "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+        raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
+    if not cfg.data.views:
+        raise ConfigError("data.views is empty: a recipe must list its augmentation views")
+    if check_paths:
+        for key in ("train", "eval_train", "eval_test"):
+            value = getattr(cfg.data, key)
+            if value and not (Path(value) / "manifest.json").is_file():
+                raise ConfigError(
+                    f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
+                    f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
+                )
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+

@@ -1,0 +1,1 @@
+"""models: timm backbones, heads, losses and self-supervised methods (see models.registry)."""

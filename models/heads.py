@@ -1,0 +1,29 @@
+"""Projection / prediction MLPs shared by the methods."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+class MLPHead(nn.Sequential):
+    """``num_layers`` linear layers; every hidden layer is Linear -> BN -> ReLU.
+
+    SimCLR (Chen et al. 2020) uses 2 layers (``in -> hidden -> out``) with BN in the hidden
+    layer; BYOL/MoCo v3 heads differ only in depth, widths and ``last_batch_norm``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
+                 batch_norm: bool = True, last_batch_norm: bool = False):
+        if num_layers < 1:
+            raise ValueError(f"MLPHead needs num_layers >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+        if last_batch_norm:
+            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        super().__init__(*layers)

@@ -1,0 +1,1 @@
+"""One module per self-supervised method; each registers itself in models.registry."""

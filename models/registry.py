@@ -1,0 +1,64 @@
+"""Method registry: ``create_method(name, backbone, **method_args)``, like timm's ``create_model``.
+
+A method module registers its class with ``@register_method("name")``. The class takes the
+backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
+``method_args`` from the config are checked against that signature so a mistyped key is an
+error that lists the valid ones, before any process starts.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any, Callable
+
+import torch.nn as nn
+
+_METHODS: dict[str, type[nn.Module]] = {}
+
+
+def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' registered twice ({_METHODS[name]} and {cls})")
+        cls.method_name = name
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def _import_all_methods() -> None:
+    import models.methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"models.methods.{info.name}")
+
+
+def method_names() -> list[str]:
+    _import_all_methods()
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[nn.Module]:
+    _import_all_methods()
+    if name not in _METHODS:
+        raise KeyError(f"unknown method '{name}'. Registered: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def method_arg_names(name: str) -> list[str]:
+    params = inspect.signature(method_class(name).__init__).parameters
+    return [p for p in params if p not in ("self", "backbone")]
+
+
+def check_method_args(name: str, method_args: dict[str, Any]) -> None:
+    valid = method_arg_names(name)
+    for key in method_args:
+        if key not in valid:
+            raise KeyError(f"model.method_args.{key}: '{name}' has no such argument. Valid: {', '.join(valid)}")
+
+
+def create_method(name: str, backbone: nn.Module, **method_args: Any) -> nn.Module:
+    check_method_args(name, method_args)
+    return method_class(name)(backbone, **method_args)

@@ -1,0 +1,1 @@
+"""pipeline: shard loading, augmentation, the trainer, checkpoints, tracking, export, evaluation."""

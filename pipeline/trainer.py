@@ -1,0 +1,336 @@
+"""The pretraining loop: one code path for 1 CPU process, torchrun on CPUs (gloo) and GPU
+clusters (NCCL); only ``pipeline.runtime`` differs.
+
+Per optimizer step: ``grad_accum_steps`` micro-batches (DDP gradient sync only on the last),
+bf16 autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's
+warmup + cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
+``checkpoint_every`` steps an atomic checkpoint holds everything needed to continue bitwise:
+model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+
+from launch.config import Config, flatten, save_config, to_dict
+from models.backbones import create_backbone
+from models.distributed import all_reduce_mean
+from models.registry import create_method
+from pipeline.augment import MultiViewTransform
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    """What rank 0 reports at the end of ``train`` (also written to ``output_dir/result.json``)."""
+
+    output_dir: str
+    steps: int
+    final_loss: float
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    backbone_dir: str | None = None
+    model_version: str | None = None
+    knn_top1: float | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+    return create_method(cfg.model.method, backbone, **cfg.model.method_args)
+
+
+def local_batch_size(cfg: Config, world_size: int) -> int:
+    per_step = world_size * cfg.train.grad_accum_steps
+    if cfg.train.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by ranks x grad_accum_steps "
+            f"= {world_size} x {cfg.train.grad_accum_steps}"
+        )
+    return cfg.train.batch_size // per_step
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    """Linear lr scaling (lr x batch / lr_batch_ref); no weight decay nor LARS adaptation on
+    biases and norm parameters (timm's ``filter_bias_and_bn``), as in SimCLR/BYOL."""
+    t = cfg.train
+    lr = t.lr * t.batch_size / t.lr_batch_ref
+    kwargs: dict[str, Any] = {"momentum": t.momentum} if t.optimizer in ("lars", "sgd") else {}
+    optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **kwargs)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=t.max_steps, lr_min=t.min_lr, warmup_t=t.warmup_steps,
+        warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+    return optimizer, scheduler
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+    if rt.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _find_resume(cfg: Config) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    return Path(cfg.train.resume)
+
+
+def _open_tracker(cfg: Config, run_id: str | None):
+    from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
+                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+    if run_id is None:
+        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_environment()
+    return tracker
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rt = init_runtime(cfg.launch, cfg.train)
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.rt.device)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
+                                            if self.rt.device.type == "cuda" else None)
+                    if self.rt.world_size > 1 else None)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.amp_dtype = autocast_dtype(cfg.train, self.rt.device)
+        self.local_batch = local_batch_size(cfg, self.rt.world_size)
+        self.step = 0
+        self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
+        self.position = LoaderPosition()
+        self.run_id: str | None = None
+        resume = _find_resume(cfg)
+        if resume is not None:
+            self._restore(load_checkpoint(resume), resume)
+        torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
+        self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
+        if self.tracker is not None:
+            self.run_id = self.tracker.run_id
+            save_config(cfg, self.out / "config.yaml")
+            self.tracker.log_artifact(str(self.out / "config.yaml"))
+
+    # ------------------------------------------------------------------ state
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        if state["world_size"] != self.rt.world_size:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
+                f"{self.rt.world_size}: the loader position is per rank. Resume with the same "
+                f"launch.nproc_per_node x nnodes, or start fresh with train.resume=never"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.position = LoaderPosition(**state["position"])
+        self.run_id = state.get("mlflow_run_id")
+        self._rng_to_restore = state["rng"][self.rt.rank]
+        if self.rt.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Path | None:
+        rng = _gather_objects(_rng_state(), self.rt)
+        if not self.rt.is_main:
+            return None
+        state = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": {"epoch": self.position.epoch, "batch": self.position.batch},
+            "rng": rng,
+            "world_size": self.rt.world_size,
+            "mlflow_run_id": self.run_id,
+            "config": to_dict(self.cfg),
+        }
+        return save_checkpoint(state, self.out / "checkpoints", self.step, keep=self.cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def _loader(self):
+        d = self.cfg.data
+        stream = ShardStream(
+            d.train, MultiViewTransform(d.views, d.mean, d.std), self.local_batch,
+            rank=self.rt.rank, world_size=self.rt.world_size, num_workers=d.num_workers,
+            seed=self.cfg.train.seed, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
+            start=self.position,
+        )
+        return iter(make_loader(stream, pin_memory=self.rt.device.type == "cuda",
+                                prefetch_batches=d.prefetch_batches))
+
+    def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
+        return [v.to(self.rt.device, non_blocking=True, memory_format=fmt) for v in views]
+
+    def train(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.train
+        if hasattr(self, "_rng_to_restore"):
+            _set_rng_state(self._rng_to_restore)
+        module = self.ddp or self.model
+        self.model.train()
+        batches = self._loader()
+        data_wait = 0.0
+        window_start, window_steps = time.perf_counter(), 0
+        loss_value = float("nan")
+        while self.step < t.max_steps:
+            self.scheduler.step_update(self.step)
+            step_loss = torch.zeros((), device=self.rt.device)
+            step_wait = step_compute = 0.0
+            for micro in range(t.grad_accum_steps):
+                tic = time.perf_counter()
+                batch = next(batches)
+                toc = time.perf_counter()
+                step_wait += toc - tic
+                self.position = LoaderPosition(batch["epoch"], batch["batch"] + 1)
+                sync = micro == t.grad_accum_steps - 1 or self.ddp is None
+                ctx = module.no_sync() if not sync else nullcontext()
+                with ctx, autocast(self.rt.device, self.amp_dtype):
+                    loss = module(self._to_device(batch["views"]))["loss"] / t.grad_accum_steps
+                with ctx:
+                    loss.backward()
+                step_loss += loss.detach()
+                step_compute += time.perf_counter() - toc
+            tic = time.perf_counter()
+            loss_value = float(all_reduce_mean(step_loss))
+            if not math.isfinite(loss_value):
+                self._fail_non_finite(loss_value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if hasattr(self.model, "on_step_end"):
+                self.model.on_step_end(self.step, t.max_steps)
+            step_compute += time.perf_counter() - tic
+            self.step_times.append((step_wait, step_compute))
+            data_wait += step_wait
+            window_steps += 1
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                elapsed = time.perf_counter() - window_start
+                metrics = {
+                    "loss": loss_value,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    "images_per_s": window_steps * t.batch_size / elapsed,
+                    "step_time_s": elapsed / window_steps,
+                    "data_wait_fraction": data_wait / max(elapsed, 1e-9),
+                    "epoch": float(self.position.epoch),
+                }
+                self._log(metrics)
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+                self.save()
+        last = self.save()
+        return self._finish(last, loss_value)
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if not self.rt.is_main:
+            return
+        self.timing = metrics
+        self.tracker.log_metrics(metrics, step=self.step)
+        print(f"step {self.step}/{self.cfg.train.max_steps} loss {metrics['loss']:.4f} "
+              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s "
+              f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
+
+    def _fail_non_finite(self, loss_value: float) -> None:
+        last = latest_checkpoint(self.out / "checkpoints")
+        msg = (f"loss is {loss_value} at step {self.step + 1}: training stopped. The last good "
+               f"checkpoint is {last or 'none (no checkpoint written yet)'}; lower train.lr, set "
+               f"train.grad_clip, or try train.precision=fp32, then rerun (train.resume=auto "
+               f"continues from it).")
+        if self.tracker is not None:
+            self.tracker.set_tags({"failure": msg})
+            self.tracker.end("FAILED")
+        raise NonFiniteLossError(msg)
+
+    def _finish(self, last_checkpoint: Path | None, loss_value: float) -> TrainResult:
+        from pipeline.export import export_timm_backbone
+
+        result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
+        if not self.rt.is_main:
+            return result
+        d, m = self.cfg.data, self.cfg.model
+        result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
+        result.timing = {**getattr(self, "timing", {}),
+                         "peak_rss_mb": psutil.Process().memory_info().rss / 2**20}
+        self.tracker.log_artifact(str(last_checkpoint), "checkpoints")
+        backbone_dir = export_timm_backbone(
+            self.model.backbone, m.backbone, m.backbone_args, self.out / "backbone",
+            input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
+            extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id},
+        )
+        result.backbone_dir = str(backbone_dir)
+        if self.cfg.mlflow.registered_model:
+            result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
+        else:
+            self.tracker.log_artifact(str(backbone_dir), "backbone")
+        if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
+            from pipeline.evaluate import knn_evaluate
+
+            self.model.eval()
+            result.knn_top1 = knn_evaluate(self.model.backbone, self.cfg, self.rt.device)
+            self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
+        self.tracker.end("FINISHED")
+        return result
+
+
+def train(cfg: Config) -> TrainResult:
+    """Entry point of every rank (direct, torchrun, elastic launch or submitit)."""
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError:
+        raise  # the run is already marked FAILED with the reason
+    except BaseException as err:
+        if trainer.tracker is not None:
+            trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    finally:
+        if dist.is_initialized():
+            shutdown_runtime()
+    if trainer.rt.is_main:
+        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+    return result
