@@ -1,0 +1,1 @@
+"""data_prep: image folders and datasets -> WebDataset tar shards with a manifest."""

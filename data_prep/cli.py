@@ -1,0 +1,90 @@
+"""`foundry prep images SRC OUT` and `foundry prep fashion-mnist OUT`: make shard folders."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
+from data_prep.fashion_mnist import prep_fashion_mnist
+from data_prep.images import prep_images
+from data_prep.shards import PrepError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``prep`` command group; each command's ``func(args)`` returns the exit code."""
+    prep = subparsers.add_parser("prep", help="make WebDataset shards (+ manifest.json) from images",
+                                 description=__doc__)
+    kinds = prep.add_subparsers(dest="prep_command", required=True)
+
+    images = kinds.add_parser(
+        "images", help="an image folder (ImageNet style class folders, or unlabelled)",
+        description="Shard every image under SRC into OUT. SRC with only class subfolders at its "
+                    "top level is labelled (class index = sorted folder order); otherwise it is "
+                    "unlabelled. Files that are not valid images are listed in OUT/manifest.json. "
+                    "Rerun the same command to resume an interrupted run.")
+    images.add_argument("src", help="image folder")
+    images.add_argument("out", help="shard folder to write")
+    images.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
+    images.add_argument("--max-shard-bytes", type=_positive_int, default=None,
+                        help="also start a new shard before the images exceed this many bytes")
+    _add_common_options(images)
+    images.set_defaults(func=_run_images)
+
+    fashion = kinds.add_parser(
+        "fashion-mnist", help="Fashion-MNIST from the Debian package -> OUT/train, OUT/test",
+        description="Shard Fashion-MNIST (/usr/share/datasets/fashion-mnist, Debian package "
+                    "dataset-fashion-mnist) into OUT/train and OUT/test as PNG + class index.")
+    fashion.add_argument("out", help="folder for the train/ and test/ shard folders")
+    fashion.add_argument("--shard-size", type=_positive_int, default=FASHION_MNIST_SHARD_SIZE,
+                         help=f"images per shard (default {FASHION_MNIST_SHARD_SIZE})")
+    fashion.add_argument("--limit", type=_positive_int, default=None,
+                         help="only the first LIMIT images of each split (quick trials)")
+    _add_common_options(fashion)
+    fashion.set_defaults(func=_run_fashion_mnist)
+    return prep
+
+
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="worker processes (default: the CPUs this process may use)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace shards in OUT written from other inputs or settings")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run_images(args: argparse.Namespace) -> int:
+    try:
+        summary = prep_images(args.src, args.out, shard_size=args.shard_size,
+                              max_shard_bytes=args.max_shard_bytes, workers=args.workers,
+                              overwrite=args.overwrite)
+    except PrepError as err:
+        print(f"foundry prep images: {err}", file=sys.stderr)
+        return 1
+    _report(summary)
+    if summary["skipped"]:
+        print(f"  skipped {summary['skipped_reasons']}: see the manifest's 'skipped' list")
+    return 0
+
+
+def _run_fashion_mnist(args: argparse.Namespace) -> int:
+    try:
+        summaries = prep_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers,
+                                       limit=args.limit, overwrite=args.overwrite)
+    except PrepError as err:
+        print(f"foundry prep fashion-mnist: {err}", file=sys.stderr)
+        return 1
+    for summary in summaries.values():
+        _report(summary)
+    return 0
+
+
+def _report(summary: dict) -> None:
+    print(f"{summary['out']}: {summary['samples']} samples in {summary['shards']} shards "
+          f"({summary['shards_written']} written, {summary['shards_reused']} already complete), "
+          f"{summary['bytes'] / 2**20:.1f} MiB, {summary['skipped']} skipped, {summary['seconds']:.1f} s")

@@ -1,0 +1,186 @@
+"""`foundry prep images SRC OUT`: an image folder -> WebDataset shards (see data_prep.shards).
+
+Layout: when SRC holds subfolders and no images at its top level it is ImageNet style: every
+subfolder is a class, numbered in sorted name order, and the images anywhere below it are that
+class's. Otherwise SRC is unlabelled and all images below it, at any depth, are used.
+
+Every file under SRC ends up either in a shard, byte for byte as stored, or in the manifest's
+``skipped`` list with a reason: ``unsupported`` (not an image type that both PIL and NVIDIA DALI
+decode, or not a regular file), ``unreadable`` (OSError), ``zero-byte``, or ``corrupt`` (PIL
+cannot decode it). Images are checked by decoding them, in worker processes, before shards are
+planned, so which image lands in which shard depends only on SRC's contents.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import time
+from collections import Counter
+from dataclasses import dataclass
+from operator import attrgetter
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
+
+ACCEPTED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# Decoded PIL format -> the sample's image key. The key follows the bytes, not the file name, so
+# a PNG saved as x.jpg is stored as `png` and decoders that trust the key are not misled.
+FORMAT_KEYS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+# Files per validation task: large enough to amortise the inter-process round trip.
+CHECK_BATCH = 64
+
+
+class ValidImage(NamedTuple):
+    """A decodable image under SRC; ``key`` is its WebDataset key (``jpg``, ``png``, ...)."""
+
+    path: str
+    key: str
+    size: int
+    width: int
+    height: int
+    label: int | None
+
+
+def find_classes(src: Path) -> list[str]:
+    """Class folder names (sorted) when ``src`` is ImageNet style, else []."""
+    entries = list(os.scandir(src))
+    top_level_images = any(not e.is_dir() and Path(e.name).suffix.lower() in ACCEPTED_EXTENSIONS
+                           for e in entries)
+    return [] if top_level_images else sorted(e.name for e in entries if e.is_dir())
+
+
+def list_files(src: Path) -> tuple[list[str], list[dict]]:
+    """Sorted paths (relative to ``src``) of every file below it, following folder symlinks but
+    walking each real folder once; plus ``unreadable`` skip entries for folders it cannot list."""
+    files: list[str] = []
+    unreadable: list[dict] = []
+    walked: set[str] = set()
+
+    def on_error(err: OSError) -> None:
+        unreadable.append(_skipped(os.path.relpath(err.filename, src), "unreadable", str(err)))
+
+    for folder, subfolders, names in os.walk(src, onerror=on_error, followlinks=True):
+        subfolders.sort()  # walk order decides which path a twice-linked folder is listed under
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        files.extend(os.path.relpath(os.path.join(folder, name), src) for name in names)
+    return sorted(files), unreadable
+
+
+def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
+    """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
+    full = src / path
+    if full.suffix.lower() not in ACCEPTED_EXTENSIONS:
+        return _skipped(path, "unsupported", f"extension '{full.suffix}' is not one of "
+                                             f"{' '.join(sorted(ACCEPTED_EXTENSIONS))}")
+    try:
+        if not stat.S_ISREG(full.stat().st_mode):
+            return _skipped(path, "unsupported", "not a regular file")
+        data = full.read_bytes()
+    except OSError as err:
+        return _skipped(path, "unreadable", str(err))
+    if not data:
+        return _skipped(path, "zero-byte", "the file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height, image_format = img.width, img.height, img.format
+            # JPEG: decode at 1/8 scale, which still reads every entropy-coded byte (so it still
+            # finds truncation and bad data) at a fraction of the cost. A no-op for other formats.
+            img.draft(img.mode, (1, 1))
+            img.load()
+    except Exception as err:  # PIL reports bad data with many exception types
+        return _skipped(path, "corrupt", f"{type(err).__name__}: {err}")
+    if image_format not in FORMAT_KEYS:
+        return _skipped(path, "unsupported", f"decodes as {image_format}, not one of "
+                                             f"{' '.join(sorted(FORMAT_KEYS))}")
+    return ValidImage(path, FORMAT_KEYS[image_format], len(data), width, height, label)
+
+
+def _check_batch(task: tuple[Path, list[tuple[str, int | None]]]) -> list[ValidImage | dict]:
+    src, files = task
+    return [check_image(src, path, label) for path, label in files]
+
+
+def _skipped(path: str, reason: str, detail: str) -> dict:
+    return {"path": path, "reason": reason, "detail": detail}
+
+
+def count_reasons(skipped: list[dict]) -> dict[str, int]:
+    return dict(sorted(Counter(s["reason"] for s in skipped).items()))
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """Turns a :class:`ValidImage` into its shard sample: the bytes exactly as stored in SRC,
+    ``cls`` when labelled, and ``json`` metadata. Runs in the shard-writing workers."""
+
+    src: Path
+    classes: list[str]
+
+    def __call__(self, image: ValidImage) -> dict[str, bytes]:
+        data = (self.src / image.path).read_bytes()
+        if len(data) != image.size:
+            raise PrepError(f"{self.src / image.path} changed while being sharded "
+                            f"({image.size} bytes when checked, {len(data)} now): rerun the prep")
+        meta = {"source": image.path, "width": image.width, "height": image.height}
+        sample = {image.key: data}
+        if image.label is not None:
+            meta["label"] = self.classes[image.label]
+            sample["cls"] = str(image.label).encode()
+        sample["json"] = json.dumps(meta).encode()
+        return sample
+
+
+def prep_images(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
+                max_shard_bytes: int | None = None, workers: int | None = None,
+                overwrite: bool = False) -> dict:
+    """Shards every valid image under ``src`` into ``out`` (resuming an interrupted run) and
+    returns :func:`data_prep.shards.write_shards`'s summary plus ``skipped_reasons`` and timings:
+    ``check_seconds`` (listing and decoding the inputs), ``write_seconds`` and total ``seconds``."""
+    start = time.perf_counter()
+    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
+    if not src_dir.is_dir():
+        raise PrepError(f"SRC '{src}' is not a folder")
+    if out_dir == src_dir or src_dir in out_dir.parents:
+        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
+    workers = workers or default_workers()
+    classes = find_classes(src_dir)
+    class_index = {name: i for i, name in enumerate(classes)}
+    files, skipped = list_files(src_dir)
+    files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
+                      for path in files]
+    tasks = [(src_dir, files_with_labels[i:i + CHECK_BATCH]) for i in range(0, len(files), CHECK_BATCH)]
+    valid: list[ValidImage] = []
+    with tqdm(total=len(files), desc="check images", unit="file", disable=None) as bar:
+        for results in parallel_imap(_check_batch, tasks, workers):
+            for result in results:
+                (valid if isinstance(result, ValidImage) else skipped).append(result)
+            bar.update(len(results))
+    valid.sort(key=attrgetter("path"))
+    skipped.sort(key=lambda s: s["path"])
+    if not valid:
+        raise PrepError(f"no valid images under '{src}' ({len(skipped)} files skipped: "
+                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    check_seconds = time.perf_counter() - start
+    plan = ShardPlan(
+        source=str(src_dir),
+        shards=group_into_shards(valid, shard_size, max_shard_bytes, size_of=attrgetter("size")),
+        build_sample=ImageSample(src_dir, classes),
+        labelled=bool(classes),
+        classes=classes,
+        shard_size=shard_size,
+        max_shard_bytes=max_shard_bytes,
+        skipped=skipped,
+    )
+    summary = write_shards(out_dir, plan, workers, overwrite)
+    return {**summary, "skipped_reasons": count_reasons(skipped), "check_seconds": check_seconds,
+            "write_seconds": summary["seconds"], "seconds": time.perf_counter() - start}

@@ -1,0 +1,342 @@
+"""Resumable WebDataset shard writer, and the manifest that describes a shard folder.
+
+A shard folder holds ``shard-000000.tar, shard-000001.tar, ...`` and ``manifest.json``.
+Every dataset (an image folder, Fashion-MNIST) is first turned into a :class:`ShardPlan`: the
+samples of every shard, fixed before anything is written, so the output never depends on
+worker timing. :func:`write_shards` then writes the shards in worker processes.
+
+Crash safety: the manifest is written (atomically) before the first shard, listing every planned
+shard as incomplete. A shard is written to ``<name>.tmp``, fsynced and renamed to its final name,
+and only then marked complete in the manifest (again written atomically). So a final name never
+holds a half-written tar, and a rerun of the same command keeps the complete shards whose
+sha256 still matches, deletes temp files and rewrites the rest. A rerun whose plan differs (other
+source, shard size or source files) is refused unless ``overwrite`` is set.
+
+Readers (the training loader, tests) use :func:`read_manifest` and :func:`shard_paths`, which
+refuse a folder whose prep has not finished.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+from tqdm import tqdm
+
+MANIFEST_FORMAT = "ssl-foundry-shards/1"
+MANIFEST_NAME = "manifest.json"
+TMP_SUFFIX = ".tmp"
+# Fixed member mtime: rewriting a shard from the same inputs gives identical bytes (same sha256).
+TAR_MTIME = 0
+# The manifest fields of ShardPlan.identity(), as error messages name them.
+IDENTITY_NAMES = {"source": "source", "shard_size": "shard size", "max_shard_bytes": "shard byte limit",
+                  "plan_sha256": "set of inputs"}
+HOW_TO_MAKE_SHARDS = "`foundry prep images SRC OUT` or `foundry prep fashion-mnist OUT`"
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class PrepError(Exception):
+    """A prep run that cannot or must not go on; the message says what to do."""
+
+
+class ManifestError(PrepError):
+    """A shard folder without a usable manifest."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    """WebDataset ``__key__`` of the ``index``-th sample of a dataset (no dots: wds splits on them)."""
+    return f"{index:08d}"
+
+
+def default_workers() -> int:
+    """CPUs this process may run on (respects taskset / cgroup pinning, unlike os.cpu_count)."""
+    return len(os.sched_getaffinity(0))
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_manifest(folder: str | os.PathLike, allow_incomplete: bool = False) -> dict:
+    """The manifest of a shard folder. Raises :class:`ManifestError` naming the folder when it has
+    no readable manifest, or (unless ``allow_incomplete``) when its prep has not finished."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"no shards at '{folder}': {path} does not exist. "
+                            f"Make them with {HOW_TO_MAKE_SHARDS}.") from None
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"cannot read the shard manifest {path} ({err}). "
+                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path} is not an {MANIFEST_FORMAT} manifest. "
+                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.")
+    if not allow_incomplete and not manifest["complete"]:
+        done = sum(s["complete"] for s in manifest["shards"])
+        raise ManifestError(f"the prep into '{folder}' did not finish ({done} of "
+                            f"{len(manifest['shards'])} shards written): rerun the same "
+                            f"`foundry prep` command to resume it.")
+    return manifest
+
+
+def shard_paths(folder: str | os.PathLike, allow_incomplete: bool = False) -> list[str]:
+    """Absolute paths of the folder's complete shards, in shard order."""
+    manifest = read_manifest(folder, allow_incomplete)
+    root = Path(folder).resolve()
+    return [str(root / s["name"]) for s in manifest["shards"] if s["complete"]]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def group_into_shards(items: Sequence[Item], shard_size: int, max_shard_bytes: int | None = None,
+                      size_of: Callable[[Item], int] | None = None) -> list[list[Item]]:
+    """Consecutive groups of at most ``shard_size`` items and (when given) at most
+    ``max_shard_bytes`` by ``size_of``; an item larger than the limit gets a shard of its own."""
+    shards: list[list[Item]] = []
+    current: list[Item] = []
+    current_bytes = 0
+    for item in items:
+        item_bytes = size_of(item) if max_shard_bytes else 0
+        full = len(current) >= shard_size or (max_shard_bytes and current_bytes + item_bytes > max_shard_bytes)
+        if current and full:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(item)
+        current_bytes += item_bytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+@dataclass
+class ShardPlan:
+    """Everything a prep run writes, fixed before writing starts.
+
+    ``shards[i]`` lists the JSON-serialisable descriptors of shard ``i``'s samples;
+    ``build_sample(descriptor)`` (picklable: it runs in worker processes) returns the sample's
+    WebDataset fields as bytes, without ``__key__``, which the writer numbers over the dataset.
+    """
+
+    source: str
+    shards: list[list[Any]]
+    build_sample: Callable[[Any], dict[str, bytes]]
+    labelled: bool
+    classes: list[str]
+    shard_size: int
+    max_shard_bytes: int | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    @cached_property
+    def plan_sha256(self) -> str:
+        """Hash of everything that decides the shards' contents."""
+        text = json.dumps([self.source, self.labelled, self.classes, self.shards])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def identity(self) -> dict:
+        """Manifest fields that must match for a rerun to resume into an existing folder."""
+        return {"source": self.source, "shard_size": self.shard_size,
+                "max_shard_bytes": self.max_shard_bytes, "plan_sha256": self.plan_sha256}
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    """One shard for a worker process: its index, first sample number and sample descriptors."""
+
+    out_dir: Path
+    index: int
+    first_sample: int
+    items: list[Any]
+    build_sample: Callable[[Any], dict[str, bytes]]
+
+
+def parallel_imap(func: Callable[[Item], Result], tasks: Sequence[Item], workers: int) -> Iterator[Result]:
+    """``func(task)`` for every task, yielded as each finishes (in any order), in up to
+    ``workers`` processes; in this process when one worker (or one task) is enough. A worker that
+    dies (killed, out of memory) raises BrokenProcessPool here instead of hanging."""
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(func, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+        try:
+            for future in as_completed([pool.submit(func, task) for task in tasks]):
+                yield future.result()
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+
+def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | None = None,
+                 overwrite: bool = False, progress: str = "write shards") -> dict:
+    """Writes (or finishes writing) ``plan`` into ``out_dir`` and returns a summary for logs and
+    benchmarks: ``out, samples, shards, shards_written, shards_reused, skipped, bytes, seconds``."""
+    start = time.perf_counter()
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workers = workers or default_workers()
+    _tar_writer()  # import it before forking workers, so that they inherit it
+    with _exclusive_lock(out):
+        manifest = _start_manifest(out, plan, workers, overwrite)
+        todo = [i for i, record in enumerate(manifest["shards"]) if not record["complete"]]
+        first_sample = [0]
+        for shard in plan.shards:
+            first_sample.append(first_sample[-1] + len(shard))
+        tasks = [_ShardTask(out, i, first_sample[i], plan.shards[i], plan.build_sample) for i in todo]
+        with tqdm(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample",
+                  disable=None) as bar:
+            for index, record in parallel_imap(_write_shard, tasks, workers):
+                manifest["shards"][index] = record
+                _write_json_atomic(out / MANIFEST_NAME, manifest)
+                bar.update(record["num_samples"])
+        manifest["complete"] = True
+        _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return {
+        "out": str(out),
+        "samples": plan.num_samples,
+        "shards": len(plan.shards),
+        "shards_written": len(todo),
+        "shards_reused": len(plan.shards) - len(todo),
+        "skipped": len(plan.skipped),
+        "bytes": sum(s["bytes"] for s in manifest["shards"]),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+@contextmanager
+def _exclusive_lock(folder: Path) -> Iterator[None]:
+    """Two preps writing into one folder would corrupt each other's shards: refuse the second."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrepError(f"another foundry prep is writing into {folder}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -> dict:
+    """The manifest to resume from: complete shards of an earlier run of the same plan whose
+    bytes still verify are kept; every other shard or temp file in ``out`` is deleted."""
+    previous = _previous_run(out, plan, overwrite)
+    kept = {}
+    if previous:
+        records = [s for s in previous["shards"] if s["complete"] and (out / s["name"]).is_file()]
+        actual = dict(parallel_imap(_checksum, [out / s["name"] for s in records], workers))
+        kept = {s["name"]: s for s in records if actual[s["name"]] == s["sha256"]}
+    for path in out.glob("shard-*.tar*"):
+        if path.name not in kept:
+            path.unlink()
+    (out / (MANIFEST_NAME + TMP_SUFFIX)).unlink(missing_ok=True)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        **plan.identity(),
+        "created": previous["created"] if previous else datetime.now(timezone.utc).isoformat(),
+        "complete": False,
+        "labelled": plan.labelled,
+        "classes": plan.classes,
+        "num_samples": plan.num_samples,
+        "shards": [kept.get(shard_name(i)) or {"name": shard_name(i), "num_samples": len(items),
+                                                "sha256": None, "bytes": None, "complete": False}
+                   for i, items in enumerate(plan.shards)],
+        "skipped": plan.skipped,
+    }
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _previous_run(out: Path, plan: ShardPlan, overwrite: bool) -> dict | None:
+    """The manifest of an earlier run into ``out`` that this run may resume, or None. Raises
+    :class:`PrepError` when ``out`` holds shards this run must not mix with its own."""
+    if overwrite:
+        return None
+    if not (out / MANIFEST_NAME).exists():
+        if any(out.glob("shard-*.tar")):
+            raise PrepError(f"{out} holds shard-*.tar files but no {MANIFEST_NAME}: they were not "
+                            f"written by this prep. Choose another OUT or pass --overwrite.")
+        return None
+    previous = read_manifest(out, allow_incomplete=True)
+    for key, wanted in plan.identity().items():
+        if previous.get(key) != wanted:
+            raise PrepError(f"{out} was written from a different {IDENTITY_NAMES[key]} ({key}: "
+                            f"{previous.get(key)!r}, now {wanted!r}). Choose another OUT or pass "
+                            f"--overwrite to replace it.")
+    return previous
+
+
+def _checksum(path: Path) -> tuple[str, str]:
+    return path.name, file_sha256(path)
+
+
+def _tar_writer() -> type:
+    """webdataset's TarWriter, imported on first use: webdataset imports torch (seconds), which
+    `foundry` start-up and manifest readers should not wait for."""
+    from webdataset.writer import TarWriter
+
+    return TarWriter
+
+
+def _write_shard(task: _ShardTask) -> tuple[int, dict]:
+    """Writes one shard to a temp name, fsyncs it and renames it into place (in a worker)."""
+    final = task.out_dir / shard_name(task.index)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    with open(tmp, "wb") as f:
+        with _tar_writer()(f, encoder=False, mtime=TAR_MTIME) as tar:
+            for offset, item in enumerate(task.items):
+                tar.write({"__key__": sample_key(task.first_sample + offset), **task.build_sample(item)})
+        f.flush()
+        os.fsync(f.fileno())
+    record = {"name": final.name, "num_samples": len(task.items), "sha256": file_sha256(tmp),
+              "bytes": tmp.stat().st_size, "complete": True}
+    os.replace(tmp, final)
+    _fsync_dir(task.out_dir)
+    return task.index, record
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
