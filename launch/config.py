@@ -66,7 +66,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps (an upper bound when budget_minutes is set)
+    budget_minutes: float = 0.0  # > 0: fit the schedule to this much training time, measured
     batch_size: int = 256  # global batch: all ranks x grad_accum_steps
     grad_accum_steps: int = 1
     optimizer: str = "lars"  # lars | adamw | sgd
@@ -295,6 +296,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    if t.budget_minutes < 0:
+        raise ConfigError(f"train.budget_minutes must be >= 0 (0: no time budget), got {t.budget_minutes}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if not cfg.data.views:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psutil
@@ -34,6 +35,10 @@ from pipeline.augment import MultiViewTransform
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.loader import LoaderPosition, ShardStream, make_loader
 from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
+
+
+# Time budgets: steps left out of the step-time estimate, then steps averaged for it.
+BUDGET_SKIP_STEPS, BUDGET_PROBE_STEPS = 2, 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,12 +81,28 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     t = cfg.train
     lr = t.lr * t.batch_size / t.lr_batch_ref
     kwargs: dict[str, Any] = {"momentum": t.momentum} if t.optimizer in ("lars", "sgd") else {}
-    optimizer = create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **kwargs)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=t.max_steps, lr_min=t.min_lr, warmup_t=t.warmup_steps,
-        warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
+    return create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **kwargs)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
+    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
+
+    The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
+    changes nothing but the horizon; the base lr is the optimizer's ``initial_lr``.
+    """
+    t = cfg.train
+    base_lr = t.lr * t.batch_size / t.lr_batch_ref
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
+        warmup_lr_init=base_lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
-    return optimizer, scheduler
+
+
+def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
+    """Total steps of a run that has done ``step`` steps in ``elapsed_s`` and goes on at
+    ``step_time_s`` per step until ``budget_s``: at least one more step, at most ``max_steps``."""
+    remaining = int(max(0.0, budget_s - elapsed_s) / max(step_time_s, 1e-9))
+    return max(step + 1, min(max_steps, step + remaining))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -139,16 +160,21 @@ class Trainer:
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
                                             if self.rt.device.type == "cuda" else None)
                     if self.rt.world_size > 1 else None)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg, self.model)
+        # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
+        self.total_steps = cfg.train.max_steps
+        self.budget_decided = cfg.train.budget_minutes <= 0
         self.amp_dtype = autocast_dtype(cfg.train, self.rt.device)
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
+        self.step_callbacks: list[Callable[[int], None]] = []  # called with the step after each one
         self.position = LoaderPosition()
         self.run_id: str | None = None
         resume = _find_resume(cfg)
         if resume is not None:
             self._restore(load_checkpoint(resume), resume)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
         if self.tracker is not None:
@@ -168,6 +194,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.position = LoaderPosition(**state["position"])
+        # A time-budgeted run keeps the horizon it measured before the interruption.
+        if state.get("budget_decided"):
+            self.total_steps, self.budget_decided = state["total_steps"], True
         self.run_id = state.get("mlflow_run_id")
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
@@ -179,6 +208,8 @@ class Trainer:
             return None
         state = {
             "step": self.step,
+            "total_steps": self.total_steps,
+            "budget_decided": self.budget_decided,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
@@ -215,7 +246,8 @@ class Trainer:
         data_wait = 0.0
         window_start, window_steps = time.perf_counter(), 0
         loss_value = float("nan")
-        while self.step < t.max_steps:
+        train_start = time.perf_counter()
+        while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
@@ -243,12 +275,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if hasattr(self.model, "on_step_end"):
-                self.model.on_step_end(self.step, t.max_steps)
+                self.model.on_step_end(self.step, self.total_steps)
             step_compute += time.perf_counter() - tic
             self.step_times.append((step_wait, step_compute))
+            for callback in self.step_callbacks:
+                callback(self.step)
+            if not self.budget_decided and len(self.step_times) == BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS:
+                self._fit_schedule_to_budget(time.perf_counter() - train_start)
             data_wait += step_wait
             window_steps += 1
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "loss": loss_value,
@@ -261,17 +297,33 @@ class Trainer:
                 }
                 self._log(metrics)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            if self.step % t.checkpoint_every == 0 and self.step < t.max_steps:
+            if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save()
         last = self.save()
         return self._finish(last, loss_value)
+
+    def _fit_schedule_to_budget(self, elapsed_s: float) -> None:
+        """Sets the run's length from the steady step time (the first BUDGET_SKIP_STEPS steps,
+        which pay for worker start-up and allocator warm-up, are left out), decided on rank 0
+        and shared, so every rank stops at the same step; the cosine schedule is rebuilt for it."""
+        t = self.cfg.train
+        step_time = statistics.mean(w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:])
+        total = [steps_within_budget(60 * t.budget_minutes, elapsed_s, self.step, step_time, t.max_steps)]
+        if self.rt.world_size > 1:
+            dist.broadcast_object_list(total, src=0)
+        self.total_steps, self.budget_decided = total[0], True
+        self.scheduler = build_scheduler(self.cfg, self.optimizer, self.total_steps)
+        if self.rt.is_main:
+            print(f"time budget {t.budget_minutes:g} min at {step_time:.3f} s/step: training "
+                  f"{self.total_steps} steps", flush=True)
+            self.tracker.log_params({"train.budget_total_steps": self.total_steps})
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.rt.is_main:
             return
         self.timing = metrics
         self.tracker.log_metrics(metrics, step=self.step)
-        print(f"step {self.step}/{self.cfg.train.max_steps} loss {metrics['loss']:.4f} "
+        print(f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s "
               f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
 

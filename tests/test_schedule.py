@@ -1,0 +1,63 @@
+"""The lr schedule (linear warmup, cosine to min_lr at the last step) and time budgets."""
+import math
+
+import pytest
+import torch
+
+from launch.config import ConfigError, load_config
+from pipeline.trainer import build_scheduler, steps_within_budget
+
+RECIPE = "configs/simclr_resnet18_fmnist.yaml"
+
+
+def lrs(total: int, **train) -> list[float]:
+    overrides = [f"train.{k}={v}" for k, v in train.items()]
+    cfg = load_config(RECIPE, overrides, check_paths=False)
+    base = cfg.train.lr * cfg.train.batch_size / cfg.train.lr_batch_ref
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    scheduler = build_scheduler(cfg, optimizer, total)
+    out = []
+    for step in range(total):
+        scheduler.step_update(step)
+        out.append(optimizer.param_groups[0]["lr"])
+    return out
+
+
+def test_warmup_then_cosine_reaches_min_lr_at_the_last_step():
+    total, warmup, lr, min_lr = 50, 10, 0.3, 0.01
+    got = lrs(total, warmup_steps=warmup, lr=lr, min_lr=min_lr, batch_size=256)
+    # warmup: linear from lr/1000 towards lr
+    assert got[0] == pytest.approx(lr * 1e-3)
+    assert all(a < b for a, b in zip(got[:warmup], got[1:warmup]))
+    # cosine over the remaining total - warmup steps: lr at its first step, min_lr one step past the last
+    for step in range(warmup, total):
+        progress = (step - warmup) / (total - warmup)
+        expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+        assert got[step] == pytest.approx(expected, rel=1e-6), step
+    assert got[-1] == pytest.approx(min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (total - warmup - 1) / (total - warmup))))
+
+
+def test_lr_scales_linearly_with_the_global_batch():
+    assert lrs(20, warmup_steps=0, lr=0.3, batch_size=512)[0] == pytest.approx(0.6)
+    assert lrs(20, warmup_steps=0, lr=0.3, batch_size=128)[0] == pytest.approx(0.15)
+
+
+def test_a_shorter_horizon_only_changes_the_cosine():
+    long, short = lrs(100, warmup_steps=10), lrs(40, warmup_steps=10)
+    assert long[:11] == pytest.approx(short[:11])  # warmup identical
+    assert short[39] < long[39]  # the short run decays sooner
+
+
+@pytest.mark.parametrize("budget,elapsed,step,step_time,max_steps,expected", [
+    (600, 60, 7, 2.0, 10_000, 7 + 270),  # 540 s left at 2 s/step
+    (600, 60, 7, 2.0, 100, 100),  # capped by max_steps
+    (600, 700, 7, 2.0, 10_000, 8),  # over budget already: one more step, never zero
+    (60, 0, 0, 0.0, 50, 50),  # a zero step time cannot divide by zero
+])
+def test_steps_within_budget(budget, elapsed, step, step_time, max_steps, expected):
+    assert steps_within_budget(budget, elapsed, step, step_time, max_steps) == expected
+
+
+def test_negative_budget_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.budget_minutes must be >= 0"):
+        load_config(RECIPE, ["train.budget_minutes=-1"], check_paths=False)
