@@ -1,6 +1,7 @@
 """Everything that touches the global batch goes through here, so its gradients are tested once.
 
-On one process every function is the identity, so methods are written once for both cases.
+On one process the gathers and reductions are the identity (and the batch shuffle permutes the
+local batch), so methods are written once for both cases.
 """
 from __future__ import annotations
 
@@ -76,8 +77,10 @@ class _AllReduceSumWithGrad(torch.autograd.Function):
     Every rank computes the same loss from the summed tensor, so the gradient of the sum of all
     ranks' losses with respect to one rank's summand is the sum of their gradients. DDP then
     averages parameter gradients, which makes the result equal to one process on the whole
-    batch. (A backward that returned only the local gradient, as torch.distributed.all_reduce
-    inside autograd effectively does, leaves a 1/world_size factor in every gradient.)
+    batch. A backward that passed on only the local gradient, which is what an in-place
+    ``torch.distributed.all_reduce`` inside the graph amounts to (autograd does not see it; the
+    Barlow Twins reference code does this), leaves a 1/world_size factor in every
+    gradient.
     """
 
     @staticmethod

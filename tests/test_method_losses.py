@@ -48,7 +48,8 @@ def test_info_nce_hand_worked_case():
     q = torch.tensor([[1.0, 0.0, 0.0]])
     queue = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     for t in (0.2, 1.0):
-        assert info_nce_loss(q, q.clone(), queue, t).item() == pytest.approx(math.log(1 + 2 * math.exp(-1 / t)), rel=1e-6)
+        expected = math.log(1 + 2 * math.exp(-1 / t))
+        assert info_nce_loss(q, q.clone(), queue, t).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_info_nce_gradient_reaches_queries_only():
@@ -74,7 +75,8 @@ def reference_moco_v3_ctr(q, k, t):
 @pytest.mark.parametrize("n,d,t", [(3, 4, 1.0), (8, 16, 0.2), (5, 3, 0.5)])
 def test_moco_v3_loss_matches_loop_reference(n, d, t):
     q, k = randn(n, d, seed=n), randn(n, d, seed=n + 1)
-    assert moco_v3_contrastive_loss(q.float(), k.float(), t).item() == pytest.approx(reference_moco_v3_ctr(q, k, t), rel=1e-5)
+    got = moco_v3_contrastive_loss(q.float(), k.float(), t).item()
+    assert got == pytest.approx(reference_moco_v3_ctr(q, k, t), rel=1e-5)
 
 
 def test_moco_v3_hand_worked_case_and_no_key_gradient():
