@@ -274,12 +274,22 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    from models.registry import method_names  # late: models imports torch
+    from models.registry import check_method_args, method_class, method_names  # late: models imports torch
 
     t = cfg.train
     if cfg.model.method not in method_names():
         raise ConfigError(
             f"model.method: unknown method '{cfg.model.method}'. Registered: {', '.join(method_names())}"
+        )
+    try:
+        check_method_args(cfg.model.method, cfg.model.method_args)
+    except KeyError as err:
+        raise ConfigError(err.args[0]) from None
+    num_views = getattr(method_class(cfg.model.method), "num_views", None)
+    if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
+        raise ConfigError(
+            f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
+            f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.grad_accum_steps", t.grad_accum_steps),

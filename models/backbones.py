@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
+from timm.layers import build_sincos2d_pos_embed
+from timm.models.vision_transformer import VisionTransformer
 
 
 def create_backbone(name: str, **model_args: Any) -> nn.Module:
@@ -15,3 +18,28 @@ def create_backbone(name: str, **model_args: Any) -> nn.Module:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise KeyError(f"model.backbone: '{name}' is not a timm model. Similar: {', '.join(close)}")
     return timm.create_model(name, pretrained=False, num_classes=0, **model_args)
+
+
+def is_vit(backbone: nn.Module) -> bool:
+    return isinstance(backbone, VisionTransformer)
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (timm's ``build_sincos2d_pos_embed``), shape
+    ``(1, num_prefix_tokens + H * W, dim)``; prefix tokens (class, registers) get zeros, as in
+    MAE and MoCo v3."""
+    patches = build_sincos2d_pos_embed(list(grid_size), dim=dim)
+    return torch.cat([torch.zeros(num_prefix_tokens, dim), patches]).unsqueeze(0)
+
+
+def freeze_sincos_pos_embed(vit: VisionTransformer) -> None:
+    """Replace a timm ViT's learned position embedding by the fixed 2-D sin-cos one, frozen
+    (``requires_grad=False``). The model stays a plain timm ViT: the values live in its
+    ``pos_embed`` parameter and are exported with it."""
+    if vit.pos_embed is None:
+        raise ValueError("this ViT has no absolute position embedding (pos_embed='none')")
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    fixed = sincos_pos_embed(vit.patch_embed.grid_size, vit.embed_dim, prefix)
+    with torch.no_grad():
+        vit.pos_embed.copy_(fixed.to(vit.pos_embed))
+    vit.pos_embed.requires_grad_(False)

@@ -1,0 +1,74 @@
+"""A real pretrain of every method through the CLI on 1 and 2 ranks: each recipe for Fashion-MNIST
+with a tiny model, 2 steps on a few real shards, logging to MLflow and exporting a backbone that
+plain timm loads.
+
+Opt-in (FOUNDRY_CLI_PRETRAIN_TESTS=1): one run costs 15-50 s on a 2-core machine, nearly all of it
+process start-up (torch, timm and MLflow imports in the launcher and each rank, MLflow's sqlite
+schema), so the ten runs would take several minutes of `make test`. The method code they exercise
+is covered in-process by test_methods.py and test_distributed_methods.py.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from mlflow import MlflowClient
+
+from data_prep.fashion_mnist import prep_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {  # per recipe: overrides that make the model tiny
+    "moco_v2_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                                "model.method_args.queue_size=32"],
+    "moco_v3_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                                "model.method_args.pred_hidden_dim=32", "model.method_args.proj_out_dim=16"],
+    "byol_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                             "model.method_args.pred_hidden_dim=32", "model.method_args.proj_out_dim=16"],
+    "barlow_twins_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                                     "model.method_args.proj_out_dim=32"],
+    "mae_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.decoder_embed_dim=32",
+                            "model.method_args.decoder_depth=1", "model.method_args.decoder_num_heads=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fmnist")
+    prep_fashion_mnist(out, shard_size=16, limit=64, workers=1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FOUNDRY_CLI_PRETRAIN_TESTS") != "1",
+                    reason="opt-in: set FOUNDRY_CLI_PRETRAIN_TESTS=1 (several minutes on 2 cores)")
+@pytest.mark.parametrize("nproc", [2, 1])
+@pytest.mark.parametrize("recipe", list(TINY))
+def test_pretrain_through_cli_logs_and_exports(recipe, nproc, shards, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        f"configs/{recipe}.yaml", f"output_dir={out}",
+        f"data.train={shards}/train", f"data.eval_train={shards}/train", f"data.eval_test={shards}/test",
+        "data.num_workers=0", "data.shuffle_buffer=16", f"launch.nproc_per_node={nproc}",
+        "train.max_steps=2", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
+        "train.threads=1", "train.precision=fp32", "eval.after_pretrain=false", "mlflow.registered_model=",
+        *TINY[recipe],
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "launch", "pretrain", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 2 and result["final_loss"] == pytest.approx(result["final_loss"])  # finite
+    run = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+    assert run.data.params["model.method"] == recipe.split("_resnet")[0].split("_vit")[0]
+
+    backbone = timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 32, 32))
+    assert features.shape == (2, backbone.num_features) and torch.isfinite(features).all()
