@@ -127,8 +127,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         workers = info.num_workers if info is not None else 1
+        # The DataLoader takes batches round-robin from its workers starting at worker 0, and
+        # rank-level batch j is worker j % W's: rotate so that worker 0 serves start.batch.
+        worker = (info.id + self.start.batch) % workers if info is not None else 0
         if workers != self.num_workers:
             raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {workers}")
         reader = self.rank * self.num_workers + worker
