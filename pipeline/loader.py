@@ -141,6 +141,12 @@ class ShardStream(IterableDataset):
             shards = self.reader_shards(epoch)[reader]
             rng = random.Random(_seed(self.seed, epoch, reader))
             limit = None if self.finite else self.batches_per_reader(epoch)
+            if limit == 0:  # no reader could fill a batch: it would loop over epochs forever
+                fewest = min(sum(n for _, n in s) for s in self.reader_shards(epoch))
+                raise ValueError(
+                    f"epoch {epoch}: a reader ({self.world_size} ranks x {self.num_workers} workers share "
+                    f"{len(self.shards)} shards) gets only {fewest} samples, less than one local batch of "
+                    f"{self.batch_size}: lower train.batch_size or data.num_workers, or use more data")
             pending: list[dict] = []
             index = 0
             for sample in self._samples(shards, rng):
