@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
 from pipeline.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from pipeline.export import load_timm_backbone
 from pipeline.tracking import resolve_tracking_uri
