@@ -186,14 +186,15 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{dotted}'.{hint} Valid keys"
-                f"{' under ' + prefix if prefix else ''}: {', '.join(names)}"
-            )
+            raise ConfigError(_unknown_key(dotted, key, names, prefix))
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
+
+
+def _unknown_key(dotted: str, key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{dotted}'.{hint} Valid keys{' under ' + prefix if prefix else ''}: {', '.join(names)}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -246,7 +247,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not key=value (e.g. train.max_steps=100)")
         key, raw = item.split("=", 1)
-        pairs.append((key.strip(), raw))
+        key = key.strip()
+        if not all(key.split(".")):
+            raise ConfigError(f"override '{item}': '{key}' is not a dotted key (e.g. train.max_steps=100)")
+        pairs.append((key, raw))
     return pairs
 
 
@@ -262,7 +266,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
             raise ConfigError(f"config file '{path}' must hold a mapping at top level")
         tree = loaded
     for key, raw in parse_overrides(list(overrides)):
-        _set_dotted(tree, key, raw)
+        try:
+            _set_dotted(tree, key, raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override '{key}={raw}': the value is not valid YAML ({problem})") from None
     cfg = build(Config, tree)
     validate(cfg, check_paths=check_paths)
     return cfg
@@ -274,23 +282,30 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    from models.registry import check_method_args, method_class, method_names  # late: models imports torch
+    import timm  # late: models and timm import torch
+
+    from models.registry import method_arg_names, method_class, method_names
 
     t = cfg.train
     if cfg.model.method not in method_names():
         raise ConfigError(
             f"model.method: unknown method '{cfg.model.method}'. Registered: {', '.join(method_names())}"
         )
-    try:
-        check_method_args(cfg.model.method, cfg.model.method_args)
-    except KeyError as err:
-        raise ConfigError(err.args[0]) from None
+    valid_args = method_arg_names(cfg.model.method)
+    for key in cfg.model.method_args:
+        if key not in valid_args:
+            raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
+                                           f"model.method_args ({cfg.model.method})"))
     num_views = getattr(method_class(cfg.model.method), "num_views", None)
     if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
         raise ConfigError(
             f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
+    if not timm.is_model(cfg.model.backbone):
+        close = difflib.get_close_matches(cfg.model.backbone, timm.list_models(), n=5)
+        raise ConfigError(f"model.backbone: '{cfg.model.backbone}' is not a timm model"
+                          f"{'. Did you mean ' + ', '.join(close) + '?' if close else ''}")
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.grad_accum_steps", t.grad_accum_steps),
                        ("launch.nproc_per_node", cfg.launch.nproc_per_node)):

@@ -127,8 +127,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         workers = info.num_workers if info is not None else 1
+        # The DataLoader takes batches round-robin from its workers starting at worker 0, and
+        # rank-level batch j is worker j % W's: rotate so that worker 0 serves start.batch.
+        worker = (info.id + self.start.batch) % workers if info is not None else 0
         if workers != self.num_workers:
             raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {workers}")
         reader = self.rank * self.num_workers + worker
@@ -139,6 +141,12 @@ class ShardStream(IterableDataset):
             shards = self.reader_shards(epoch)[reader]
             rng = random.Random(_seed(self.seed, epoch, reader))
             limit = None if self.finite else self.batches_per_reader(epoch)
+            if limit == 0:  # no reader could fill a batch: it would loop over epochs forever
+                fewest = min(sum(n for _, n in s) for s in self.reader_shards(epoch))
+                raise ValueError(
+                    f"epoch {epoch}: a reader ({self.world_size} ranks x {self.num_workers} workers share "
+                    f"{len(self.shards)} shards) gets only {fewest} samples, less than one local batch of "
+                    f"{self.batch_size}: lower train.batch_size or data.num_workers, or use more data")
             pending: list[dict] = []
             index = 0
             for sample in self._samples(shards, rng):

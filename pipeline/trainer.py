@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import time
@@ -32,7 +33,8 @@ from models.backbones import create_backbone
 from models.distributed import all_reduce_mean
 from models.registry import create_method
 from pipeline.augment import MultiViewTransform
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                 save_checkpoint)
 from pipeline.loader import LoaderPosition, ShardStream, make_loader
 from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
 
@@ -328,9 +330,18 @@ class Trainer:
               f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
 
     def _fail_non_finite(self, loss_value: float) -> None:
-        last = latest_checkpoint(self.out / "checkpoints")
+        # A checkpoint of the current step holds the very weights that gave this loss: resuming
+        # from it fails again. Move it out of train.resume=auto's way (kept for debugging).
+        folder = self.out / "checkpoints"
+        bad = checkpoint_path(folder, self.step)
+        aside = ""
+        if bad.is_file():
+            if self.rt.is_main:
+                os.replace(bad, bad.with_name(bad.name + ".nonfinite"))
+            aside = f" ({bad.name}, whose weights gave this loss, was renamed to {bad.name}.nonfinite)"
+        last = next((p for p in reversed(list_checkpoints(folder)) if p != bad), None)
         msg = (f"loss is {loss_value} at step {self.step + 1}: training stopped. The last good "
-               f"checkpoint is {last or 'none (no checkpoint written yet)'}; lower train.lr, set "
+               f"checkpoint is {last or 'none (no checkpoint written yet)'}{aside}; lower train.lr, set "
                f"train.grad_clip, or try train.precision=fp32, then rerun (train.resume=auto "
                f"continues from it).")
         if self.tracker is not None:

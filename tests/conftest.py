@@ -1,0 +1,130 @@
+"""Shared test helpers: a real Fashion-MNIST slice as shards, a tiny SimCLR recipe, subprocess
+helpers that run this checkout's code, and the ``mlflow_server`` fixture (tests/mlflow_server.py).
+
+Everything is real (Debian's Fashion-MNIST files, timm, webdataset, MLflow) but tiny: 128 images
+per split in 8 shards of 16, 16 px views, a 2-block ViT-Tiny, batches of 8, a handful of steps.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlflow_server import mlflow_server  # noqa: F401  (module-scoped fixture for every test module)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "simclr_resnet18_fmnist.yaml"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+FMNIST_LIMIT = 128  # images per split
+FMNIST_SHARD_SIZE = 16  # -> 8 shards per split: enough for 2 ranks x 2 workers
+IMAGE_SIZE = 16
+VIT_ARGS = {"img_size": IMAGE_SIZE, "patch_size": 8, "depth": 2}
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory) -> Path:
+    """``<dir>/train`` and ``<dir>/test``: the first 128 Fashion-MNIST images of each split."""
+    from data_prep.fashion_mnist import SOURCE_DIR, prep_fashion_mnist
+
+    if not (SOURCE_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST not in {SOURCE_DIR}: apt-get install dataset-fashion-mnist (make test does)")
+    out = tmp_path_factory.mktemp("fmnist")
+    prep_fashion_mnist(out, shard_size=FMNIST_SHARD_SIZE, limit=FMNIST_LIMIT, workers=1)
+    return out
+
+
+def tiny_recipe(data: Path, output_dir: Path) -> dict:
+    """The repo's SimCLR Fashion-MNIST recipe shrunk to seconds: same ops, 16 px, tiny ViT."""
+    return {
+        "output_dir": str(output_dir),
+        "data": {
+            "train": str(data / "train"),
+            "eval_train": str(data / "train"),
+            "eval_test": str(data / "test"),
+            "num_workers": 0,
+            "shuffle_buffer": 32,
+            "eval_image_size": IMAGE_SIZE,
+            "mean": [0.286] * 3,
+            "std": [0.353] * 3,
+            "views": [{"count": 2, "ops": [
+                {"op": "random_resized_crop", "args": {"size": IMAGE_SIZE, "scale": [0.2, 1.0]}},
+                {"op": "horizontal_flip", "p": 0.5},
+                {"op": "color_jitter", "p": 0.8,
+                 "args": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}},
+                {"op": "grayscale", "p": 0.2},
+            ]}],
+        },
+        "model": {
+            "method": "simclr",
+            "backbone": "vit_tiny_patch16_224",
+            "backbone_args": dict(VIT_ARGS),
+            "method_args": {"proj_hidden_dim": 32, "proj_out_dim": 16, "temperature": 0.2},
+        },
+        # fp32: at these sizes bf16 autocast (auto's choice on AMX CPUs) is slower; one test keeps auto.
+        "train": {"max_steps": 4, "batch_size": 8, "optimizer": "lars", "lr": 0.3, "warmup_steps": 2,
+                  "precision": "fp32", "log_every": 1, "checkpoint_every": 2},
+        "eval": {"knn_k": 20, "batch_size": 64, "after_pretrain": False},
+        "mlflow": {"experiment": "ssl-foundry-tests"},
+    }
+
+
+def write_recipe(path: Path, data: Path, output_dir: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tiny_recipe(data, output_dir), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store, created once: a new store runs ~70 alembic migrations (~4 s)."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config(fmnist, mlflow_db_template):
+    """``tiny_config(output_dir, *overrides) -> Config``: the tiny recipe (written to
+    ``<output_dir>.yaml``) plus dotted overrides, through the real ``load_config``. The run's default
+    MLflow store (``<output_dir>/mlflow.db``) starts as a copy of an empty, already created one."""
+    from launch.config import load_config
+
+    def make(output_dir: Path, *overrides: str):
+        output_dir = Path(output_dir)
+        recipe = write_recipe(output_dir.parent / f"{output_dir.name}.yaml", fmnist, output_dir)
+        cfg = load_config(recipe, list(overrides))
+        db = Path(cfg.output_dir) / "mlflow.db"
+        if not cfg.mlflow.tracking_uri and not db.exists():
+            db.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(mlflow_db_template, db)
+        return cfg
+
+    return make
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for child processes: this checkout first on the path (the venv's editable
+    install may point at another one), temp files (torchelastic_*) under ``tmp_path``."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "TMPDIR": str(tmp), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], tmp_path: Path, cwd: Path = REPO, timeout: float = 600,
+            **env: str) -> subprocess.CompletedProcess:
+    """``python -m launch ARGS`` (the `foundry` CLI) in a child process; returns it (text output)."""
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(tmp_path, **env))
