@@ -90,10 +90,14 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRSchedul
     """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
 
     The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
-    changes nothing but the horizon; the base lr is the optimizer's ``initial_lr``.
+    changes nothing but the horizon.
     """
     t = cfg.train
     base_lr = t.lr * t.batch_size / t.lr_batch_ref
+    for group in optimizer.param_groups:
+        # The config's lr, not one restored with the optimizer: a run resumed with a lower
+        # train.lr (the fix for a non-finite loss) must train with it.
+        group["initial_lr"] = base_lr
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=base_lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
@@ -196,9 +200,11 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         self.position = LoaderPosition(**state["position"])
-        # A time-budgeted run keeps the horizon it measured before the interruption.
-        if state.get("budget_decided"):
-            self.total_steps, self.budget_decided = state["total_steps"], True
+        # A time-budgeted run keeps the horizon it measured before the interruption; any other
+        # run takes train.max_steps from the config (a longer schedule on resume is allowed).
+        if self.cfg.train.budget_minutes > 0 and state.get("budget_total_steps"):
+            self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
+            self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
@@ -210,8 +216,8 @@ class Trainer:
             return None
         state = {
             "step": self.step,
-            "total_steps": self.total_steps,
-            "budget_decided": self.budget_decided,
+            "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
+            else None,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
@@ -251,6 +257,7 @@ class Trainer:
         train_start = time.perf_counter()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
+            step_lr = self.optimizer.param_groups[0]["lr"]  # logged: what this step trains with
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
             for micro in range(t.grad_accum_steps):
@@ -290,7 +297,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
                     "loss": loss_value,
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr": step_lr,
                     "grad_norm": float(grad_norm),
                     "images_per_s": window_steps * t.batch_size / elapsed,
                     "step_time_s": elapsed / window_steps,
@@ -319,6 +326,22 @@ class Trainer:
             print(f"time budget {t.budget_minutes:g} min at {step_time:.3f} s/step: training "
                   f"{self.total_steps} steps", flush=True)
             self.tracker.log_params({"train.budget_total_steps": self.total_steps})
+
+    def completed_result(self) -> TrainResult | None:
+        """The recorded result when the resumed checkpoint is this run's finished last step (its
+        result.json says so): nothing is trained, exported or registered again. A run that died
+        while finishing (last checkpoint written, no result) is finished by ``train``."""
+        recorded = self.out / "result.json"
+        if self.step < self.total_steps or not recorded.is_file():
+            return None
+        result = TrainResult(**json.loads(recorded.read_text()))
+        if result.steps != self.step:
+            return None
+        if self.rt.is_main:
+            print(f"{self.out} already finished at step {self.step} (see {recorded}): nothing to do. "
+                  f"Set train.resume=never for a new run, or raise train.max_steps to train on.", flush=True)
+            self.tracker.end("FINISHED")
+        return result
 
     def _log(self, metrics: dict[str, float]) -> None:
         if not self.rt.is_main:
@@ -384,7 +407,7 @@ def train(cfg: Config) -> TrainResult:
     """Entry point of every rank (direct, torchrun, elastic launch or submitit)."""
     trainer = Trainer(cfg)
     try:
-        result = trainer.train()
+        result = trainer.completed_result() or trainer.train()
     except NonFiniteLossError:
         raise  # the run is already marked FAILED with the reason
     except BaseException as err:

@@ -90,3 +90,18 @@ def test_resume_is_bitwise_identical_to_straight_run(tiny_config, tmp_path, monk
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     # Training moved the weights: the comparison above is not between two untouched models.
     assert not all(torch.equal(first["model"][k], b["model"][k]) for k in b["model"])
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_config, tmp_path):
+    """`train.resume=auto` on a run that already finished: no step, no new model version, same result."""
+    overrides = ["train.max_steps=2", "train.checkpoint_every=1", "mlflow.registered_model=tiny-finished"]
+    first = train(tiny_config(tmp_path / "run", *overrides))
+    again = train(tiny_config(tmp_path / "run", *overrides))
+    assert again == first and again.model_version == "1"
+    client = MlflowClient(tracking_uri=first.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-finished'")] == ["1"]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
+
+    longer = train(tiny_config(tmp_path / "run", *overrides[1:], "train.max_steps=3"))  # trains on
+    assert longer.steps == 3 and longer.run_id == first.run_id and longer.model_version == "2"

@@ -10,14 +10,15 @@ from pipeline.trainer import build_scheduler, steps_within_budget
 RECIPE = "configs/simclr_resnet18_fmnist.yaml"
 
 
-def lrs(total: int, **train) -> list[float]:
+def lrs(total: int, count: int | None = None, **train) -> list[float]:
+    """The lr of the first ``count`` (default: all) steps of a ``total``-step schedule."""
     overrides = [f"train.{k}={v}" for k, v in train.items()]
     cfg = load_config(RECIPE, overrides, check_paths=False)
     base = cfg.train.lr * cfg.train.batch_size / cfg.train.lr_batch_ref
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     scheduler = build_scheduler(cfg, optimizer, total)
     out = []
-    for step in range(total):
+    for step in range(total if count is None else count):
         scheduler.step_update(step)
         out.append(optimizer.param_groups[0]["lr"])
     return out
@@ -61,3 +62,41 @@ def test_steps_within_budget(budget, elapsed, step, step_time, max_steps, expect
 def test_negative_budget_is_a_config_error():
     with pytest.raises(ConfigError, match="train.budget_minutes must be >= 0"):
         load_config(RECIPE, ["train.budget_minutes=-1"], check_paths=False)
+
+
+def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config, tmp_path, monkeypatch):
+    """A budgeted run decides its length once (after BUDGET_SKIP + BUDGET_PROBE steps), trains the
+    cosine fitted to it, and a run resumed after a crash ends at the same, checkpointed step."""
+    from mlflow import MlflowClient
+
+    from pipeline.checkpoint import checkpoint_path, load_checkpoint
+    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.trainer import BUDGET_PROBE_STEPS, BUDGET_SKIP_STEPS, train
+    from test_resume import SimulatedCrash, crash_after_checkpoint
+
+    crash_step = BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS + 1  # the first checkpoint after the decision
+    overrides = ["train.budget_minutes=0.1", "train.max_steps=100000", "train.warmup_steps=2",
+                 "train.log_every=1", f"train.checkpoint_every={crash_step}", "data.num_workers=0"]
+    cfg = tiny_config(tmp_path / "run", *overrides)
+    with monkeypatch.context() as patch:
+        crash_after_checkpoint(patch, crash_step)
+        with pytest.raises(SimulatedCrash):
+            train(cfg)
+    horizon = load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", crash_step))["budget_total_steps"]
+    assert crash_step < horizon < 100000  # decided by the budget, not by max_steps
+
+    result = train(cfg)  # train.resume=auto: continues from crash_step, measures nothing again
+    assert result.steps == horizon
+    client = MlflowClient(tracking_uri=resolve_tracking_uri("", str(tmp_path / "run")))
+    run = client.get_run(result.run_id)
+    assert run.data.params["train.budget_total_steps"] == str(horizon)
+    # The probe steps ran on the provisional max_steps horizon; every later step, before and after
+    # the crash, on the cosine of the decided one.
+    logged = {m.step: m.value for m in client.get_metric_history(result.run_id, "lr")}
+    schedule = dict(warmup_steps=2, lr=cfg.train.lr, batch_size=cfg.train.batch_size,
+                    lr_batch_ref=cfg.train.lr_batch_ref, min_lr=cfg.train.min_lr)
+    provisional, fitted = lrs(100000, count=crash_step, **schedule), lrs(horizon, **schedule)
+    assert sorted(logged) == list(range(1, horizon + 1))
+    for step, value in logged.items():
+        expected = provisional[step - 1] if step < crash_step else fitted[step - 1]
+        assert value == pytest.approx(expected, rel=1e-6), step
