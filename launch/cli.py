@@ -27,7 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, leftover = parser.parse_known_args(argv)
+    # argparse stops filling a positional list at the first option, so overrides written after
+    # one (`eval knn CFG --backbone X k=v`) come back here; they are still overrides.
+    if leftover and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in leftover):
+        args.overrides = list(args.overrides) + leftover
+    elif leftover:
+        parser.error(f"unrecognized arguments: {' '.join(leftover)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
