@@ -75,7 +75,7 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
     from test_resume import SimulatedCrash, crash_after_checkpoint
 
     crash_step = BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS + 1  # the first checkpoint after the decision
-    overrides = ["train.budget_minutes=0.1", "train.max_steps=100000", "train.warmup_steps=2",
+    overrides = ["train.budget_minutes=0.25", "train.max_steps=100000", "train.warmup_steps=2",
                  "train.log_every=1", f"train.checkpoint_every={crash_step}", "data.num_workers=0"]
     cfg = tiny_config(tmp_path / "run", *overrides)
     with monkeypatch.context() as patch:
