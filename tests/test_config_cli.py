@@ -84,9 +84,10 @@ def test_mistakes_in_the_recipe_file_name_the_key(tmp_path, capsys):
     assert_config_error(code, captured.out, captured.err, "no-such.yaml", "not found", "configs/")
 
 
-def test_overrides_may_follow_options(tmp_path, capsys):
-    """`foundry eval knn CFG --backbone X key=value`: the override after the option still applies."""
-    code = main(["eval", "knn", str(RECIPE), "--backbone", str(tmp_path), f"data.eval_test={tmp_path / 'nowhere'}"])
+def test_overrides_may_follow_options(tmp_path, capsys, fmnist):
+    """`foundry eval knn CFG --backbone X key=value`: the overrides after the option still apply."""
+    code = main(["eval", "knn", str(RECIPE), "--backbone", str(tmp_path), f"data.train={fmnist / 'train'}",
+                 f"data.eval_train={fmnist / 'train'}", f"data.eval_test={tmp_path / 'nowhere'}"])
     assert code == 2 and f"data.eval_test: no shards at '{tmp_path / 'nowhere'}'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "knn", str(RECIPE), "--backbone", str(tmp_path), "--no-such-option"])

@@ -114,7 +114,7 @@ def test_target_gets_no_gradient_is_not_optimized_and_is_checkpointed(name):
 
     cfg = Config()
     cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay = "sgd", 0.5, 1e-4
-    optimizer, _ = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model)
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimized & target_ids
     assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
