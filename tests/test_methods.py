@@ -199,17 +199,23 @@ def test_batch_shuffle_and_unshuffle_on_one_process():
     assert torch.equal(batch_unshuffle(shuffled, unshuffle), x)
 
 
+def keys_by_hand(model, x: torch.Tensor, seed: int, groups: int) -> torch.Tensor:
+    """MoCo's single-process shuffle-BN by hand: the permutation ``encode_keys`` draws after
+    ``manual_seed(seed)``, the key encoder on each BatchNorm group of the shuffled batch, unshuffled."""
+    torch.manual_seed(seed)
+    perm = torch.randperm(x.shape[0])
+    with torch.no_grad():
+        keys = torch.cat([model.key_encoder(part) for part in x[perm].tensor_split(groups)])
+    return F.normalize(keys, dim=1)[torch.argsort(perm)]
+
+
 def test_shuffle_bn_single_process_fallback():
     """Keys are computed on a shuffled batch cut into BatchNorm groups, and come back in order."""
     model = tiny_method("moco_v2", backbone="resnet", shuffle_bn_splits=2)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(7)
     keys = model.encode_keys(x)
-    torch.manual_seed(7)
-    perm = torch.randperm(8)
-    with torch.no_grad():
-        groups = [model.key_encoder(part) for part in x[perm].tensor_split(2)]
-    expected = F.normalize(torch.cat(groups), dim=1)[torch.argsort(perm)]
+    expected = keys_by_hand(model, x, seed=7, groups=2)
     torch.testing.assert_close(keys, expected)
     # one BN group: the permutation must cancel exactly (BN statistics are order-free)
     model.shuffle_bn_splits = 1
@@ -221,12 +227,7 @@ def test_shuffle_bn_single_process_fallback():
     # default on one process: 8 groups, capped so each has at least 2 samples
     model.shuffle_bn_splits = None
     torch.manual_seed(7)
-    default = model.encode_keys(x)
-    torch.manual_seed(7)
-    perm = torch.randperm(8)
-    with torch.no_grad():
-        groups = [model.key_encoder(part) for part in x[perm].tensor_split(4)]
-    torch.testing.assert_close(default, F.normalize(torch.cat(groups), dim=1)[torch.argsort(perm)])
+    torch.testing.assert_close(model.encode_keys(x), keys_by_hand(model, x, seed=7, groups=4))
 
 
 # ----------------------------------------------------------------------------- MoCo v3 options
