@@ -14,6 +14,7 @@
 #   FOUNDRY_SLURM_STATE   state dir (configs, spool, logs, PID files, database)  [/var/tmp/foundry-slurm]
 #   FOUNDRY_SLURM_DB_PORT MariaDB port on 127.0.0.1                               [3307]
 #   FOUNDRY_SLURM_PORT_BASE slurmctld=BASE, slurmdbd=BASE+2, node i: BASE+10+i      [6817]
+#   FOUNDRY_SLURM_ETC_LINK  1: link /etc/slurm/slurm.conf to this cluster's config (if no real one)  [1]
 set -euo pipefail
 
 NODES=${FOUNDRY_SLURM_NODES:-2}
@@ -181,7 +182,7 @@ CONF
 )
 # So plain `sinfo`/`sbatch` work without SLURM_CONF: point /etc/slurm/slurm.conf here, unless a
 # real configuration is already there.
-if [[ ! -e /etc/slurm/slurm.conf || -L /etc/slurm/slurm.conf ]]; then
+if [[ ${FOUNDRY_SLURM_ETC_LINK:-1} == 1 && ( ! -e /etc/slurm/slurm.conf || -L /etc/slurm/slurm.conf ) ]]; then
   mkdir -p /etc/slurm && ln -sfn "$STATE/etc/slurm.conf" /etc/slurm/slurm.conf
 fi
 
