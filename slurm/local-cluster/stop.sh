@@ -25,17 +25,26 @@ export SLURM_CONF=$STATE/etc/slurm.conf
 
 pid_of() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null && cat "$1"; }
 
-stop_pidfile() {  # stop_pidfile NAME FILE
-  local pid
-  pid=$(pid_of "$2") || { rm -f "$2"; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then
-    log "$1 ($pid) ignored SIGTERM for 15 s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$2"
-  log "stopped $1 ($pid)"
+stop_pidfiles() {  # stop_pidfiles FILE...: SIGTERM all, wait for all (SIGKILL after 15 s)
+  local f pid names=() pids=() files=()
+  for f in "$@"; do
+    if pid=$(pid_of "$f"); then
+      pids+=("$pid"); files+=("$f"); names+=("$(basename "$f" .pid)")
+      kill -TERM "$pid" 2>/dev/null || true
+    else
+      rm -f "$f"
+    fi
+  done
+  local i
+  for i in "${!pids[@]}"; do
+    for _ in $(seq 150); do kill -0 "${pids[$i]}" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "${pids[$i]}" 2>/dev/null; then
+      log "${names[$i]} (${pids[$i]}) ignored SIGTERM for 15 s: SIGKILL"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+    rm -f "${files[$i]}"
+    log "stopped ${names[$i]} (${pids[$i]})"
+  done
 }
 
 if pid_of "$RUN/slurmctld.pid" >/dev/null && [[ -f $SLURM_CONF ]]; then
@@ -48,15 +57,10 @@ if pid_of "$RUN/slurmctld.pid" >/dev/null && [[ -f $SLURM_CONF ]]; then
   fi
 fi
 
-for f in "$RUN"/slurmd-*.pid; do
-  [[ -e $f ]] || continue
-  name=$(basename "$f" .pid)
-  stop_pidfile "$name" "$f"
-done
-stop_pidfile slurmctld "$RUN/slurmctld.pid"
-stop_pidfile slurmdbd "$RUN/slurmdbd.pid"
-stop_pidfile mariadbd "$RUN/mysql/mariadbd.pid"
-stop_pidfile munged "$RUN/munged.pid"
+# Slurm daemons together, then what they use (slurmdbd flushes to MariaDB before it exits).
+shopt -s nullglob
+stop_pidfiles "$RUN"/slurmd-*.pid "$RUN/slurmctld.pid" "$RUN/slurmdbd.pid"
+stop_pidfiles "$RUN/mysql/mariadbd.pid" "$RUN/munged.pid"
 
 if ((PURGE)); then
   [[ -L /etc/slurm/slurm.conf && $(readlink /etc/slurm/slurm.conf) == "$STATE/etc/slurm.conf" ]] \
