@@ -111,6 +111,23 @@ class LaunchConfig:
     rdzv_endpoint: str = "127.0.0.1:29500"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
+    # Slurm (`foundry submit`, launch/slurm.py). One task (rank) per GPU.
+    nodes: int = 1  # Slurm nodes (nnodes above is torchrun's)
+    gpus_per_node: int = 0  # > 0: --gpus-per-node, and tasks_per_node follows it
+    tasks_per_node: int = 0  # ranks per node; 0: gpus_per_node, or 1 without GPUs
+    cpus_per_task: int = 0  # 0: the partition's default
+    partition: str = ""  # empty: the cluster's default partition
+    time: str = "60"  # time limit: minutes, MM:SS, HH:MM:SS, D-HH or D-HH:MM[:SS] (quote it in YAML)
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    mem: str = ""  # per node, e.g. 64G or 500M; empty: the cluster's default
+    signal_delay_s: int = 120  # USR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = 3  # time-limit requeues before giving up (preemptions do not count)
+    job_name: str = ""  # empty: foundry-<method>
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load ...)
+    sbatch_args: dict[str, Any] = field(default_factory=dict)  # any other sbatch option, e.g. {exclusive: true}
+    submit_dir: str = ""  # submitit's job folder (pickles, logs); empty: <output_dir>/slurm
 
 
 @dataclass
@@ -224,7 +241,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
         node = child
     # YAML parsing gives numbers, bools, lists ("[0.2,1.0]") and mappings their types;
     # _coerce then checks them against the annotation.
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and ":" in raw:
+        value = raw  # YAML 1.1 reads 1:30:00 as the base-60 number 5400; keep the text (launch.time)
+    node[parts[-1]] = value
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -308,9 +328,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           f"{'. Did you mean ' + ', '.join(close) + '?' if close else ''}")
     for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("launch.nproc_per_node", cfg.launch.nproc_per_node)):
+                       ("launch.nproc_per_node", cfg.launch.nproc_per_node),
+                       ("launch.nodes", cfg.launch.nodes)):
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    validate_slurm(cfg.launch)
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
@@ -335,6 +357,57 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
                     f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
                 )
+
+
+def slurm_time_minutes(value: str) -> int:
+    """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> whole minutes
+    (rounded up). Raises ValueError for anything else."""
+    text = str(value).strip()
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+        parts = [int(p) for p in text.split(":")]
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(value)
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        parts = [int(p) for p in text.split(":")]
+        if len(parts) == 1:
+            hours, minutes, seconds = 0, parts[0], 0
+        elif len(parts) == 2:
+            hours, minutes, seconds = 0, parts[0], parts[1]
+        elif len(parts) == 3:
+            hours, minutes, seconds = parts
+        else:
+            raise ValueError(value)
+    if min(days, hours, minutes, seconds) < 0:
+        raise ValueError(value)
+    total_s = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total_s <= 0:
+        raise ValueError(value)
+    return -(-total_s // 60)
+
+
+def validate_slurm(launch: LaunchConfig) -> None:
+    """The launch.* keys of `foundry submit`: counts, the time limit, the memory size."""
+    import re
+
+    for key in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
+        if getattr(launch, key) < 0:
+            raise ConfigError(f"launch.{key} must be >= 0, got {getattr(launch, key)}")
+    if launch.gpus_per_node and launch.tasks_per_node not in (0, launch.gpus_per_node):
+        raise ConfigError(
+            f"launch.tasks_per_node={launch.tasks_per_node} with launch.gpus_per_node={launch.gpus_per_node}: "
+            f"one task (rank) per GPU; leave tasks_per_node=0 or set it to gpus_per_node")
+    try:
+        slurm_time_minutes(launch.time)
+    except ValueError:
+        raise ConfigError(
+            f"launch.time: '{launch.time}' is not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH, "
+            f"D-HH:MM or D-HH:MM:SS, e.g. 90 or 1:30:00 or 2-00:00:00)") from None
+    if launch.mem and not re.fullmatch(r"\d+[KMGT]?", launch.mem):
+        raise ConfigError(f"launch.mem: '{launch.mem}' is not a Slurm memory size (e.g. 64G, 500M, 16000)")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
