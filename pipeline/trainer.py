@@ -48,6 +48,15 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class TrainingInterrupted(Exception):
+    """Raised on every rank when ``Trainer.stop_check`` asked to stop (a Slurm preemption or
+    time-limit signal): the checkpoint of ``step`` is written (``checkpoint``, rank 0 only)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training interrupted at step {step}; checkpoint: {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
+
+
 @dataclass
 class TrainResult:
     """What rank 0 reports at the end of ``train`` (also written to ``output_dir/result.json``)."""
@@ -176,6 +185,8 @@ class Trainer:
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
         self.step_callbacks: list[Callable[[int], None]] = []  # called with the step after each one
+        # Polled after every step; True on any rank: all ranks checkpoint and raise TrainingInterrupted.
+        self.stop_check: Callable[[], bool] | None = None
         self.position = LoaderPosition()
         self.run_id: str | None = None
         resume = _find_resume(cfg)
@@ -309,8 +320,21 @@ class Trainer:
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save()
+            if self.stop_check is not None and self.step < self.total_steps and self._any_rank(self.stop_check()):
+                path = self.save()
+                if self.rt.is_main:
+                    print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
+                raise TrainingInterrupted(self.step, path)
         last = self.save()
         return self._finish(last, loss_value)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
+        if self.rt.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.rt.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _fit_schedule_to_budget(self, elapsed_s: float) -> None:
         """Sets the run's length from the steady step time (the first BUDGET_SKIP_STEPS steps,
@@ -404,16 +428,19 @@ class Trainer:
         return result
 
 
-def train(cfg: Config) -> TrainResult:
-    """Entry point of every rank (direct, torchrun, elastic launch or submitit)."""
+def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainResult:
+    """Entry point of every rank (direct, torchrun, elastic launch or submitit). ``setup`` is
+    called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``)."""
     trainer = Trainer(cfg)
     try:
+        if setup is not None:
+            setup(trainer)
         result = trainer.completed_result() or trainer.train()
     except NonFiniteLossError:
         raise  # the run is already marked FAILED with the reason
     except BaseException as err:
         if trainer.tracker is not None:
-            trainer.tracker.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
         raise
     finally:
         if dist.is_initialized():
