@@ -16,12 +16,14 @@ def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_parser as add_prep
     from launch.bench import add_parser as add_bench
     from launch.commands import add_eval_parser, add_pretrain_parser
+    from launch.slurm import add_parser as add_submit
 
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_prep(sub)
     add_pretrain_parser(sub)
     add_eval_parser(sub)
+    add_submit(sub)
     add_bench(sub)
     return parser
 
