@@ -278,8 +278,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
 @pytest.mark.slow
 def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_cluster, shards, two_task_run,
                                                                          tmp_path):
-    """`scontrol requeue` (a node failure's requeue: no signal to checkpoint on) kills the job; the
-    requeued job resumes from the last periodic checkpoint in the same MLflow run, exactly."""
+    """A job whose tasks are SIGKILLed and which is then requeued (a node failure: no signal to
+    checkpoint on) resumes from the last periodic checkpoint in the same MLflow run, exactly."""
     from launch.slurm import submit, task_result
 
     out = tmp_path / "run"
@@ -289,7 +289,11 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
     job = jobs[0]
     log = folder / f"{job.job_id}_0_log.out"
     _wait_for(lambda: log.is_file() and re.search(r"^step (9|1[0-9])/", log.read_text(), re.M), 180, "step 9")
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    # SIGKILL every task (no signal to checkpoint on, unlike `scontrol requeue` alone, whose SIGTERM
+    # leaves KillWait seconds to run on), then requeue it, as Slurm does after a node failure.
+    subprocess.run(["scancel", "--signal=KILL", job.job_id], check=True)
+    _wait_for(lambda: subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True).returncode == 0,
+              30, "scontrol requeue to be accepted", interval=0.5)
     _wait_for(lambda: _squeue(job.job_id).startswith("PENDING"), 60, "the job to be requeued")
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     result = task_result(job)
@@ -336,9 +340,8 @@ def test_torchrun_two_agents_c10d_rendezvous_trains_and_stops(shards, tmp_path):
     try:
         codes = [a.wait(timeout=300) for a in agents]
     finally:
-        for a in agents:
-            if a.poll() is None:
-                _stop_group(a)
+        for a in agents:  # the whole group: no worker may outlive its agent
+            _stop_group(a)
     logs = "\n".join((tmp_path / f"agent{i}.log").read_text()[-2000:] for i in range(2))
     assert codes == [0, 0], logs
     result = json.loads((out / "result.json").read_text())
@@ -363,9 +366,8 @@ def test_torchrun_agent_killed_the_other_exits_with_an_error(shards, tmp_path):
         code = agents[0].wait(timeout=90)
         waited = time.monotonic() - tic
     finally:
-        for a in agents:
-            if a.poll() is None:
-                _stop_group(a)
+        for a in agents:  # the whole group: no worker may outlive its agent
+            _stop_group(a)
     text = logs[0].read_text()
     assert code != 0, text[-3000:]
     assert re.search(r"Error|error|failed", text), text[-3000:]
