@@ -8,6 +8,8 @@ tests skip with that reason elsewhere.
 - slurm/pretrain.sbatch (no submitit) on 2 fake nodes;
 - preemption: job._interrupt() -> checkpoint -> requeue -> resume -> finish: one MLflow run whose loss at
   every step equals the uninterrupted 2-task run's;
+- a job whose tasks are SIGKILLed and requeued resumes from its last periodic checkpoint, exactly;
+- 2 fake nodes x 2 tasks give the same loss at every step as 4 ranks of one local launch;
 - torchrun, 2 agents x 1 process, c10d rendezvous on 127.0.0.1: trains and stops cleanly; killing
   one agent makes the other exit with an error instead of hanging.
 
