@@ -327,7 +327,29 @@ def _torchrun(port: int, out: Path, shards: Path, steps: int, log: Path) -> subp
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _children(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGKILL an agent and its workers (torch elastic starts each worker in its own session, so
+    killing the agent's process group alone would leave them running)."""
+    import psutil
+
+    try:
+        victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        victims = []
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -341,11 +363,13 @@ def test_torchrun_two_agents_c10d_rendezvous_trains_and_stops(shards, tmp_path):
     agents = [_torchrun(port, out, shards, 4, tmp_path / f"agent{i}.log") for i in range(2)]
     try:
         codes = [a.wait(timeout=300) for a in agents]
+        workers = [p for a in agents for p in _children(a)]
     finally:
         for a in agents:  # the whole group: no worker may outlive its agent
             _stop_group(a)
     logs = "\n".join((tmp_path / f"agent{i}.log").read_text()[-2000:] for i in range(2))
     assert codes == [0, 0], logs
+    assert workers == []  # nothing left running
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 4
     run = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"])
@@ -363,7 +387,7 @@ def test_torchrun_agent_killed_the_other_exits_with_an_error(shards, tmp_path):
     try:
         _wait_for(lambda: any(re.search(r"^step [2-9]/", p.read_text(), re.M) for p in logs if p.is_file()),
                   240, "training to start", interval=0.2)
-        _stop_group(agents[1])
+        _stop_group(agents[1])  # the agent and its worker: as if that VM died
         tic = time.monotonic()
         code = agents[0].wait(timeout=90)
         waited = time.monotonic() - tic
