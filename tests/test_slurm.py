@@ -291,9 +291,10 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
     job = jobs[0]
     log = folder / f"{job.job_id}_0_log.out"
     _wait_for(lambda: log.is_file() and re.search(r"^step (9|1[0-9])/", log.read_text(), re.M), 180, "step 9")
-    # SIGKILL every task (no signal to checkpoint on, unlike `scontrol requeue` alone, whose SIGTERM
-    # leaves KillWait seconds to run on), then requeue it, as Slurm does after a node failure.
-    subprocess.run(["scancel", "--signal=KILL", job.job_id], check=True)
+    # SIGKILL every task process, as a node dying does: no signal to checkpoint on. (Not `scancel
+    # --signal=KILL`: it reached the tasks as a SIGTERM that submitit bypasses, and the job finished.)
+    # Then requeue it, as Slurm does after a node failure.
+    subprocess.run(["pkill", "-KILL", "-f", f"submitit.core._submit {folder}"], check=True)
     _wait_for(lambda: subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True).returncode == 0,
               30, "scontrol requeue to be accepted", interval=0.5)
     _wait_for(lambda: _squeue(job.job_id).startswith("PENDING"), 60, "the job to be requeued")
@@ -301,6 +302,7 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
     result = task_result(job)
 
     text = log.read_text()
+    assert text.count("Exiting after successful completion") == 1, text[-3000:]  # the resumed attempt only
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
     assert resumed >= 8 and resumed % 4 == 0 and result.steps == STEPS, text[-3000:]
     client = MlflowClient(tracking_uri=result.tracking_uri)
