@@ -184,6 +184,7 @@ class Trainer:
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
+        self.train_seconds = 0.0  # wall time of this process's training loop
         self.step_callbacks: list[Callable[[int], None]] = []  # called with the step after each one
         # Polled after every step; True on any rank: all ranks checkpoint and raise TrainingInterrupted.
         self.stop_check: Callable[[], bool] | None = None
@@ -325,6 +326,7 @@ class Trainer:
                 if self.rt.is_main:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
+        self.train_seconds = time.perf_counter() - train_start
         last = self.save()
         return self._finish(last, loss_value)
 
@@ -397,6 +399,16 @@ class Trainer:
             self.tracker.end("FAILED")
         raise NonFiniteLossError(msg)
 
+    def _run_timing(self) -> dict[str, float]:
+        """This process's training time, and its steady throughput: the median step after the
+        first BUDGET_SKIP_STEPS (worker start-up, allocator warm-up), loader waits included."""
+        steady = [w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:]] or [w + c for w, c in self.step_times]
+        if not steady:
+            return {}
+        step_s = statistics.median(steady)
+        return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
+                "steady_images_per_s": self.cfg.train.batch_size / step_s}
+
     def _finish(self, last_checkpoint: Path | None, loss_value: float) -> TrainResult:
         from pipeline.export import export_timm_backbone
 
@@ -405,7 +417,7 @@ class Trainer:
             return result
         d, m = self.cfg.data, self.cfg.model
         result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
-        result.timing = {**getattr(self, "timing", {}),
+        result.timing = {**getattr(self, "timing", {}), **self._run_timing(),
                          "peak_rss_mb": psutil.Process().memory_info().rss / 2**20}
         self.tracker.log_artifact(str(last_checkpoint), "checkpoints")
         backbone_dir = export_timm_backbone(
@@ -422,7 +434,9 @@ class Trainer:
             from pipeline.evaluate import knn_evaluate
 
             self.model.eval()
+            tic = time.perf_counter()
             result.knn_top1 = knn_evaluate(self.model.backbone, self.cfg, self.rt.device)
+            result.timing["knn_s"] = time.perf_counter() - tic
             self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
         self.tracker.end("FINISHED")
         return result
