@@ -75,7 +75,8 @@ class TrainConfig:
     lr_batch_ref: int = 256
     min_lr: float = 0.0
     weight_decay: float = 1e-6
-    momentum: float = 0.9
+    momentum: float = 0.9  # lars and sgd
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
@@ -343,6 +344,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:
         raise ConfigError(f"train.budget_minutes must be >= 0 (0: no time budget), got {t.budget_minutes}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():

@@ -92,7 +92,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
     biases and norm parameters (timm's ``filter_bias_and_bn``), as in SimCLR/BYOL."""
     t = cfg.train
     lr = t.lr * t.batch_size / t.lr_batch_ref
-    kwargs: dict[str, Any] = {"momentum": t.momentum} if t.optimizer in ("lars", "sgd") else {}
+    kwargs: dict[str, Any] = ({"momentum": t.momentum} if t.optimizer in ("lars", "sgd")
+                              else {"betas": tuple(t.adam_betas)})
     return create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **kwargs)
 
 

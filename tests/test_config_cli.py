@@ -55,6 +55,7 @@ MORE_CASES = {
     "train=5": ["train", "expected a mapping for TrainConfig"],
     "train.max_steps=2.5": ["train.max_steps", "expected an integer, got 2.5"],
     "train.optimizer=adam": ["train.optimizer", "'adam' is not one of lars, adamw, sgd"],
+    "train.adam_betas=[0.9,1.5]": ["train.adam_betas", "two numbers in [0, 1)"],
     "=3": ["override '=3'", "not a dotted key"],
     "train..lr=0.1": ["override 'train..lr=0.1'", "not a dotted key"],
 }

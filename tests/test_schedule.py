@@ -100,3 +100,13 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
     for step, value in logged.items():
         expected = provisional[step - 1] if step < crash_step else fitted[step - 1]
         assert value == pytest.approx(expected, rel=1e-6), step
+
+
+def test_adamw_takes_the_recipes_betas():
+    from pipeline.trainer import build_optimizer
+
+    model = torch.nn.Linear(4, 2)
+    cfg = load_config("configs/mae_vit_tiny_fmnist.yaml", [], check_paths=False)
+    assert build_optimizer(cfg, model).param_groups[0]["betas"] == (0.9, 0.95)
+    cfg = load_config(RECIPE, ["train.optimizer=adamw"], check_paths=False)
+    assert build_optimizer(cfg, model).param_groups[0]["betas"] == (0.9, 0.999)
