@@ -48,7 +48,11 @@ class DataConfig:
     backend: str = "torch"  # augmentation backend (torch; dali arrives with issue 4)
     num_workers: int = 2  # loader processes per rank
     prefetch_batches: int = 2  # batches each worker keeps ready
-    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    shuffle_buffer: int = 2000  # samples in each reader's shuffle buffer
+    # Virtual shard readers sharing every global batch. Fixed (a multiple of ranks x workers):
+    # the global batch is the same at any world size, and so is the loss of a model without batch
+    # statistics. 0: one reader per rank x worker (the composition then depends on the world size).
+    readers: int = 0
     resampled: bool = False  # sample shards with replacement forever instead of epochs
     eval_image_size: int = 32  # resize for feature extraction (kNN / probes)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -344,6 +348,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    step_batch = t.batch_size // max(1, t.grad_accum_steps)  # global samples per forward pass
+    if cfg.data.readers < 0 or (cfg.data.readers and step_batch % cfg.data.readers):
+        raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
+                          f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
+                          f"(each reader gives every batch an equal part)")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:

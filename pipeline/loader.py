@@ -1,21 +1,31 @@
 """Streaming WebDataset loader: shards -> decoded images -> augmented views, split over
 ranks x workers, deterministic so that a resumed run sees exactly the batches it would have.
 
+Training: the global batch of every step is the same whatever the number of ranks and loader
+workers. ``readers`` (V) virtual readers each stream their own shards and give every global
+batch a micro-batch of ``global batch / V`` samples, in reader order. Rank ``r`` of ``W`` owns
+the readers ``[r V/W, (r+1) V/W)``, and each of its DataLoader workers an equal contiguous block
+of those; a worker yields its readers' micro-batches of one step, and ``make_loader`` joins the
+workers' parts of a step (the DataLoader serves workers round-robin) into the local batch. So
+4 ranks see exactly the samples and augmentations that 1 rank sees in its whole batch, and a
+model without batch statistics (LayerNorm) computes the same loss at any world size.
+
 Epoch ``e``: the shard list is permuted with ``(seed, e)`` (identical on every rank) and dealt
-round-robin to the ``world_size * num_workers`` readers; each reader streams its shards through
-a shuffle buffer seeded by ``(seed, e, reader)``. Every reader yields the *same* number of full
-local batches per epoch (the minimum over readers, computed from the manifest's sample counts,
-which every reader knows), so DDP ranks step in lock-step and the DataLoader's round-robin over
-workers is exact. Augmentation randomness is re-seeded per batch from ``(seed, e, reader,
-batch)``, so skipping ``k`` batches on resume (without decoding them) reproduces the stream.
+round-robin to the V readers; each reader streams its shards through its own shuffle buffer
+seeded by ``(seed, e, reader)``. Every reader yields the same number of micro-batches per epoch
+(the minimum over readers, from the manifest's sample counts, which every rank knows), so ranks
+step in lock-step. Augmentation randomness is re-seeded per micro-batch from ``(seed, e,
+reader, index)``, so starting at step ``k`` (resume) skips ``k`` micro-batches per reader
+without decoding them and reproduces the stream.
 
 ``resampled=True`` draws each reader's shards with replacement instead of a permutation (for
 very long runs on few shards); ``finite=True`` (evaluation) visits every sample exactly once,
-in order, with a possibly short last batch.
+in shard order, one reader per rank x worker, in batches of ``batch_size`` (the last short).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -55,13 +65,14 @@ def _seed(*parts: int) -> int:
 
 
 class ShardStream(IterableDataset):
-    """Yields local batches ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B),
-    "epoch": e, "batch": i}`` for one rank; the DataLoader's workers split it further."""
+    """Yields batches ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B), "key": [str],
+    "epoch": e, "batch": i}`` for one rank: in training, a worker's part of local batch ``i``
+    (``make_loader`` joins the parts); in evaluation (``finite``), whole batches."""
 
     def __init__(self, folder: str, transform: Callable[[torch.Tensor], list[torch.Tensor]],
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 0, finite: bool = False,
-                 resampled: bool = False, start: LoaderPosition = LoaderPosition()):
+                 resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0):
         manifest = read_manifest(folder)
         self.shards = [(f"{folder}/{s['name']}", int(s["num_samples"])) for s in manifest["shards"]]
         self.num_samples = int(manifest["num_samples"])
@@ -70,18 +81,28 @@ class ShardStream(IterableDataset):
         self.loader_workers, self.num_workers = num_workers, max(1, num_workers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.finite, self.resampled, self.start = finite, resampled, start
-        readers = self.world_size * self.num_workers
-        if len(self.shards) < readers:
+        workers = self.world_size * self.num_workers
+        # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
+        self.readers = workers if finite or readers <= 0 else readers
+        if self.readers % workers:
+            raise ValueError(f"data.readers={self.readers} is not a multiple of {self.world_size} ranks x "
+                             f"{self.num_workers} loader workers: set data.readers to a multiple of {workers}")
+        self.rank_readers = self.readers // self.world_size
+        if not finite and batch_size % self.rank_readers:
+            raise ValueError(f"the local batch of {batch_size} does not split over this rank's {self.rank_readers} "
+                             f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
+                             f"global batch a multiple of data.readers")
+        self.micro_batch = batch_size if finite else batch_size // self.rank_readers
+        if len(self.shards) < self.readers:
             raise ValueError(
-                f"{folder} has {len(self.shards)} shards but {self.world_size} ranks x "
-                f"{self.num_workers} workers need at least {readers}: re-shard with a smaller "
-                f"--shard-size or lower data.num_workers"
+                f"{folder} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} ranks x "
+                f"{self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
+                f"smaller --shard-size or lower data.readers / data.num_workers"
             )
 
     # ---------------------------------------------------------------- epoch plan
     def reader_shards(self, epoch: int) -> list[list[tuple[str, int]]]:
-        """Shards of every reader (index ``rank * num_workers + worker``) in ``epoch``."""
-        readers = self.world_size * self.num_workers
+        """Shards of every reader in ``epoch``."""
         if self.finite:
             order = list(self.shards)
         elif self.resampled:
@@ -90,10 +111,11 @@ class ShardStream(IterableDataset):
         else:
             order = list(self.shards)
             random.Random(_seed(self.seed, epoch)).shuffle(order)
-        return [order[r::readers] for r in range(readers)]
+        return [order[r::self.readers] for r in range(self.readers)]
 
-    def batches_per_reader(self, epoch: int) -> int:
-        return min(sum(n for _, n in shards) for shards in self.reader_shards(epoch)) // self.batch_size
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Full micro-batches of the reader with the fewest samples: the epoch's global steps."""
+        return min(sum(n for _, n in shards) for shards in self.reader_shards(epoch)) // self.micro_batch
 
     # ---------------------------------------------------------------- iteration
     def _samples(self, shards: list[tuple[str, int]], rng: random.Random) -> Iterator[dict]:
@@ -112,6 +134,18 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    def _micro_batches(self, reader: int, epoch: int) -> Iterator[list[dict]]:
+        """One reader's samples in groups of ``micro_batch`` (training: full groups only)."""
+        shards = self.reader_shards(epoch)[reader]
+        pending: list[dict] = []
+        for sample in self._samples(shards, random.Random(_seed(self.seed, epoch, reader))):
+            pending.append(sample)
+            if len(pending) == self.micro_batch:
+                yield pending
+                pending = []
+        if self.finite and pending:
+            yield pending
+
     def _collate(self, samples: list[dict], seed: int) -> dict:
         views_per_sample = []
         with torch.random.fork_rng(devices=[]):
@@ -125,54 +159,87 @@ class ShardStream(IterableDataset):
             "key": [s["__key__"] for s in samples],
         }
 
-    def __iter__(self) -> Iterator[dict]:
+    def _worker(self) -> int:
         info = get_worker_info()
-        workers = info.num_workers if info is not None else 1
-        # The DataLoader takes batches round-robin from its workers starting at worker 0, and
-        # rank-level batch j is worker j % W's: rotate so that worker 0 serves start.batch.
-        worker = (info.id + self.start.batch) % workers if info is not None else 0
-        if workers != self.num_workers:
-            raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {workers}")
-        reader = self.rank * self.num_workers + worker
-        epoch = self.start.epoch
-        # Rank-level batch j of an epoch comes from worker j % W: skip this worker's share.
-        skip = max(0, (self.start.batch - worker + self.num_workers - 1) // self.num_workers)
+        if info is None:
+            return 0
+        if info.num_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {info.num_workers}")
+        return info.id
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = self._worker()
+        if self.finite:
+            reader = self.rank * self.num_workers + worker
+            for index, samples in enumerate(self._micro_batches(reader, 0)):
+                yield {**self._collate(samples, _seed(self.seed, 0, reader, index)), "epoch": 0, "batch": index}
+            return
+        per_worker = self.rank_readers // self.num_workers
+        first = self.rank * self.rank_readers + worker * per_worker
+        mine = range(first, first + per_worker)
+        epoch, skip = self.start.epoch, self.start.batch
         while True:
-            shards = self.reader_shards(epoch)[reader]
-            rng = random.Random(_seed(self.seed, epoch, reader))
-            limit = None if self.finite else self.batches_per_reader(epoch)
-            if limit == 0:  # no reader could fill a batch: it would loop over epochs forever
+            steps = self.steps_per_epoch(epoch)
+            if steps == 0:  # no reader could fill a micro-batch: it would loop over epochs forever
                 fewest = min(sum(n for _, n in s) for s in self.reader_shards(epoch))
                 raise ValueError(
-                    f"epoch {epoch}: a reader ({self.world_size} ranks x {self.num_workers} workers share "
-                    f"{len(self.shards)} shards) gets only {fewest} samples, less than one local batch of "
-                    f"{self.batch_size}: lower train.batch_size or data.num_workers, or use more data")
-            pending: list[dict] = []
-            index = 0
-            for sample in self._samples(shards, rng):
-                pending.append(sample)
-                if len(pending) < self.batch_size:
+                    f"epoch {epoch}: a reader (one of {self.readers} sharing {len(self.shards)} shards) gets only "
+                    f"{fewest} samples, less than its part of a batch ({self.micro_batch}): lower "
+                    f"train.batch_size or data.readers / data.num_workers, or use more data")
+            streams = [self._micro_batches(reader, epoch) for reader in mine]
+            for index in range(steps):
+                groups = [next(stream) for stream in streams]  # skipped steps are read, never decoded
+                if index < skip:
                     continue
-                if index >= skip:
-                    batch = self._collate(pending, _seed(self.seed, epoch, reader, index))
-                    yield {**batch, "epoch": epoch, "batch": index * self.num_workers + worker}
-                pending, index = [], index + 1
-                if limit is not None and index >= limit:
-                    break
-            if self.finite:
-                if pending:
-                    yield {**self._collate(pending, _seed(self.seed, epoch, reader, index)),
-                           "epoch": epoch, "batch": index * self.num_workers + worker}
-                return
+                parts = [self._collate(g, _seed(self.seed, epoch, r, index)) for r, g in zip(mine, groups)]
+                yield {**join_parts(parts), "epoch": epoch, "batch": index}
             epoch, skip = epoch + 1, 0
 
 
-def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches: int = 2) -> DataLoader:
-    """Batches are made inside the stream's workers (``num_workers=0``: in this process)."""
-    return DataLoader(
+def join_parts(parts: list[dict]) -> dict:
+    """Concatenate batch parts (same step) in order: views, labels and keys."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {"views": [torch.cat(v) for v in zip(*(p["views"] for p in parts))],
+              "label": torch.cat([p["label"] for p in parts]),
+              "key": [k for p in parts for k in p["key"]]}
+    for name in ("epoch", "batch"):
+        if name in parts[0]:
+            values = {p[name] for p in parts}
+            if len(values) != 1:
+                raise RuntimeError(f"loader workers out of step: parts of one batch have {name} {sorted(values)}")
+            joined[name] = values.pop()
+    return joined
+
+
+class JoinedLoader:
+    """Iterates a training ``ShardStream``'s DataLoader, joining each step's parts from its
+    ``parts`` workers (served round-robin) into the rank's local batch (pinned for a GPU)."""
+
+    def __init__(self, loader: DataLoader, parts: int, pin_memory: bool = False):
+        self.loader, self.parts, self.pin_memory = loader, parts, pin_memory
+
+    def __iter__(self) -> Iterator[dict]:
+        items = iter(self.loader)
+        while True:
+            group = list(itertools.islice(items, self.parts))
+            if not group:
+                return
+            batch = join_parts(group)
+            if self.pin_memory:
+                batch["views"] = [v.pin_memory() for v in batch["views"]]
+            yield batch
+
+
+def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches: int = 2):
+    """Batches are made inside the stream's workers (``num_workers=0``: in this process); in
+    training, each step's parts from the workers are joined into the local batch."""
+    joined = not stream.finite and stream.loader_workers > 1
+    loader = DataLoader(
         stream,
         batch_size=None,
         num_workers=stream.loader_workers,
         prefetch_factor=prefetch_batches if stream.loader_workers else None,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and not joined,  # parts are joined first, then pinned once
     )
+    return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader

@@ -249,7 +249,7 @@ class Trainer:
             d.train, MultiViewTransform(d.views, d.mean, d.std), self.local_batch,
             rank=self.rt.rank, world_size=self.rt.world_size, num_workers=d.num_workers,
             seed=self.cfg.train.seed, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            start=self.position,
+            start=self.position, readers=d.readers,
         )
         return iter(make_loader(stream, pin_memory=self.rt.device.type == "cuda",
                                 prefetch_batches=d.prefetch_batches))

@@ -1,5 +1,6 @@
 """The streaming loader over real Fashion-MNIST shards: how ranks x DataLoader workers split an
-epoch, the infinite and resampled modes, and restarting a stream at a ``LoaderPosition``."""
+epoch, the global batch that is the same at every world size, the infinite and resampled modes,
+and restarting a stream at a ``LoaderPosition``."""
 import itertools
 
 import pytest
@@ -59,14 +60,14 @@ def test_finite_epoch_sees_every_sample_once_across_ranks_and_workers(fmnist, tr
 
 
 def test_training_epoch_splits_samples_without_duplicates(fmnist, transform):
-    """8 shards of 16 over 2 ranks x 2 workers, batches of 4: each reader has exactly 8 full
-    batches, so an epoch covers every sample once, reshuffled in the next epoch."""
+    """8 shards of 16 over 2 ranks x 2 workers (4 readers of 32 samples), local batches of 4 (2
+    per reader): 16 steps an epoch cover every sample once, reshuffled in the next epoch."""
     expected = set(all_samples(fmnist / "train"))
     per_epoch = {0: [], 1: []}
     for rank in range(WORLD):
         s = stream(fmnist / "train", transform, rank)
-        assert s.batches_per_reader(0) == s.batches_per_reader(1) == 8
-        batches = take(s, 2 * 16)  # two epochs of this rank's 2 workers x 8 batches
+        assert s.steps_per_epoch(0) == s.steps_per_epoch(1) == 16
+        batches = take(s, 2 * 16)
         assert [(b["epoch"], b["batch"]) for b in batches] == [(e, i) for e in (0, 1) for i in range(16)]
         for epoch in (0, 1):
             per_epoch[epoch].append(keys_of(b for b in batches if b["epoch"] == epoch))
@@ -84,11 +85,11 @@ def test_uneven_shards_keep_ranks_in_lock_step(tmp_path, transform):
     prep_fashion_mnist(tmp_path, shard_size=16, limit=120, workers=1)
     counts, seen = set(), []
     for rank in range(WORLD):
-        s = stream(tmp_path / "train", transform, rank, batch_size=5)
-        per_rank = 2 * s.batches_per_reader(0)
+        s = stream(tmp_path / "train", transform, rank, batch_size=6)
+        per_rank = s.steps_per_epoch(0)
         batches = take(s, per_rank + 1)
         assert [b["epoch"] for b in batches] == [0] * per_rank + [1]
-        assert all(len(b["key"]) == 5 for b in batches)
+        assert all(len(b["key"]) == 6 for b in batches)
         counts.add(per_rank)
         seen += keys_of(batches[:-1])
     assert len(counts) == 1 and counts.pop() > 0
@@ -98,7 +99,7 @@ def test_uneven_shards_keep_ranks_in_lock_step(tmp_path, transform):
 @pytest.mark.parametrize("resampled", [False, True], ids=["epochs", "resampled"])
 def test_training_streams_are_infinite(fmnist, transform, resampled):
     s = stream(fmnist / "train", transform, rank=1, resampled=resampled)
-    per_epoch = 2 * s.batches_per_reader(0)
+    per_epoch = s.steps_per_epoch(0)
     batches = take(s, 3 * per_epoch + 1)
     assert len(batches) == 3 * per_epoch + 1
     assert [b["epoch"] for b in batches[::per_epoch]] == [0, 1, 2, 3]
@@ -109,8 +110,35 @@ def test_training_streams_are_infinite(fmnist, transform, resampled):
 
 def test_too_few_samples_for_a_batch_is_an_error_not_a_hang(fmnist, transform):
     s = stream(fmnist / "train", transform, num_workers=1, batch_size=80)  # each reader has 64 samples
-    with pytest.raises(ValueError, match="only 64 samples, less than one local batch of 80"):
+    with pytest.raises(ValueError, match="only 64 samples, less than its part of a batch \\(80\\)"):
         next(iter(s))
+
+
+@pytest.mark.parametrize("readers,world,workers,batch,match", [
+    (4, 3, 1, 4, "not a multiple of 3 ranks x 1 loader workers"),
+    (4, 2, 1, 3, "local batch of 3 does not split over this rank's 2 readers"),
+    (16, 1, 0, 16, "8 shards but 16 readers"),
+])
+def test_reader_layouts_that_cannot_work_are_errors(fmnist, transform, readers, world, workers, batch, match):
+    with pytest.raises(ValueError, match=match):
+        stream(fmnist / "train", transform, world_size=world, num_workers=workers, batch_size=batch, readers=readers)
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (2, 2), (4, 1)])
+def test_global_batch_is_the_same_at_every_world_size(fmnist, transform, world, workers):
+    """With data.readers fixed, the ranks' local batches of a step, concatenated in rank order,
+    are the one-rank global batch of that step: the same samples, bitwise the same views."""
+    readers, global_batch, steps = 4, 8, 20  # 20 steps > an epoch (16): crosses the boundary
+    whole = take(stream(fmnist / "train", transform, world_size=1, num_workers=1, batch_size=global_batch,
+                        readers=readers), steps)
+    per_rank = [take(stream(fmnist / "train", transform, rank, world_size=world, num_workers=workers,
+                            batch_size=global_batch // world, readers=readers), steps) for rank in range(world)]
+    for step, want in enumerate(whole):
+        parts = [batches[step] for batches in per_rank]
+        assert {(b["epoch"], b["batch"]) for b in parts} == {(want["epoch"], want["batch"])}
+        assert [k for b in parts for k in b["key"]] == want["key"]
+        for view, got in zip(want["views"], zip(*(b["views"] for b in parts))):
+            assert torch.equal(torch.cat(got), view), step
 
 
 def assert_same_batches(got: list[dict], want: list[dict]) -> None:
@@ -128,7 +156,7 @@ def test_stream_started_at_a_position_continues_the_uninterrupted_one(fmnist, tr
     """What resume relies on: starting at (epoch, batch k) yields exactly the batches (keys and
     bitwise the same augmented views) that an uninterrupted stream yields from batch k on."""
     s = stream(fmnist / "train", transform, rank=1, num_workers=num_workers)
-    per_epoch = max(1, num_workers) * s.batches_per_reader(0)
+    per_epoch = s.steps_per_epoch(0)
     reference = take(s, per_epoch + 6)
     assert [(b["epoch"], b["batch"]) for b in reference] == (
         [(0, i) for i in range(per_epoch)] + [(1, i) for i in range(6)])
