@@ -83,6 +83,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
+    # BatchNorm statistics over the global batch on every rank (SimCLR's global BN; what
+    # SyncBatchNorm does on GPUs, here on any backend). Off: per-rank statistics.
+    global_batchnorm: bool = False
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
     channels_last: bool = True
     seed: int = 0
@@ -353,6 +356,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
                           f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
                           f"(each reader gives every batch an equal part)")
+    if t.global_batchnorm and cfg.model.method == "moco_v2":
+        raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
+                          "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:

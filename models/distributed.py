@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 def is_distributed() -> bool:
@@ -129,3 +130,68 @@ def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
     x_all = gather_no_grad(x)
     local = x.shape[0]
     return x_all[unshuffle[rank() * local:(rank() + 1) * local]]
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the *global* batch, over every rank:
+    SimCLR's "global BN" (Chen et al. 2020, sec. 2.3), which BYOL, Barlow Twins and MoCo v3 also
+    train with. torch's SyncBatchNorm does this on GPUs only; this runs on any process-group
+    backend (gloo and NCCL alike), so the CPU tests exercise the code GPUs run.
+
+    Two differentiable all-reduces (:func:`all_reduce_sum_with_grad`) give the global mean, then
+    the global biased variance (two passes, not E[x^2] - E[x]^2, for accuracy); every rank's
+    inputs then get the gradient one process would give them on the whole batch. The running
+    variance is unbiased (n / (n - 1)), as in ``nn.BatchNorm``. In eval mode, or on one process,
+    it is plain BatchNorm. Local batches may differ in size.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects (N, C, ...) input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = all_reduce_sum_with_grad(xf.new_tensor([x.numel() // x.shape[1]]))
+        mean = all_reduce_sum_with_grad(xf.sum(dims)) / count
+        centered = xf - mean.view(shape)
+        var = all_reduce_sum_with_grad(centered.square().sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` by a :class:`GlobalBatchNorm` that
+    holds the same parameter and buffer tensors (state-dict keys unchanged, so exports stay plain
+    timm), in place; returns ``module``."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for name, child in module.named_children():
+        if type(child) in plain:
+            converted = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                        child.track_running_stats)
+            # The very parameter and buffer tensors (frozen ones stay frozen, the device is kept).
+            for key, tensor in child.named_parameters(recurse=False):
+                setattr(converted, key, tensor)
+            for key, tensor in child.named_buffers(recurse=False):
+                converted.register_buffer(key, tensor)
+            converted.train(child.training)
+            setattr(module, name, converted)
+        elif isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            raise TypeError(f"{name}: {type(child).__name__} is a BatchNorm variant that global BN cannot "
+                            f"replace faithfully (it may fuse an activation); use a backbone with plain BatchNorm "
+                            f"or set train.global_batchnorm=false")
+        else:
+            convert_to_global_batchnorm(child)
+    return module

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launch.config import Config, flatten, save_config, to_dict
 from models.backbones import create_backbone
-from models.distributed import all_reduce_mean
+from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
 from pipeline.augment import MultiViewTransform
 from pipeline.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
@@ -172,6 +172,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.rt.device)
+        if cfg.train.global_batchnorm:
+            convert_to_global_batchnorm(self.model)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]

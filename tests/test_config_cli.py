@@ -4,8 +4,9 @@ exit code 2, no traceback, and nothing started or written."""
 import pytest
 import yaml
 
-from conftest import RECIPE, run_cli
+from conftest import RECIPE, REPO, run_cli
 from launch.cli import main
+from launch.config import ConfigError, load_config
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
 
@@ -93,3 +94,9 @@ def test_overrides_may_follow_options(tmp_path, capsys, fmnist):
     with pytest.raises(SystemExit):
         main(["eval", "knn", str(RECIPE), "--backbone", str(tmp_path), "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
+    with pytest.raises(ConfigError, match="shuffling BN"):
+        load_config(REPO / "configs" / "moco_v2_resnet18_fmnist.yaml", ["train.global_batchnorm=true"],
+                    check_paths=False)

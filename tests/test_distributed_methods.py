@@ -3,9 +3,11 @@ cross-correlation) and BYOL under DDP on 2 real gloo processes equal one process
 concatenated batch: the loss, every parameter gradient, and for MoCo v2 the queue.
 
 All ranks are spawned once for the module; each runs every case and saves what it saw.
-BatchNorm layers whose statistics are per rank on CPU (torch's SyncBatchNorm is GPU-only) are put
-in eval mode, except where per-rank statistics are the point: MoCo v2's key encoder, whose BN
-groups the single process reproduces with ``shuffle_bn_splits=2`` and the same permutation.
+The heads' BatchNorm layers train with global-batch statistics on the ranks
+(``convert_to_global_batchnorm``, what ``train.global_batchnorm`` does), against plain BN in
+train mode on the single process; GlobalBatchNorm itself is also checked alone, with uneven
+local batches. MoCo v2 keeps per-rank BN on purpose (shuffling BN): its key encoder's BN groups
+are reproduced on one process with ``shuffle_bn_splits=2`` and the same permutation.
 """
 import os
 import socket
@@ -19,7 +21,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from models.backbones import create_backbone
-from models.distributed import batch_shuffle, batch_unshuffle
+from models.distributed import GlobalBatchNorm, batch_shuffle, batch_unshuffle, convert_to_global_batchnorm
 from models.registry import create_method
 
 WORLD = 2
@@ -55,9 +57,7 @@ def make_model(case: str, shuffle_bn_splits: int | None = None) -> nn.Module:
         "barlow_twins": dict(proj_hidden_dim=32, proj_out_dim=16, lambd=0.02),
         "byol": dict(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32),
     }[case]
-    model = create_method(case, vit, **args).train()
-    bn_eval(model)
-    return model
+    return create_method(case, vit, **args).train()
 
 
 def make_views(case: str) -> list[torch.Tensor]:
@@ -86,6 +86,43 @@ def run_case(case: str, model: nn.Module, views: list[torch.Tensor]) -> dict:
     return out
 
 
+BN_SLICES = (slice(0, 3), slice(3, 8))  # uneven local batches: 3 and 5 samples
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    with torch.no_grad():  # non-trivial affine parameters
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return net.train()
+
+
+def bn_input() -> torch.Tensor:
+    return 3 * torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2)) + 1
+
+
+def run_batchnorm(net: nn.Module, x: torch.Tensor) -> dict:
+    """Output, input gradient, parameter gradients (summed over ranks) and running statistics of
+    ``loss = sum(y * w) / global batch``, w fixed per sample: the single process's loss."""
+    x = x.clone().requires_grad_(True)
+    for _ in range(2):  # two steps: the running statistics' momentum is applied twice
+        net.zero_grad(set_to_none=True)
+        y = net(x)
+        w = torch.linspace(-1, 1, y[0].numel()).view_as(y[0])
+        loss = (y * w).sum() / 8
+        x.grad = None
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    if dist.is_initialized():
+        for g in grads.values():
+            dist.all_reduce(g)
+    return {"y": y.detach(), "x_grad": x.grad.clone(), "grads": grads,
+            "buffers": {n: b.clone() for n, b in net.named_buffers()}}
+
+
 def _rank(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -94,7 +131,10 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     results = {}
     for case in CASES:
         tic = time.perf_counter()
-        model = DistributedDataParallel(make_model(case))
+        model = make_model(case)
+        if case != "moco_v2":
+            convert_to_global_batchnorm(model)
+        model = DistributedDataParallel(model)
         got = run_case(case, model, [v[local] for v in make_views(case)])
         for i, loss in enumerate(got["losses"]):  # the loss of the global batch: mean over ranks
             dist.all_reduce(loss)
@@ -106,6 +146,9 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     torch.manual_seed(SHUFFLE_SEED)
     shuffled, unshuffle = batch_shuffle(x[local])
     results["shuffle"] = {"shuffled": shuffled, "unshuffled": batch_unshuffle(shuffled, unshuffle)}
+    net = convert_to_global_batchnorm(bn_net())
+    assert isinstance(net[1], GlobalBatchNorm) and isinstance(net[4], GlobalBatchNorm)
+    results["global_bn"] = run_batchnorm(net, bn_input()[BN_SLICES[rank]])
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -163,3 +206,19 @@ def test_batch_shuffle_across_ranks(ranks):
     assert torch.equal(shuffled, x[perm])
     for rank, results in enumerate(ranks):
         assert torch.equal(results["shuffle"]["unshuffled"], x[rank * LOCAL_BATCH:(rank + 1) * LOCAL_BATCH])
+
+
+@pytest.mark.slow
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(ranks):
+    reference = run_batchnorm(bn_net(), bn_input())
+    for rank, results in enumerate(ranks):
+        got, local = results["global_bn"], BN_SLICES[rank]
+        torch.testing.assert_close(got["y"], reference["y"][local], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["x_grad"], reference["x_grad"][local], rtol=1e-4, atol=1e-6)
+        for name, grad in reference["grads"].items():  # a conv bias before BN: 0 up to float noise
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=f"rank {rank} {name}")
+        for name, buffer in reference["buffers"].items():  # running mean/var (unbiased), batches tracked
+            torch.testing.assert_close(got["buffers"][name], buffer, rtol=1e-5, atol=1e-6, msg=name)
+    # and the statistics really are global: per-rank BN gives other outputs
+    per_rank = run_batchnorm(bn_net(), bn_input()[BN_SLICES[0]])
+    assert not torch.allclose(per_rank["y"], reference["y"][BN_SLICES[0]], atol=1e-3)

@@ -12,12 +12,12 @@ from models.registry import check_method_args, create_method, method_class
 from pipeline.augment import MultiViewTransform
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-NEW_METHODS = ("moco_v2", "moco_v3", "mae", "byol", "barlow_twins")
+METHODS = ("simclr", "moco_v2", "moco_v3", "mae", "byol", "barlow_twins")
 
 
-def test_every_new_method_has_a_cpu_and_a_paper_scale_recipe():
+def test_every_method_has_a_cpu_and_a_paper_scale_recipe():
     names = {p.stem for p in CONFIGS}
-    for method in NEW_METHODS:
+    for method in METHODS:
         assert any(n.startswith(method + "_") and n.endswith("_fmnist") for n in names), method
         assert any(n.startswith(method + "_") and n.endswith("_imagenet") for n in names), method
 

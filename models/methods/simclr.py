@@ -15,19 +15,16 @@ class SimCLR(nn.Module):
     """Two augmented views -> backbone f -> projector g -> NT-Xent over the global batch.
 
     Both views go through the backbone in one call, as in the paper's implementation, so
-    BatchNorm statistics are shared by the two views of each image. ``proj_batch_norm=False``
-    drops the projector's BN (SimCLR v1's projector had none): with a LayerNorm backbone the loss
-    then has no per-rank batch statistics and is the same at every world size.
+    BatchNorm statistics are shared by the two views of each image.
     """
 
     num_views = 2
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_out_dim: int = 128,
-                 proj_layers: int = 2, temperature: float = 0.5, proj_batch_norm: bool = True):
+                 proj_layers: int = 2, temperature: float = 0.5):
         super().__init__()
         self.backbone = backbone
-        self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers,
-                                 batch_norm=proj_batch_norm)
+        self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
         self.temperature = temperature
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
