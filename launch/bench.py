@@ -210,8 +210,13 @@ def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
                 "knn_s": time.perf_counter() - tic}
 
     first = configs[0]
-    raw_cfg = dataclasses.replace(first, data=dataclasses.replace(first.data, eval_image_size=raw_pixel_size))
-    rows = [evaluate(f"raw pixels ({raw_pixel_size} px)", "-", torch.nn.Flatten(), raw_cfg)]
+    rows = []
+    # Pixels standardised as the recipes' eval transform does (cosine then compares centred
+    # images), and as plain [0, 1] values (the usual "raw pixels" figure).
+    for label, mean, std in (("", first.data.mean, first.data.std), (", unnormalised", [0.0] * 3, [1.0] * 3)):
+        data = dataclasses.replace(first.data, eval_image_size=raw_pixel_size, mean=mean, std=std)
+        rows.append(evaluate(f"raw pixels ({raw_pixel_size} px{label})", "-", torch.nn.Flatten(),
+                             dataclasses.replace(first, data=data)))
     seen = set()
     for cfg in configs:
         key = (cfg.model.backbone, json.dumps(cfg.model.backbone_args, sort_keys=True), cfg.data.eval_image_size)

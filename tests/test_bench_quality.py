@@ -79,11 +79,13 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
     # One raw-pixel row and one random-init row per distinct backbone; raw pixels match a
     # reference computed here from the idx files (within one tied vote).
     baselines = {(b["recipe"], b["backbone"]): b for b in report["baselines"]}
-    assert set(baselines) == {("raw pixels (28 px)", "-"), ("random init (16 px)", "vit_tiny_patch16_224"),
-                              ("random init (16 px)", "resnet10t")}
+    assert set(baselines) == {("raw pixels (28 px)", "-"), ("raw pixels (28 px, unnormalised)", "-"),
+                              ("random init (16 px)", "vit_tiny_patch16_224"), ("random init (16 px)", "resnet10t")}
     cfg = yaml.safe_load(recipes[0].read_text())
     expected = _raw_pixel_knn(report["knn_k"], report["knn_temperature"], cfg["data"]["mean"][0], cfg["data"]["std"][0])
     assert abs(baselines["raw pixels (28 px)", "-"]["knn_top1"] - expected) <= 1 / FMNIST_LIMIT
+    expected = _raw_pixel_knn(report["knn_k"], report["knn_temperature"], 0.0, 1.0)
+    assert abs(baselines["raw pixels (28 px, unnormalised)", "-"]["knn_top1"] - expected) <= 1 / FMNIST_LIMIT
 
     table = (out / "quality.md").read_text()
     assert f"--budget-minutes {BUDGET_MINUTES:g}" in table
