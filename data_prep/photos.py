@@ -47,8 +47,10 @@ def package_photos() -> dict[str, list[tuple[str, np.ndarray]]]:
     return {"opencv": opencv_photos, "skimage": skimage_photos}
 
 
-def write_photo_folder(out: str | os.PathLike, short_side: int = 256, quality: int = 90) -> int:
-    """``out/<class>/<name>.jpg`` for every package photo; returns how many were written."""
+def write_photo_folder(out: str | os.PathLike, short_side: int = 256, quality: int = 90, copies: int = 1) -> int:
+    """``out/<class>/<name>.jpg`` for every package photo; returns how many files were written.
+    ``copies`` > 1 writes each photo that many times (``<name>-<i>.jpg``): a larger folder for
+    throughput benchmarks, where epochs of 40 images would be too short."""
     count = 0
     for label, photos in package_photos().items():
         folder = Path(out) / label
@@ -57,6 +59,7 @@ def write_photo_folder(out: str | os.PathLike, short_side: int = 256, quality: i
             image = Image.fromarray(pixels)
             scale = short_side / min(image.size)
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            image.save(folder / f"{name}.jpg", quality=quality)
-            count += 1
+            for copy in range(copies):
+                image.save(folder / (f"{name}.jpg" if copies == 1 else f"{name}-{copy}.jpg"), quality=quality)
+                count += 1
     return count
