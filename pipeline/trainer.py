@@ -34,7 +34,7 @@ from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
 from pipeline.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  save_checkpoint)
-from pipeline.loader import LoaderPosition, build_train_loader
+from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
 
 
@@ -245,6 +245,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
+        if self.rt.is_main:
+            print(f"training loader: {train_backend(self.cfg.data.backend, self.rt.device)} on "
+                  f"{self.rt.device.type}", flush=True)
         return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
                                   self.rt.device)
 

@@ -16,10 +16,12 @@ Spec op -> DALI ops (torchvision's behaviour reproduced where DALI's default dif
 - horizontal_flip: ``fn.flip(horizontal=1)``
 - color_jitter: brightness ``fn.brightness_contrast(brightness=f)``; contrast as torchvision
   does it, a blend with the image's mean grey level (``fn.color_space_conversion`` to GRAY,
-  ``fn.reductions.mean``, arithmetic), not DALI's fixed contrast centre; saturation and hue
-  ``fn.hsv`` (DALI's linear YIQ approximation of HSV: saturation is exactly torchvision's blend
-  with the luma image, hue is close). Applied in this fixed order; torchvision draws a random
-  order per sample.
+  ``fn.reductions.mean``, arithmetic), not DALI's fixed contrast centre; saturation
+  ``fn.hsv(saturation=f)`` (DALI's linear YIQ transform: with hue 0 it is exactly torchvision's
+  blend with the luma image); hue an exact HSV hue rotation in DALI arithmetic (``fn.hsv``'s hue
+  is a YIQ rotation, up to ~60 grey levels away from torchvision's at 0.1 turn). The parts are
+  applied in a random order per sample, as torchvision does (a permutation id per sample,
+  ``fn.lookup_table`` and conditionals).
 - grayscale: ``fn.color_space_conversion(output_type=GRAY)`` concatenated to 3 channels
 - gaussian_blur: ``fn.gaussian_blur(window_size, sigma=fn.random.uniform)``
 - solarize: arithmetic (``where(x >= t, 255 - x, x)`` as masks, like DALI's auto_aug)
@@ -27,6 +29,7 @@ Spec op -> DALI ops (torchvision's behaviour reproduced where DALI's default dif
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import nvidia.dali.math as dmath
@@ -73,14 +76,55 @@ def _contrast(images: DataNode, factor: DataNode) -> DataNode:
     return fn.cast(dmath.clamp(blended, 0.0, 255.0), dtype=types.UINT8)
 
 
-def _color_jitter(images: DataNode, a: spec.ColorJitter) -> DataNode:
+def _hue(images: DataNode, turns: DataNode) -> DataNode:
+    """torchvision's adjust_hue: RGB -> HSV, hue + ``turns``, -> RGB; the hexagonal HSV hue as
+    arithmetic (``h6`` in sixths of a turn; HSV -> RGB as ``v - v s clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + h6) mod 6``, n = 5, 3, 1 for R, G, B)."""
+    rgb = fn.cast(images, dtype=types.FLOAT)
+    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    value = dmath.max(dmath.max(r, g), b)
+    chroma = value - dmath.min(dmath.min(r, g), b)  # v s
+    divisor = chroma + (chroma == 0)  # grey pixels: no hue, and no division by 0
+    red_max = value == r
+    green_max = (value == g) & (red_max ^ True)
+    blue_max = (red_max | green_max) ^ True
+    h6 = (red_max * ((g - b) / divisor) + green_max * (2 + (b - r) / divisor)
+          + blue_max * (4 + (r - g) / divisor) + 6 * turns)
+
+    def channel(n: int) -> DataNode:
+        k = n + h6
+        k = k - 6 * dmath.floor(k / 6)
+        return value - chroma * dmath.clamp(dmath.min(k, 4 - k), 0.0, 1.0)
+
+    return fn.cast(fn.stack(channel(5), channel(3), channel(1), axis=2, axis_name="C"), dtype=types.UINT8)
+
+
+def _jitter_parts(a: spec.ColorJitter) -> list[Callable[[DataNode], DataNode]]:
+    """The adjustments the spec turns on, each drawing its own factor per sample."""
+    parts = []
     if a.brightness:
-        images = fn.brightness_contrast(images, brightness=_uniform(*a.factor_range("brightness")))
+        parts.append(lambda x: fn.brightness_contrast(x, brightness=_uniform(*a.factor_range("brightness"))))
     if a.contrast:
-        images = _contrast(images, _uniform(*a.factor_range("contrast")))
-    if a.saturation or a.hue:
-        images = fn.hsv(images, saturation=_uniform(*a.factor_range("saturation")),
-                        hue=_uniform(-360.0 * a.hue, 360.0 * a.hue))  # spec: turns; DALI: degrees
+        parts.append(lambda x: _contrast(x, _uniform(*a.factor_range("contrast"))))
+    if a.saturation:
+        parts.append(lambda x: fn.hsv(x, saturation=_uniform(*a.factor_range("saturation"))))
+    if a.hue:
+        parts.append(lambda x: _hue(x, _uniform(-a.hue, a.hue)))
+    return parts
+
+
+def _color_jitter(images: DataNode, a: spec.ColorJitter) -> DataNode:
+    """The parts in a random order per sample: a permutation id drawn per sample; at each slot,
+    the conditional of the part that permutation puts there."""
+    parts = _jitter_parts(a)
+    orders = list(itertools.permutations(range(len(parts))))
+    order = fn.random.uniform(values=list(range(len(orders))), dtype=types.INT32)
+    for slot in range(len(parts)):
+        chosen = fn.lookup_table(order, keys=list(range(len(orders))), values=[o[slot] for o in orders],
+                                 dtype=types.INT32)
+        for index, part in enumerate(parts):
+            if chosen == index:  # a DALI conditional: only these samples run this part
+                images = part(images)
     return images
 
 
