@@ -206,18 +206,19 @@ def _truncated_views(views: list, ops: int) -> list:
 
 
 def _cpu_breakdown(cfg, backend: str, batches: int, warmup: int) -> list[dict]:
-    """Where a backend's CPU time goes: the recipe timed with 0, 1, 2, ... of its ops (one thread);
-    each op's cost is the difference to the previous prefix. Row 0 is decode + normalise (and
-    the reader, batching, the hand-over as torch tensors)."""
+    """Where a backend's CPU time goes (one thread, in this process for torch): the recipe timed
+    with its first 1, 2, 3, ... ops; each op's cost is the difference to the previous prefix.
+    The first row also holds reading, decoding, normalising and batching (its first op fixes the
+    view size, without which views cannot be batched)."""
     import dataclasses
 
     rows, previous = [], 0.0
-    for k in range(max(len(v.ops) for v in cfg.data.views) + 1):
+    for k in range(1, max(len(v.ops) for v in cfg.data.views) + 1):
         data = dataclasses.replace(cfg.data, views=_truncated_views(cfg.data.views, k))
         timed = _time_loader(dataclasses.replace(cfg, data=data), backend, 1 if backend == "dali" else 0,
                              batches, warmup)
-        names = sorted({v.ops[k - 1].op for v in cfg.data.views if k and len(v.ops) >= k})
-        rows.append({"step": "decode + normalise + batching" if k == 0 else " / ".join(names),
+        names = " / ".join(sorted({v.ops[k - 1].op for v in cfg.data.views if len(v.ops) >= k}))
+        rows.append({"step": f"read + decode + {names} + normalise + batch" if k == 1 else names,
                      "cpu_ms_per_image": timed["cpu_ms_per_image"] - previous,
                      "cumulative_cpu_ms_per_image": timed["cpu_ms_per_image"]})
         previous = timed["cpu_ms_per_image"]

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import read_manifest
+from pipeline.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -264,8 +265,6 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
                                num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
                                start=position, device=device, prefetch_batches=d.prefetch_batches))
-    from pipeline.augment import MultiViewTransform
-
     stream = ShardStream(d.train, MultiViewTransform(d.views, d.mean, d.std), batch_size, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, seed=cfg.train.seed,
                          shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers)
