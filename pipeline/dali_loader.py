@@ -37,7 +37,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data_prep.dali_index import IMAGE_EXTENSIONS, split_member_name
+from data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
 from data_prep.shards import ManifestError, read_manifest
 from launch.config import ViewSpec
 from pipeline.augment import dali_backend
@@ -56,7 +56,7 @@ def indexed_shards(folder: str) -> tuple[list[tuple[str, str]], int, int]:
     shards, indexed = [], 0
     for record in manifest["shards"]:
         tar = root / record["name"]
-        index = root / record["index"] if record.get("index") else tar.with_suffix(".idx")
+        index = root / record["index"] if record.get("index") else index_path(tar)
         if not record.get("index") or not index.is_file():
             raise ManifestError(f"shard {tar} has no DALI index ({index} is missing): make the indexes with "
                                 f"`foundry prep index {folder}` (or DALI's `wds2idx {tar} {index}` for one shard)")
