@@ -42,9 +42,10 @@ from pipeline.augment import spec
 BACKEND = "dali"
 
 
-def _uniform(low: float, high: float) -> DataNode:
-    """A per-sample float drawn uniformly from [low, high] (a CPU argument input)."""
-    return fn.random.uniform(range=[low, high])
+def _uniform(low: float, high: float) -> DataNode | float:
+    """A per-sample float drawn uniformly from [low, high] (a CPU argument input); the constant
+    itself for an empty range (``fn.random.uniform`` refuses one, e.g. a fixed blur sigma)."""
+    return low if low == high else fn.random.uniform(range=[low, high])
 
 
 def _random_resized_crop(images: DataNode, a: spec.RandomResizedCrop) -> DataNode:
