@@ -152,7 +152,7 @@ def test_each_dali_op_equals_torchvision_on_a_photo(photos):
 
     from pipeline.augment import dali_backend as ops
 
-    photo = np.asarray(Image.open(photos.parent / "images" / "opencv" / "fruits.jpg").convert("RGB"))
+    photo = np.array(Image.open(photos.parent / "images" / "opencv" / "fruits.jpg").convert("RGB"))
     cases = {  # name: (DALI graph on HWC uint8, torchvision on CHW uint8)
         "brightness 1.3": (lambda x: fn.brightness_contrast(x, brightness=1.3), lambda t: F.adjust_brightness(t, 1.3)),
         "contrast 0.6": (lambda x: ops._contrast(x, 0.6), lambda t: F.adjust_contrast(t, 0.6)),
