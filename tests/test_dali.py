@@ -220,11 +220,21 @@ def paired_within(d_keys, d_values, t_keys, t_values, allowance: float) -> bool:
     return bool(diff.mean().abs() <= 4 * diff.std() / len(diff) ** 0.5 + allowance)
 
 
-def test_statistics_of_the_same_spec_match_torchvision(photos):
+@pytest.fixture
+def one_thread():
+    """torch ops on one thread: 48-px images on 2 threads are ~10x slower (synchronisation)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     """The full SimCLR/BYOL-style op chain on real photos, 12 epochs (960 views) per backend:
-    per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both."""
+    per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both.
+    Allowance: 2 grey levels, the bias of DALI rounding where torchvision truncates, over ~4 ops."""
     epochs = 12  # 40 photos, batches of 8: 5 per epoch; both backends see every photo 12 times
-    d_keys, dali_views = epochs_of_views(dali_stream(photos, PARITY_RECIPE, 8), 5 * epochs)
+    d_keys, dali_views = epochs_of_views(dali_stream(photos, PARITY_RECIPE, 8, num_threads=1), 5 * epochs)
     t_keys, torch_views = epochs_of_views(torch_stream(photos, PARITY_RECIPE, 8), 5 * epochs)
     assert len(dali_views) == len(torch_views) == 2 * 40 * epochs
     for channel in range(3):
