@@ -1,4 +1,5 @@
-"""`foundry prep images SRC OUT` and `foundry prep fashion-mnist OUT`: make shard folders."""
+"""`foundry prep images SRC OUT`, `foundry prep fashion-mnist OUT`, `foundry prep photos OUT`: make
+shard folders (each shard with its DALI index); `foundry prep index DIR`: (re)index one."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 from data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
 from data_prep.fashion_mnist import prep_fashion_mnist
 from data_prep.images import prep_images
-from data_prep.shards import PrepError
+from data_prep.shards import ManifestError, PrepError, reindex
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,6 +42,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                          help="only the first LIMIT images of each split (quick trials)")
     _add_common_options(fashion)
     fashion.set_defaults(func=_run_fashion_mnist)
+
+    photos = kinds.add_parser(
+        "photos", help="real photos bundled with scikit-image and Debian opencv-doc -> OUT (tests, benchmarks)",
+        description="Resize the colour photos bundled with scikit-image and OpenCV's samples (Debian "
+                    "opencv-doc) to SHORT_SIDE px into OUT/images/<skimage|opencv>/ as JPEG, and shard them "
+                    "into OUT/shards (labelled by package).")
+    photos.add_argument("out", help="folder for images/ and shards/")
+    photos.add_argument("--short-side", type=_positive_int, default=256, help="pixels (default 256)")
+    photos.add_argument("--shard-size", type=_positive_int, default=8, help="images per shard (default 8)")
+    _add_common_options(photos)
+    photos.set_defaults(func=_run_photos)
+
+    index = kinds.add_parser(
+        "index", help="(re)write the DALI index of every shard of a folder",
+        description="Write shard-NNNNNN.idx beside every shard of DIR (the index NVIDIA DALI's "
+                    "fn.readers.webdataset reads; the format of DALI's wds2idx) and record it in DIR/manifest.json. "
+                    "Every image is decoded: a sample whose image does not decode is left out of the index "
+                    "(DALI never reads it) and listed in its shard's index_skipped.")
+    index.add_argument("folder", help="shard folder (with manifest.json)")
+    index.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="do not decode the images (index every sample)")
+    index.add_argument("--workers", type=_positive_int, default=None,
+                       help="worker processes (default: the CPUs this process may use)")
+    index.set_defaults(func=_run_index)
     return prep
 
 
@@ -81,6 +106,31 @@ def _run_fashion_mnist(args: argparse.Namespace) -> int:
         return 1
     for summary in summaries.values():
         _report(summary)
+    return 0
+
+
+def _run_photos(args: argparse.Namespace) -> int:
+    from data_prep.photos import write_photo_folder
+
+    try:
+        write_photo_folder(f"{args.out}/images", short_side=args.short_side)
+        summary = prep_images(f"{args.out}/images", f"{args.out}/shards", shard_size=args.shard_size,
+                              workers=args.workers, overwrite=args.overwrite)
+    except PrepError as err:
+        print(f"foundry prep photos: {err}", file=sys.stderr)
+        return 1
+    _report(summary)
+    return 0
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    try:
+        summary = reindex(args.folder, verify=args.verify, workers=args.workers)
+    except (ManifestError, PrepError) as err:
+        print(f"foundry prep index: {err}", file=sys.stderr)
+        return 1
+    print(f"{summary['out']}: {summary['indexed']} samples indexed in {summary['shards']} shards, "
+          f"{summary['skipped']} left out (images that do not decode: see index_skipped in the manifest)")
     return 0
 
 

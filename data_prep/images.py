@@ -76,6 +76,18 @@ def list_files(src: Path) -> tuple[list[str], list[dict]]:
     return sorted(files), unreadable
 
 
+def probe_image(data: bytes) -> tuple[int, int, str]:
+    """(width, height, PIL format) of encoded image bytes, which are decoded to find bad data:
+    raises (any exception type, as PIL does) when they do not decode."""
+    with Image.open(io.BytesIO(data)) as img:
+        width, height, image_format = img.width, img.height, img.format
+        # JPEG: decode at 1/8 scale, which still reads every entropy-coded byte (so it still
+        # finds truncation and bad data) at a fraction of the cost. A no-op for other formats.
+        img.draft(img.mode, (1, 1))
+        img.load()
+    return width, height, image_format
+
+
 def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
     """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
     full = src / path
@@ -91,12 +103,7 @@ def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
     if not data:
         return _skipped(path, "zero-byte", "the file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height, image_format = img.width, img.height, img.format
-            # JPEG: decode at 1/8 scale, which still reads every entropy-coded byte (so it still
-            # finds truncation and bad data) at a fraction of the cost. A no-op for other formats.
-            img.draft(img.mode, (1, 1))
-            img.load()
+        width, height, image_format = probe_image(data)
     except Exception as err:  # PIL reports bad data with many exception types
         return _skipped(path, "corrupt", f"{type(err).__name__}: {err}")
     if image_format not in FORMAT_KEYS:

@@ -12,8 +12,11 @@ holds a half-written tar, and a rerun of the same command keeps the complete sha
 sha256 still matches, deletes temp files and rewrites the rest. A rerun whose plan differs (other
 source, shard size or source files) is refused unless ``overwrite`` is set.
 
-Readers (the training loader, tests) use :func:`read_manifest` and :func:`shard_paths`, which
-refuse a folder whose prep has not finished.
+Every shard gets a DALI index beside it (``shard-000000.idx``, see data_prep.dali_index),
+written with the shard and recorded in its manifest entry (``index``, ``indexed_samples``);
+:func:`reindex` rewrites them for a finished folder, leaving out samples whose image does not
+decode. Readers (the training loaders, tests) use :func:`read_manifest` and :func:`shard_paths`,
+which refuse a folder whose prep has not finished.
 """
 from __future__ import annotations
 
@@ -231,6 +234,31 @@ def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | Non
     }
 
 
+def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None = None) -> dict:
+    """(Re)writes the DALI index of every shard of a finished folder and records it in the
+    manifest; with ``verify``, samples whose image does not decode are left out of the index and
+    listed in their shard's ``index_skipped``. Returns ``shards``, ``indexed``, ``skipped``."""
+    out = Path(folder).resolve()
+    with _exclusive_lock(out):
+        manifest = read_manifest(out)
+        paths = [out / s["name"] for s in manifest["shards"]]
+        records = dict(parallel_imap(_index_task, [(p, verify) for p in paths], workers or default_workers()))
+        for shard in manifest["shards"]:
+            shard.pop("index_skipped", None)
+            shard.update(records[shard["name"]])
+        _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return {"out": str(out), "shards": len(paths),
+            "indexed": sum(r["indexed_samples"] for r in records.values()),
+            "skipped": sum(len(r.get("index_skipped", [])) for r in records.values())}
+
+
+def _index_task(task: tuple[Path, bool]) -> tuple[str, dict]:
+    from data_prep.dali_index import write_index
+
+    path, verify = task
+    return path.name, write_index(path, verify)
+
+
 @contextmanager
 def _exclusive_lock(folder: Path) -> Iterator[None]:
     """Two preps writing into one folder would corrupt each other's shards: refuse the second."""
@@ -251,11 +279,13 @@ def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -
     previous = _previous_run(out, plan, overwrite)
     kept = {}
     if previous:
-        records = [s for s in previous["shards"] if s["complete"] and (out / s["name"]).is_file()]
+        records = [s for s in previous["shards"] if s["complete"] and (out / s["name"]).is_file()
+                   and s.get("index") and (out / s["index"]).is_file()]
         actual = dict(parallel_imap(_checksum, [out / s["name"] for s in records], workers))
         kept = {s["name"]: s for s in records if actual[s["name"]] == s["sha256"]}
-    for path in out.glob("shard-*.tar*"):
-        if path.name not in kept:
+    kept_files = set(kept) | {s["index"] for s in kept.values()}
+    for path in [*out.glob("shard-*.tar*"), *out.glob("shard-*.idx*")]:
+        if path.name not in kept_files:
             path.unlink()
     (out / (MANIFEST_NAME + TMP_SUFFIX)).unlink(missing_ok=True)
     manifest = {
@@ -307,7 +337,10 @@ def _tar_writer() -> type:
 
 
 def _write_shard(task: _ShardTask) -> tuple[int, dict]:
-    """Writes one shard to a temp name, fsyncs it and renames it into place (in a worker)."""
+    """Writes one shard to a temp name, fsyncs it and renames it into place, then its DALI index
+    (in a worker). Its images were checked before planning: the index is not verified again."""
+    from data_prep.dali_index import write_index
+
     final = task.out_dir / shard_name(task.index)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
@@ -319,6 +352,7 @@ def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     record = {"name": final.name, "num_samples": len(task.items), "sha256": file_sha256(tmp),
               "bytes": tmp.stat().st_size, "complete": True}
     os.replace(tmp, final)
+    record.update(write_index(final))
     _fsync_dir(task.out_dir)
     return task.index, record
 

@@ -45,8 +45,10 @@ class DataConfig:
     train: str = ""  # shard folder (with manifest.json) for pretraining
     eval_train: str = ""  # labelled shards: the kNN memory bank
     eval_test: str = ""  # labelled shards: the kNN queries
-    backend: str = "torch"  # augmentation backend (torch; dali arrives with issue 4)
-    num_workers: int = 2  # loader processes per rank
+    # Training loader: dali (NVIDIA DALI; decode + augmentation on the GPU, or DALI's CPU backend),
+    # torch (torchvision in loader worker processes), auto (dali on a GPU, torch on a CPU).
+    backend: str = "auto"
+    num_workers: int = 2  # loader processes per rank (dali: DALI CPU threads per rank)
     prefetch_batches: int = 2  # batches each worker keeps ready
     shuffle_buffer: int = 2000  # samples in each reader's shuffle buffer
     # Virtual shard readers sharing every global batch. Fixed (a multiple of ranks x workers):
@@ -344,7 +346,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
-        "data.backend": (cfg.data.backend, ("torch",)),
+        "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
     }
@@ -367,6 +369,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
+    validate_views(cfg.data)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
@@ -375,6 +378,20 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
                     f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_views(data: DataConfig) -> None:
+    """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
+    Whether a backend has every op is checked when its loader is built (``data.backend=auto``
+    picks it by device)."""
+    from pipeline.augment.spec import parse_views
+
+    parse_views(data.views)
+    if data.backend == "dali":
+        for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
+            if value:
+                raise ConfigError(f"{key}={value} is a feature of the torch loader; data.backend=dali does not "
+                                  f"have it: unset it or use data.backend=torch")
 
 
 def slurm_time_minutes(value: str) -> int:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import read_manifest
+from pipeline.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -243,3 +244,28 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
         pin_memory=pin_memory and not joined,  # parts are joined first, then pinned once
     )
     return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
+
+
+def train_backend(backend: str, device: torch.device) -> str:
+    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU."""
+    if backend == "auto":
+        return "dali" if device.type == "cuda" else "torch"
+    return backend
+
+
+def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, position: LoaderPosition,
+                       device: torch.device) -> Iterator[dict]:
+    """The one place the training loader's backend is chosen (``data.backend``): an iterator of
+    batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
+    ``device``; the torch loader's on the CPU (pinned for a GPU)."""
+    d = cfg.data
+    if train_backend(d.backend, device) == "dali":
+        from pipeline.dali_loader import DaliStream  # DALI is imported only when it is used
+
+        return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
+                               num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                               start=position, device=device, prefetch_batches=d.prefetch_batches))
+    stream = ShardStream(d.train, MultiViewTransform(d.views, d.mean, d.std), batch_size, rank=rank,
+                         world_size=world_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                         shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers)
+    return iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))

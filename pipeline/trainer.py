@@ -32,10 +32,9 @@ from launch.config import Config, flatten, save_config, to_dict
 from models.backbones import create_backbone
 from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
-from pipeline.augment import MultiViewTransform
 from pipeline.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  save_checkpoint)
-from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
 
 
@@ -246,15 +245,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
-        d = self.cfg.data
-        stream = ShardStream(
-            d.train, MultiViewTransform(d.views, d.mean, d.std), self.local_batch,
-            rank=self.rt.rank, world_size=self.rt.world_size, num_workers=d.num_workers,
-            seed=self.cfg.train.seed, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-            start=self.position, readers=d.readers,
-        )
-        return iter(make_loader(stream, pin_memory=self.rt.device.type == "cuda",
-                                prefetch_batches=d.prefetch_batches))
+        if self.rt.is_main:
+            print(f"training loader: {train_backend(self.cfg.data.backend, self.rt.device)} on "
+                  f"{self.rt.device.type}", flush=True)
+        return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
+                                  self.rt.device)
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format

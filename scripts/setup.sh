@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(dataset-fashion-mnist)
+# Fashion-MNIST (recipes, tests); OpenCV's sample photos (DALI loader tests, `foundry prep photos`).
+APT_PACKAGES=(dataset-fashion-mnist opencv-doc)
 
 missing_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -21,7 +22,8 @@ if ((${#missing_apt[@]})); then
   else
     echo "setup: missing system packages: ${missing_apt[*]}" >&2
     echo "  on Debian/Ubuntu run as root: apt-get install --no-install-recommends ${missing_apt[*]}" >&2
-    echo "  elsewhere: Fashion-MNIST's idx files must be in /usr/share/datasets/fashion-mnist/" >&2
+    echo "  elsewhere: Fashion-MNIST's idx files must be in /usr/share/datasets/fashion-mnist/ and OpenCV's" >&2
+    echo "  sample photos in /usr/share/doc/opencv-doc/examples/data/" >&2
     exit 1
   fi
 fi
@@ -37,4 +39,4 @@ fi
 "$VENV/bin/pip" install --quiet -r requirements.txt
 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
 touch "$stamp"
-echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, timm, mlflow; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__)'))"
+echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, timm, mlflow, nvidia.dali; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__, "dali", nvidia.dali.__version__)'))"

@@ -41,6 +41,19 @@ def fmnist(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """Shards of the 40 real photos bundled with scikit-image and opencv-doc (256 px short side,
+    JPEG), labelled by package, 5 shards of 8, each with its DALI index (``foundry prep photos``)."""
+    from data_prep.images import prep_images
+    from data_prep.photos import write_photo_folder
+
+    root = tmp_path_factory.mktemp("photos")
+    assert write_photo_folder(root / "images") == 40
+    prep_images(root / "images", root / "shards", shard_size=8, workers=1)
+    return root / "shards"
+
+
 def tiny_recipe(data: Path, output_dir: Path) -> dict:
     """The repo's SimCLR Fashion-MNIST recipe shrunk to seconds: same ops, 16 px, tiny ViT."""
     return {

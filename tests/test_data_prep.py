@@ -67,6 +67,8 @@ def assert_shards_verify(out: Path) -> None:
     for record, path in zip(manifest["shards"], shard_paths(out), strict=True):
         assert record["complete"] and Path(path).name == record["name"]
         assert file_sha256(path) == record["sha256"] and os.path.getsize(path) == record["bytes"]
+        assert record["index"] == Path(path).with_suffix(".idx").name and (out / record["index"]).is_file()
+        assert record["indexed_samples"] == record["num_samples"]
     assert sum(s["num_samples"] for s in manifest["shards"]) == manifest["num_samples"]
     assert not list(out.glob("*.tmp"))
 
@@ -215,8 +217,23 @@ def test_rerun_with_other_inputs_is_refused_unless_overwrite(class_folder, tmp_p
 
     prep_images(class_folder, out, shard_size=10, workers=1, overwrite=True)
     assert [s["num_samples"] for s in read_manifest(out)["shards"]] == [10, 4]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.idx", "shard-000000.tar",
+                                                     "shard-000001.idx", "shard-000001.tar"]
     assert_shards_verify(out)
+
+
+def test_every_shard_has_the_dali_index_that_wds2idx_writes(class_folder, tmp_path):
+    """The index beside each shard is byte for byte what DALI's own tool makes of the tar."""
+    out = tmp_path / "shards"
+    prep_images(class_folder, out, shard_size=5, workers=2)
+    wds2idx = Path(sys.executable).with_name("wds2idx")
+    for path in shard_paths(out):
+        reference = tmp_path / "reference.idx"
+        subprocess.run([str(wds2idx), path, str(reference)], check=True, capture_output=True)
+        assert Path(path).with_suffix(".idx").read_text() == reference.read_text()
+    lines = (out / "shard-000000.idx").read_text().splitlines()
+    assert lines[0] == "v1.2 5" and len(lines) == 6
+    assert [field for field in lines[1].split() if not field.isdigit()][::2] == ["cls", "json", "png"]
 
 
 def test_group_into_shards_by_count_and_bytes():
