@@ -85,6 +85,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
+    # ddp: every rank holds the whole model (torch DDP). deepspeed: ZeRO shards optimizer states,
+    # gradients and (stage 3) parameters over the ranks; see the deepspeed section.
+    strategy: str = "ddp"
     # BatchNorm statistics over the global batch on every rank (SimCLR's global BN; what
     # SyncBatchNorm does on GPUs, here on any backend). Off: per-rank statistics.
     global_batchnorm: bool = False
@@ -96,6 +99,20 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in output_dir) | never | path to a checkpoint
     threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``train.strategy=deepspeed`` (README "DeepSpeed ZeRO"). The DeepSpeed JSON is generated from
+    these keys and train.* (batch, accumulation, clipping, precision); ``config_json`` adds to it."""
+
+    zero_stage: int = 2  # 1: optimizer states sharded; 2: + gradients; 3: + parameters
+    offload_optimizer: str = "none"  # none | cpu: optimizer states and step in CPU memory (train.optimizer=adamw)
+    offload_params: str = "none"  # none | cpu: parameters in CPU memory between uses (zero_stage=3 only)
+    # A DeepSpeed JSON merged over the generated one, its values win (bucket sizes, overlap_comm,
+    # stage-3 prefetch, nvme offload paths, activation checkpointing, comms logging...). Keys with a
+    # train.* equivalent (batch sizes, accumulation, clipping, precision, optimizer, scheduler) are refused.
+    config_json: str = ""
 
 
 @dataclass
@@ -147,6 +164,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -346,6 +364,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
+        "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
@@ -367,6 +386,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.budget_minutes must be >= 0 (0: no time budget), got {t.budget_minutes}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
+    if t.strategy == "deepspeed":
+        from pipeline.strategy.deepspeed import validate_deepspeed
+
+        validate_deepspeed(cfg)
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)

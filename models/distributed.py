@@ -195,3 +195,23 @@ def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
         else:
             convert_to_global_batchnorm(child)
     return module
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """True for a parameter DeepSpeed ZeRO-3 has partitioned: each rank keeps 1/world of it
+    (``param.ds_tensor``) and ``param.data`` is empty outside a gather."""
+    return hasattr(param, "ds_id")
+
+
+def zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """Context in which ZeRO-3 partitioned ``params`` are whole on every rank (identity for
+    ordinary parameters). With ``modifier_rank`` set, that rank's values at exit are broadcast
+    and re-partitioned, so an in-place update made there is kept (DeepSpeed's GatheredParameters)."""
+    partitioned = [p for p in params if is_zero3_partitioned(p)]
+    if not partitioned:
+        from contextlib import nullcontext
+
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)

@@ -8,6 +8,10 @@ and is never trained by gradient: its parameters have ``requires_grad=False`` (s
 optimizer, built by timm's ``create_optimizer_v2`` from parameters that require gradients, never
 sees them) and its forward runs under ``torch.no_grad()``. They are still parameters of the
 method, so they are in its ``state_dict`` and in every checkpoint.
+
+Under DeepSpeed ZeRO-3 both networks are partitioned over the ranks like any other parameters;
+the update gathers each (target, online) pair whole, averages it on rank 0 and re-partitions it
+(one pair at a time, as DeepSpeed-Chat's EMA does, so no rank ever holds a second full model).
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from models.distributed import is_zero3_partitioned, zero3_gathered
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
@@ -50,9 +56,14 @@ class MomentumEncoder(nn.Module):
     def update(self, online: nn.Module, momentum: float) -> None:
         """xi <- m * xi + (1 - m) * theta, for every parameter pair (same module structure)."""
         target = list(self.module.parameters())
-        source = [p.detach() for p in online.parameters()]
+        source = list(online.parameters())  # the parameters themselves: ZeRO-3 gathers by identity
         if len(target) != len(source):
             raise ValueError(f"MomentumEncoder.update: online network has {len(source)} parameters, "
                              f"target has {len(target)}")
+        if any(is_zero3_partitioned(p) for p in target):
+            for xi, theta in zip(target, source):
+                with zero3_gathered([theta]), zero3_gathered([xi], modifier_rank=0):
+                    xi.lerp_(theta, 1.0 - momentum)
+            return
         # xi + (1 - m) * (theta - xi) == m * xi + (1 - m) * theta
         torch._foreach_lerp_(target, source, 1.0 - momentum)

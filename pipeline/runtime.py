@@ -52,12 +52,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def uses_cuda(launch: LaunchConfig) -> bool:
+    return launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
+
+
 def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
     """Join the process group when started by torchrun/submitit, pick device and threads."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
+    want_cuda = uses_cuda(launch)
     if launch.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("launch.device=cuda but no CUDA device is visible; use launch.device=auto or cpu")
     device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")

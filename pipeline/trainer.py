@@ -1,9 +1,10 @@
 """The pretraining loop: one code path for 1 CPU process, torchrun on CPUs (gloo) and GPU
-clusters (NCCL); only ``pipeline.runtime`` differs.
+clusters (NCCL); only ``pipeline.runtime`` differs. How ranks share the model, gradients and
+optimizer state is the strategy's (``pipeline.strategy``: DDP or DeepSpeed ZeRO).
 
-Per optimizer step: ``grad_accum_steps`` micro-batches (DDP gradient sync only on the last),
-bf16 autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's
-warmup + cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
+Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on the last), bf16
+autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +
+cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
 ``checkpoint_every`` steps an atomic checkpoint holds everything needed to continue bitwise:
 model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id.
 """
@@ -13,29 +14,27 @@ import json
 import math
 import os
 import random
+import resource
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import psutil
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.nn.parallel import DistributedDataParallel
 
 from launch.config import Config, flatten, save_config, to_dict
 from models.backbones import create_backbone
 from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
-from pipeline.checkpoint import (checkpoint_path, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 save_checkpoint)
+from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
-from pipeline.runtime import Runtime, autocast, autocast_dtype, init_runtime, shutdown_runtime
+from pipeline.optim import base_lr
+from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
+from pipeline.strategy import create_strategy
 
 
 # Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
@@ -69,6 +68,10 @@ class TrainResult:
     model_version: str | None = None
     knn_top1: float | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    # High-water marks per rank, MiB: process RSS (on a CPU: model, optimizer, activations, libs)
+    # and, on a GPU, torch's peak allocated device memory.
+    peak_rss_mb: list[float] = field(default_factory=list)
+    peak_cuda_mb: list[float] = field(default_factory=list)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
@@ -86,16 +89,6 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """Linear lr scaling (lr x batch / lr_batch_ref); no weight decay nor LARS adaptation on
-    biases and norm parameters (timm's ``filter_bias_and_bn``), as in SimCLR/BYOL."""
-    t = cfg.train
-    lr = t.lr * t.batch_size / t.lr_batch_ref
-    kwargs: dict[str, Any] = ({"momentum": t.momentum} if t.optimizer in ("lars", "sgd")
-                              else {"betas": tuple(t.adam_betas)})
-    return create_optimizer_v2(model, opt=t.optimizer, lr=lr, weight_decay=t.weight_decay, **kwargs)
-
-
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
     """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
 
@@ -103,14 +96,14 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRSchedul
     changes nothing but the horizon.
     """
     t = cfg.train
-    base_lr = t.lr * t.batch_size / t.lr_batch_ref
+    lr = base_lr(cfg)
     for group in optimizer.param_groups:
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
-        group["initial_lr"] = base_lr
+        group["initial_lr"] = lr
     return CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
-        warmup_lr_init=base_lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
+        warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
 
 
@@ -134,6 +127,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
@@ -173,16 +173,15 @@ class Trainer:
         self.model = build_model(cfg).to(self.rt.device)
         if cfg.train.global_batchnorm:
             convert_to_global_batchnorm(self.model)
-        if cfg.train.channels_last:
+        if cfg.train.channels_last and cfg.train.strategy == "ddp":
+            # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
+            # ones); there only the inputs are channels_last, which is what selects the conv kernels.
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
-                                            if self.rt.device.type == "cuda" else None)
-                    if self.rt.world_size > 1 else None)
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.strategy = create_strategy(cfg, self.model, self.rt)
+        self.optimizer = self.strategy.optimizer
         # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
         self.total_steps = cfg.train.max_steps
         self.budget_decided = cfg.train.budget_minutes <= 0
-        self.amp_dtype = autocast_dtype(cfg.train, self.rt.device)
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
@@ -194,7 +193,7 @@ class Trainer:
         self.run_id: str | None = None
         resume = _find_resume(cfg)
         if resume is not None:
-            self._restore(load_checkpoint(resume), resume)
+            self._restore(resume)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
@@ -204,15 +203,8 @@ class Trainer:
             self.tracker.log_artifact(str(self.out / "config.yaml"))
 
     # ------------------------------------------------------------------ state
-    def _restore(self, state: dict[str, Any], path: Path) -> None:
-        if state["world_size"] != self.rt.world_size:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
-                f"{self.rt.world_size}: the loader position is per rank. Resume with the same "
-                f"launch.nproc_per_node x nnodes, or start fresh with train.resume=never"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _restore(self, path: Path) -> None:
+        state = self.strategy.load(path)  # model and optimizer restored; the rest is ours
         self.step = state["step"]
         self.position = LoaderPosition(**state["position"])
         # A time-budgeted run keeps the horizon it measured before the interruption; any other
@@ -227,21 +219,17 @@ class Trainer:
 
     def save(self) -> Path | None:
         rng = _gather_objects(_rng_state(), self.rt)
-        if not self.rt.is_main:
-            return None
         state = {
             "step": self.step,
             "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
             else None,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": rng,
             "world_size": self.rt.world_size,
             "mlflow_run_id": self.run_id,
             "config": to_dict(self.cfg),
         }
-        return save_checkpoint(state, self.out / "checkpoints", self.step, keep=self.cfg.train.keep_checkpoints)
+        return self.strategy.save(self.out / "checkpoints", self.step, state)
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
@@ -259,7 +247,6 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if hasattr(self, "_rng_to_restore"):
             _set_rng_state(self._rng_to_restore)
-        module = self.ddp or self.model
         self.model.train()
         batches = self._loader()
         data_wait = 0.0
@@ -277,22 +264,15 @@ class Trainer:
                 toc = time.perf_counter()
                 step_wait += toc - tic
                 self.position = LoaderPosition(batch["epoch"], batch["batch"] + 1)
-                sync = micro == t.grad_accum_steps - 1 or self.ddp is None
-                ctx = module.no_sync() if not sync else nullcontext()
-                with ctx, autocast(self.rt.device, self.amp_dtype):
-                    loss = module(self._to_device(batch["views"]))["loss"] / t.grad_accum_steps
-                with ctx:
-                    loss.backward()
-                step_loss += loss.detach()
+                loss = self.strategy.forward_backward(self._to_device(batch["views"]),
+                                                      sync=micro == t.grad_accum_steps - 1)
+                step_loss += loss / t.grad_accum_steps
                 step_compute += time.perf_counter() - toc
             tic = time.perf_counter()
             loss_value = float(all_reduce_mean(step_loss))
             if not math.isfinite(loss_value):
                 self._fail_non_finite(loss_value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.strategy.step()
             self.step += 1
             if hasattr(self.model, "on_step_end"):
                 self.model.on_step_end(self.step, self.total_steps)
@@ -309,7 +289,7 @@ class Trainer:
                 metrics = {
                     "loss": loss_value,
                     "lr": step_lr,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "images_per_s": window_steps * t.batch_size / elapsed,
                     "step_time_s": elapsed / window_steps,
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
@@ -326,7 +306,8 @@ class Trainer:
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
         last = self.save()
-        return self._finish(last, loss_value)
+        peaks = _gather_objects(_peak_memory_mb(self.rt.device), self.rt)
+        return self._finish(last, loss_value, peaks)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
@@ -381,9 +362,9 @@ class Trainer:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming
         # from it fails again. Move it out of train.resume=auto's way (kept for debugging).
         folder = self.out / "checkpoints"
-        bad = checkpoint_path(folder, self.step)
+        bad = next((p for p in list_checkpoints(folder) if checkpoint_step(p) == self.step), None)
         aside = ""
-        if bad.is_file():
+        if bad is not None:
             if self.rt.is_main:
                 os.replace(bad, bad.with_name(bad.name + ".nonfinite"))
             aside = f" ({bad.name}, whose weights gave this loss, was renamed to {bad.name}.nonfinite)"
@@ -407,7 +388,7 @@ class Trainer:
         return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
-    def _finish(self, last_checkpoint: Path | None, loss_value: float) -> TrainResult:
+    def _finish(self, last_checkpoint: Path | None, loss_value: float, peaks: list[dict[str, float]]) -> TrainResult:
         from pipeline.export import export_timm_backbone
 
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
@@ -415,11 +396,15 @@ class Trainer:
             return result
         d, m = self.cfg.data, self.cfg.model
         result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
-        result.timing = {**getattr(self, "timing", {}), **self._run_timing(),
-                         "peak_rss_mb": psutil.Process().memory_info().rss / 2**20}
-        self.tracker.log_artifact(str(last_checkpoint), "checkpoints")
+        result.timing = {**getattr(self, "timing", {}), **self._run_timing()}
+        result.peak_rss_mb = [p["rss"] for p in peaks]
+        result.peak_cuda_mb = [p["cuda"] for p in peaks if "cuda" in p]
+        self.tracker.log_metrics({f"peak_rss_mb_rank{r}": p["rss"] for r, p in enumerate(peaks)}, step=self.step)
+        self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
+                                  if last_checkpoint.is_dir() else "checkpoints")
+        backbone = self.strategy.consolidated_backbone(last_checkpoint)
         backbone_dir = export_timm_backbone(
-            self.model.backbone, m.backbone, m.backbone_args, self.out / "backbone",
+            backbone, m.backbone, m.backbone_args, self.out / "backbone",
             input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
             extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id},
         )
@@ -431,9 +416,9 @@ class Trainer:
         if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
             from pipeline.evaluate import knn_evaluate
 
-            self.model.eval()
+            backbone.eval()
             tic = time.perf_counter()
-            result.knn_top1 = knn_evaluate(self.model.backbone, self.cfg, self.rt.device)
+            result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)
             result.timing["knn_s"] = time.perf_counter() - tic
             self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
         self.tracker.end("FINISHED")

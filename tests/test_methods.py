@@ -18,7 +18,7 @@ from models.methods.mae import patchify, random_masking, unpatchify
 from models.methods.moco_v2 import KeyQueue
 from models.momentum import MomentumEncoder, cosine_momentum
 from models.registry import create_method, method_class, method_names
-from pipeline.trainer import build_optimizer
+from pipeline.optim import build_optimizer
 
 VIT_ARGS = {"img_size": 16, "patch_size": 4, "depth": 2}
 SMALL_HEADS = {

@@ -103,7 +103,7 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
 
 
 def test_adamw_takes_the_recipes_betas():
-    from pipeline.trainer import build_optimizer
+    from pipeline.optim import build_optimizer
 
     model = torch.nn.Linear(4, 2)
     cfg = load_config("configs/mae_vit_tiny_fmnist.yaml", [], check_paths=False)

@@ -1,0 +1,105 @@
+"""Run by ``torchrun --nproc-per-node 2`` from tests/test_deepspeed.py: every method of the
+registry trained for a few steps under each strategy case on the same data and seeds; rank 0
+saves, per case, the per-step losses and grad norms, the initial and the final full state of the
+method (ZeRO-3 shards gathered), for the test to compare against the DDP case.
+
+Usage: strategy_equivalence_worker.py OUT.pt CASE [CASE ...] where CASE is
+``method:strategy[:override,override...]``, e.g. ``byol:deepspeed:deepspeed.zero_stage=3``.
+"""
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe  # noqa: E402
+
+from launch.config import Config, load_config  # noqa: E402
+from models.distributed import all_reduce_mean, zero3_gathered  # noqa: E402
+from models.registry import method_class  # noqa: E402
+from pipeline.runtime import init_runtime  # noqa: E402
+from pipeline.strategy import create_strategy  # noqa: E402
+from pipeline.trainer import build_model, build_scheduler  # noqa: E402
+
+STEPS = 3
+GLOBAL_BATCH, GRAD_ACCUM = 8, 2  # 2 micro-batches of 2 samples per rank and step
+
+METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 steps
+    "simclr": {"proj_hidden_dim": 32, "proj_out_dim": 16, "temperature": 0.2},
+    "moco_v2": {"proj_hidden_dim": 32, "proj_out_dim": 16, "queue_size": 16, "momentum": 0.5},
+    "moco_v3": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 32, "momentum": 0.5},
+    "byol": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 32, "momentum": 0.5},
+    "barlow_twins": {"proj_hidden_dim": 32, "proj_out_dim": 16, "lambd": 0.02},
+    "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+}
+
+
+def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
+    tree = tiny_recipe(Path("unused"), Path("unused"))
+    tree["model"] = {"method": method, "backbone": "vit_tiny_patch16_224", "backbone_args": dict(VIT_ARGS),
+                     "method_args": METHOD_ARGS[method]}
+    tree["train"].update(strategy=strategy, optimizer="adamw", lr=1e-3, batch_size=GLOBAL_BATCH,
+                         grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0)
+    if method == "mae":
+        tree["data"]["views"][0]["count"] = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump(tree))
+        return load_config(recipe, overrides, check_paths=False)
+
+
+def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int) -> list[torch.Tensor]:
+    """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any strategy)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    views = [torch.randn(GLOBAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(num_views)]
+    per_micro, per_rank = GLOBAL_BATCH // GRAD_ACCUM, GLOBAL_BATCH // GRAD_ACCUM // world
+    start = micro * per_micro + rank * per_rank
+    return [v[start:start + per_rank] for v in views]
+
+
+def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
+    cfg = case_config(method, strategy_name, overrides)
+    rt = init_runtime(cfg.launch, cfg.train)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(rt.device).train()
+    initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    strategy = create_strategy(cfg, model, rt)
+    scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
+    num_views = method_class(method).num_views
+    losses, grad_norms = [], []
+    for step in range(STEPS):
+        scheduler.step_update(step)
+        step_loss = torch.zeros(())
+        for micro in range(GRAD_ACCUM):
+            torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle
+            loss = strategy.forward_backward(micro_batch(step, micro, rt.rank, rt.world_size, num_views),
+                                             sync=micro == GRAD_ACCUM - 1)
+            step_loss += loss / GRAD_ACCUM
+        losses.append(float(all_reduce_mean(step_loss)))
+        grad_norms.append(strategy.step())
+        if hasattr(model, "on_step_end"):
+            model.on_step_end(step + 1, STEPS)
+    with zero3_gathered(list(model.parameters())):
+        state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+    return {"losses": losses, "grad_norms": grad_norms, "state": state, "initial": initial}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    out, cases = Path(sys.argv[1]), sys.argv[2:]
+    results = {}
+    for case in cases:
+        method, strategy_name, *rest = case.split(":")
+        results[case] = run_case(method, strategy_name, rest[0].split(",") if rest and rest[0] else [])
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
