@@ -159,6 +159,78 @@ def bench_prep(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- strategies
+STRATEGY_CASES = {
+    "ddp": ["train.strategy=ddp"],
+    "zero1": ["train.strategy=deepspeed", "deepspeed.zero_stage=1"],
+    "zero2": ["train.strategy=deepspeed", "deepspeed.zero_stage=2"],
+    "zero3": ["train.strategy=deepspeed", "deepspeed.zero_stage=3"],
+    "zero2-offload": ["train.strategy=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
+    "zero3-offload": ["train.strategy=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu",
+                      "deepspeed.offload_params=cpu"],
+}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}  # fp32 moments per trained parameter
+
+
+def model_state_mb_per_rank(case: str, trained: int, frozen: int, optimizer: str, ranks: int) -> float:
+    """ZeRO's accounting (Rajbhandari et al. 2020, sec. 3) for fp32 master weights as trained here:
+    parameters 4 B + gradients 4 B + optimizer moments K B per trained parameter, 4 B per frozen
+    one (momentum target). Stage 1 shards the moments, 2 also the gradients, 3 also the parameters;
+    offloaded shards live in CPU memory instead (on a CPU machine: the same memory)."""
+    k = OPTIMIZER_STATE_BYTES[optimizer]
+    params, grads, moments = 4 * (trained + frozen), 4 * trained, k * trained
+    stage = 0 if case == "ddp" else int(case[4])
+    per_rank = (params / (ranks if stage >= 3 else 1) + grads / (ranks if stage >= 2 else 1)
+                + moments / (ranks if stage >= 1 else 1))
+    return per_rank / 2**20
+
+
+def bench_strategies(args: argparse.Namespace) -> int:
+    """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
+    step time, images/s and each rank's peak RSS, beside the model-state memory ZeRO predicts."""
+    from pipeline.trainer import build_model
+
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    common = [f"launch.nproc_per_node={args.nproc}", f"train.max_steps={args.steps}", "train.resume=never",
+              "eval.after_pretrain=false", f"train.checkpoint_every={10**6}", "mlflow.registered_model=",
+              f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", *args.overrides]
+    cfg = load_config(args.config, common)
+    model = build_model(cfg)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    del model
+    rows = []
+    for case in args.cases:
+        run_dir, log_path = out / case, out / f"{case}.log"
+        overrides = [*common, f"output_dir={run_dir}", *STRATEGY_CASES[case]]
+        print(f"[bench strategies] {case}: {args.steps} steps on {args.nproc} ranks, log {log_path}", flush=True)
+        with open(log_path, "w") as log:
+            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", args.config, *overrides],
+                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        row = {"case": case, "overrides": STRATEGY_CASES[case],
+               "model_state_mb_per_rank": model_state_mb_per_rank(case, trained, frozen, cfg.train.optimizer,
+                                                                   args.nproc)}
+        result_path = run_dir / "result.json"
+        if done.returncode != 0 or not result_path.is_file():
+            row["error"] = f"exit {done.returncode}; see {log_path}"
+        else:
+            result = json.loads(result_path.read_text())
+            row.update(step_time_s=result["timing"]["steady_step_time_s"],
+                       images_per_s=result["timing"]["steady_images_per_s"],
+                       peak_rss_mb_per_rank=result["peak_rss_mb"], peak_cuda_mb_per_rank=result["peak_cuda_mb"])
+        rows.append(row)
+        print(f"[bench strategies] {json.dumps(row)}", flush=True)
+    report = {"benchmark": "strategies", "command": " ".join(["foundry bench strategies", args.config,
+                                                             *args.overrides]),
+              "ranks": args.nproc, "steps": args.steps, "method": cfg.model.method, "backbone": cfg.model.backbone,
+              "trained_params": trained, "frozen_params": frozen, "optimizer": cfg.train.optimizer,
+              "global_batch": cfg.train.batch_size, "cases": rows, "machine": _machine(),
+              "torch_threads_per_rank": max(1, (os.cpu_count() or 1) // args.nproc)}
+    _write(report, str(out / "strategies.json"))
+    return 1 if any("error" in r for r in rows) else 0
+
+
 # --------------------------------------------------------------------------- loader
 LOADER_RECIPE = "configs/byol_resnet50_imagenet.yaml"  # two 224-px views (BYOL's asymmetric pair)
 
@@ -392,6 +464,15 @@ def bench_quality(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON")
     kinds = p.add_subparsers(dest="kind", required=True)
+    st = kinds.add_parser("strategies", help="DDP vs DeepSpeed ZeRO-1/2/3 (+ offload) on the same run: step time, "
+                          "peak memory per rank, ZeRO's model-state arithmetic")
+    st.add_argument("config")
+    st.add_argument("overrides", nargs="*", help="dotted key=value applied to every case")
+    st.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
+    st.add_argument("--steps", type=int, default=15, help="steps per case (default 15; the first 5 are not timed)")
+    st.add_argument("--cases", nargs="+", choices=list(STRATEGY_CASES), default=list(STRATEGY_CASES))
+    st.add_argument("--out-dir", default="bench/strategies", help="runs, logs and strategies.json")
+    st.set_defaults(func=bench_strategies)
     t = kinds.add_parser("train", help="training images/s, data-wait vs compute, memory")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*")

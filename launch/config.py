@@ -91,6 +91,9 @@ class TrainConfig:
     # BatchNorm statistics over the global batch on every rank (SimCLR's global BN; what
     # SyncBatchNorm does on GPUs, here on any backend). Off: per-rank statistics.
     global_batchnorm: bool = False
+    # Recompute each backbone block in backward instead of storing its activations (timm's
+    # set_grad_checkpointing): activation memory ~ the blocks' inputs, ~1/3 more compute.
+    activation_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
     channels_last: bool = True
     seed: int = 0

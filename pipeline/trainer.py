@@ -76,7 +76,11 @@ class TrainResult:
 
 def build_model(cfg: Config) -> torch.nn.Module:
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-    return create_method(cfg.model.method, backbone, **cfg.model.method_args)
+    model = create_method(cfg.model.method, backbone, **cfg.model.method_args)
+    if cfg.train.activation_checkpointing:
+        # After the method is built: its momentum target (a copy) runs without gradients anyway.
+        model.backbone.set_grad_checkpointing(True)
+    return model
 
 
 def local_batch_size(cfg: Config, world_size: int) -> int:

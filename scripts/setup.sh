@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# Fashion-MNIST (recipes, tests); OpenCV's sample photos (DALI loader tests, `foundry prep photos`).
-APT_PACKAGES=(dataset-fashion-mnist opencv-doc)
+# Fashion-MNIST (recipes, tests); OpenCV's sample photos (DALI loader tests, `foundry prep photos`);
+# a C++ toolchain for DeepSpeed's CPU ops (built below).
+APT_PACKAGES=(dataset-fashion-mnist opencv-doc g++ ninja-build)
+DEEPSPEED_VERSION=0.19.8
 
 missing_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -29,7 +31,7 @@ if ((${#missing_apt[@]})); then
 fi
 
 stamp="$VENV/.installed"
-if [[ -f $stamp && $stamp -nt requirements.txt && $stamp -nt pyproject.toml ]]; then
+if [[ -f $stamp && $stamp -nt requirements.txt && $stamp -nt pyproject.toml && $stamp -nt scripts/setup.sh ]]; then
   exit 0
 fi
 if [[ ! -x $VENV/bin/python ]]; then
@@ -37,6 +39,20 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 # torch/torchvision resolve from this machine's local wheel index (pip.conf); plain pip, not uv.
 "$VENV/bin/pip" install --quiet -r requirements.txt
+# DeepSpeed (train.strategy=deepspeed) is built from its source here with the C++ ops this machine's
+# CPU accelerator uses compiled now: CPU Adam (ZeRO-Offload) and the shared-memory collectives.
+# Otherwise the first run (or test) JIT-compiles them for ~90 s. --no-build-isolation: its build
+# imports the torch installed above; --no-cache-dir: a cached op-less wheel must not be reused. On a
+# GPU machine DeepSpeed JIT-compiles its CUDA ops on first use instead (README "DeepSpeed ZeRO").
+deepspeed_ready() {
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -c "import sys, deepspeed.git_version_info as ds; ops = ds.installed_ops
+sys.exit(not (ds.version == '$DEEPSPEED_VERSION' and ops.get('cpu_adam') and ops.get('deepspeed_shm_comm')))" 2>/dev/null
+}
+if ! deepspeed_ready; then
+  "$VENV/bin/pip" uninstall --quiet --yes deepspeed 2>/dev/null || true  # an op-less build would count as installed
+  DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
+    "$VENV/bin/pip" install --quiet --no-build-isolation --no-cache-dir "deepspeed==$DEEPSPEED_VERSION"
+fi
 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
 touch "$stamp"
-echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, timm, mlflow, nvidia.dali; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__, "dali", nvidia.dali.__version__)'))"
+echo "setup: $VENV ready ($(DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'import torch, timm, mlflow, nvidia.dali, deepspeed.git_version_info as ds; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__, "dali", nvidia.dali.__version__, "deepspeed", ds.version, "ops", ",".join(k for k, v in ds.installed_ops.items() if v))'))"

@@ -4,8 +4,8 @@ ranks under torchrun, against the DDP strategy on the same seeds and data.
 - Every method in the registry at every stage (tests/strategy_equivalence_worker.py, one torchrun
   for all cases): per-step losses and gradient norms, and every tensor of the final state
   (momentum targets, MAE's decoder, BN statistics, ZeRO-3 shards gathered) equal DDP's within
-  fp32 reduction-order noise; ZeRO-Offload (CPU Adam; stage-3 parameter offload) too; bf16
-  autocast close to DDP's bf16.
+  fp32 reduction-order noise; ZeRO-Offload (CPU Adam; stage-3 parameter offload) and activation
+  checkpointing under ZeRO-3 too; bf16 autocast close to DDP's bf16.
 - Through `foundry pretrain`: a ZeRO-3 run with a momentum target, copied as if it had crashed after
   its step-2 checkpoint, resumes to bitwise the same exported backbone, in the same MLflow run; the
   backbone (consolidated from the shards) equals the DDP run's and loads in plain timm.
@@ -27,10 +27,11 @@ from models.registry import method_names
 from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, latest_checkpoint, list_checkpoints
 
 STAGES = (1, 2, 3)
-OFFLOAD_CASES = {
+VARIANT_CASES = {
     "zero2-offload-optimizer": "simclr:deepspeed:deepspeed.zero_stage=2,deepspeed.offload_optimizer=cpu",
     "zero3-offload-all": "moco_v3:deepspeed:deepspeed.zero_stage=3,deepspeed.offload_optimizer=cpu,"
                          "deepspeed.offload_params=cpu",
+    "zero3-activation-checkpointing": "mae:deepspeed:deepspeed.zero_stage=3,train.activation_checkpointing=true",
 }
 BF16_DDP, BF16_ZERO2 = "simclr:ddp:train.precision=bf16", "simclr:deepspeed:deepspeed.zero_stage=2,train.precision=bf16"
 
@@ -44,7 +45,7 @@ def equivalence(tmp_path_factory):
     """All cases on 2 ranks in one torchrun (engines are built one after another)."""
     tmp = tmp_path_factory.mktemp("equivalence")
     cases = [f"{m}:ddp" for m in method_names()] + [zero_case(m, s) for m in method_names() for s in STAGES]
-    cases += [*OFFLOAD_CASES.values(), BF16_DDP, BF16_ZERO2]
+    cases += [*VARIANT_CASES.values(), BF16_DDP, BF16_ZERO2]
     out = tmp / "results.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -88,11 +89,12 @@ def test_zero_stage_trains_like_ddp(equivalence, method, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", OFFLOAD_CASES, ids=list(OFFLOAD_CASES))
-def test_offload_trains_like_ddp(equivalence, case):
-    """DeepSpeed's CPU Adam (AdamW mode) on the offloaded fp32 master weights == torch AdamW."""
-    method = OFFLOAD_CASES[case].split(":")[0]
-    assert_same_training(equivalence[f"{method}:ddp"], equivalence[OFFLOAD_CASES[case]],
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=list(VARIANT_CASES))
+def test_offload_and_activation_checkpointing_train_like_ddp(equivalence, case):
+    """DeepSpeed's CPU Adam (AdamW mode) on the offloaded fp32 master weights == torch AdamW; blocks
+    recomputed in backward (train.activation_checkpointing) under ZeRO-3 == stored activations."""
+    method = VARIANT_CASES[case].split(":")[0]
+    assert_same_training(equivalence[f"{method}:ddp"], equivalence[VARIANT_CASES[case]],
                          loss_rtol=5e-5, state_rtol=1e-3, state_atol=1e-4)
 
 

@@ -72,6 +72,40 @@ def test_forward_backward_and_the_backbone_the_trainer_exports(name):
         model(views_for(model)[:1] * (3 - model.num_views))
 
 
+@pytest.mark.parametrize("name,backbone", [("mae", "vit"), ("byol", "vit"), ("barlow_twins", "resnet")])
+def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(name, backbone):
+    """train.activation_checkpointing: the blocks run again in backward (timm's checkpoint_seq, also
+    inside MAE's own encoder loop); loss and every gradient are what the stored activations give."""
+    from launch.config import load_config
+    from pipeline.trainer import build_model
+
+    results = []
+    for checkpointing in (False, True):
+        overrides = [f"model.method={name}", f"model.method_args={SMALL_HEADS[name]}",
+                     f"train.activation_checkpointing={checkpointing}"]
+        overrides += (["model.backbone=vit_tiny_patch16_224", f"model.backbone_args={VIT_ARGS}"] if backbone == "vit"
+                      else ["model.backbone=resnet18", "model.backbone_args={}"])
+        if name == "mae":
+            overrides.append("data.views=[{count: 1, ops: [{op: random_resized_crop, args: {size: 16}}]}]")
+        torch.manual_seed(0)
+        model = build_model(load_config("configs/simclr_resnet18_fmnist.yaml", overrides, check_paths=False)).train()
+        assert model.backbone.grad_checkpointing is checkpointing
+        first_block = model.backbone.blocks[0] if backbone == "vit" else model.backbone.layer1[0]
+        calls = []
+        first_block.register_forward_pre_hook(lambda *_: calls.append(1))  # the recompute may stop early
+        torch.manual_seed(3)  # MAE's masks
+        loss = model(views_for(model))["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                        len(calls)))
+    (plain_loss, plain_grads, plain_calls), (ckpt_loss, ckpt_grads, ckpt_calls) = results
+    assert ckpt_calls == 2 * plain_calls  # every call of the block ran again in backward
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for n in plain_grads:
+        torch.testing.assert_close(ckpt_grads[n], plain_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 # ----------------------------------------------------------------------------- momentum
 
 

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from models.backbones import freeze_sincos_pos_embed, is_vit, sincos_pos_embed
@@ -155,7 +156,8 @@ class MAE(nn.Module):
             tokens = torch.cat(prefix, dim=1) + prefix_pos
             x = torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
         x = vit.norm_pre(vit.pos_drop(x))
-        x = vit.blocks(x)
+        # train.activation_checkpointing: recompute the blocks in backward, as timm's forward_features does
+        x = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing and torch.is_grad_enabled() else vit.blocks(x)
         return self._encoder_norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
