@@ -187,7 +187,8 @@ def model_state_mb_per_rank(case: str, trained: int, frozen: int, optimizer: str
 
 def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
-    step time, images/s and each rank's peak RSS, beside the model-state memory ZeRO predicts."""
+    step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
+    GPU), beside the model-state memory ZeRO predicts."""
     from pipeline.trainer import build_model
 
     out = Path(args.out_dir).resolve()
@@ -218,7 +219,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
             result = json.loads(result_path.read_text())
             row.update(step_time_s=result["timing"]["steady_step_time_s"],
                        images_per_s=result["timing"]["steady_images_per_s"],
-                       peak_rss_mb_per_rank=result["peak_rss_mb"], peak_cuda_mb_per_rank=result["peak_cuda_mb"])
+                       **{f"{key}_mb_per_rank": values for key, values in result["memory_mb"].items()})
         rows.append(row)
         print(f"[bench strategies] {json.dumps(row)}", flush=True)
     report = {"benchmark": "strategies", "command": " ".join(["foundry bench strategies", args.config,

@@ -393,6 +393,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         from pipeline.strategy.deepspeed import validate_deepspeed
 
         validate_deepspeed(cfg)
+    elif cfg.deepspeed != DeepSpeedConfig():
+        changed = [f"deepspeed.{f.name}" for f in dataclasses.fields(DeepSpeedConfig)
+                   if getattr(cfg.deepspeed, f.name) != f.default]
+        raise ConfigError(f"{', '.join(changed)} set but train.strategy={t.strategy}: they apply to "
+                          f"train.strategy=deepspeed only; set it, or drop them")
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)

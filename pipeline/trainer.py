@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
@@ -68,15 +69,16 @@ class TrainResult:
     model_version: str | None = None
     knn_top1: float | None = None
     timing: dict[str, float] = field(default_factory=dict)
-    # High-water marks per rank, MiB: process RSS (on a CPU: model, optimizer, activations, libs)
-    # and, on a GPU, torch's peak allocated device memory.
-    peak_rss_mb: list[float] = field(default_factory=list)
-    peak_cuda_mb: list[float] = field(default_factory=list)
+    # Per rank, MiB, at the end of training (``_memory_mb``): rss, peak_rss; on a GPU also cuda,
+    # peak_cuda.
+    memory_mb: dict[str, list[float]] = field(default_factory=dict)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
     model = create_method(cfg.model.method, backbone, **cfg.model.method_args)
+    if cfg.train.global_batchnorm:
+        convert_to_global_batchnorm(model)
     if cfg.train.activation_checkpointing:
         # After the method is built: its momentum target (a copy) runs without gradients anyway.
         model.backbone.set_grad_checkpointing(True)
@@ -133,11 +135,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _peak_memory_mb(device: torch.device) -> dict[str, float]:
-    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's memory, MiB: resident now (after training steps: model, gradients, optimizer
+    state, allocator caches) and its high-water mark (which includes start-up transients, e.g. the
+    copy DeepSpeed makes while flattening parameters, and activations); on a GPU, torch's allocated
+    and peak allocated device memory."""
+    memory = {"rss": psutil.Process().memory_info().rss / 2**20,
+              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if device.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
+        memory.update(cuda=torch.cuda.memory_allocated(device) / 2**20,
+                      peak_cuda=torch.cuda.max_memory_allocated(device) / 2**20)
+    return memory
 
 
 def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
@@ -175,8 +183,6 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.rt.device)
-        if cfg.train.global_batchnorm:
-            convert_to_global_batchnorm(self.model)
         if cfg.train.channels_last and cfg.train.strategy == "ddp":
             # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
             # ones); there only the inputs are channels_last, which is what selects the conv kernels.
@@ -205,6 +211,9 @@ class Trainer:
             self.run_id = self.tracker.run_id
             save_config(cfg, self.out / "config.yaml")
             self.tracker.log_artifact(str(self.out / "config.yaml"))
+            if hasattr(self.strategy, "ds_config"):  # the DeepSpeed JSON this run really used
+                (self.out / "deepspeed_config.json").write_text(json.dumps(self.strategy.ds_config, indent=2))
+                self.tracker.log_artifact(str(self.out / "deepspeed_config.json"))
 
     # ------------------------------------------------------------------ state
     def _restore(self, path: Path) -> None:
@@ -309,9 +318,9 @@ class Trainer:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
+        memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
-        peaks = _gather_objects(_peak_memory_mb(self.rt.device), self.rt)
-        return self._finish(last, loss_value, peaks)
+        return self._finish(last, loss_value, memory)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
@@ -392,7 +401,7 @@ class Trainer:
         return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
-    def _finish(self, last_checkpoint: Path | None, loss_value: float, peaks: list[dict[str, float]]) -> TrainResult:
+    def _finish(self, last_checkpoint: Path | None, loss_value: float, memory: list[dict[str, float]]) -> TrainResult:
         from pipeline.export import export_timm_backbone
 
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
@@ -401,9 +410,9 @@ class Trainer:
         d, m = self.cfg.data, self.cfg.model
         result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
         result.timing = {**getattr(self, "timing", {}), **self._run_timing()}
-        result.peak_rss_mb = [p["rss"] for p in peaks]
-        result.peak_cuda_mb = [p["cuda"] for p in peaks if "cuda" in p]
-        self.tracker.log_metrics({f"peak_rss_mb_rank{r}": p["rss"] for r, p in enumerate(peaks)}, step=self.step)
+        result.memory_mb = {key: [rank[key] for rank in memory] for key in memory[0]}
+        self.tracker.log_metrics({f"{key}_mb_rank{r}": value for key, values in result.memory_mb.items()
+                                  for r, value in enumerate(values)}, step=self.step)
         self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
                                   if last_checkpoint.is_dir() else "checkpoints")
         backbone = self.strategy.consolidated_backbone(last_checkpoint)

@@ -4,8 +4,8 @@ ranks under torchrun, against the DDP strategy on the same seeds and data.
 - Every method in the registry at every stage (tests/strategy_equivalence_worker.py, one torchrun
   for all cases): per-step losses and gradient norms, and every tensor of the final state
   (momentum targets, MAE's decoder, BN statistics, ZeRO-3 shards gathered) equal DDP's within
-  fp32 reduction-order noise; ZeRO-Offload (CPU Adam; stage-3 parameter offload) and activation
-  checkpointing under ZeRO-3 too; bf16 autocast close to DDP's bf16.
+  fp32 reduction-order noise; ZeRO-Offload (CPU Adam; stage-3 parameter offload), activation
+  checkpointing and global BatchNorm under ZeRO-3 too; bf16 autocast close to DDP's bf16.
 - Through `foundry pretrain`: a ZeRO-3 run with a momentum target, copied as if it had crashed after
   its step-2 checkpoint, resumes to bitwise the same exported backbone, in the same MLflow run; the
   backbone (consolidated from the shards) equals the DDP run's and loads in plain timm.
@@ -27,11 +27,14 @@ from models.registry import method_names
 from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, latest_checkpoint, list_checkpoints
 
 STAGES = (1, 2, 3)
-VARIANT_CASES = {
-    "zero2-offload-optimizer": "simclr:deepspeed:deepspeed.zero_stage=2,deepspeed.offload_optimizer=cpu",
-    "zero3-offload-all": "moco_v3:deepspeed:deepspeed.zero_stage=3,deepspeed.offload_optimizer=cpu,"
-                         "deepspeed.offload_params=cpu",
-    "zero3-activation-checkpointing": "mae:deepspeed:deepspeed.zero_stage=3,train.activation_checkpointing=true",
+VARIANT_CASES = {  # name: (the DDP reference, the DeepSpeed case)
+    "zero2-offload-optimizer": ("simclr:ddp", "simclr:deepspeed:deepspeed.zero_stage=2,deepspeed.offload_optimizer=cpu"),
+    "zero3-offload-all": ("moco_v3:ddp", "moco_v3:deepspeed:deepspeed.zero_stage=3,deepspeed.offload_optimizer=cpu,"
+                                         "deepspeed.offload_params=cpu"),
+    "zero3-activation-checkpointing": ("mae:ddp",
+                                       "mae:deepspeed:deepspeed.zero_stage=3,train.activation_checkpointing=true"),
+    "zero3-global-batchnorm": ("byol:ddp:train.global_batchnorm=true",
+                               "byol:deepspeed:deepspeed.zero_stage=3,train.global_batchnorm=true"),
 }
 BF16_DDP, BF16_ZERO2 = "simclr:ddp:train.precision=bf16", "simclr:deepspeed:deepspeed.zero_stage=2,train.precision=bf16"
 
@@ -45,7 +48,7 @@ def equivalence(tmp_path_factory):
     """All cases on 2 ranks in one torchrun (engines are built one after another)."""
     tmp = tmp_path_factory.mktemp("equivalence")
     cases = [f"{m}:ddp" for m in method_names()] + [zero_case(m, s) for m in method_names() for s in STAGES]
-    cases += [*VARIANT_CASES.values(), BF16_DDP, BF16_ZERO2]
+    cases += [case for pair in VARIANT_CASES.values() for case in pair if case not in cases] + [BF16_DDP, BF16_ZERO2]
     out = tmp / "results.pt"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -90,11 +93,12 @@ def test_zero_stage_trains_like_ddp(equivalence, method, stage):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=list(VARIANT_CASES))
-def test_offload_and_activation_checkpointing_train_like_ddp(equivalence, case):
+def test_offload_checkpointing_global_bn_train_like_ddp(equivalence, case):
     """DeepSpeed's CPU Adam (AdamW mode) on the offloaded fp32 master weights == torch AdamW; blocks
-    recomputed in backward (train.activation_checkpointing) under ZeRO-3 == stored activations."""
-    method = VARIANT_CASES[case].split(":")[0]
-    assert_same_training(equivalence[f"{method}:ddp"], equivalence[VARIANT_CASES[case]],
+    recomputed in backward (train.activation_checkpointing) under ZeRO-3 == stored activations; global
+    BatchNorm's all-reduces inside ZeRO-3's gathered forward == under DDP."""
+    reference, variant = VARIANT_CASES[case]
+    assert_same_training(equivalence[reference], equivalence[variant],
                          loss_rtol=5e-5, state_rtol=1e-3, state_atol=1e-4)
 
 
@@ -134,9 +138,11 @@ def test_zero3_checkpoint_resume_is_exact(zero3_run):
     tmp, recipe = zero3_run
     straight = tmp / "straight"
     result = json.loads((straight / "result.json").read_text())
-    assert result["steps"] == 4 and len(result["peak_rss_mb"]) == 2
+    assert result["steps"] == 4 and len(result["memory_mb"]["peak_rss"]) == 2
     assert [p.name for p in list_checkpoints(straight / "checkpoints")] == ["step-00000002", "step-00000004"]
     assert len(list((straight / "checkpoints" / "step-00000002").glob("*optim_states.pt"))) == 2  # a shard per rank
+    used = json.loads((straight / "deepspeed_config.json").read_text())  # also an MLflow artifact
+    assert used["zero_optimization"]["stage"] == 3 and used["train_micro_batch_size_per_gpu"] == 4
 
     # The run as a crash right after its step-2 checkpoint leaves it: later files never written.
     crashed = tmp / "crashed"
@@ -202,7 +208,7 @@ def test_one_process_zero2_run(fmnist, tmp_path):
                     "train.optimizer=sgd", "train.lr=0.05", "train.grad_accum_steps=2", "train.max_steps=3"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["steps"] == 3 and len(result["peak_rss_mb"]) == 1
+    assert result["steps"] == 3 and len(result["memory_mb"]["rss"]) == 1
     assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
 
 
@@ -234,6 +240,13 @@ def test_checkpoint_directories_are_committed_atomically(tmp_path):
 def write_json(path, obj):
     path.write_text(json.dumps(obj))
     return str(path)
+
+
+def test_deepspeed_keys_without_the_deepspeed_strategy_are_an_error(tiny_config, tmp_path):
+    """Otherwise `deepspeed.zero_stage=3` without `train.strategy=deepspeed` would silently train DDP."""
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path / "run", "deepspeed.zero_stage=3")
+    assert "deepspeed.zero_stage set but train.strategy=ddp" in str(err.value)
 
 
 @pytest.mark.parametrize("overrides,message", [
