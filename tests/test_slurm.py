@@ -11,6 +11,7 @@ tests skip with that reason elsewhere.
 - a job whose tasks are SIGKILLed and requeued resumes from its last periodic checkpoint, exactly;
 - 2 fake nodes x 2 tasks give the same loss at every step as 4 ranks of one local launch and
   as 1 rank with the whole global batch;
+- DeepSpeed ZeRO-3 across 2 fake nodes equals 2 local ZeRO-3 ranks, sharded checkpoints committed;
 - torchrun, 2 agents x 1 process, c10d rendezvous on 127.0.0.1: trains and stops cleanly; killing
   one agent makes the other exit with an error instead of hanging.
 
@@ -432,3 +433,31 @@ def test_four_ranks_on_two_nodes_match_four_local_ranks_and_one_rank(slurm_clust
         assert histories[0][step] == pytest.approx(histories[1][step], rel=1e-6, abs=1e-7), step
         # one process sums in another order than 4 ranks' all-reduce: equal to float tolerance
         assert histories[2][step] == pytest.approx(histories[1][step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_on_two_nodes_matches_two_local_ranks(slurm_cluster, shards, tmp_path):
+    """train.strategy=deepspeed across 2 fake nodes (1 task each): every rank writes its shard into
+    the shared checkpoint folder, rank 0 commits the directory; the loss at every step equals the
+    same ZeRO-3 run on 2 local ranks, and the consolidated backbone loads in timm."""
+    import timm
+
+    common = [*_data(shards), *TINY, "train.max_steps=3", "train.checkpoint_every=2", "train.strategy=deepspeed",
+              "deepspeed.zero_stage=3", "train.optimizer=adamw", "train.lr=0.001"]
+    slurm = _foundry(["submit", "configs/simclr_resnet18_fmnist.yaml", f"output_dir={tmp_path / 'slurm'}", *common,
+                      "launch.nodes=2", "launch.tasks_per_node=1", "--wait"], cwd=REPO)
+    assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
+    local = _foundry(["pretrain", "configs/simclr_resnet18_fmnist.yaml", f"output_dir={tmp_path / 'local'}", *common,
+                      "launch.nproc_per_node=2"], cwd=REPO)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    checkpoints = tmp_path / "slurm" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert len(list((checkpoints / "step-00000002").glob("*optim_states.pt"))) == 2
+    histories = []
+    for name in ("slurm", "local"):
+        result = json.loads((tmp_path / name / "result.json").read_text())
+        histories.append({step: values[0] for step, values in _loss_history(result["tracking_uri"], result["run_id"]).items()})
+    assert sorted(histories[0]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert histories[0][step] == pytest.approx(histories[1][step], rel=1e-6, abs=1e-7), step
+    timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True)
