@@ -196,7 +196,11 @@ def bench_strategies(args: argparse.Namespace) -> int:
     common = [f"launch.nproc_per_node={args.nproc}", f"train.max_steps={args.steps}", "train.resume=never",
               "eval.after_pretrain=false", f"train.checkpoint_every={10**6}", "mlflow.registered_model=",
               f"mlflow.tracking_uri=sqlite:///{out / 'mlflow.db'}", *args.overrides]
-    cfg = load_config(args.config, common)
+    def case_overrides(case: str) -> list[str]:  # deepspeed.* overrides are for the DeepSpeed cases only
+        kept = [o for o in common if case != "ddp" or not o.startswith("deepspeed.")]
+        return [*kept, *STRATEGY_CASES[case]]
+
+    cfg = load_config(args.config, case_overrides(args.cases[0]))
     model = build_model(cfg)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -204,7 +208,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     rows = []
     for case in args.cases:
         run_dir, log_path = out / case, out / f"{case}.log"
-        overrides = [*common, f"output_dir={run_dir}", *STRATEGY_CASES[case]]
+        overrides = [*case_overrides(case), f"output_dir={run_dir}"]
         print(f"[bench strategies] {case}: {args.steps} steps on {args.nproc} ranks, log {log_path}", flush=True)
         with open(log_path, "w") as log:
             done = subprocess.run([sys.executable, "-m", "launch", "pretrain", args.config, *overrides],
@@ -468,7 +472,8 @@ def add_parser(sub) -> None:
     st = kinds.add_parser("strategies", help="DDP vs DeepSpeed ZeRO-1/2/3 (+ offload) on the same run: step time, "
                           "peak memory per rank, ZeRO's model-state arithmetic")
     st.add_argument("config")
-    st.add_argument("overrides", nargs="*", help="dotted key=value applied to every case")
+    st.add_argument("overrides", nargs="*", help="dotted key=value applied to every case (deepspeed.* keys: to "
+                    "the DeepSpeed cases)")
     st.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
     st.add_argument("--steps", type=int, default=15, help="steps per case (default 15; the first 5 are not timed)")
     st.add_argument("--cases", nargs="+", choices=list(STRATEGY_CASES), default=list(STRATEGY_CASES))

@@ -3,7 +3,7 @@ with step time and every rank's peak RSS beside ZeRO's model-state arithmetic.""
 import json
 
 import pytest
-from conftest import run_cli, write_recipe
+from conftest import REPO, run_cli, write_recipe
 
 from launch.bench import model_state_mb_per_rank
 
@@ -30,8 +30,9 @@ def test_model_state_arithmetic_by_stage():
 def test_bench_strategies_writes_a_row_per_case(fmnist, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "unused")
     out = tmp_path / "bench"
-    proc = run_cli(["bench", "strategies", str(recipe), "train.optimizer=adamw", "--steps", "3", "--cases", "ddp",
-                    "zero3", "--out-dir", str(out)], tmp_path)
+    shipped_json = REPO / "configs" / "deepspeed" / "small_buckets.json"  # for the DeepSpeed case only
+    proc = run_cli(["bench", "strategies", str(recipe), "train.optimizer=adamw", f"deepspeed.config_json={shipped_json}",
+                    "--steps", "3", "--cases", "ddp", "zero3", "--out-dir", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((out / "strategies.json").read_text())
     assert report["ranks"] == 2 and [row["case"] for row in report["cases"]] == ["ddp", "zero3"]
@@ -43,3 +44,5 @@ def test_bench_strategies_writes_a_row_per_case(fmnist, tmp_path):
     ddp, zero3 = report["cases"]
     assert zero3["model_state_mb_per_rank"] == pytest.approx(ddp["model_state_mb_per_rank"] / 2)
     assert report["trained_params"] > 0 and report["frozen_params"] == 0  # SimCLR: no momentum target
+    used = json.loads((out / "zero3" / "deepspeed_config.json").read_text())
+    assert used["zero_optimization"]["reduce_bucket_size"] == 5_000_000

@@ -308,3 +308,13 @@ def test_bad_config_fails_before_any_rank_starts(fmnist, tmp_path):
     assert "deepspeed.zero_stage: 4 is not a ZeRO stage; choose 1" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_deepspeed_json_is_valid(tiny_config, tmp_path):
+    from pipeline.strategy.deepspeed import deepspeed_config
+
+    shipped = REPO / "configs" / "deepspeed" / "small_buckets.json"
+    cfg = tiny_config(tmp_path / "run", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "train.optimizer=adamw",
+                      f"deepspeed.config_json={shipped}")
+    zero = deepspeed_config(cfg, world_size=2, amp_dtype=None, cuda=False)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 5_000_000
