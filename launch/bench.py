@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -185,6 +186,19 @@ def model_state_mb_per_rank(case: str, trained: int, frozen: int, optimizer: str
     return per_rank / 2**20
 
 
+def _drop_checkpoints(run_dir: Path, result: dict) -> None:
+    """A benchmark keeps numbers, not weights: the run's checkpoints and their MLflow copy (GBs
+    per case for a ViT-B with Adam) are deleted once its result is read."""
+    from urllib.parse import urlparse
+
+    from mlflow import MlflowClient
+
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    artifact_uri = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"]).info.artifact_uri
+    if urlparse(artifact_uri).scheme in ("", "file"):
+        shutil.rmtree(Path(urlparse(artifact_uri).path) / "checkpoints", ignore_errors=True)
+
+
 def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
     step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
@@ -221,6 +235,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
             row["error"] = f"exit {done.returncode}; see {log_path}"
         else:
             result = json.loads(result_path.read_text())
+            _drop_checkpoints(run_dir, result)
             row.update(step_time_s=result["timing"]["steady_step_time_s"],
                        images_per_s=result["timing"]["steady_images_per_s"],
                        **{f"{key}_mb_per_rank": values for key, values in result["memory_mb"].items()})

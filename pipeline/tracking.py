@@ -60,10 +60,13 @@ def resolve_tracking_uri(uri: str, output_dir: str) -> str:
 
 
 def default_artifact_location(uri: str, output_dir: str) -> str | None:
-    """Artifact root for new experiments: beside the db for the default sqlite store, else the
-    store's own default (``None``), which for a server is its ``--default-artifact-root`` or proxy."""
-    if uri == resolve_tracking_uri("", output_dir):
-        return str(Path(output_dir).absolute() / "mlartifacts")
+    """Artifact root for new experiments: ``mlartifacts`` beside the db for a local sqlite store
+    (MLflow's own default, ``./mlruns``, would fill whatever the current directory is with
+    checkpoints), else the store's own default (``None``), which for a server is its
+    ``--default-artifact-root`` or proxy."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
+        return str(Path(uri[len(prefix):]).absolute().parent / "mlartifacts")
     return None
 
 

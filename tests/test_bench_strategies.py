@@ -44,5 +44,7 @@ def test_bench_strategies_writes_a_row_per_case(fmnist, tmp_path):
     ddp, zero3 = report["cases"]
     assert zero3["model_state_mb_per_rank"] == pytest.approx(ddp["model_state_mb_per_rank"] / 2)
     assert report["trained_params"] > 0 and report["frozen_params"] == 0  # SimCLR: no momentum target
+    assert not list(out.glob("*/checkpoints")) and not list(out.glob("mlartifacts/*/artifacts/checkpoints"))
+    assert list(out.glob("mlartifacts/*/artifacts/config.yaml"))  # the runs' other artifacts stay
     used = json.loads((out / "zero3" / "deepspeed_config.json").read_text())
     assert used["zero_optimization"]["reduce_bucket_size"] == 5_000_000

@@ -201,6 +201,9 @@ def test_registry_with_default_sqlite_store(tmp_path, monkeypatch):
     uri = resolve_tracking_uri("", str(output_dir))
     assert uri == f"sqlite:///{output_dir}/mlflow.db"
     assert default_artifact_location(uri, str(output_dir)) == str(output_dir / "mlartifacts")
+    shared = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # an explicit local store: artifacts beside it
+    assert default_artifact_location(shared, str(output_dir)) == str(tmp_path / "store" / "mlartifacts")
+    assert default_artifact_location("http://127.0.0.1:5000", str(output_dir)) is None
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     x, input_path = fixed_input(tmp_path)
