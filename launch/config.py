@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the fix."""
 
 
+# Metrics the eval commands log, which an evaluation gate (eval.gate) may test: higher is better.
+GATE_METRICS = ("knn_top1", "linear_top1")
+
+
 @dataclass
 class AugmentOp:
     """One augmentation step: an op name from the augmentation registry, its
@@ -99,11 +103,36 @@ class TrainConfig:
 
 
 @dataclass
+class LinearProbeConfig:
+    """`foundry eval linear` (pipeline/linear_probe.py): a linear classifier on frozen, cached features."""
+
+    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3])  # swept; best on val_fraction
+    epochs: int = 100
+    batch_size: int = 1024
+    optimizer: str = "sgd"  # sgd | lars
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # of the train features, held out to pick the lr
+    seed: int = 0
+
+
+@dataclass
+class GateConfig:
+    """Evaluation gate: an eval of a registered version whose ``metric`` (knn_top1, linear_top1...)
+    reaches ``threshold`` sets the registry alias ``@candidate`` on it. Empty metric: no gate."""
+
+    metric: str = ""
+    threshold: float = 0.0
+
+
+@dataclass
 class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
+    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
@@ -370,6 +399,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
+    validate_eval(cfg.eval)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
@@ -378,6 +408,23 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
                     f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The linear probe's sweep and split, and the gate's metric."""
+    lp = e.linear
+    if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
+        raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")
+    if lp.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"eval.linear.optimizer: '{lp.optimizer}' is not one of sgd, lars")
+    if lp.epochs < 1 or lp.batch_size < 1:
+        raise ConfigError(f"eval.linear.epochs and eval.linear.batch_size must be >= 1, got {lp.epochs}, "
+                          f"{lp.batch_size}")
+    if not 0 < lp.val_fraction < 1:
+        raise ConfigError(f"eval.linear.val_fraction must be in (0, 1), got {lp.val_fraction}")
+    if e.gate.metric and e.gate.metric not in GATE_METRICS:
+        raise ConfigError(f"eval.gate.metric: '{e.gate.metric}' is not one of {', '.join(GATE_METRICS)} "
+                          f"(empty: no gate)")
 
 
 def validate_views(data: DataConfig) -> None:
