@@ -126,7 +126,11 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, cfg, uri: str) -> dict:
+def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, cfg, uri: str,
+                    history: list[tuple[int, dict[str, float]]] = (), artifacts: dict[str, str] | None = None) -> dict:
+    """A new MLflow run for one evaluation: lineage tags, environment, params, ``metrics`` (and
+    per-step ``history``), ``artifacts`` (local path -> artifact folder); then the registry
+    version's tags, the gate and its model card."""
     from mlflow import MlflowClient
 
     from pipeline.downstream import apply_gate, lineage_tags, record_version_metrics, write_model_card
@@ -138,7 +142,11 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
     tracker.log_environment()
     tracker.log_params({"data.eval_train": cfg.data.eval_train, "data.eval_test": cfg.data.eval_test,
                         "data.eval_image_size": cfg.data.eval_image_size, **params})
-    tracker.log_metrics(metrics, step=0)
+    for step, values in history:
+        tracker.log_metrics(values, step=step)
+    tracker.log_metrics(metrics, step=history[-1][0] if history else 0)
+    for local_path, artifact_path in (artifacts or {}).items():
+        tracker.log_artifact(local_path, artifact_path)
     tracker.end()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     record_version_metrics(client, source, metrics, tracker.run_id)
@@ -154,12 +162,62 @@ def add_pretrain_parser(sub) -> None:
     p.set_defaults(func=pretrain)
 
 
+def _finetune_rank(config: dict, source, log: bool) -> dict | None:
+    """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
+    from data_prep.shards import read_manifest
+    from launch.config import config_from_dict, flatten, to_dict
+    from pipeline.finetune import export_classifier, finetune
+    from pipeline.runtime import init_runtime, shutdown_runtime
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = config_from_dict(config)
+    rt = init_runtime(cfg.launch, cfg.train)
+    try:
+        result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
+    finally:
+        shutdown_runtime()
+    if result is None:
+        return None
+    metrics = {"finetune_top1": result.top1}
+    report = {"backbone": source.ref, "model_version": source.model_version,
+              "pretrain_run_id": source.pretrain_run_id, "world_size": rt.world_size, **metrics,
+              "final_loss": result.losses[-1][1]}
+    if log:
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        classifier = export_classifier(result, source, cfg)
+        history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
+        report.update(_log_evaluation("finetune", source, metrics, flatten(to_dict(cfg.eval.finetune), "eval.finetune"),
+                                      cfg, uri, history, {str(classifier): "classifier"}))
+    return report
+
+
+@_user_errors
+def eval_finetune(args: argparse.Namespace) -> int:
+    """`foundry eval finetune`: the backbone is resolved (and downloaded) once, here, then every rank
+    fine-tunes it (launch.nproc_per_node ranks, or the ranks torchrun started)."""
+    from launch.config import to_dict
+    from launch.local import launch_ranks
+    from pipeline.export import check_input_size, load_timm_backbone, locate_backbone
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
+    check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
+    report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
+    if report is not None:
+        print(json.dumps(report))
+    return 0
+
+
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a backbone (logged to a new MLflow run with its lineage)")
     kinds = p.add_subparsers(dest="kind", required=True)
     helps = {"knn": "kNN top-1 on data.eval_train (bank) / data.eval_test (queries)",
              "linear": "linear probe on frozen features: lr swept on a held-out part of data.eval_train, "
-                       "top-1 on data.eval_test"}
+                       "top-1 on data.eval_test",
+             "finetune": "fine-tune the whole backbone with a new classifier on data.eval_train (DDP like "
+                         "pretraining), top-1 on data.eval_test"}
     for kind, text in helps.items():
         command = kinds.add_parser(kind, help=text)
         _add_config_args(command)
@@ -167,7 +225,7 @@ def add_eval_parser(sub) -> None:
                              "runs:/id/backbone or an export folder (default: <output_dir>/backbone)")
         command.add_argument("--no-log", dest="log", action="store_false",
                              help="only print the result: no MLflow run, registry tags, gate or model card")
-        command.set_defaults(func=evaluate)
+        command.set_defaults(func=eval_finetune if kind == "finetune" else evaluate)
 
 
 @_user_errors

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 # Metrics the eval commands log, which an evaluation gate (eval.gate) may test: higher is better.
-GATE_METRICS = ("knn_top1", "linear_top1")
+GATE_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
 
 
 @dataclass
@@ -117,6 +117,26 @@ class LinearProbeConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`foundry eval finetune` (pipeline/finetune.py): the whole backbone plus a new linear classifier,
+    trained on data.eval_train with labels, reported on data.eval_test (the recipe knobs of MAE /
+    BEiT fine-tuning)."""
+
+    steps: int = 1000
+    batch_size: int = 256  # global: all ranks
+    optimizer: str = "adamw"  # adamw | sgd | lars
+    lr: float = 5e-4  # base lr for 256 samples (scaled linearly with batch_size)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # lr x decay^(depth from the head) per layer group (timm); 1.0: off
+    warmup_steps: int = 50
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: mixup (timm.data.Mixup); needs an even per-rank batch
+    cutmix_alpha: float = 0.0  # > 0: cutmix (with mixup too: one of them per batch)
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop's area range
+    log_every: int = 10
+
+
+@dataclass
 class GateConfig:
     """Evaluation gate: an eval of a registered version whose ``metric`` (knn_top1, linear_top1...)
     reaches ``threshold`` sets the registry alias ``@candidate`` on it. Empty metric: no gate."""
@@ -132,6 +152,7 @@ class EvalConfig:
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
 
@@ -411,7 +432,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
 
 def validate_eval(e: EvalConfig) -> None:
-    """The linear probe's sweep and split, and the gate's metric."""
+    """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
     lp = e.linear
     if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
         raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")
@@ -422,6 +443,18 @@ def validate_eval(e: EvalConfig) -> None:
                           f"{lp.batch_size}")
     if not 0 < lp.val_fraction < 1:
         raise ConfigError(f"eval.linear.val_fraction must be in (0, 1), got {lp.val_fraction}")
+    ft = e.finetune
+    if ft.optimizer not in ("adamw", "sgd", "lars"):
+        raise ConfigError(f"eval.finetune.optimizer: '{ft.optimizer}' is not one of adamw, sgd, lars")
+    if ft.steps < 1 or ft.batch_size < 1 or ft.log_every < 1:
+        raise ConfigError(f"eval.finetune.steps, batch_size and log_every must be >= 1, got {ft.steps}, "
+                          f"{ft.batch_size}, {ft.log_every}")
+    if not 0 < ft.layer_decay <= 1:
+        raise ConfigError(f"eval.finetune.layer_decay must be in (0, 1] (1: off), got {ft.layer_decay}")
+    if not 0 <= ft.label_smoothing < 1 or ft.mixup_alpha < 0 or ft.cutmix_alpha < 0:
+        raise ConfigError("eval.finetune.label_smoothing must be in [0, 1) and mixup_alpha, cutmix_alpha >= 0")
+    if len(ft.crop_scale) != 2 or not 0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1:
+        raise ConfigError(f"eval.finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}")
     if e.gate.metric and e.gate.metric not in GATE_METRICS:
         raise ConfigError(f"eval.gate.metric: '{e.gate.metric}' is not one of {', '.join(GATE_METRICS)} "
                           f"(empty: no gate)")

@@ -132,7 +132,7 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
     params, tags = run.data.params, run.data.tags
     export = _export_config(client, name, version)
     provenance = export.get("ssl_foundry", {})
-    aliases = sorted(alias for alias, v in client.get_registered_model(name).aliases.items() if v == str(version))
+    aliases = sorted(alias for alias, v in client.get_registered_model(name).aliases.items() if str(v) == str(version))
     manifest = model_version.tags.get("data.manifest_sha256", "unknown (shards not on the registering machine)")
     lines = [f"# {name} v{version}", "",
              f"Self-supervised {provenance.get('method', params.get('model.method', '?'))} backbone "

@@ -46,14 +46,14 @@ def _global_pool_name(backbone: torch.nn.Module) -> str | None:
 
 
 def _export_config(backbone: torch.nn.Module, arch: str, model_args: dict, input_size: tuple[int, int, int],
-                   mean: tuple, std: tuple, extra: dict | None) -> dict[str, Any]:
+                   mean: tuple, std: tuple, extra: dict | None, num_classes: int) -> dict[str, Any]:
     arch_cfg = getattr(backbone, "pretrained_cfg", None) or {}
     pretrained_cfg = {**_DEFAULT_PREPROCESSING,
                       **{k: arch_cfg[k] for k in _INHERITED_PRETRAINED_FIELDS if arch_cfg.get(k) is not None}}
-    pretrained_cfg.update(input_size=list(input_size), mean=list(mean), std=list(std), num_classes=0)
+    pretrained_cfg.update(input_size=list(input_size), mean=list(mean), std=list(std), num_classes=num_classes)
     config = {
         "architecture": arch,
-        "num_classes": 0,
+        "num_classes": num_classes,
         "num_features": int(backbone.num_features),
         "global_pool": _global_pool_name(backbone),
         "model_args": dict(model_args),
@@ -65,8 +65,12 @@ def _export_config(backbone: torch.nn.Module, arch: str, model_args: dict, input
 
 def export_timm_backbone(backbone: torch.nn.Module, arch: str, model_args: dict, out_dir: str | Path,
                          input_size: tuple[int, int, int], mean: tuple, std: tuple,
-                         extra: dict | None = None) -> Path:
+                         extra: dict | None = None, num_classes: int = 0) -> Path:
     """Write ``backbone`` (a timm model created with ``num_classes=0``) as a timm hub folder.
+
+    ``num_classes`` > 0 exports a classifier instead (a fine-tuned model: the backbone with its
+    classifier of that many classes), which ``timm.create_model("local-dir:...", pretrained=True)``
+    loads with its head.
 
     ``model_args`` must be exactly the keyword arguments the backbone was created with (besides
     ``num_classes``), since plain timm rebuilds the architecture from them. The folder is written
@@ -75,16 +79,17 @@ def export_timm_backbone(backbone: torch.nn.Module, arch: str, model_args: dict,
     """
     from safetensors.torch import save_file
 
-    if getattr(backbone, "num_classes", 0) != 0:
-        raise ValueError(f"export_timm_backbone: {arch} has num_classes={backbone.num_classes}; export the "
-                         f"backbone created with num_classes=0 (features only).")
+    if getattr(backbone, "num_classes", 0) != num_classes:
+        raise ValueError(f"export_timm_backbone: {arch} has num_classes={backbone.num_classes}, not {num_classes}; "
+                         f"export the backbone created with num_classes=0 (features only), or pass the "
+                         f"classifier's num_classes.")
     if "num_classes" in model_args:
-        raise ValueError("export_timm_backbone: model_args must not contain num_classes (always 0).")
+        raise ValueError("export_timm_backbone: model_args must not contain num_classes (an argument of its own).")
     in_chans = model_args.get("in_chans", 3)
     if input_size[0] != in_chans:
         raise ValueError(f"export_timm_backbone: input_size {tuple(input_size)} has {input_size[0]} channels "
                          f"but the backbone takes in_chans={in_chans}.")
-    config = _export_config(backbone, arch, model_args, input_size, mean, std, extra)
+    config = _export_config(backbone, arch, model_args, input_size, mean, std, extra, num_classes)
     # safetensors needs contiguous, CPU, non-shared tensors (channels_last weights are not contiguous).
     tensors = {name: t.detach().cpu().contiguous() for name, t in backbone.state_dict().items()}
 

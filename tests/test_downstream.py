@@ -14,37 +14,18 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import IMAGE_SIZE, run_cli, subprocess_env
+from conftest import IMAGE_SIZE, register_backbone, run_cli, subprocess_env
 from data_prep.shards import file_sha256
 from launch.cli import main
-from launch.config import flatten, save_config, to_dict
+from launch.config import save_config
 from models.backbones import create_backbone
 from pipeline.augment import eval_transform
-from pipeline.export import export_digest, export_timm_backbone
+from pipeline.export import export_digest
 from pipeline.loader import ShardStream
-from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
 
 # A quick probe: the protocol is tested in test_linear_probe.py; here the plumbing is.
 PROBE = ["eval.linear.epochs=5", "eval.linear.lrs=[0.01,0.1]"]
-
-
-def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
-    """What pretraining leaves behind, without the training: a run with the recipe's params and
-    environment, and a (randomly initialised) backbone exported and registered from it.
-    Returns (run id, version)."""
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain",
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
-    tracker.log_params(flatten(to_dict(cfg)))
-    tracker.log_environment()
-    torch.manual_seed(seed)
-    m, d = cfg.model, cfg.data
-    folder = export_timm_backbone(create_backbone(m.backbone, **m.backbone_args), m.backbone, m.backbone_args,
-                                  f"{cfg.output_dir}/export-{seed}", (3, IMAGE_SIZE, IMAGE_SIZE), d.mean, d.std,
-                                  extra={"method": m.method, "steps": 7, "mlflow_run_id": tracker.run_id})
-    version = tracker.register_model(str(folder), name)
-    tracker.end()
-    return tracker.run_id, version
 
 
 def foundry(capsys, *args: str) -> tuple[int, str, str]:
