@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from launch.config import load_config
@@ -22,10 +23,34 @@ def pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
+        _log_pretraining_plots(result, cfg)
         if result.model_version:
             _gate_registered_version(result, cfg)
         print_summary(result, cfg)
     return 0
+
+
+def _log_figures(client, run_id: str, figures: dict[str, bytes]) -> None:
+    """PNG files into the run's ``plots/`` artifact folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in figures.items():
+            (Path(tmp) / name).write_bytes(png)
+        client.log_artifacts(run_id, tmp, "plots")
+
+
+def _log_pretraining_plots(result, cfg) -> None:
+    """The views the method saw, and its loss / lr (/ online kNN) curves, on the pretraining run."""
+    from mlflow import MlflowClient
+
+    from pipeline.plots import augmentation_grid, metric_curves
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(result.run_id, key)]
+               for key in ("loss", "lr", "knn_monitor_top1")}
+    d = cfg.data
+    _log_figures(client, result.run_id, {
+        "augmentations.png": augmentation_grid(d.train, d.views, d.mean, d.std, seed=cfg.train.seed),
+        "curves.png": metric_curves(history, title=f"{cfg.model.method} {cfg.model.backbone}")})
 
 
 def _gate_registered_version(result, cfg) -> None:
@@ -102,6 +127,19 @@ def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
 _EVALUATIONS = {"knn": _knn, "linear": _linear}
 
 
+def _embedding_map(backbone, cfg, digest: str) -> bytes:
+    """t-SNE of the (cached) test features, coloured by the shards' class names."""
+    import torch
+
+    from data_prep.shards import read_manifest
+    from pipeline.evaluate import eval_features
+    from pipeline.plots import embedding_map
+
+    _, _, test_features, test_labels = eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
+    return embedding_map(test_features, test_labels, read_manifest(cfg.data.eval_test).get("classes"),
+                         max_points=cfg.eval.embedding_map_points, seed=cfg.train.seed)
+
+
 @_user_errors
 def evaluate(args: argparse.Namespace) -> int:
     """`foundry eval knn|linear`: resolve the backbone, measure, log a new run with its lineage,
@@ -117,20 +155,23 @@ def evaluate(args: argparse.Namespace) -> int:
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
     check_input_size(backbone, source, cfg.data.eval_image_size)
-    metrics, params = _EVALUATIONS[args.kind](backbone, cfg, export_digest(source.folder))
+    digest = export_digest(source.folder)
+    metrics, params = _EVALUATIONS[args.kind](backbone, cfg, digest)
     report = {"backbone": source.ref, "model_version": source.model_version,
               "pretrain_run_id": source.pretrain_run_id, **metrics}
     if args.log:
-        report.update(_log_evaluation(args.kind, source, metrics, params, cfg, uri))
+        figures = {"embedding_tsne.png": _embedding_map(backbone, cfg, digest)} if cfg.eval.embedding_map_points else {}
+        report.update(_log_evaluation(args.kind, source, metrics, params, cfg, uri, figures=figures))
     print(json.dumps(report))
     return 0
 
 
 def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, cfg, uri: str,
-                    history: list[tuple[int, dict[str, float]]] = (), artifacts: dict[str, str] | None = None) -> dict:
+                    history: list[tuple[int, dict[str, float]]] = (), artifacts: dict[str, str] | None = None,
+                    figures: dict[str, bytes] | None = None) -> dict:
     """A new MLflow run for one evaluation: lineage tags, environment, params, ``metrics`` (and
-    per-step ``history``), ``artifacts`` (local path -> artifact folder); then the registry
-    version's tags, the gate and its model card."""
+    per-step ``history``), ``artifacts`` (local path -> artifact folder), ``figures`` (PNGs, into
+    ``plots/``); then the registry version's tags, the gate and its model card."""
     from mlflow import MlflowClient
 
     from pipeline.downstream import apply_gate, lineage_tags, record_version_metrics, write_model_card
@@ -147,8 +188,10 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
     tracker.log_metrics(metrics, step=history[-1][0] if history else 0)
     for local_path, artifact_path in (artifacts or {}).items():
         tracker.log_artifact(local_path, artifact_path)
-    tracker.end()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if figures:
+        _log_figures(client, tracker.run_id, figures)
+    tracker.end()
     record_version_metrics(client, source, metrics, tracker.run_id)
     gate = apply_gate(client, source, metrics, cfg.eval.gate)
     if source.model_version:
@@ -167,6 +210,7 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     from data_prep.shards import read_manifest
     from launch.config import config_from_dict, flatten, to_dict
     from pipeline.finetune import export_classifier, finetune
+    from pipeline.plots import metric_curves
     from pipeline.runtime import init_runtime, shutdown_runtime
     from pipeline.tracking import resolve_tracking_uri
 
@@ -186,8 +230,10 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
         classifier = export_classifier(result, source, cfg)
         history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
+        curves = metric_curves({"loss": [(step, loss) for step, loss, _ in result.losses],
+                                "lr": [(step, lr) for step, _, lr in result.losses]}, title=f"fine-tuning {source.ref}")
         report.update(_log_evaluation("finetune", source, metrics, flatten(to_dict(cfg.eval.finetune), "eval.finetune"),
-                                      cfg, uri, history, {str(classifier): "classifier"}))
+                                      cfg, uri, history, {str(classifier): "classifier"}, {"curves.png": curves}))
     return report
 
 

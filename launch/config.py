@@ -151,6 +151,8 @@ class EvalConfig:
     knn_temperature: float = 0.1
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
+    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
+    embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -433,6 +435,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
 def validate_eval(e: EvalConfig) -> None:
     """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
+    if e.knn_every < 0 or e.embedding_map_points < 0:
+        raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
+                          f"{e.knn_every}, {e.embedding_map_points}")
     lp = e.linear
     if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
         raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")

@@ -19,9 +19,11 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
+    from pipeline.evaluate import attach_knn_monitor
     from pipeline.trainer import train
 
-    return train(config_from_dict(config))
+    cfg = config_from_dict(config)
+    return train(cfg, setup=attach_knn_monitor if cfg.eval.knn_every else None)
 
 
 def launch_ranks(cfg: Config, entry: Callable, *args: Any):

@@ -110,3 +110,23 @@ def knn_evaluate(backbone: torch.nn.Module, cfg: Config, device: torch.device,
     """Top-1 kNN accuracy of ``backbone`` with data.eval_train as memory bank, data.eval_test as queries."""
     features = eval_features(backbone, cfg, device, backbone_digest)
     return knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def attach_knn_monitor(trainer) -> None:
+    """Online kNN monitor (``eval.knn_every`` > 0): after every N-th pretraining step, rank 0 logs
+    the kNN top-1 of the backbone as it is (``knn_monitor_top1``), the accuracy-over-training curve
+    of solo-learn and lightly. The other ranks wait for it at their next collective, and the time
+    counts in the step (and in a time budget's estimate if it falls in the probed steps)."""
+    every, cfg = trainer.cfg.eval.knn_every, trainer.cfg
+
+    def monitor(step: int) -> None:
+        if step % every or not trainer.rt.is_main:
+            return
+        backbone = trainer.model.backbone
+        modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
+        top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
+        for module, training in modes.items():
+            module.train(training)
+        trainer.tracker.log_metrics({"knn_monitor_top1": top1}, step=step)
+
+    trainer.step_callbacks.append(monitor)

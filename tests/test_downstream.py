@@ -120,11 +120,13 @@ def test_wrong_input_size_is_named_before_any_data_is_read(tiny_config, tmp_path
 
 def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_config, tmp_path):
     """`foundry pretrain` with the default sqlite store: the end-of-training kNN passes the gate,
-    the card has its accuracy; `foundry eval linear` by bare run id is tagged with that run."""
+    the card has its accuracy, the run has its plots and online kNN curve; `foundry eval linear`
+    by bare run id is tagged with that run and logs the t-SNE map of the test features."""
     cfg = tiny_config(tmp_path / "run")  # writes run.yaml and seeds the run's empty store
     recipe = str(tmp_path / "run.yaml")
     done = run_cli(["pretrain", recipe, "mlflow.registered_model=local-model", "eval.after_pretrain=true",
-                    "eval.gate.metric=knn_top1", "eval.gate.threshold=0.05", "train.threads=1"], tmp_path)
+                    "eval.gate.metric=knn_top1", "eval.gate.threshold=0.05", "train.threads=1",
+                    "eval.knn_every=2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluation gate:   gate passed (knn_top1=" in done.stdout
     uri = resolve_tracking_uri("", cfg.output_dir)
@@ -132,6 +134,10 @@ def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_c
     version = client.get_model_version_by_alias("local-model", "candidate")
     knn = client.get_run(version.run_id).data.metrics["knn_top1"]
     assert f"| pretraining knn_top1 | {knn:.4f} |" in version.description and "- steps: 4" in version.description
+    # Online kNN monitor every 2 steps; the views and the curves as plots on the pretraining run.
+    assert [m.step for m in client.get_metric_history(version.run_id, "knn_monitor_top1")] == [2, 4]
+    plots = {f.path for f in client.list_artifacts(version.run_id, "plots")}
+    assert plots == {"plots/augmentations.png", "plots/curves.png"}
 
     done = run_cli(["eval", "linear", recipe, "--backbone", version.run_id, *PROBE], tmp_path,
                    OMP_NUM_THREADS="1")
@@ -142,6 +148,7 @@ def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_c
     assert run.data.tags["lineage.pretrain_run_id"] == version.run_id
     assert run.data.tags["lineage.backbone_ref"] == f"runs:/{version.run_id}/backbone"
     assert "lineage.model_version" not in run.data.tags  # a run reference names no version
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "plots")} == {"plots/embedding_tsne.png"}
     assert len(list((tmp_path / "run" / "feature_cache").glob("*.pt"))) == 2  # train and test, extracted once
 
 

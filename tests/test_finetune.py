@@ -57,6 +57,7 @@ def test_finetune_logs_lineage_curves_and_a_classifier_plain_timm_loads(tiny_con
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
     assert lrs[0] > lrs[1] > lrs[2] >= 0  # past the 2 warmup steps: cosine decay
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "plots")} == {"plots/curves.png"}
     assert str(client.get_registered_model("to-finetune").aliases["candidate"]) == version  # sqlite: an int
 
     # The classifier artifact is a timm hub folder: plain timm loads it with its 10-class head,
