@@ -144,13 +144,10 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
 def evaluate(args: argparse.Namespace) -> int:
     """`foundry eval knn|linear`: resolve the backbone, measure, log a new run with its lineage,
     tag the registry version, apply the gate, refresh the model card."""
-    import torch
-
     from pipeline.export import check_input_size, export_digest, load_timm_backbone, locate_backbone
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    torch.manual_seed(cfg.train.seed)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)

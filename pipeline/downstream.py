@@ -27,7 +27,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from launch.config import GateConfig
+from launch.config import GATE_METRICS, GateConfig
 from pipeline.export import BackboneSource, registry_listing, export_digest
 
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
@@ -56,10 +56,13 @@ def lineage_tags(source: BackboneSource, kind: str) -> dict[str, str]:
 
 def record_version_metrics(client: MlflowClient, source: BackboneSource, metrics: dict[str, float],
                            eval_run_id: str) -> None:
-    """Tag the evaluated registry version with each metric and the run that measured it."""
+    """Tag the evaluated registry version with its accuracies (the metrics a gate may test) and the
+    run that measured each."""
     if not source.model_version:
         return
     for key, value in metrics.items():
+        if key not in GATE_METRICS:
+            continue
         client.set_model_version_tag(source.model_name, source.model_version, f"eval.{key}", f"{value:.6g}")
         client.set_model_version_tag(source.model_name, source.model_version, f"eval.{key}.run_id", eval_run_id)
 

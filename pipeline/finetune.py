@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from launch.config import AugmentOp, Config, ViewSpec
 from pipeline.augment import MultiViewTransform, eval_transform
-from pipeline.export import BackboneSource, check_input_size, load_timm_backbone
+from pipeline.export import BackboneSource, load_timm_backbone
 from pipeline.loader import ShardStream, make_loader
 from pipeline.runtime import Runtime, autocast, autocast_dtype
 
@@ -51,10 +51,9 @@ def train_views(cfg: Config) -> list[ViewSpec]:
         AugmentOp(op="horizontal_flip", p=0.5)])]
 
 
-def build_classifier(source: BackboneSource, num_classes: int, image_size: int) -> torch.nn.Module:
+def build_classifier(source: BackboneSource, num_classes: int) -> torch.nn.Module:
     """The exported backbone (plain timm) with a new, zero-initialised linear classifier."""
     model = load_timm_backbone(source.folder)
-    check_input_size(model, source, image_size)
     model.reset_classifier(num_classes)
     head = model.get_classifier()
     torch.nn.init.zeros_(head.weight)  # every class starts equal (MAE initialises the head ~0)
@@ -86,7 +85,8 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
 
 
 def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int) -> FinetuneResult | None:
-    """Fine-tune on this rank; rank 0 returns the result (the others None)."""
+    """Fine-tune on this rank; rank 0 returns the result (the others None). The caller has checked
+    that the backbone takes data.eval_image_size px images (``pipeline.export.check_input_size``)."""
     ft, d = cfg.eval.finetune, cfg.data
     if ft.batch_size % rt.world_size:
         raise ValueError(f"eval.finetune.batch_size={ft.batch_size} does not split over {rt.world_size} ranks")
@@ -94,13 +94,14 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
     if (ft.mixup_alpha or ft.cutmix_alpha) and local_batch % 2:
         raise ValueError(f"mixup/cutmix pair the samples of a batch: the per-rank batch ({local_batch}) must be even")
     torch.manual_seed(cfg.train.seed)  # the same head on every rank (DDP also broadcasts rank 0's)
-    model = build_classifier(source, num_classes, d.eval_image_size).to(rt.device)
+    model = build_classifier(source, num_classes).to(rt.device)
     optimizer = build_finetune_optimizer(model, cfg)
     scheduler = CosineLRScheduler(optimizer, t_initial=ft.steps, lr_min=0.0, warmup_t=ft.warmup_steps,
                                   warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     mixup = (Mixup(mixup_alpha=ft.mixup_alpha, cutmix_alpha=ft.cutmix_alpha, label_smoothing=ft.label_smoothing,
                    num_classes=num_classes) if ft.mixup_alpha or ft.cutmix_alpha else None)
-    trained = DistributedDataParallel(model) if rt.world_size > 1 else model
+    trained = (DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+               if rt.world_size > 1 else model)
     stream = ShardStream(d.eval_train, MultiViewTransform(train_views(cfg), d.mean, d.std), local_batch,
                          rank=rt.rank, world_size=rt.world_size, num_workers=d.num_workers,
                          seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer)
