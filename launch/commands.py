@@ -225,12 +225,14 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
               "final_loss": result.losses[-1][1]}
     if log:
         uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-        classifier = export_classifier(result, source, cfg)
         history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
         curves = metric_curves({"loss": [(step, loss) for step, loss, _ in result.losses],
                                 "lr": [(step, lr) for step, _, lr in result.losses]}, title=f"fine-tuning {source.ref}")
-        report.update(_log_evaluation("finetune", source, metrics, flatten(to_dict(cfg.eval.finetune), "eval.finetune"),
-                                      cfg, uri, history, {str(classifier): "classifier"}, {"curves.png": curves}))
+        with tempfile.TemporaryDirectory() as tmp:
+            classifier = export_classifier(result, source, cfg, f"{tmp}/classifier")
+            report.update(_log_evaluation("finetune", source, metrics,
+                                          flatten(to_dict(cfg.eval.finetune), "eval.finetune"), cfg, uri, history,
+                                          {str(classifier): "classifier"}, {"curves.png": curves}))
     return report
 
 

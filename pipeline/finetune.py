@@ -16,7 +16,6 @@ shards of the global batch; rank 0 evaluates, logs the MLflow run and exports th
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -137,15 +136,15 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
                           num_classes=num_classes)
 
 
-def export_classifier(result: FinetuneResult, source: BackboneSource, cfg: Config, out_dir: str | None = None):
-    """The fine-tuned classifier as a timm hub folder (``num_classes`` outputs), beside the backbone's
-    own architecture, model_args and preprocessing; a temporary folder unless ``out_dir``."""
+def export_classifier(result: FinetuneResult, source: BackboneSource, cfg: Config, out_dir: str):
+    """The fine-tuned classifier as a timm hub folder in ``out_dir`` (``num_classes`` outputs), with
+    the backbone's own architecture and model_args, and the fine-tuning's preprocessing."""
     from pipeline.export import export_timm_backbone
 
     config = source.config
     d = cfg.data
     return export_timm_backbone(result.model, config["architecture"], config.get("model_args", {}),
-                                out_dir or tempfile.mkdtemp(prefix="classifier-"),
+                                out_dir,
                                 input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean),
                                 std=tuple(d.std), num_classes=result.num_classes,
                                 extra={"finetuned_from": source.ref, **config.get("ssl_foundry", {})})
