@@ -75,34 +75,6 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
-    max_steps: int = 100  # optimizer steps (an upper bound when budget_minutes is set)
-    budget_minutes: float = 0.0  # > 0: fit the schedule to this much training time, measured
-    batch_size: int = 256  # global batch: all ranks x grad_accum_steps
-    grad_accum_steps: int = 1
-    optimizer: str = "lars"  # lars | adamw | sgd
-    lr: float = 0.3  # base lr for lr_batch_ref samples (scaled linearly with batch_size)
-    lr_batch_ref: int = 256
-    min_lr: float = 0.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9  # lars and sgd
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
-    warmup_steps: int = 10
-    grad_clip: float = 0.0  # 0 = off; the norm is always logged
-    # BatchNorm statistics over the global batch on every rank (SimCLR's global BN; what
-    # SyncBatchNorm does on GPUs, here on any backend). Off: per-rank statistics.
-    global_batchnorm: bool = False
-    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
-    channels_last: bool = True
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest in output_dir) | never | path to a checkpoint
-    threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
-
-
-@dataclass
 class LinearProbeConfig:
     """`foundry eval linear` (pipeline/linear_probe.py): a linear classifier on frozen, cached features."""
 
@@ -143,6 +115,34 @@ class GateConfig:
 
     metric: str = ""
     threshold: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps (an upper bound when budget_minutes is set)
+    budget_minutes: float = 0.0  # > 0: fit the schedule to this much training time, measured
+    batch_size: int = 256  # global batch: all ranks x grad_accum_steps
+    grad_accum_steps: int = 1
+    optimizer: str = "lars"  # lars | adamw | sgd
+    lr: float = 0.3  # base lr for lr_batch_ref samples (scaled linearly with batch_size)
+    lr_batch_ref: int = 256
+    min_lr: float = 0.0
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # lars and sgd
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
+    warmup_steps: int = 10
+    grad_clip: float = 0.0  # 0 = off; the norm is always logged
+    # BatchNorm statistics over the global batch on every rank (SimCLR's global BN; what
+    # SyncBatchNorm does on GPUs, here on any backend). Off: per-rank statistics.
+    global_batchnorm: bool = False
+    precision: str = "auto"  # auto (bf16 where fast) | bf16 | fp32
+    channels_last: bool = True
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest in output_dir) | never | path to a checkpoint
+    threads: int = 0  # torch intra-op threads per rank; 0 = cores / ranks
 
 
 @dataclass
