@@ -90,11 +90,23 @@ def test_eval_lineage_gate_card_and_promotion_against_a_real_server(mlflow_serve
     assert tags["eval.linear_top1.run_id"] == linear["eval_run_id"] and "gate.passed" in tags
     assert float(tags["eval.linear_top1"]) == pytest.approx(linear["linear_top1"], abs=1e-5)
 
-    # The card now lists both evaluations and the alias.
+    # Fine-tuning reads the same alias; its run carries the same lineage.
+    code, out, _ = foundry(capsys, "eval", "finetune", recipe, "--backbone", f"models:/{name}@candidate",
+                           "eval.finetune.steps=2", "eval.finetune.batch_size=16", "eval.finetune.warmup_steps=1",
+                           "train.threads=1")
+    finetuned = last_json(out)
+    assert code == 0 and finetuned["model_version"] == "1"
+    run = client.get_run(finetuned["eval_run_id"])
+    assert run.data.tags["eval.kind"] == "finetune" and run.data.tags["lineage.pretrain_run_id"] == pretrain_run
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "classifier")} == {
+        "classifier/config.json", "classifier/model.safetensors"}
+
+    # The card now lists the evaluations and the alias.
     card = client.get_model_version(name, "1").description
     assert "- aliases: @candidate" in card and "Evaluation gate: passed, knn_top1=" in card
     assert f"| linear linear_top1 | {linear['linear_top1']:.4f} | `{linear['eval_run_id']}` |" in card
     assert f"| knn knn_top1 | {knn['knn_top1']:.4f} | `{knn['eval_run_id']}` |" in card
+    assert f"| finetune finetune_top1 | {finetuned['finetune_top1']:.4f} |" in card
 
     # Promotion: a version that never passed a gate is refused (unless forced); version 1 moves @production.
     _, second = register_backbone(cfg, name, seed=1)
@@ -150,6 +162,15 @@ def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_c
     assert "lineage.model_version" not in run.data.tags  # a run reference names no version
     assert {f.path for f in client.list_artifacts(run.info.run_id, "plots")} == {"plots/embedding_tsne.png"}
     assert len(list((tmp_path / "run" / "feature_cache").glob("*.pt"))) == 2  # train and test, extracted once
+
+    # kNN on the local export folder: the pretraining run comes from its config.json; the linear
+    # probe's cached features are reused (no new cache files).
+    done = run_cli(["eval", "knn", recipe, "--backbone", str(tmp_path / "run" / "backbone")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = client.get_run(last_json(done.stdout)["eval_run_id"])
+    assert run.data.tags["lineage.pretrain_run_id"] == version.run_id and run.data.tags["eval.kind"] == "knn"
+    assert run.data.tags["lineage.backbone_sha256"] == export_digest(tmp_path / "run" / "backbone")
+    assert len(list((tmp_path / "run" / "feature_cache").glob("*.pt"))) == 2
 
 
 # A downstream team's script: mlflow, timm and torch only. Resolves the alias in the registry of
