@@ -193,7 +193,7 @@ def _is_run_id(ref: str) -> bool:
 
 def export_digest(folder: str | Path) -> str:
     """sha256 over an export's config.json and weights: identifies the backbone's content wherever
-    it was downloaded to (feature cache keys, model cards)."""
+    it was downloaded to (feature cache keys, lineage tags)."""
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         with open(Path(folder) / name, "rb") as f:
