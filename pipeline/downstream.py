@@ -87,12 +87,16 @@ def apply_gate(client: MlflowClient, source: BackboneSource, metrics: dict[str, 
     return f"gate passed ({verdict}): models:/{name}@{CANDIDATE_ALIAS} -> version {version}"
 
 
+def _registered_version(client: MlflowClient, name: str, version: str, action: str):
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        raise RegistryError(f"cannot {action} {name} version {version}: {registry_listing(client, name)}") from None
+
+
 def promote(client: MlflowClient, name: str, version: str, force: bool = False) -> None:
     """Move ``@production`` to ``version``, which must have passed an evaluation gate (or ``force``)."""
-    try:
-        model_version = client.get_model_version(name, version)
-    except MlflowException:
-        raise RegistryError(f"cannot promote {name} version {version}: {registry_listing(client, name)}") from None
+    model_version = _registered_version(client, name, version, "promote")
     if "gate.passed" not in model_version.tags and not force:
         raise RegistryError(
             f"{name} version {version} has not passed an evaluation gate (no gate.passed tag; last: "
@@ -130,7 +134,7 @@ def _evaluations(client: MlflowClient, name: str, version: str) -> list:
 def model_card(client: MlflowClient, name: str, version: str) -> str:
     """The markdown card of a registered version, from the registry, its pretraining run, the
     export's config.json and the evaluation runs tagged with its lineage."""
-    model_version = client.get_model_version(name, version)
+    model_version = _registered_version(client, name, version, "describe")
     run = client.get_run(model_version.run_id)
     params, tags = run.data.params, run.data.tags
     export = _export_config(client, name, version)

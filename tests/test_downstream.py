@@ -225,3 +225,20 @@ def test_downstream_client_fine_tunes_the_candidate_with_only_mlflow_timm_and_to
     exported = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
     for key, value in exported.state_dict().items():
         assert torch.equal(out["pretrained"][key], value), key
+
+
+def test_registry_commands_on_the_local_store(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    pretrain_run, version = register_backbone(cfg, "local-registry")
+    uri = resolve_tracking_uri("", cfg.output_dir)
+    code, out, _ = foundry(capsys, "registry", "card", "local-registry", version, "--tracking-uri", uri)
+    assert code == 0 and out.startswith("# local-registry v1") and f"pretraining run: `{pretrain_run}`" in out
+    code, _, err = foundry(capsys, "registry", "promote", "local-registry", version, "--tracking-uri", uri)
+    assert code == 2 and "never gated" in err and "--force" in err
+    code, out, _ = foundry(capsys, "registry", "promote", "local-registry", version, "--tracking-uri", uri, "--force")
+    assert code == 0 and "@production -> version 1" in out
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert str(client.get_registered_model("local-registry").aliases["production"]) == version
+    assert "- aliases: @production" in client.get_model_version("local-registry", version).description
+    code, _, err = foundry(capsys, "registry", "card", "nope", "1", "--tracking-uri", uri)
+    assert code == 2 and "no registered model 'nope'; registered models: local-registry" in err
