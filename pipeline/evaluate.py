@@ -85,8 +85,11 @@ def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, bac
     features, labels = extract_features(backbone, folder, **extract_args)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    torch.save({"features": features, "labels": labels, "key": key_text}, tmp)
-    os.replace(tmp, path)  # a reader never sees half a file
+    try:
+        torch.save({"features": features, "labels": labels, "key": key_text}, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
     return features, labels
 
 
