@@ -15,7 +15,7 @@ from launch.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_parser as add_prep
     from launch.bench import add_parser as add_bench
-    from launch.commands import add_eval_parser, add_pretrain_parser
+    from launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from launch.slurm import add_parser as add_submit
 
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prep(sub)
     add_pretrain_parser(sub)
     add_eval_parser(sub)
+    add_registry_parser(sub)
     add_submit(sub)
     add_bench(sub)
     return parser

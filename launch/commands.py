@@ -1,8 +1,12 @@
-"""`foundry pretrain` and `foundry eval`."""
+"""`foundry pretrain`, `foundry eval` and `foundry registry`."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 from launch.config import load_config
@@ -19,8 +23,50 @@ def pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
+        _log_pretraining_plots(result, cfg)
+        if result.model_version:
+            _gate_registered_version(result, cfg)
         print_summary(result, cfg)
     return 0
+
+
+def _log_figures(client, run_id: str, figures: dict[str, bytes]) -> None:
+    """PNG files into the run's ``plots/`` artifact folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in figures.items():
+            (Path(tmp) / name).write_bytes(png)
+        client.log_artifacts(run_id, tmp, "plots")
+
+
+def _log_pretraining_plots(result, cfg) -> None:
+    """The views the method saw, and its loss / lr (/ online kNN) curves, on the pretraining run."""
+    from mlflow import MlflowClient
+
+    from pipeline.plots import augmentation_grid, metric_curves
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    history = {key: [(m.step, m.value) for m in client.get_metric_history(result.run_id, key)]
+               for key in ("loss", "lr", "knn_monitor_top1")}
+    d = cfg.data
+    _log_figures(client, result.run_id, {
+        "augmentations.png": augmentation_grid(d.train, d.views, d.mean, d.std, seed=cfg.train.seed),
+        "curves.png": metric_curves(history, title=f"{cfg.model.method} {cfg.model.backbone}")})
+
+
+def _gate_registered_version(result, cfg) -> None:
+    """The end-of-pretraining kNN is an evaluation too: it may pass the gate, and the version's
+    card (written at registration, before the kNN ran) gets its accuracy."""
+    from mlflow import MlflowClient
+
+    from pipeline.downstream import apply_gate, write_model_card
+    from pipeline.export import BackboneSource
+
+    name, version = cfg.mlflow.registered_model, result.model_version
+    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
+    if result.knn_top1 is not None:
+        source = BackboneSource(f"models:/{name}/{version}", Path(result.backbone_dir), name, version, result.run_id)
+        print(f"evaluation gate:   {apply_gate(client, source, {'knn_top1': result.knn_top1}, cfg.eval.gate)}")
+    write_model_card(client, name, version)
 
 
 def print_summary(result, cfg) -> None:
@@ -39,28 +85,115 @@ def print_summary(result, cfg) -> None:
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
 
 
-def eval_knn(args: argparse.Namespace) -> int:
+def _user_errors(command):
+    """A backbone reference that does not resolve, a backbone that refuses the configured image
+    size, an unreachable store or a refused registry operation: the message, exit status 2."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from pipeline.downstream import RegistryError
+        from pipeline.export import BackboneInputError
+        from pipeline.tracking import TrackingError
+
+        try:
+            return command(args)
+        except (FileNotFoundError, BackboneInputError, TrackingError, RegistryError) as err:
+            print(f"foundry: error: {err}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
     from pipeline.evaluate import knn_evaluate
-    from pipeline.export import load_timm_backbone, resolve_backbone
+
+    top1 = knn_evaluate(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
+    return {"knn_top1": top1}, {"eval.knn_k": cfg.eval.knn_k, "eval.knn_temperature": cfg.eval.knn_temperature}
+
+
+def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
+    import torch
+
+    from launch.config import flatten, to_dict
+    from pipeline.evaluate import eval_features
+    from pipeline.linear_probe import linear_probe
+
+    result = linear_probe(*eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest), cfg.eval.linear)
+    metrics = {"linear_top1": result.test_top1, "linear_best_lr": result.best_lr,
+               **{f"linear_val_top1.lr_{lr:g}": top1 for lr, top1 in result.val_top1.items()}}
+    return metrics, flatten(to_dict(cfg.eval.linear), "eval.linear")
+
+
+_EVALUATIONS = {"knn": _knn, "linear": _linear}
+
+
+def _embedding_map(backbone, cfg, digest: str) -> bytes:
+    """t-SNE of the (cached) test features, coloured by the shards' class names."""
+    import torch
+
+    from data_prep.shards import read_manifest
+    from pipeline.evaluate import eval_features
+    from pipeline.plots import embedding_map
+
+    _, _, test_features, test_labels = eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
+    return embedding_map(test_features, test_labels, read_manifest(cfg.data.eval_test).get("classes"),
+                         max_points=cfg.eval.embedding_map_points, seed=cfg.train.seed)
+
+
+@_user_errors
+def evaluate(args: argparse.Namespace) -> int:
+    """`foundry eval knn|linear`: resolve the backbone, measure, log a new run with its lineage,
+    tag the registry version, apply the gate, refresh the model card."""
+    from pipeline.export import check_input_size, export_digest, load_timm_backbone, locate_backbone
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    ref = args.backbone or str(Path(cfg.output_dir) / "backbone")
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-    backbone = load_timm_backbone(resolve_backbone(ref, uri))
-    top1 = knn_evaluate(backbone, cfg, torch.device("cpu"))
-    print(json.dumps({"backbone": ref, "knn_top1": top1, "k": cfg.eval.knn_k,
-                      "temperature": cfg.eval.knn_temperature}))
+    source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
+    backbone = load_timm_backbone(source.folder)
+    check_input_size(backbone, source, cfg.data.eval_image_size)
+    digest = export_digest(source.folder)
+    metrics, params = _EVALUATIONS[args.kind](backbone, cfg, digest)
+    report = {"backbone": source.ref, "model_version": source.model_version,
+              "pretrain_run_id": source.pretrain_run_id, **metrics}
     if args.log:
-        from pipeline.tracking import RunTracker
-
-        tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=f"knn {ref}")
-        tracker.set_tags({"source_backbone": ref})
-        tracker.log_metrics({"knn_top1": top1}, step=0)
-        tracker.end()
+        figures = {"embedding_tsne.png": _embedding_map(backbone, cfg, digest)} if cfg.eval.embedding_map_points else {}
+        report.update(_log_evaluation(args.kind, source, metrics, params, cfg, uri, figures=figures))
+    print(json.dumps(report))
     return 0
+
+
+def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, cfg, uri: str,
+                    history: list[tuple[int, dict[str, float]]] = (), artifacts: dict[str, str] | None = None,
+                    figures: dict[str, bytes] | None = None) -> dict:
+    """A new MLflow run for one evaluation: lineage tags, environment, params, ``metrics`` (and
+    per-step ``history``), ``artifacts`` (local path -> artifact folder), ``figures`` (PNGs, into
+    ``plots/``); then the registry version's tags, the gate and its model card."""
+    from mlflow import MlflowClient
+
+    from pipeline.downstream import apply_gate, lineage_tags, record_version_metrics, write_model_card
+    from pipeline.tracking import RunTracker, default_artifact_location
+
+    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=f"{kind} {source.ref}",
+                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+    tracker.set_tags(lineage_tags(source, kind))
+    tracker.log_environment()
+    tracker.log_params({"data.eval_train": cfg.data.eval_train, "data.eval_test": cfg.data.eval_test,
+                        "data.eval_image_size": cfg.data.eval_image_size, **params})
+    for step, values in history:
+        tracker.log_metrics(values, step=step)
+    tracker.log_metrics(metrics, step=history[-1][0] if history else 0)
+    for local_path, artifact_path in (artifacts or {}).items():
+        tracker.log_artifact(local_path, artifact_path)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if figures:
+        _log_figures(client, tracker.run_id, figures)
+    tracker.end()
+    record_version_metrics(client, source, metrics, tracker.run_id)
+    gate = apply_gate(client, source, metrics, cfg.eval.gate)
+    if source.model_version:
+        write_model_card(client, source.model_name, source.model_version)
+    return {"eval_run_id": tracker.run_id, "tracking_uri": uri, "gate": gate}
 
 
 def add_pretrain_parser(sub) -> None:
@@ -69,12 +202,108 @@ def add_pretrain_parser(sub) -> None:
     p.set_defaults(func=pretrain)
 
 
+def _finetune_rank(config: dict, source, log: bool) -> dict | None:
+    """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
+    from data_prep.shards import read_manifest
+    from launch.config import config_from_dict, flatten, to_dict
+    from pipeline.finetune import export_classifier, finetune
+    from pipeline.plots import metric_curves
+    from pipeline.runtime import init_runtime, shutdown_runtime
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = config_from_dict(config)
+    rt = init_runtime(cfg.launch, cfg.train)
+    try:
+        result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
+    finally:
+        shutdown_runtime()
+    if result is None:
+        return None
+    metrics = {"finetune_top1": result.top1}
+    report = {"backbone": source.ref, "model_version": source.model_version,
+              "pretrain_run_id": source.pretrain_run_id, "world_size": rt.world_size, **metrics,
+              "final_loss": result.losses[-1][1]}
+    if log:
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
+        curves = metric_curves({"loss": [(step, loss) for step, loss, _ in result.losses],
+                                "lr": [(step, lr) for step, _, lr in result.losses]}, title=f"fine-tuning {source.ref}")
+        with tempfile.TemporaryDirectory() as tmp:
+            classifier = export_classifier(result, source, cfg, f"{tmp}/classifier")
+            report.update(_log_evaluation("finetune", source, metrics,
+                                          flatten(to_dict(cfg.eval.finetune), "eval.finetune"), cfg, uri, history,
+                                          {str(classifier): "classifier"}, {"curves.png": curves}))
+    return report
+
+
+@_user_errors
+def eval_finetune(args: argparse.Namespace) -> int:
+    """`foundry eval finetune`: the backbone is resolved (and downloaded) once, here, then every rank
+    fine-tunes it (launch.nproc_per_node ranks, or the ranks torchrun started)."""
+    from launch.config import to_dict
+    from launch.local import launch_ranks
+    from pipeline.export import check_input_size, load_timm_backbone, locate_backbone
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = load_config(args.config, args.overrides)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
+    check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
+    report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
+    if report is not None:
+        print(json.dumps(report))
+    return 0
+
+
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a backbone")
+    p = sub.add_parser("eval", help="evaluate a backbone (logged to a new MLflow run with its lineage)")
     kinds = p.add_subparsers(dest="kind", required=True)
-    knn = kinds.add_parser("knn", help="kNN top-1 on data.eval_train (bank) / data.eval_test (queries)")
-    _add_config_args(knn)
-    knn.add_argument("--backbone", help="models:/name/version, models:/name@alias, runs:/id/backbone "
-                     "or an export folder (default: <output_dir>/backbone)")
-    knn.add_argument("--log", action="store_true", help="log the accuracy to a new MLflow run")
-    knn.set_defaults(func=eval_knn)
+    helps = {"knn": "kNN top-1 on data.eval_train (bank) / data.eval_test (queries)",
+             "linear": "linear probe on frozen features: lr swept on a held-out part of data.eval_train, "
+                       "top-1 on data.eval_test",
+             "finetune": "fine-tune the whole backbone with a new classifier on data.eval_train (DDP like "
+                         "pretraining), top-1 on data.eval_test"}
+    for kind, text in helps.items():
+        command = kinds.add_parser(kind, help=text)
+        _add_config_args(command)
+        command.add_argument("--backbone", help="models:/name/version, models:/name@alias, a run id, "
+                             "runs:/id/backbone or an export folder (default: <output_dir>/backbone)")
+        command.add_argument("--no-log", dest="log", action="store_false",
+                             help="only print the result: no MLflow run, registry tags, gate or model card")
+        command.set_defaults(func=eval_finetune if kind == "finetune" else evaluate)
+
+
+@_user_errors
+def registry(args: argparse.Namespace) -> int:
+    """`foundry registry promote|card NAME VERSION`."""
+    from mlflow import MlflowClient
+
+    from pipeline.downstream import PRODUCTION_ALIAS, promote, write_model_card
+    from pipeline.tracking import check_reachable
+
+    check_reachable(args.tracking_uri)
+    client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
+    if args.action == "promote":
+        promote(client, args.name, args.version, force=args.force)
+        print(f"models:/{args.name}@{PRODUCTION_ALIAS} -> version {args.version}")
+    else:
+        print(write_model_card(client, args.name, args.version))
+    return 0
+
+
+def add_registry_parser(sub) -> None:
+    p = sub.add_parser("registry", help="the MLflow model registry: promote a version, rewrite its model card")
+    actions = p.add_subparsers(dest="action", required=True)
+    helps = {"promote": "move @production to VERSION (which must have passed an evaluation gate)",
+             "card": "rebuild and print VERSION's model card"}
+    for action, text in helps.items():
+        command = actions.add_parser(action, help=text)
+        command.add_argument("name")
+        command.add_argument("version")
+        command.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                             required="MLFLOW_TRACKING_URI" not in os.environ,
+                             help="the store holding the registry (default: $MLFLOW_TRACKING_URI), e.g. "
+                                  "http://host:5000 or sqlite:///runs/demo/mlflow.db")
+        if action == "promote":
+            command.add_argument("--force", action="store_true", help="promote without a passed gate")
+        command.set_defaults(func=registry)

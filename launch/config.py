@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the fix."""
 
 
+# Metrics the eval commands log, which an evaluation gate (eval.gate) may test: higher is better.
+GATE_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
+
+
 @dataclass
 class AugmentOp:
     """One augmentation step: an op name from the augmentation registry, its
@@ -68,6 +72,49 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
     method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method
+
+
+@dataclass
+class LinearProbeConfig:
+    """`foundry eval linear` (pipeline/linear_probe.py): a linear classifier on frozen, cached features."""
+
+    lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3])  # swept; best on val_fraction
+    epochs: int = 100
+    batch_size: int = 1024
+    optimizer: str = "sgd"  # sgd | lars
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # of the train features, held out to pick the lr
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """`foundry eval finetune` (pipeline/finetune.py): the whole backbone plus a new linear classifier,
+    trained on data.eval_train with labels, reported on data.eval_test (the recipe knobs of MAE /
+    BEiT fine-tuning)."""
+
+    steps: int = 1000
+    batch_size: int = 256  # global: all ranks
+    optimizer: str = "adamw"  # adamw | sgd | lars
+    lr: float = 5e-4  # base lr for 256 samples (scaled linearly with batch_size)
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75  # lr x decay^(depth from the head) per layer group (timm); 1.0: off
+    warmup_steps: int = 50
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.0  # > 0: mixup (timm.data.Mixup); needs an even per-rank batch
+    cutmix_alpha: float = 0.0  # > 0: cutmix (with mixup too: one of them per batch)
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # random_resized_crop's area range
+    log_every: int = 10
+
+
+@dataclass
+class GateConfig:
+    """Evaluation gate: an eval of a registered version whose ``metric`` (knn_top1, linear_top1...)
+    reaches ``threshold`` sets the registry alias ``@candidate`` on it. Empty metric: no gate."""
+
+    metric: str = ""
+    threshold: float = 0.0
 
 
 @dataclass
@@ -124,6 +171,11 @@ class EvalConfig:
     knn_temperature: float = 0.1
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
+    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
+    embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
+    linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
@@ -401,6 +453,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
+    validate_eval(cfg.eval)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
@@ -409,6 +462,38 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
                     f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_eval(e: EvalConfig) -> None:
+    """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
+    if e.knn_every < 0 or e.embedding_map_points < 0:
+        raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
+                          f"{e.knn_every}, {e.embedding_map_points}")
+    lp = e.linear
+    if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
+        raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")
+    if lp.optimizer not in ("sgd", "lars"):
+        raise ConfigError(f"eval.linear.optimizer: '{lp.optimizer}' is not one of sgd, lars")
+    if lp.epochs < 1 or lp.batch_size < 1:
+        raise ConfigError(f"eval.linear.epochs and eval.linear.batch_size must be >= 1, got {lp.epochs}, "
+                          f"{lp.batch_size}")
+    if not 0 < lp.val_fraction < 1:
+        raise ConfigError(f"eval.linear.val_fraction must be in (0, 1), got {lp.val_fraction}")
+    ft = e.finetune
+    if ft.optimizer not in ("adamw", "sgd", "lars"):
+        raise ConfigError(f"eval.finetune.optimizer: '{ft.optimizer}' is not one of adamw, sgd, lars")
+    if ft.steps < 1 or ft.batch_size < 1 or ft.log_every < 1:
+        raise ConfigError(f"eval.finetune.steps, batch_size and log_every must be >= 1, got {ft.steps}, "
+                          f"{ft.batch_size}, {ft.log_every}")
+    if not 0 < ft.layer_decay <= 1:
+        raise ConfigError(f"eval.finetune.layer_decay must be in (0, 1] (1: off), got {ft.layer_decay}")
+    if not 0 <= ft.label_smoothing < 1 or ft.mixup_alpha < 0 or ft.cutmix_alpha < 0:
+        raise ConfigError("eval.finetune.label_smoothing must be in [0, 1) and mixup_alpha, cutmix_alpha >= 0")
+    if len(ft.crop_scale) != 2 or not 0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1:
+        raise ConfigError(f"eval.finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}")
+    if e.gate.metric and e.gate.metric not in GATE_METRICS:
+        raise ConfigError(f"eval.gate.metric: '{e.gate.metric}' is not one of {', '.join(GATE_METRICS)} "
+                          f"(empty: no gate)")
 
 
 def validate_views(data: DataConfig) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
@@ -19,15 +19,18 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
+    from pipeline.evaluate import attach_knn_monitor
     from pipeline.trainer import train
 
-    return train(config_from_dict(config))
+    cfg = config_from_dict(config)
+    return train(cfg, setup=attach_knn_monitor if cfg.eval.knn_every else None)
 
 
-def launch_pretrain(cfg: Config):
-    """Run pretraining: in this process, or as ``launch.nproc_per_node`` ranks per node."""
+def launch_ranks(cfg: Config, entry: Callable, *args: Any):
+    """``entry(*args)`` in this process, or in ``launch.nproc_per_node`` ranks per node (``entry``
+    and ``args`` must pickle); returns rank 0's result."""
     if cfg.launch.nproc_per_node == 1 and cfg.launch.nnodes == 1 or under_launcher():
-        return _rank_entry(to_dict(cfg))
+        return entry(*args)
     single_node = cfg.launch.nnodes == 1
     elastic = ElasticConfig(
         min_nodes=cfg.launch.nnodes,
@@ -40,5 +43,10 @@ def launch_pretrain(cfg: Config):
         max_restarts=0,
         monitor_interval=1,
     )
-    results = elastic_launch(elastic, _rank_entry)(to_dict(cfg))
+    results = elastic_launch(elastic, entry)(*args)
     return results[0]
+
+
+def launch_pretrain(cfg: Config):
+    """Run pretraining: in this process, or as ``launch.nproc_per_node`` ranks per node."""
+    return launch_ranks(cfg, _rank_entry, to_dict(cfg))

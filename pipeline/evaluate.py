@@ -6,6 +6,11 @@ neighbour with similarity ``s`` adding ``exp(s / T)`` to its class; the top clas
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -59,11 +64,72 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200
     return float((predicted == test_labels).float().mean())
 
 
-def knn_evaluate(backbone: torch.nn.Module, cfg: Config, device: torch.device) -> float:
-    """Top-1 kNN accuracy of ``backbone`` with data.eval_train as memory bank, data.eval_test as queries."""
-    d, e = cfg.data, cfg.eval
-    common = dict(image_size=d.eval_image_size, mean=d.mean, std=d.std, batch_size=e.batch_size,
+def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, backbone_digest: str,
+                    **extract_args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features``, computed once per (backbone weights, shards, preprocessing) and kept in
+    ``cache_dir``: the linear probe's lr sweep, kNN and the embedding map then share one pass.
+
+    The key hashes ``backbone_digest`` (the export's content, ``pipeline.export.export_digest``),
+    the shards' manifest (its sha256s of every shard) and the preprocessing arguments, so a
+    retrained backbone, re-prepped shards or another image size never reuse stale features.
+    """
+    from data_prep.shards import file_sha256
+
+    preprocessing = {k: extract_args[k] for k in ("image_size", "mean", "std")}
+    key_text = json.dumps({"backbone": backbone_digest, "manifest": file_sha256(Path(folder) / "manifest.json"),
+                           **preprocessing}, sort_keys=True)
+    path = Path(cache_dir) / f"{Path(folder).name}-{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["features"], cached["labels"]
+    features, labels = extract_features(backbone, folder, **extract_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        torch.save({"features": features, "labels": labels, "key": key_text}, tmp)
+        os.replace(tmp, path)  # a reader never sees half a file
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
+    return features, labels
+
+
+def eval_features(backbone: torch.nn.Module, cfg: Config, device: torch.device,
+                  backbone_digest: str | None = None) -> tuple[torch.Tensor, ...]:
+    """(train features, train labels, test features, test labels) of data.eval_train / data.eval_test;
+    cached under ``<output_dir>/feature_cache`` when the backbone is identified by ``backbone_digest``
+    (an in-memory backbone that is still training is not)."""
+    d = cfg.data
+    common = dict(image_size=d.eval_image_size, mean=d.mean, std=d.std, batch_size=cfg.eval.batch_size,
                   num_workers=d.num_workers, device=device)
-    train_f, train_y = extract_features(backbone, d.eval_train, **common)
-    test_f, test_y = extract_features(backbone, d.eval_test, **common)
-    return knn_accuracy(train_f, train_y, test_f, test_y, e.knn_k, e.knn_temperature)
+    if backbone_digest is None:
+        return (*extract_features(backbone, d.eval_train, **common), *extract_features(backbone, d.eval_test, **common))
+    cache = Path(cfg.output_dir) / "feature_cache"
+    return (*cached_features(backbone, d.eval_train, cache, backbone_digest, **common),
+            *cached_features(backbone, d.eval_test, cache, backbone_digest, **common))
+
+
+def knn_evaluate(backbone: torch.nn.Module, cfg: Config, device: torch.device,
+                 backbone_digest: str | None = None) -> float:
+    """Top-1 kNN accuracy of ``backbone`` with data.eval_train as memory bank, data.eval_test as queries."""
+    features = eval_features(backbone, cfg, device, backbone_digest)
+    return knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature)
+
+
+def attach_knn_monitor(trainer) -> None:
+    """Online kNN monitor (``eval.knn_every`` > 0): after every N-th pretraining step, rank 0 logs
+    the kNN top-1 of the backbone as it is (``knn_monitor_top1``), the accuracy-over-training curve
+    of solo-learn and lightly. The other ranks wait for it at their next collective, and the time
+    counts in the step (and in a time budget's estimate if it falls in the probed steps)."""
+    every, cfg = trainer.cfg.eval.knn_every, trainer.cfg
+
+    def monitor(step: int) -> None:
+        if step % every or not trainer.rt.is_main:
+            return
+        backbone = trainer.model.backbone
+        modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
+        top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
+        for module, training in modes.items():
+            module.train(training)
+        trainer.tracker.log_metrics({"knn_monitor_top1": top1}, step=step)
+
+    trainer.step_callbacks.append(monitor)

@@ -251,6 +251,8 @@ class RunTracker:
         all download the same files (config.json + model.safetensors), with plain MLflow.
         Versions are immutable: if this run already has files at ``artifact_path`` (a second
         registration), the folder goes to ``<artifact_path>-2`` etc. instead of overwriting them.
+        The version gets its model card (``pipeline.downstream``), with the manifest hash of the
+        run's ``data.train`` shards.
         """
         folder = Path(local_dir)
         missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
@@ -267,6 +269,9 @@ class RunTracker:
         artifact_root = self._client.get_run(self._run_id).info.artifact_uri
         version = self._client.create_model_version(
             name, source=f"{artifact_root.rstrip('/')}/{artifact_path}", run_id=self._run_id)
+        from pipeline.downstream import write_model_card  # late: it imports the config, this module must not
+
+        write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)
 
     def end(self, status: str = "FINISHED") -> None:

@@ -125,6 +125,32 @@ def tiny_config(fmnist, mlflow_db_template):
     return make
 
 
+def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
+    """What pretraining leaves behind, without the training: a run with the recipe's params and
+    environment, and a (randomly initialised, ``seed``) backbone exported to
+    ``<output_dir>/export-<seed>`` and registered from it. Returns (run id, version)."""
+    import torch
+
+    from launch.config import flatten, to_dict
+    from models.backbones import create_backbone
+    from pipeline.export import export_timm_backbone
+    from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain",
+                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+    tracker.log_params(flatten(to_dict(cfg)))
+    tracker.log_environment()
+    torch.manual_seed(seed)
+    m, d = cfg.model, cfg.data
+    folder = export_timm_backbone(create_backbone(m.backbone, **m.backbone_args), m.backbone, m.backbone_args,
+                                  f"{cfg.output_dir}/export-{seed}", (3, IMAGE_SIZE, IMAGE_SIZE), d.mean, d.std,
+                                  extra={"method": m.method, "steps": 7, "mlflow_run_id": tracker.run_id})
+    version = tracker.register_model(str(folder), name)
+    tracker.end()
+    return tracker.run_id, version
+
+
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for child processes: this checkout first on the path (the venv's editable
     install may point at another one), temp files (torchelastic_*) under ``tmp_path``."""

@@ -1,6 +1,6 @@
 """`foundry bench quality`: every recipe trains for the same time budget in its own process, is
-kNN-evaluated, and lands in a JSON + markdown table beside raw-pixel and random-init baselines
-computed by the same kNN code. Two tiny recipes (a ViT and a ResNet SimCLR) on 128 real
+kNN-evaluated and linear-probed, and lands in a JSON + markdown table beside raw-pixel and
+random-init baselines computed by the same code. Two tiny recipes (a ViT and a ResNet SimCLR) on 128 real
 Fashion-MNIST images per split, a few seconds of budget each."""
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
         assert 15 <= run["steps"] < 10**7
         assert run["train_minutes"] > 0  # how long is the machine's business: no time limit in a test
         assert run["images_per_s"] > 0 and 0.0 <= run["knn_top1"] <= 1.0
+        assert 0.0 <= run["linear_top1"] <= 1.0 and run["linear_best_lr"] in report["linear_lrs"]
+        assert len(list((out / run["recipe"] / "feature_cache").glob("*.pt"))) == 2  # train and test features
     # Every run is in the bench's MLflow store, finished, with its kNN metric.
     with sqlite3.connect(out / "mlflow.db") as db:
         finished = dict(db.execute("SELECT run_uuid, status FROM runs").fetchall())
@@ -87,7 +89,19 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
     expected = _raw_pixel_knn(report["knn_k"], report["knn_temperature"], 0.0, 1.0)
     assert abs(baselines["raw pixels (28 px, unnormalised)", "-"]["knn_top1"] - expected) <= 1 / FMNIST_LIMIT
 
+    assert all(0.0 <= b["linear_top1"] <= 1.0 for b in report["baselines"])
+
     table = (out / "quality.md").read_text()
-    assert f"--budget-minutes {BUDGET_MINUTES:g}" in table
+    assert f"--budget-minutes {BUDGET_MINUTES:g}" in table and "| kNN top-1 | linear top-1 |" in table
     for name in ["tiny_vit", "tiny_resnet", "raw pixels (28 px)", "random init (16 px)"]:
         assert f"| {name} |" in table
+
+    # --reuse-runs: evaluated again from the run folders, nothing trained (no new MLflow run).
+    done = run_cli(["bench", "quality", "--budget-minutes", str(BUDGET_MINUTES), "--out-dir", str(out), "--reuse-runs",
+                    *[a for r in recipes for a in ("--recipe", str(r))]], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = json.loads((out / "quality.json").read_text())
+    assert [r["steps"] for r in again["runs"]] == [r["steps"] for r in report["runs"]]
+    assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in report["runs"]]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        assert len(db.execute("SELECT run_uuid FROM runs").fetchall()) == len(finished)
