@@ -257,7 +257,8 @@ def test_deepspeed_keys_without_the_deepspeed_strategy_are_an_error(tiny_config,
     (["deepspeed.offload_optimizer=cpu", "train.optimizer=sgd"], "set train.optimizer=adamw"),
     (["deepspeed.offload_optimizer=gpu", "train.optimizer=adamw"], "'gpu' is not one of none, cpu"),
     (["train.optimizer=lars"], "LARS' layer-wise trust ratio"),
-], ids=["stage4", "stage0", "param-offload-stage2", "offload-sgd", "offload-device", "lars"])
+    (["deepspeed.zero_stage=3", "train.optimizer=adamw", "eval.knn_every=10"], "ZeRO-3 has partitioned"),
+], ids=["stage4", "stage0", "param-offload-stage2", "offload-sgd", "offload-device", "lars", "knn-monitor-zero3"])
 def test_bad_deepspeed_keys_are_config_errors(tiny_config, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=None) as err:
         tiny_config(tmp_path / "run", "train.strategy=deepspeed", *overrides)

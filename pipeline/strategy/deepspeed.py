@@ -180,6 +180,10 @@ def validate_deepspeed(cfg: Config) -> None:
         raise ConfigError(f"parameter offload needs ZeRO stage 3 (parameters are only partitioned there); "
                           f"zero_optimization.stage is {stage}{source}: set deepspeed.zero_stage=3 or "
                           f"deepspeed.offload_params=none")
+    if stage == 3 and cfg.eval.knn_every:
+        raise ConfigError("eval.knn_every (the online kNN monitor) runs rank 0's backbone alone, whose parameters "
+                          "ZeRO-3 has partitioned over all ranks; use deepspeed.zero_stage=1 or 2, or eval.knn_every=0 "
+                          "(the kNN at the end of pretraining runs on the consolidated backbone)")
     if offloads_optimizer(ds_config) and t.optimizer != "adamw":
         raise ConfigError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got "
                           f"{t.optimizer}), or deepspeed.offload_optimizer=none{source}")
