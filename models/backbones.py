@@ -43,3 +43,12 @@ def freeze_sincos_pos_embed(vit: VisionTransformer) -> None:
     with torch.no_grad():
         vit.pos_embed.copy_(fixed.to(vit.pos_embed))
     vit.pos_embed.requires_grad_(False)
+
+
+def feature_map_reduction(backbone: nn.Module, method: str) -> int:
+    """How many input pixels one position of a CNN's final feature map (``forward_features``,
+    (N, C, h, w)) spans per side, e.g. 32 for a ResNet; for methods that decode that map."""
+    if is_vit(backbone) or not getattr(backbone, "feature_info", None):
+        raise ValueError(f"{method}: needs a CNN backbone whose forward_features is a (N, C, h, w) map "
+                         f"(e.g. resnet18), got {type(backbone).__name__}; set model.backbone")
+    return int(backbone.feature_info[-1]["reduction"])

@@ -27,3 +27,21 @@ class MLPHead(nn.Sequential):
         if last_batch_norm:
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
         super().__init__(*layers)
+
+
+class UpsamplingDecoder(nn.Sequential):
+    """A feature map (N, in_dim, h, w) -> (N, out_dim, h * 2^num_upsamples, w * 2^num_upsamples):
+    ``num_upsamples`` stride-2 up-convolutions (kernel 4, BN, ReLU), halving the channels down to
+    ``min_dim``, then a 3x3 convolution to ``out_dim``: the decoder of the context encoder
+    (Pathak et al. 2016, "up-convolutional" layers) and of the colorization network."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_upsamples: int, min_dim: int = 32):
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_upsamples):
+            next_dim = max(min_dim, dim // 2)
+            layers += [nn.ConvTranspose2d(dim, next_dim, kernel_size=4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(next_dim), nn.ReLU(inplace=True)]
+            dim = next_dim
+        layers.append(nn.Conv2d(dim, out_dim, kernel_size=3, padding=1))
+        super().__init__(*layers)

@@ -129,3 +129,91 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (N, L)
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over the rows whose label is known (``labels >= 0``; -1 marks an unlabelled
+    sample, e.g. outside ``data.labelled_fraction``); 0, still attached to the graph, when no row
+    of the batch is labelled."""
+    known = labels >= 0
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[known].float(), labels[known])
+
+
+def rebalanced_soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor,
+                                  pixel_weights: torch.Tensor) -> torch.Tensor:
+    """Colorization's class-rebalanced multinomial cross entropy (Zhang et al. 2016, eq. 2):
+
+        L(Z^, Z) = - sum_{h,w} v(Z_hw) sum_q Z_hwq log Z^_hwq
+
+    averaged (not summed) over the pixels of the batch. ``logits`` (N, Q, h, w) give Z^ by a
+    softmax over the Q ab bins, ``soft_targets`` (N, Q, h, w) are Z (soft-encoded ground truth),
+    ``pixel_weights`` (N, h, w) are v(Z_hw), the rebalancing weight of each pixel's nearest bin.
+    """
+    per_pixel = -(soft_targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+    return (pixel_weights * per_pixel).mean()
+
+
+def dim_scores(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
+    """Deep InfoMax's critic T(y, m) as a dot product ("encoder-and-dot" architecture, Hjelm et
+    al. 2019 appendix A.2): ``global_features`` (N, D) and ``local_features`` (N, L, D) ->
+    scores (N, N, L), ``[i, j, l] = y_i . m_{j,l}``; positives are the pairs with i == j."""
+    return torch.einsum("nd,mld->nml", global_features.float(), local_features.float())
+
+
+def dim_jsd_loss(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
+    """Minus DIM's Jensen-Shannon MI estimator (Hjelm et al. 2019, eq. 4), over every local
+    position (local DIM, eq. 6):
+
+        I_JSD = E_P[-sp(-T(x, E(x)))] - E_{P x P~}[sp(T(x', E(x)))],   sp(z) = log(1 + e^z)
+
+    positives: global feature i with the local features of image i; negatives: with those of
+    every other image j != i of the batch. Returns -I_JSD.
+    """
+    scores = dim_scores(global_features, local_features)
+    same_image = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)
+    positive = scores[same_image]  # (N, L)
+    negative = scores[~same_image]  # (N(N-1), L)
+    return F.softplus(-positive).mean() + F.softplus(negative).mean()
+
+
+def dim_infonce_loss(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
+    """Minus DIM's InfoNCE MI estimator (Hjelm et al. 2019, eq. 5), over every local position:
+
+        I_NCE = E_P[ T(x, E(x)) - log sum_{x' in {x} u X~} e^{T(x', E(x))} ]
+
+    for global feature i and its local feature at position l, the candidates are that positive
+    and the local features at every position of every other image j != i. Returns -I_NCE.
+    """
+    scores = dim_scores(global_features, local_features)  # (N, N, L)
+    n = scores.shape[0]
+    same_image = torch.eye(n, dtype=torch.bool, device=scores.device)[:, :, None]
+    negatives_logsumexp = scores.masked_fill(same_image, float("-inf")).flatten(1).logsumexp(dim=1)  # (N,)
+    positive = scores[same_image.squeeze(-1)]  # (N, L)
+    return (torch.logaddexp(positive, negatives_logsumexp[:, None]) - positive).mean()
+
+
+def joint_rotation_labels(labels: torch.Tensor, rotations: torch.Tensor, num_rotations: int = 4) -> torch.Tensor:
+    """SLA's joint label (Lee et al. 2020, sec. 3.2) of class ``i`` seen at rotation ``j``:
+    ``i * M + j`` among N * M, M = ``num_rotations``; -1 (unlabelled) stays -1."""
+    return torch.where(labels >= 0, labels * num_rotations + rotations, -1)
+
+
+def aggregated_class_logits(joint_logits: torch.Tensor, num_rotations: int = 4) -> torch.Tensor:
+    """SLA's aggregation (Lee et al. 2020, eq. 6): for images rotated ``j = 0..M-1`` in blocks of
+    B rows (as :func:`models.pretext.rotate_all`), joint logits (M*B, N*M) -> (B, N) class logits
+
+        s_i(x) = (1/M) sum_j z_{(i, j)}(x~_j),   P_aggregated(i | x) = softmax_i(s(x))
+
+    i.e. the logit of (class i, rotation j) on the copy actually rotated by j, averaged over j."""
+    blocks = joint_logits.reshape(num_rotations, -1, joint_logits.shape[1] // num_rotations, num_rotations)
+    # blocks[j, b, i, k] = z_{(i, k)}(x~_j) of image b: keep k == j
+    return torch.diagonal(blocks, dim1=0, dim2=3).mean(dim=-1)
+
+
+def self_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_teacher || P_student), averaged over the batch, with the teacher a fixed target (no
+    gradient): SLA's aggregated prediction distilled into a plain classifier (Lee et al. 2020, eq. 8)."""
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
+                    reduction="batchmean", log_target=True)
