@@ -64,6 +64,9 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     views: list[ViewSpec] = field(default_factory=list)
+    # Methods that take labels (S4L, SLA): the share of the training samples whose label they see,
+    # an exact, seed-deterministic subset of the shards' keys (pipeline/labelled_subset.py).
+    labelled_fraction: float = 1.0
 
 
 @dataclass
@@ -405,6 +408,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
+    if not 0 < cfg.data.labelled_fraction <= 1:
+        raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
+                          f"got {cfg.data.labelled_fraction}")
+    for key, data_value in (("pixel_mean", cfg.data.mean), ("pixel_std", cfg.data.std)):
+        if key in cfg.model.method_args and list(cfg.model.method_args[key]) != list(data_value):
+            raise ConfigError(f"model.method_args.{key}={cfg.model.method_args[key]} differs from the views' "
+                              f"normalisation data.{key[6:]}={data_value}; set them equal")
     if not timm.is_model(cfg.model.backbone):
         close = difflib.get_close_matches(cfg.model.backbone, timm.list_models(), n=5)
         raise ConfigError(f"model.backbone: '{cfg.model.backbone}' is not a timm model"

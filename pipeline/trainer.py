@@ -32,6 +32,7 @@ from models.backbones import create_backbone
 from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
 from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+from pipeline.labelled_subset import labelled_keys, mask_unlabelled
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.optim import base_lr
 from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
@@ -193,6 +194,10 @@ class Trainer:
         self.total_steps = cfg.train.max_steps
         self.budget_decided = cfg.train.budget_minutes <= 0
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
+        # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
+        self.uses_labels = getattr(self.model, "uses_labels", False)
+        self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
+                              if self.uses_labels and cfg.data.labelled_fraction < 1 else None)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
         self.train_seconds = 0.0  # wall time of this process's training loop
@@ -256,6 +261,14 @@ class Trainer:
         fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
         return [v.to(self.rt.device, non_blocking=True, memory_format=fmt) for v in views]
 
+    def _labels(self, batch: dict) -> torch.Tensor | None:
+        if not self.uses_labels:
+            return None
+        labels = batch["label"]
+        if self.labelled_keys is not None:
+            labels = mask_unlabelled(labels, batch["key"], self.labelled_keys)
+        return labels.to(self.rt.device, non_blocking=True)
+
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
         if hasattr(self, "_rng_to_restore"):
@@ -278,7 +291,7 @@ class Trainer:
                 step_wait += toc - tic
                 self.position = LoaderPosition(batch["epoch"], batch["batch"] + 1)
                 loss = self.strategy.forward_backward(self._to_device(batch["views"]),
-                                                      sync=micro == t.grad_accum_steps - 1)
+                                                      sync=micro == t.grad_accum_steps - 1, labels=self._labels(batch))
                 step_loss += loss / t.grad_accum_steps
                 step_compute += time.perf_counter() - toc
             tic = time.perf_counter()

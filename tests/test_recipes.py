@@ -1,6 +1,6 @@
 """Every recipe in configs/ loads, names a registered method with arguments it accepts, builds the
 views that method takes at the size its backbone expects; the Fashion-MNIST ones also build
-their model and take a training step."""
+their model and take a training step (with labels for the methods that take them)."""
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,8 @@ def test_cpu_recipe_model_takes_a_training_step(path):
         if cfg.model.method == "moco_v2":
             model.queue = type(model.queue)(4 * 4, cfg.model.method_args["proj_out_dim"])  # a batch of 4 here
         views = [torch.randn(4, 3, 32, 32) for _ in range(model.num_views)]
-        loss = model(views)["loss"]
+        labels = torch.tensor([3, -1, 0, 9])  # S4L / SLA: a batch with one unlabelled image
+        loss = (model(views, labels) if getattr(model, "uses_labels", False) else model(views))["loss"]
         loss.backward()
         if hasattr(model, "on_step_end"):
             model.on_step_end(1, cfg.train.max_steps)

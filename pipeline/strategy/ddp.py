@@ -29,14 +29,16 @@ class DDPStrategy:
         self.ddp = (DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
                     if rt.world_size > 1 else None)
 
-    def forward_backward(self, views: list[torch.Tensor], sync: bool) -> torch.Tensor:
+    def forward_backward(self, views: list[torch.Tensor], sync: bool, labels: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """One micro-batch: the method's loss (returned detached), its gradient accumulated into
-        ``.grad`` scaled by 1 / grad_accum_steps; ranks all-reduce only when ``sync``."""
+        ``.grad`` scaled by 1 / grad_accum_steps; ranks all-reduce only when ``sync``. ``labels``
+        go to methods that take them (``uses_labels``)."""
         module = self.ddp or self.model
         no_sync = module.no_sync() if self.ddp is not None and not sync else nullcontext()
         with no_sync:
             with autocast(self.rt.device, self.amp_dtype):
-                loss = module(views)["loss"]
+                loss = (module(views) if labels is None else module(views, labels))["loss"]
             (loss / self.cfg.train.grad_accum_steps).backward()
         return loss.detach()
 

@@ -226,11 +226,13 @@ class DeepSpeedStrategy:
         self.optimizer = build_optimizer(cfg, model, cpu_offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
 
-    def forward_backward(self, views: list[torch.Tensor], sync: bool) -> torch.Tensor:
+    def forward_backward(self, views: list[torch.Tensor], sync: bool, labels: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """One micro-batch; the engine scales the gradient by 1 / grad_accum_steps and (stage 2/3)
-        reduce-scatters it into the owners' partitions, only at the accumulation boundary."""
+        reduce-scatters it into the owners' partitions, only at the accumulation boundary.
+        ``labels`` go to methods that take them (``uses_labels``)."""
         self.engine.set_gradient_accumulation_boundary(sync)
-        loss = self.engine(views)["loss"]
+        loss = (self.engine(views) if labels is None else self.engine(views, labels))["loss"]
         self.engine.backward(loss)
         return loss.detach()
 
