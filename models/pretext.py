@@ -49,7 +49,8 @@ def grid_tile_offsets(batch: int, image_size: int, grid: int, tile_size: int, ma
     """Top-left corners (B, grid*grid, 2) (row, column), in row-major cell order, of tiles of side
     ``tile_size`` in a ``grid`` x ``grid`` split of the image into cells of side
     ``image_size // grid``: each tile sits centred in its cell, moved by a uniform random jitter of
-    at most ``max_jitter`` pixels per axis (``None``: anywhere in its cell). The unused border of
+    at most ``max_jitter`` pixels per axis (``None``: as far as the cell allows on both sides,
+    i.e. over the whole cell when the margin is even). The unused border of
     every cell is the gap between tiles (Doersch et al. 2015 sec. 3; Noroozi & Favaro 2016 sec. 3.2)."""
     cell = image_size // grid
     margin = cell - tile_size

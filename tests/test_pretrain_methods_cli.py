@@ -30,6 +30,8 @@ TINY = {  # per recipe: overrides that make the model tiny
                              "model.method_args.pred_hidden_dim=32", "model.method_args.proj_out_dim=16"],
     "barlow_twins_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
                                      "model.method_args.proj_out_dim=32"],
+    # a method that takes labels: they reach it through DDP on both ranks, 10 % of them kept
+    "s4l_resnet18_fmnist": ["model.backbone=resnet10t"],
     "mae_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.decoder_embed_dim=32",
                             "model.method_args.decoder_depth=1", "model.method_args.decoder_num_heads=2"],
 }
