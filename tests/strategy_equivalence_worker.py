@@ -1,5 +1,5 @@
-"""Run by ``torchrun --nproc-per-node 2`` from tests/test_deepspeed.py: every method of the
-registry trained for a few steps under each strategy case on the same data and seeds; rank 0
+"""Run by ``torchrun --nproc-per-node 2`` from tests/test_deepspeed.py: every method of
+``METHOD_ARGS`` trained for a few steps under each strategy case on the same data and seeds; rank 0
 saves, per case, the per-step losses and grad norms, the initial and the final full state of the
 method (ZeRO-3 shards gathered), for the test to compare against the DDP case.
 
@@ -35,6 +35,9 @@ METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 ste
     "byol": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 32, "momentum": 0.5},
     "barlow_twins": {"proj_hidden_dim": 32, "proj_out_dim": 16, "lambd": 0.02},
     "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    # a method that takes labels (uses_labels): the strategies pass them through; the other pretext
+    # methods are single-view modules with no cross-rank state, the same path as this one
+    "s4l": {"num_classes": 10},
 }
 
 
@@ -44,21 +47,23 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
                      "method_args": METHOD_ARGS[method]}
     tree["train"].update(strategy=strategy, optimizer="adamw", lr=1e-3, batch_size=GLOBAL_BATCH,
                          grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0)
-    if method == "mae":
-        tree["data"]["views"][0]["count"] = 1
+    tree["data"]["views"][0]["count"] = method_class(method).num_views
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(tree))
         return load_config(recipe, overrides, check_paths=False)
 
 
-def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int) -> list[torch.Tensor]:
-    """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any strategy)."""
+def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any
+    strategy): views and labels (-1: unlabelled, as outside data.labelled_fraction)."""
     g = torch.Generator().manual_seed(1000 + step)
     views = [torch.randn(GLOBAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(num_views)]
+    labels = torch.randint(-1, 10, (GLOBAL_BATCH,), generator=g)
     per_micro, per_rank = GLOBAL_BATCH // GRAD_ACCUM, GLOBAL_BATCH // GRAD_ACCUM // world
     start = micro * per_micro + rank * per_rank
-    return [v[start:start + per_rank] for v in views]
+    return [v[start:start + per_rank] for v in views], labels[start:start + per_rank]
 
 
 def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
@@ -69,15 +74,16 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     strategy = create_strategy(cfg, model, rt)
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
-    num_views = method_class(method).num_views
+    num_views, uses_labels = method_class(method).num_views, getattr(method_class(method), "uses_labels", False)
     losses, grad_norms = [], []
     for step in range(STEPS):
         scheduler.step_update(step)
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
             torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle
-            loss = strategy.forward_backward(micro_batch(step, micro, rt.rank, rt.world_size, num_views),
-                                             sync=micro == GRAD_ACCUM - 1)
+            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views)
+            loss = strategy.forward_backward(views, sync=micro == GRAD_ACCUM - 1,
+                                             labels=labels if uses_labels else None)
             step_loss += loss / GRAD_ACCUM
         losses.append(float(all_reduce_mean(step_loss)))
         grad_norms.append(strategy.step())
