@@ -49,19 +49,19 @@ def grid_tile_offsets(batch: int, image_size: int, grid: int, tile_size: int, ma
     """Top-left corners (B, grid*grid, 2) (row, column), in row-major cell order, of tiles of side
     ``tile_size`` in a ``grid`` x ``grid`` split of the image into cells of side
     ``image_size // grid``: each tile sits centred in its cell, moved by a uniform random jitter of
-    at most ``max_jitter`` pixels per axis (``None``: as far as the cell allows on both sides,
-    i.e. over the whole cell when the margin is even). The unused border of
-    every cell is the gap between tiles (Doersch et al. 2015 sec. 3; Noroozi & Favaro 2016 sec. 3.2)."""
+    at most ``max_jitter`` pixels per axis, or (``None``) at a uniform random position anywhere in
+    its cell. The unused border of every cell is the gap between tiles (Doersch et al. 2015 sec. 3;
+    Noroozi & Favaro 2016 sec. 3.2)."""
     cell = image_size // grid
     margin = cell - tile_size
     if tile_size < 1 or margin < 0:
         raise ValueError(f"tile side {tile_size} does not fit cells of {cell} px ({image_size} px / {grid})")
     centre = margin // 2
-    jitter = centre if max_jitter is None else min(max_jitter, centre, margin - centre)
-    shift = torch.randint(-jitter, jitter + 1, (batch, grid * grid, 2), generator=generator)
+    low, high = (0, margin) if max_jitter is None else (max(0, centre - max_jitter), min(margin, centre + max_jitter))
+    inside = torch.randint(low, high + 1, (batch, grid * grid, 2), generator=generator)
     cells = torch.arange(grid * grid)
-    origins = torch.stack([cells // grid, cells % grid], dim=1) * cell + centre  # (K, 2)
-    return (origins + shift).to(device)
+    origins = torch.stack([cells // grid, cells % grid], dim=1) * cell  # (K, 2)
+    return (origins + inside).to(device)
 
 
 def crop_tiles(images: torch.Tensor, offsets: torch.Tensor, tile_size: int) -> torch.Tensor:
