@@ -1,5 +1,5 @@
 """CIE Lab in plain torch ops, and the quantised ab space of Zhang, Isola, Efros, "Colorful Image
-Colorization", ECCV 2016 (sec. 2.1): bins, soft encoding and class rebalancing.
+Colorization", ECCV 2016: bins, soft encoding and class rebalancing.
 
 sRGB (D65, IEC 61966-2-1) <-> linear RGB <-> XYZ <-> Lab (CIE 1976, D65 reference white). Images
 are (..., 3, H, W) with RGB in [0, 1]; Lab has L in [0, 100] and a, b roughly in [-110, 110].
@@ -65,7 +65,7 @@ def ab_bin_centres(grid: float = 10.0, lightness_steps: int = 101, samples_per_s
 
 def soft_encode_ab(ab: torch.Tensor, centres: torch.Tensor, neighbours: int = 5, sigma: float = 5.0
                    ) -> torch.Tensor:
-    """Soft encoding of the ground truth (Zhang et al. sec. 2.1, H_gt^{-1}): each pixel's ab
+    """Soft encoding of the ground truth (Zhang et al., H_gt^{-1}): each pixel's ab
     (N, 2, h, w) -> (N, Q, h, w), weights on its ``neighbours`` nearest bin centres proportional
     to a Gaussian of the distance (``sigma``), summing to 1."""
     n, _, h, w = ab.shape

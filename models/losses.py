@@ -156,15 +156,15 @@ def rebalanced_soft_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tens
 
 
 def dim_scores(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
-    """Deep InfoMax's critic T(y, m) as a dot product ("encoder-and-dot" architecture, Hjelm et
-    al. 2019 appendix A.2): ``global_features`` (N, D) and ``local_features`` (N, L, D) ->
+    """Deep InfoMax's critic T(y, m) as a dot product (the "encoder-and-dot" architecture of Hjelm et
+    al. 2019): ``global_features`` (N, D) and ``local_features`` (N, L, D) ->
     scores (N, N, L), ``[i, j, l] = y_i . m_{j,l}``; positives are the pairs with i == j."""
     return torch.einsum("nd,mld->nml", global_features.float(), local_features.float())
 
 
 def dim_jsd_loss(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
-    """Minus DIM's Jensen-Shannon MI estimator (Hjelm et al. 2019, eq. 4), over every local
-    position (local DIM, eq. 6):
+    """Minus DIM's Jensen-Shannon MI estimator (Hjelm et al. 2019), over every local
+    position (local DIM):
 
         I_JSD = E_P[-sp(-T(x, E(x)))] - E_{P x P~}[sp(T(x', E(x)))],   sp(z) = log(1 + e^z)
 
@@ -179,7 +179,7 @@ def dim_jsd_loss(global_features: torch.Tensor, local_features: torch.Tensor) ->
 
 
 def dim_infonce_loss(global_features: torch.Tensor, local_features: torch.Tensor) -> torch.Tensor:
-    """Minus DIM's InfoNCE MI estimator (Hjelm et al. 2019, eq. 5), over every local position:
+    """Minus DIM's InfoNCE MI estimator (Hjelm et al. 2019), over every local position:
 
         I_NCE = E_P[ T(x, E(x)) - log sum_{x' in {x} u X~} e^{T(x', E(x))} ]
 
@@ -195,13 +195,13 @@ def dim_infonce_loss(global_features: torch.Tensor, local_features: torch.Tensor
 
 
 def joint_rotation_labels(labels: torch.Tensor, rotations: torch.Tensor, num_rotations: int = 4) -> torch.Tensor:
-    """SLA's joint label (Lee et al. 2020, sec. 3.2) of class ``i`` seen at rotation ``j``:
+    """SLA's joint label (Lee et al. 2020) of class ``i`` seen at rotation ``j``:
     ``i * M + j`` among N * M, M = ``num_rotations``; -1 (unlabelled) stays -1."""
     return torch.where(labels >= 0, labels * num_rotations + rotations, -1)
 
 
 def aggregated_class_logits(joint_logits: torch.Tensor, num_rotations: int = 4) -> torch.Tensor:
-    """SLA's aggregation (Lee et al. 2020, eq. 6): for images rotated ``j = 0..M-1`` in blocks of
+    """SLA's aggregation (Lee et al. 2020, "aggregated inference"): for images rotated ``j = 0..M-1`` in blocks of
     B rows (as :func:`models.pretext.rotate_all`), joint logits (M*B, N*M) -> (B, N) class logits
 
         s_i(x) = (1/M) sum_j z_{(i, j)}(x~_j),   P_aggregated(i | x) = softmax_i(s(x))
@@ -214,6 +214,6 @@ def aggregated_class_logits(joint_logits: torch.Tensor, num_rotations: int = 4) 
 
 def self_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(P_teacher || P_student), averaged over the batch, with the teacher a fixed target (no
-    gradient): SLA's aggregated prediction distilled into a plain classifier (Lee et al. 2020, eq. 8)."""
+    gradient): SLA's aggregated prediction distilled into a plain classifier (Lee et al. 2020, "self-distillation from aggregation")."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
                     reduction="batchmean", log_target=True)

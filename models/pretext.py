@@ -13,7 +13,7 @@ NUM_ROTATIONS = 4
 
 
 def rotate_all(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All four rotations of every image (Gidaris et al. 2018, sec. 2.2): (B, C, H, W) ->
+    """All four rotations of every image (Gidaris et al. 2018): (B, C, H, W) ->
     ((4B, C, H, W), labels (4B,)). Block ``r`` of B rows is every image rotated by ``r * 90``
     degrees counter-clockwise (``torch.rot90``), label ``r``; block 0 is the batch itself."""
     if images.shape[-1] != images.shape[-2]:
@@ -50,8 +50,8 @@ def grid_tile_offsets(batch: int, image_size: int, grid: int, tile_size: int, ma
     ``tile_size`` in a ``grid`` x ``grid`` split of the image into cells of side
     ``image_size // grid``: each tile sits centred in its cell, moved by a uniform random jitter of
     at most ``max_jitter`` pixels per axis, or (``None``) at a uniform random position anywhere in
-    its cell. The unused border of every cell is the gap between tiles (Doersch et al. 2015 sec. 3;
-    Noroozi & Favaro 2016 sec. 3.2)."""
+    its cell. The unused border of every cell is the gap between tiles (Doersch et al. 2015;
+    Noroozi & Favaro 2016)."""
     cell = image_size // grid
     margin = cell - tile_size
     if tile_size < 1 or margin < 0:
@@ -76,8 +76,8 @@ def crop_tiles(images: torch.Tensor, offsets: torch.Tensor, tile_size: int) -> t
 
 
 def normalize_tiles(tiles: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Each tile to zero mean and unit standard deviation on its own (Noroozi & Favaro 2016
-    sec. 3.2: so that tiles cannot be matched by their low-level statistics). Tiles are the
+    """Each tile to zero mean and unit standard deviation on its own (Noroozi & Favaro 2016:
+    so that tiles cannot be matched by their low-level statistics). Tiles are the
     leading dims of (..., C, t, t)."""
     mean = tiles.mean(dim=(-3, -2, -1), keepdim=True)
     std = tiles.std(dim=(-3, -2, -1), keepdim=True)
@@ -86,7 +86,7 @@ def normalize_tiles(tiles: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def drop_colour(patches: torch.Tensor, noise_std: float = 0.01, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
-    """Colour dropping (Doersch et al. 2015 sec. 4.1, against chromatic aberration): of every
+    """Colour dropping (Doersch et al. 2015, against chromatic aberration): of every
     (C=3, h, w) patch keep one random channel and replace the other two by Gaussian noise of
     ``noise_std`` times the kept channel's standard deviation (the paper: 1/100)."""
     n = patches.shape[0]
@@ -102,7 +102,7 @@ GREEN_MAGENTA = torch.tensor([-1.0, 2.0, -1.0]) / 6 ** 0.5
 
 
 def project_colour(patches: torch.Tensor) -> torch.Tensor:
-    """Projection (Doersch et al. 2015 sec. 4.1, against chromatic aberration): remove every
+    """Projection (Doersch et al. 2015, against chromatic aberration): remove every
     pixel's component along the green-magenta axis ``a = (-1, 2, -1) / sqrt(6)`` of RGB,
     ``x - (x . a) a``, the colour direction in which lenses shift most."""
     axis = GREEN_MAGENTA.to(patches)[:, None, None]
@@ -111,7 +111,7 @@ def project_colour(patches: torch.Tensor) -> torch.Tensor:
 
 def central_mask(batch: int, image_size: int, fraction: float = 0.5, device=None) -> torch.Tensor:
     """(B, 1, H, W) float, 1 = removed: the centre square of side ``fraction * H`` (Pathak et al.
-    2016 sec. 4: "central region", a quarter of the image area at 0.5)."""
+    2016: "central region", a quarter of the image area at 0.5)."""
     side = round(image_size * fraction)
     start = (image_size - side) // 2
     mask = torch.zeros(batch, 1, image_size, image_size, device=device)
@@ -122,7 +122,7 @@ def central_mask(batch: int, image_size: int, fraction: float = 0.5, device=None
 def random_block_mask(batch: int, image_size: int, num_blocks: int = 4, fraction: float = 0.25,
                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """(B, 1, H, W) float, 1 = removed: ``num_blocks`` squares of side ``fraction * H`` at uniform
-    random positions, possibly overlapping (Pathak et al. 2016 sec. 4: "random block", smaller
+    random positions, possibly overlapping (Pathak et al. 2016: "random block", smaller
     masks covering up to 1/4 of the image at 4 blocks of side H/4)."""
     side = max(1, round(image_size * fraction))
     corners = torch.randint(image_size - side + 1, (batch, num_blocks, 2), generator=generator)

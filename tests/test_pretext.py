@@ -86,8 +86,8 @@ def test_permutation_set_is_the_papers_greedy_maximal_hamming_set():
     perms = hamming_permutation_set(100, num_tiles=9, seed=0)
     distances = (perms[:, None] != perms[None]).sum(dim=-1)
     off_diagonal = distances[~torch.eye(100, dtype=torch.bool)]
-    # The paper's greedy maximises the summed distance, not the minimum: its sets keep a minimum
-    # of 2 (Table 3 reports min 2 of 9, i.e. .22), with a mean above a random set's 8 (= 9 - 1).
+    # The paper's greedy maximises the summed distance, not the minimum: 100 of them keep pairs
+    # at distance 2, with a mean above a random set's 8 (= 9 - 1).
     assert sorted(set(map(tuple, perms.tolist()))) == sorted(map(tuple, perms.tolist()))  # 100 distinct
     assert off_diagonal.min() == 2
     assert off_diagonal.float().mean() > 8.05
@@ -200,6 +200,18 @@ def test_ab_bins_and_soft_encoding():
     assert encoded[grey_bin].item() == pytest.approx(1 / (1 + 4 * near), rel=1e-5)
     assert sorted(encoded[encoded > 0].tolist())[:4] == pytest.approx([near / (1 + 4 * near)] * 4, rel=1e-5)
     assert encoded.sum().item() == pytest.approx(1.0) and (encoded > 0).sum() == 5
+
+
+def test_colorization_input_is_the_lightness_as_grey_and_a_grey_view_passes_unchanged():
+    mean, std = (0.286,) * 3, (0.353,) * 3
+    model = create_method("colorization", create_backbone("resnet10t"), pixel_mean=mean, pixel_std=std)
+    grey_view = ((torch.rand(2, 1, 8, 8, generator=generator()) - 0.286) / 0.353).expand(-1, 3, -1, -1)
+    grey_input, ab = model.lightness_and_ab(grey_view)
+    assert (grey_input - grey_view).abs().max() < 1e-4 and ab.abs().max() < 1e-3
+    red = (torch.tensor([1.0, 0.0, 0.0])[None, :, None, None].expand(1, 3, 2, 2) - 0.286) / 0.353
+    red_input, red_ab = model.lightness_and_ab(red)
+    assert torch.allclose(red_ab[0, :, 0, 0], torch.tensor([80.0925, 67.2032]), atol=1e-2)
+    assert torch.allclose(red_input[0, 0], red_input[0, 1]) and torch.allclose(red_input[0, 1], red_input[0, 2])
 
 
 def test_rebalancing_weights_on_a_hand_worked_case():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from models.backbones import feature_map_reduction
 from models.heads import UpsamplingDecoder
-from models.lab import ab_bin_centres, rebalancing_weights, rgb_to_lab, soft_encode_ab
+from models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
 from models.losses import rebalanced_soft_cross_entropy
 from models.registry import register_method
 
@@ -19,10 +19,11 @@ OUTPUT_REDUCTION = 4  # the paper predicts ab at a quarter of the input resoluti
 
 @register_method("colorization")
 class Colorization(nn.Module):
-    """Predict the ab channels of an image from its lightness L (sec. 2). The view is converted to
-    CIE Lab; its L, as a grey image normalised like the data (so the exported backbone sees the
-    input statistics it is evaluated on), goes through the backbone's feature map and an
-    up-convolutional decoder to a quarter of the input resolution, where:
+    """Predict the ab channels of an image from its lightness L. The view is converted to
+    CIE Lab; its L, as the sRGB grey image of that lightness (a = b = 0) normalised like the data
+    (a grey view passes unchanged, so the exported backbone sees what it is evaluated on), goes
+    through the backbone's feature map and an up-convolutional decoder to a quarter of the input
+    resolution, where:
 
     - classification (default): a distribution over the Q in-gamut ab bins of side 10
       (``models.lab.ab_bin_centres``), trained with the class-rebalanced multinomial cross entropy
@@ -58,8 +59,8 @@ class Colorization(nn.Module):
     def lightness_and_ab(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised RGB views -> (the backbone's grey input (B, 3, H, W), ab (B, 2, H, W))."""
         lab = rgb_to_lab((views.float() * self.pixel_std + self.pixel_mean).clamp(0, 1))
-        grey = (lab[:, :1] / 100 - self.pixel_mean) / self.pixel_std
-        return grey, lab[:, 1:]
+        grey_rgb = lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], dim=1)).clamp(0, 1)
+        return (grey_rgb - self.pixel_mean) / self.pixel_std, lab[:, 1:]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(views) != 1:

@@ -18,7 +18,7 @@ RGB = 3  # the loaders' views are RGB: the decoder reconstructs 3 channels
 
 
 class ChannelwiseFC(nn.Module):
-    """The paper's channel-wise fully connected layer (sec. 3.1): each channel's h*w positions are
+    """The paper's channel-wise fully connected layer: each channel's h*w positions are
     fully connected to themselves, no mixing across channels (then a 1x1 convolution mixes them)."""
 
     def __init__(self, channels: int, positions: int):
@@ -33,7 +33,7 @@ class ChannelwiseFC(nn.Module):
 
 
 def patch_discriminator(in_chans: int, width: int = 64) -> nn.Sequential:
-    """A small DCGAN-style critic for the optional adversarial loss (sec. 3.2)."""
+    """A small DCGAN-style critic for the optional adversarial loss."""
     return nn.Sequential(
         nn.Conv2d(in_chans, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
         nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
@@ -43,7 +43,7 @@ def patch_discriminator(in_chans: int, width: int = 64) -> nn.Sequential:
 
 @register_method("context_encoder")
 class ContextEncoder(nn.Module):
-    """Inpainting (sec. 3): a region M of the image is removed (set to 0, the dataset mean in
+    """Inpainting: a region M of the image is removed (set to 0, the dataset mean in
     normalised pixels), the encoder (the backbone's feature map) and a channel-wise FC + up-
     convolutional decoder F reconstruct the image, and the loss is the L2 error on the removed
     region only (eq. 1, averaged over the removed pixels):

@@ -15,11 +15,11 @@ ESTIMATORS = {"jsd": dim_jsd_loss, "infonce": dim_infonce_loss}
 
 @register_method("deep_infomax")
 class DeepInfoMax(nn.Module):
-    """Local DIM (sec. 3.2, eq. 6): maximise the mutual information between the global feature
+    """Local DIM: maximise the mutual information between the global feature
     E(x) (the backbone's pooled features) and every local feature C(x)_l (the backbone's feature
     map at ``local_stage``, a timm ``forward_intermediates`` index, e.g. -3: ResNet's layer2),
-    with the JSD (default, eq. 4) or InfoNCE (eq. 5) estimator over the batch. The critic is the
-    paper's "encoder-and-dot" architecture (appendix A.2): a 1x1-convolution MLP on local
+    with the JSD (default) or InfoNCE estimator over the batch. The critic is the
+    paper's "encoder-and-dot" architecture: a 1x1-convolution MLP on local
     features and an MLP on the global feature, both to ``critic_dim``, scored by their dot
     product. The global-only term and the prior matching are left out (the paper's alpha = 0,
     gamma = 0 setting, beta = 1).

@@ -16,9 +16,9 @@ MIN_TILE_SIZE = 4
 
 @register_method("jigsaw")
 class Jigsaw(nn.Module):
-    """The context-free network (sec. 3): the image is split into a 3x3 grid of cells and one tile
+    """The context-free network: the image is split into a 3x3 grid of cells and one tile
     of ``tile_ratio`` of the cell side (the paper: 64 of 75 px) is cropped at a random position in
-    each cell, which leaves random gaps between tiles (sec. 3.2: no shortcut across tile edges);
+    each cell, which leaves random gaps between tiles (no shortcut across tile edges);
     every tile is normalised on its own. The tiles are shuffled by a permutation drawn from a
     fixed set of ``num_permutations`` of maximal Hamming distance (Algorithm 1, ``permutation_seed``),
     each shuffled tile goes through the shared encoder (the backbone) and a shared fc6

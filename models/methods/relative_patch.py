@@ -18,7 +18,7 @@ MIN_PATCH_SIZE = 4
 
 @register_method("relative_patch")
 class RelativePatchLocation(nn.Module):
-    """Context prediction (sec. 3): the image is split into a 3x3 grid of cells; the centre cell's
+    """Context prediction: the image is split into a 3x3 grid of cells; the centre cell's
     patch and one of its 8 neighbours' (uniform) are cropped with a gap between them (patch side
     ``patch_ratio`` of the cell side: the paper's 96 px patches with 48 px gaps give 2/3) and a
     random jitter of up to ``max_jitter`` px (the paper: 7 px of 96). Both patches go through the
@@ -26,7 +26,7 @@ class RelativePatchLocation(nn.Module):
     MLP (fc6-fc8 of the paper's pair network, ``hidden_dim``) predicts which of the 8 positions
     the second patch came from.
 
-    Against chromatic aberration, a shortcut to the patch's position in the image (sec. 4.1):
+    Against chromatic aberration, a shortcut to the patch's position in the image:
     ``colour``: "drop" keeps one random channel of each patch and replaces the other two with
     Gaussian noise; "project" removes the green-magenta component; "none" does neither.
     """

@@ -14,7 +14,7 @@ from models.registry import register_method
 @register_method("rotnet")
 class RotNet(nn.Module):
     """Every image of the batch is fed in all four rotations g(x, y), y in {0, 90, 180, 270}
-    degrees (the paper's sec. 2.2 finds this better than one random rotation per image), and a
+    degrees (the paper finds this better than one random rotation per image), and a
     classifier F on the backbone's features predicts y:
 
         loss = (1/4B) sum_i sum_y -log F^y(g(x_i, y))

@@ -13,7 +13,7 @@ from models.registry import register_method
 
 @register_method("s4l")
 class S4L(nn.Module):
-    """S4L-Rotation (sec. 3.1 and 3.2): one network, two linear heads on its features,
+    """S4L-Rotation: one network, two linear heads on its features,
 
         L = L_l(D_l) + w * L_u(D_u u D_l)
 

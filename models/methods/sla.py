@@ -14,16 +14,16 @@ from models.registry import register_method
 
 @register_method("sla")
 class SLA(nn.Module):
-    """SLA+SD with rotations (sec. 3.2-3.3), for labelled data: one classifier over the N * M
+    """SLA+SD with rotations, for labelled data: one classifier over the N * M
     joint labels (class i, rotation j), M = 4, trained on all four rotations of every image,
 
-        L_SLA = (1/M) sum_j CE(z(x~_j), (i, j))                                   (eq. 5)
+        L_SLA = (1/M) sum_j CE(z(x~_j), (i, j))
 
     plus aggregated self-distillation into a plain N-way classifier u on the upright image,
 
-        L = L_SLA + KL(P_aggregated(.|x) || softmax(u f(x))) + beta * CE(u f(x), y)   (eq. 8)
+        L = L_SLA + KL(P_aggregated(.|x) || softmax(u f(x))) + beta * CE(u f(x), y)
 
-    with P_aggregated the softmax of the joint logits averaged over rotations (eq. 6; the teacher,
+    with P_aggregated the softmax of the joint logits averaged over rotations ("aggregated inference"; the teacher,
     not back-propagated). Unlabelled images (label -1) are left out of every term.
     """
 
