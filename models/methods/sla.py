@@ -23,8 +23,9 @@ class SLA(nn.Module):
 
         L = L_SLA + KL(P_aggregated(.|x) || softmax(u f(x))) + beta * CE(u f(x), y)
 
-    with P_aggregated the softmax of the joint logits averaged over rotations ("aggregated inference"; the teacher,
-    not back-propagated). Unlabelled images (label -1) are left out of every term.
+    with P_aggregated the softmax of the joint logits averaged over rotations ("aggregated
+    inference"), a fixed teacher (detached, as in the authors' code, hankook/SLA trainers.py,
+    which also sets beta = 1). Unlabelled images (label -1) are left out of every term.
     """
 
     num_views = 1
