@@ -411,6 +411,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not 0 < cfg.data.labelled_fraction <= 1:
         raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
                           f"got {cfg.data.labelled_fraction}")
+    if cfg.data.labelled_fraction < 1 and not getattr(method_class(cfg.model.method), "uses_labels", False):
+        takes_labels = [m for m in method_names() if getattr(method_class(m), "uses_labels", False)]
+        raise ConfigError(f"data.labelled_fraction={cfg.data.labelled_fraction}: method '{cfg.model.method}' takes "
+                          f"no labels (those that do: {', '.join(takes_labels)}); drop the key")
     for key, data_value in (("pixel_mean", cfg.data.mean), ("pixel_std", cfg.data.std)):
         if key in cfg.model.method_args and list(cfg.model.method_args[key]) != list(data_value):
             raise ConfigError(f"model.method_args.{key}={cfg.model.method_args[key]} differs from the views' "

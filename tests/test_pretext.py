@@ -323,11 +323,14 @@ def test_s4l_labels_exactly_the_fraction_asked_for_deterministically_by_seed(fmn
         labelled_keys(folder, 0.001, seed=0)
 
 
-def test_config_rejects_a_bad_labelled_fraction_and_mismatched_colour_statistics():
+def test_config_rejects_a_bad_or_unused_labelled_fraction_and_mismatched_colour_statistics():
     recipe = REPO / "configs" / "s4l_resnet18_fmnist.yaml"
     for bad in ("0", "1.5"):
         with pytest.raises(ConfigError, match=r"data.labelled_fraction must be in \(0, 1\]"):
             load_config(recipe, [f"data.labelled_fraction={bad}"], check_paths=False)
+    with pytest.raises(ConfigError, match="method 'rotnet' takes no labels.*s4l, sla"):
+        load_config(REPO / "configs" / "rotnet_resnet18_fmnist.yaml", ["data.labelled_fraction=0.1"],
+                    check_paths=False)
     with pytest.raises(ConfigError, match="model.method_args.pixel_mean.*data.mean"):
         load_config(REPO / "configs" / "colorization_resnet18_fmnist.yaml", ["data.mean=[0.5,0.5,0.5]"],
                     check_paths=False)
