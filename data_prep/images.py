@@ -47,12 +47,12 @@ class ValidImage(NamedTuple):
     label: int | None
 
 
-def find_classes(src: Path) -> list[str]:
-    """Class folder names (sorted) when ``src`` is ImageNet style, else []."""
+def find_classes(src: Path, extensions: frozenset[str] = ACCEPTED_EXTENSIONS) -> list[str]:
+    """Class folder names (sorted) when ``src`` is ImageNet style (no file with one of
+    ``extensions`` at its top level), else []."""
     entries = list(os.scandir(src))
-    top_level_images = any(not e.is_dir() and Path(e.name).suffix.lower() in ACCEPTED_EXTENSIONS
-                           for e in entries)
-    return [] if top_level_images else sorted(e.name for e in entries if e.is_dir())
+    top_level_inputs = any(not e.is_dir() and Path(e.name).suffix.lower() in extensions for e in entries)
+    return [] if top_level_inputs else sorted(e.name for e in entries if e.is_dir())
 
 
 def list_files(src: Path) -> tuple[list[str], list[dict]]:
@@ -63,7 +63,7 @@ def list_files(src: Path) -> tuple[list[str], list[dict]]:
     walked: set[str] = set()
 
     def on_error(err: OSError) -> None:
-        unreadable.append(_skipped(os.path.relpath(err.filename, src), "unreadable", str(err)))
+        unreadable.append(skipped_entry(os.path.relpath(err.filename, src), "unreadable", str(err)))
 
     for folder, subfolders, names in os.walk(src, onerror=on_error, followlinks=True):
         subfolders.sort()  # walk order decides which path a twice-linked folder is listed under
@@ -92,22 +92,22 @@ def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
     """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
     full = src / path
     if full.suffix.lower() not in ACCEPTED_EXTENSIONS:
-        return _skipped(path, "unsupported", f"extension '{full.suffix}' is not one of "
+        return skipped_entry(path, "unsupported", f"extension '{full.suffix}' is not one of "
                                              f"{' '.join(sorted(ACCEPTED_EXTENSIONS))}")
     try:
         if not stat.S_ISREG(full.stat().st_mode):
-            return _skipped(path, "unsupported", "not a regular file")
+            return skipped_entry(path, "unsupported", "not a regular file")
         data = full.read_bytes()
     except OSError as err:
-        return _skipped(path, "unreadable", str(err))
+        return skipped_entry(path, "unreadable", str(err))
     if not data:
-        return _skipped(path, "zero-byte", "the file is empty")
+        return skipped_entry(path, "zero-byte", "the file is empty")
     try:
         width, height, image_format = probe_image(data)
     except Exception as err:  # PIL reports bad data with many exception types
-        return _skipped(path, "corrupt", f"{type(err).__name__}: {err}")
+        return skipped_entry(path, "corrupt", f"{type(err).__name__}: {err}")
     if image_format not in FORMAT_KEYS:
-        return _skipped(path, "unsupported", f"decodes as {image_format}, not one of "
+        return skipped_entry(path, "unsupported", f"decodes as {image_format}, not one of "
                                              f"{' '.join(sorted(FORMAT_KEYS))}")
     return ValidImage(path, FORMAT_KEYS[image_format], len(data), width, height, label)
 
@@ -117,7 +117,7 @@ def _check_batch(task: tuple[Path, list[tuple[str, int | None]]]) -> list[ValidI
     return [check_image(src, path, label) for path, label in files]
 
 
-def _skipped(path: str, reason: str, detail: str) -> dict:
+def skipped_entry(path: str, reason: str, detail: str) -> dict:
     return {"path": path, "reason": reason, "detail": detail}
 
 

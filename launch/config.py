@@ -60,6 +60,12 @@ class DataConfig:
     # statistics. 0: one reader per rank x worker (the composition then depends on the world size).
     readers: int = 0
     resampled: bool = False  # sample shards with replacement forever instead of epochs
+    # Clip shards (`foundry prep video`): a training clip is clip_frames frames (0: all of a stored
+    # clip), frame_stride apart, from a random start; decoded by dali where DALI decodes the
+    # shards' codec, else pyav (auto), or as set. Image methods train on one frame of each clip.
+    clip_frames: int = 0
+    frame_stride: int = 1
+    video_decoder: str = "auto"  # auto | dali | pyav
     eval_image_size: int = 32  # resize for feature extraction (kNN / probes)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -421,6 +427,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
+        "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
     }
@@ -432,6 +439,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
                           f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
                           f"(each reader gives every batch an equal part)")
+    if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
+        raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
+                          f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
@@ -460,7 +470,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             if value and not (Path(value) / "manifest.json").is_file():
                 raise ConfigError(
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
-                    f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
+                    f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
+                    f"`foundry prep fashion-mnist DIR`."
                 )
 
 

@@ -253,8 +253,13 @@ class Trainer:
                                   self.rt.device)
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return [v.to(self.rt.device, non_blocking=True, memory_format=fmt) for v in views]
+        """Images (B, 3, H, W) channels_last when asked; clips (B, T, 3, H, W) then in (B, T, H, W, 3)
+        memory, so that the frames the video methods flatten them to, (B T, 3, H, W), are channels_last."""
+        if not self.cfg.train.channels_last:
+            return [v.to(self.rt.device, non_blocking=True) for v in views]
+        return [v.to(self.rt.device, non_blocking=True, memory_format=torch.channels_last) if v.dim() == 4
+                else v.to(self.rt.device, non_blocking=True).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+                for v in views]
 
     def train(self) -> TrainResult:
         cfg, t = self.cfg, self.cfg.train
