@@ -228,3 +228,18 @@ def test_loader_yields_clips_or_frames_deterministically(video_clips, decoder):
     again = first_batch(as_clip=True)
     assert again["key"] == clips["key"] and torch.equal(again["views"][0], clips["views"][0])
     assert first_batch(as_clip=True, seed=1)["key"] != clips["key"]
+
+
+def test_bench_video_writes_json(sample_videos, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sample_videos / "carphone_pristine.mp4", src)
+    done = run_cli(["bench", "video", "--source", str(src), "--codecs", "mjpeg", "h264", "--clip-frames", "8",
+                    "--stride", "4", "--max-side", "48", "--workers", "1", "--out", str(tmp_path / "v.json")], tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    mjpeg, h264 = report["codecs"]
+    assert mjpeg["clips"] == h264["clips"] == 9  # 4.004 s at 10 fps = 41 frames: starts 0, 4, ..., 32
+    assert set(mjpeg["decode"]) == {"pyav", "dali"} and set(h264["decode"]) == {"pyav"}
+    assert all(d["clips_per_s"] > 0 and d["frames_per_s"] == pytest.approx(8 * d["clips_per_s"])
+               for row in (mjpeg, h264) for d in row["decode"].values())
