@@ -179,6 +179,7 @@ class EvalConfig:
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
     knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
     embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
+    temporal_order_frames: int = 4  # frames per clip in `foundry eval temporal-order`
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -477,6 +478,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
 def validate_eval(e: EvalConfig) -> None:
     """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
+    if e.temporal_order_frames < 2:
+        raise ConfigError(f"eval.temporal_order_frames must be >= 2 (an order needs two frames), got "
+                          f"{e.temporal_order_frames}")
     if e.knn_every < 0 or e.embedding_map_points < 0:
         raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
                           f"{e.knn_every}, {e.embedding_map_points}")
