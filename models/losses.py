@@ -189,7 +189,8 @@ def cpc_info_nce_loss(predictions: torch.Tensor, z: torch.Tensor) -> torch.Tenso
     predictions, z = predictions.float(), z.float()
     local, length, steps = predictions.shape[:3]
     if steps >= length:
-        raise ValueError(f"cpc_info_nce_loss: {steps} prediction steps need sequences longer than {steps}, got {length}")
+        raise ValueError(f"cpc_info_nce_loss: {steps} prediction steps need sequences longer than {steps}, "
+                         f"got {length}")
     candidates = gather_with_grad(z).flatten(0, 1)  # (N * T, D)
     sequence = torch.arange(local, device=z.device).unsqueeze(1) + rank() * local
     losses = []

@@ -15,7 +15,8 @@ import torch.nn as nn
 def clip_batch(views: list[torch.Tensor], method: str, num_views: int = 1) -> list[torch.Tensor]:
     """Check that ``views`` holds ``num_views`` clip tensors ``(B, T, C, H, W)`` of the same shape."""
     if len(views) != num_views:
-        raise ValueError(f"{method} takes {num_views} view(s) of clips, got {len(views)}: check data.views in the recipe")
+        raise ValueError(f"{method} takes {num_views} view(s) of clips, got {len(views)}: "
+                         f"check data.views in the recipe")
     for v in views:
         if v.dim() != 5:
             raise ValueError(f"{method} takes clips of shape (B, T, C, H, W), got a tensor of shape {tuple(v.shape)}: "

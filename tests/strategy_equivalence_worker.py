@@ -58,7 +58,8 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
         return load_config(recipe, overrides, check_paths=False)
 
 
-def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int, clips: bool = False) -> list[torch.Tensor]:
+def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
+                clips: bool = False) -> list[torch.Tensor]:
     """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any strategy);
     ``clips``: (B, CLIP_FRAMES, 3, H, W) clips for the video methods instead of (B, 3, H, W) images."""
     g = torch.Generator().manual_seed(1000 + step)
