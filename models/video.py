@@ -8,6 +8,9 @@ to every frame, so the exported backbone works on images and on frames alike.
 """
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -29,6 +32,17 @@ def require_frames(method: str, frames: int, needed: int, why: str, args: str) -
     if frames < needed:
         raise ValueError(f"{method}: {why} needs clips of at least {needed} frames, got T={frames}: "
                          f"raise data.clip_frames to {needed} or more, or lower {args}")
+
+
+def min_clip_frames(method_cls: type[nn.Module], method_args: dict[str, Any]) -> int:
+    """The fewest frames per clip that video method ``method_cls`` needs with ``method_args`` (its
+    signature's defaults filled in), from its ``frames_needed(args)``; 1 for a method without one.
+    For a config check of data.clip_frames before any process starts."""
+    if not hasattr(method_cls, "frames_needed"):
+        return 1
+    params = inspect.signature(method_cls.__init__).parameters
+    args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    return method_cls.frames_needed({**args, **method_args})
 
 
 def encode_frames(backbone: nn.Module, clips: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from models.methods.shuffle_and_learn import order_tuple_candidates, sample_orde
 from models.methods.tcn import sample_tcn_frames
 from models.methods.video_mae import tube_masking
 from models.registry import create_method, method_class, method_names
-from models.video import encode_frames, select_frames
+from models.video import encode_frames, min_clip_frames, select_frames
 
 VIDEO_METHODS = ("tcn", "shuffle_and_learn", "cpc", "video_mae")
 VIT_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2}
@@ -109,6 +109,17 @@ def test_too_short_clips_name_the_data_key(name, frames, args, needed):
     model = tiny_method(name, **args)
     with pytest.raises(ValueError, match=rf"data\.clip_frames to {needed}.*model\.method_args\."):
         model([clips(4, frames, 16)])
+
+
+def test_min_clip_frames_from_the_config_alone():
+    """What a config check of data.clip_frames can ask before building anything."""
+    assert min_clip_frames(method_class("tcn"), {}) == 3
+    assert min_clip_frames(method_class("tcn"), {"negative_margin": 5, "positive_window": 2}) == 6
+    assert min_clip_frames(method_class("shuffle_and_learn"), {"min_gap": 2}) == 5
+    assert min_clip_frames(method_class("cpc"), {}) == 4
+    assert min_clip_frames(method_class("video_mae"), {}) == 1
+    assert tiny_method("cpc", prediction_steps=5).min_frames == min_clip_frames(method_class("cpc"),
+                                                                                 {"prediction_steps": 5})
 
 
 def test_bad_method_args_name_the_arg():

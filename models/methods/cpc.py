@@ -44,7 +44,12 @@ class CPC(nn.Module):
         self.predictors = nn.ModuleList(nn.Linear(context_dim, embed_dim, bias=False)
                                         for _ in range(prediction_steps))  # W_1 .. W_K
         self.prediction_steps = prediction_steps
-        self.min_frames = prediction_steps + 1
+        self.min_frames = self.frames_needed({"prediction_steps": prediction_steps})
+
+    @staticmethod
+    def frames_needed(args: dict) -> int:
+        """t = 0 predicts t + K, so T >= K + 1."""
+        return args["prediction_steps"] + 1
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         clips = clip_batch(views, "cpc")[0]

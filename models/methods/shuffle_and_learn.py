@@ -114,8 +114,12 @@ class ShuffleAndLearn(nn.Module):
         self.max_gap = max_gap
         self.min_gap = min_gap
         self.reverse = reverse
-        # the shortest clip with a negative: x = 0, b = min_gap, c = b + 1, d = b + 2
-        self.min_frames = min_gap + 3
+        self.min_frames = self.frames_needed({"min_gap": min_gap})
+
+    @staticmethod
+    def frames_needed(args: dict) -> int:
+        """The shortest clip with a negative tuple: x = 0, b = min_gap, d = b + 2."""
+        return args["min_gap"] + 3
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         clips = clip_batch(views, "shuffle_and_learn")[0]

@@ -53,7 +53,8 @@ class TCN(nn.Module):
     embedding lives on the unit hypersphere), trained with
 
     - ``loss="triplet"`` (the paper's eq. 1-2): for every clip one triplet (anchor, positive,
-      negative), ``[||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + margin]_+``;
+      negative), ``[||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + margin]_+``; margin 0.2 by default,
+      FaceNet's (Schroff et al. 2015), whose triplet loss TCN takes;
     - ``loss="infonce"`` (default; the multi-pair form, the N-pairs loss of Sohn 2016 that the
       TCN authors also train with, written as InfoNCE with ``temperature``): every anchor
       against all positives of the global batch (the other clips' positives are its negatives)
@@ -91,8 +92,12 @@ class TCN(nn.Module):
         self.negative_margin = negative_margin
         self.margin = margin
         self.temperature = temperature
-        # an anchor at frame 0 needs a negative at frame negative_margin
-        self.min_frames = negative_margin + 1
+        self.min_frames = self.frames_needed({"negative_margin": negative_margin})
+
+    @staticmethod
+    def frames_needed(args: dict) -> int:
+        """An anchor at frame 0 needs a negative at frame negative_margin."""
+        return args["negative_margin"] + 1
 
     def embed(self, clips: torch.Tensor) -> torch.Tensor:
         """(B, K, C, H, W) frames -> (B, K, embed_dim) embeddings (normalised by the losses)."""

@@ -108,7 +108,7 @@ class VideoMAE(nn.Module):
         # fixed 2-D sin-cos of the patch for the decoder (the frame's 1-D sin-cos is added per T)
         self.register_buffer("decoder_spatial_pos", sincos_pos_embed(grid, decoder_embed_dim)[0], persistent=False)
         init_mae_weights(self, backbone, [self.mask_token, self.temporal_pos_embed])
-        self.min_frames = 1
+        self.min_frames = 1  # one frame is an image MAE with a temporal position 0
 
     def _temporal(self, frames: int, dim: int, learned: torch.Tensor | None, device) -> torch.Tensor:
         if learned is not None:
