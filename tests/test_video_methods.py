@@ -257,21 +257,35 @@ def moving_squares(n: int, frames: int = 8, size: int = 16, square: int = 4, see
     return out
 
 
-def test_shuffle_and_learn_learns_the_order_of_moving_squares():
-    """With balanced classes, chance is ln 2: the loss must fall clearly below it in 40 steps."""
-    torch.manual_seed(0)
-    model = create_method("shuffle_and_learn", create_backbone("resnet18"), positive_fraction=0.5).train()
+def train_on_moving_squares(model, steps: int, batch: int) -> tuple[float, float, list[float]]:
+    """Adam on random batches of moving-square clips: mean loss of the first and of the last 5 steps."""
     data = moving_squares(256)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(40):
-        out = model([data[torch.randint(0, len(data), (32,))]])
+    for _ in range(steps):
+        out = model([data[torch.randint(0, len(data), (batch,))]])
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
         losses.append(out["loss"].item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, losses
+
+
+def test_shuffle_and_learn_learns_the_order_of_moving_squares():
+    """With balanced classes, chance is ln 2: the loss must fall clearly below it in 40 steps."""
+    torch.manual_seed(0)
+    model = create_method("shuffle_and_learn", create_backbone("resnet18"), positive_fraction=0.5).train()
+    first, last, losses = train_on_moving_squares(model, 40, 32)
     assert last < first - 0.1 and last < math.log(2) - 0.05, losses
+
+
+def test_tcn_learns_moving_squares():
+    """InfoNCE over 16 clips: guessing among the batch's 16 positives gives about ln 16; TCN must
+    fall well below it in 15 steps."""
+    torch.manual_seed(0)
+    model = create_method("tcn", create_backbone("resnet18"), proj_hidden_dim=64).train()
+    first, last, losses = train_on_moving_squares(model, 15, 16)
+    assert last < first - 0.5 and last < math.log(16) - 0.5, losses
 
 
 # ----------------------------------------------------------------------------- CPC
@@ -419,6 +433,14 @@ def test_video_mae_loss_is_on_masked_tokens_only():
     t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     expected = ((pred - t) ** 2).mean(-1)[mask == 1].mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_video_mae_learns_moving_squares():
+    torch.manual_seed(0)
+    net = create_backbone("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=2)
+    model = create_method("video_mae", net, **SMALL["video_mae"]).train()
+    first, last, losses = train_on_moving_squares(model, 30, 16)
+    assert last < first / 2, losses
 
 
 def test_video_mae_positions_and_exported_backbone():
