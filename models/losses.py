@@ -133,8 +133,8 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
 
 def tcn_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                      margin: float = 0.2) -> torch.Tensor:
-    """The triplet loss of Time-Contrastive Networks (Sermanet et al. 2018, sec. III-A, after
-    FaceNet's): an anchor frame should be closer to a frame near it in time than to a far one,
+    """The triplet loss of Time-Contrastive Networks (Sermanet et al. 2018, after FaceNet's): an
+    anchor frame should be closer to a frame near it in time than to a far one,
 
         L = mean_i [ ||f(x_i^a) - f(x_i^p)||^2 - ||f(x_i^a) - f(x_i^n)||^2 + alpha ]_+
 
@@ -149,7 +149,7 @@ def tcn_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: tor
 
 def tcn_info_nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
                       negative_mask: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """TCN's multi-pair form (the N-pairs loss the TCN paper also trains with, Sohn 2016), written as
+    """TCN's multi-pair form (the N-pairs generalisation of its triplet loss, Sohn 2016), written as
     InfoNCE with a temperature: each anchor must pick its own positive among the positives of the
     *global* batch and the far frames of its own clip,
 

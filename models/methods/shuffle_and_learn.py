@@ -1,7 +1,7 @@
 """Shuffle and Learn: Misra, Zitnick, Hebert, "Shuffle and Learn: Unsupervised Learning using
 Temporal Order Verification", ECCV 2016. https://arxiv.org/abs/1603.08561
 
-Temporal order verification (sec. 3): from five frames a < b < c < d < e of a video, the tuple
+Temporal order verification: from five frames a < b < c < d < e of a video, the tuple
 (f_b, f_c, f_d) is in the correct order -- a positive, and so is its reverse (f_d, f_c, f_b),
 the paper treating both directions as correct -- while (f_b, f_a, f_d) and (f_b, f_e, f_d), whose
 middle frame lies outside [b, d], are negatives. The three frames go through the same network
@@ -25,9 +25,10 @@ Sampling, per tuple, from the T frames of a clip (torch RNG, so a seed reproduce
 The paper samples only from windows of high motion (mean optical flow), because tuples from static
 stretches cannot be ordered. Here a clip is a short, evenly spaced run of T frames (a few
 seconds at most) that the loader already drew from the video, and every tuple is sampled inside
-that clip: there is no optical flow to compute at train time, and a static clip only gives
-undecidable tuples that cost some signal, not wrong labels. Pre-selecting moving clips belongs
-in data prep (a motion filter over clips) rather than in the method. Gaps are in frames of the
+that clip: there is no optical flow to compute at train time, and with a few frames spread over
+seconds most clips of real video do move. A static clip gives tuples whose order no model can
+see, i.e. label noise the loss cannot fit -- what the paper's motion filter avoids; selecting
+moving clips belongs in data prep (a motion score per clip) rather than in the method. Gaps are in frames of the
 clip, so ``max_gap`` / ``min_gap`` scale with data.clip_frames.
 """
 from __future__ import annotations

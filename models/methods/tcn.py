@@ -2,7 +2,7 @@
 "Time-Contrastive Networks: Self-Supervised Learning from Video", ICRA 2018.
 https://arxiv.org/abs/1704.06888
 
-Single-view TCN (sec. III-C): within one video, a frame near the anchor in time is its positive
+Single-view TCN: within one video, a frame near the anchor in time is its positive
 and frames far from it are negatives, so the embedding has to tell apart what changes over time
 (pose, interaction) while ignoring what stays (background, appearance).
 
@@ -52,11 +52,11 @@ class TCN(nn.Module):
     """Single-view TCN: backbone -> embedding head -> L2-normalised embedding (the paper's
     embedding lives on the unit hypersphere), trained with
 
-    - ``loss="triplet"`` (the paper's eq. 1-2): for every clip one triplet (anchor, positive,
+    - ``loss="triplet"`` (the paper's loss): for every clip one triplet (anchor, positive,
       negative), ``[||f(a) - f(p)||^2 - ||f(a) - f(n)||^2 + margin]_+``; margin 0.2 by default,
       FaceNet's (Schroff et al. 2015), whose triplet loss TCN takes;
-    - ``loss="infonce"`` (default; the multi-pair form, the N-pairs loss of Sohn 2016 that the
-      TCN authors also train with, written as InfoNCE with ``temperature``): every anchor
+    - ``loss="infonce"`` (default; the multi-pair generalisation of the triplet, N-pairs of Sohn
+      2016, written as InfoNCE with a ``temperature`` on the normalised embeddings): every anchor
       against all positives of the global batch (the other clips' positives are its negatives)
       plus all far frames of its own clip.
 

@@ -2,7 +2,7 @@
 Self-Supervised Video Pre-Training", NeurIPS 2022. https://arxiv.org/abs/2203.12602
 (the image MAE it extends: He et al. 2022, :mod:`models.methods.mae`).
 
-Space-time masked autoencoding with *tube masking* (VideoMAE sec. 3.3): one random spatial mask per
+Space-time masked autoencoding with *tube masking* (VideoMAE's): one random spatial mask per
 clip, shared by all its frames, with a very high ratio (0.9 by default, as the paper), so a
 masked patch cannot be copied from the same place in a neighbouring frame. The encoder's blocks
 attend jointly over the visible tokens of all frames; a lightweight decoder of timm ``Block``s
