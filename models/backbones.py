@@ -43,3 +43,14 @@ def freeze_sincos_pos_embed(vit: VisionTransformer) -> None:
     with torch.no_grad():
         vit.pos_embed.copy_(fixed.to(vit.pos_embed))
     vit.pos_embed.requires_grad_(False)
+
+
+def sincos_1d_pos_embed(length: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sin-cos position embedding of positions 0..length-1, shape ``(length, dim)``: the
+    first half sin(pos * w_i), the second cos(pos * w_i), w_i = 10000^(-i / (dim / 2)) (MAE's
+    ``get_1d_sincos_pos_embed_from_grid``); ``dim`` must be even."""
+    if dim % 2:
+        raise ValueError(f"a sin-cos position embedding needs an even width, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()

@@ -35,7 +35,13 @@ METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 ste
     "byol": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 32, "momentum": 0.5},
     "barlow_twins": {"proj_hidden_dim": 32, "proj_out_dim": 16, "lambd": 0.02},
     "mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2},
+    # video methods (input_kind "clip"): clips of CLIP_FRAMES frames; 4 patches a frame, so VideoMAE keeps 1
+    "tcn": {"proj_hidden_dim": 32, "embed_dim": 16},
+    "shuffle_and_learn": {"classifier_hidden_dim": 32, "positive_fraction": 0.5},
+    "cpc": {"embed_dim": 16, "context_dim": 16, "prediction_steps": 2},
+    "video_mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "mask_ratio": 0.75},
 }
+CLIP_FRAMES = 4
 
 
 def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
@@ -44,7 +50,7 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
                      "method_args": METHOD_ARGS[method]}
     tree["train"].update(strategy=strategy, optimizer="adamw", lr=1e-3, batch_size=GLOBAL_BATCH,
                          grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0)
-    if method == "mae":
+    if method_class(method).num_views == 1:
         tree["data"]["views"][0]["count"] = 1
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
@@ -52,10 +58,13 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
         return load_config(recipe, overrides, check_paths=False)
 
 
-def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int) -> list[torch.Tensor]:
-    """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any strategy)."""
+def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
+                clips: bool = False) -> list[torch.Tensor]:
+    """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any strategy);
+    ``clips``: (B, CLIP_FRAMES, 3, H, W) clips for the video methods instead of (B, 3, H, W) images."""
     g = torch.Generator().manual_seed(1000 + step)
-    views = [torch.randn(GLOBAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(num_views)]
+    shape = (GLOBAL_BATCH, *((CLIP_FRAMES,) if clips else ()), 3, IMAGE_SIZE, IMAGE_SIZE)
+    views = [torch.randn(*shape, generator=g) for _ in range(num_views)]
     per_micro, per_rank = GLOBAL_BATCH // GRAD_ACCUM, GLOBAL_BATCH // GRAD_ACCUM // world
     start = micro * per_micro + rank * per_rank
     return [v[start:start + per_rank] for v in views]
@@ -70,13 +79,14 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     strategy = create_strategy(cfg, model, rt)
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
     num_views = method_class(method).num_views
+    clips = getattr(method_class(method), "input_kind", "image") == "clip"
     losses, grad_norms = [], []
     for step in range(STEPS):
         scheduler.step_update(step)
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
-            torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle
-            loss = strategy.forward_backward(micro_batch(step, micro, rt.rank, rt.world_size, num_views),
+            torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle, frame sampling
+            loss = strategy.forward_backward(micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips),
                                              sync=micro == GRAD_ACCUM - 1)
             step_loss += loss / GRAD_ACCUM
         losses.append(float(all_reduce_mean(step_loss)))
