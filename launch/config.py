@@ -465,6 +465,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
     validate_eval(cfg.eval)
+    if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
+        validate_clip_length(cfg, check_paths)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
@@ -474,6 +476,27 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_clip_length(cfg: Config, check_paths: bool) -> None:
+    """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
+    shards exist) hold at least the frames its pretext task needs with these method_args."""
+    from models.registry import method_class
+    from models.video import min_clip_frames
+
+    method = cfg.model.method
+    needed = min_clip_frames(method_class(method), cfg.model.method_args)
+    frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
+    manifest = Path(cfg.data.train) / "manifest.json"
+    if not frames and check_paths and manifest.is_file():
+        import json
+
+        frames = json.loads(manifest.read_text()).get("settings", {}).get("clip_frames", 0)
+        source = f"the clips of {cfg.data.train} ({frames} frames, data.clip_frames=0 takes them whole)"
+    if frames and frames < needed:
+        raise ConfigError(f"model.method={method} needs clips of at least {needed} frames with these "
+                          f"model.method_args; {source} gives {frames}: raise data.clip_frames (re-prep with a "
+                          f"larger --clip-frames if the shards' clips are shorter) or lower the method's frame needs")
 
 
 def validate_eval(e: EvalConfig) -> None:
