@@ -12,6 +12,8 @@ import torch
 from conftest import run_cli
 from mlflow import MlflowClient
 
+from data_prep.shards import read_manifest
+
 TINY = {  # per recipe: overrides that make the model tiny
     "tcn_resnet18_video": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32"],
     "shuffle_and_learn_resnet18_video": ["model.backbone=resnet10t", "model.method_args.classifier_hidden_dim=32"],
@@ -51,7 +53,7 @@ def test_video_recipe_pretrains_and_exports_a_timm_backbone(recipe, video_clips,
     assert features.shape == (2, backbone.num_features) and torch.isfinite(features).all()
     if recipe.startswith("tcn"):  # the video probe on this export, logged as an evaluation run
         probe = run_cli(["eval", "temporal-order", f"configs/{recipe}.yaml", f"output_dir={out}",
-                         f"data.eval_test={video_clips}", "data.eval_image_size=32", "eval.linear.epochs=5",
+                         f"data.eval_test={video_clips}", "data.eval_image_size=32", "eval.linear.epochs=5", "eval.linear.lrs=[0.1]",
                          f"mlflow.tracking_uri={result['tracking_uri']}"], tmp_path)
         assert probe.returncode == 0, probe.stderr[-3000:]
         report = json.loads(probe.stdout.strip().splitlines()[-1])
@@ -86,3 +88,19 @@ def test_clip_too_short_for_the_pretext_task_is_a_config_error(video_clips):
         load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", "data.clip_frames=0",
                                                          "model.method_args.prediction_steps=10"])
     load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", "data.clip_frames=0"])
+
+
+def test_bench_temporal_order_writes_json(video_clips, tmp_path):
+    overrides = pretrain_args("tcn_resnet18_video", video_clips, tmp_path / "unused")[3:]  # the run's keys
+    overrides = [o for o in overrides if not o.startswith(("output_dir=", "train.max_steps="))]
+    done = run_cli(["bench", "temporal-order", "--recipe", "configs/tcn_resnet18_video.yaml", "--budget-minutes",
+                    "1", "--seeds", "2", "--out-dir", str(tmp_path / "bench"), *overrides, "train.max_steps=2",
+                    "eval.linear.epochs=5", "eval.linear.lrs=[0.1]"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench" / "temporal_order.json").read_text())
+    (run,) = report["runs"]
+    assert run["method"] == "tcn" and run["steps"] == 2
+    assert run["clips"] == sum(v["clips"] for v in read_manifest(video_clips)["videos"])
+    assert [b["seed"] for b in report["random_init"]] == [0, 1]
+    for row in [run, *report["random_init"]]:
+        assert 0 <= row["temporal_order_top1"] <= 1 and set(row["per_video"]) >= {"vtest.avi", "bikes.mp4"}
