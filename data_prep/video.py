@@ -112,7 +112,8 @@ def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def resample(frames: Iterator[av.VideoFrame], fps: float, origin: float, period: float) -> Iterator[tuple[int, av.VideoFrame]]:
+def resample(frames: Iterator[av.VideoFrame], fps: float, origin: float,
+             period: float) -> Iterator[tuple[int, av.VideoFrame]]:
     """Output frame ``k`` is the source frame on screen at time ``origin + k / fps``: the last
     decoded frame whose presentation time is <= that instant (a frame shows until the next one;
     the last one for ``period`` s). Yields ``(k, frame)`` in order; a source frame may repeat

@@ -680,7 +680,8 @@ def add_parser(sub) -> None:
     to = kinds.add_parser("temporal-order", help="every video recipe for the same CPU budget, then the "
                           "forward-vs-reversed probe (foundry eval temporal-order) beside random-init backbones")
     to.add_argument("overrides", nargs="*", help="dotted key=value applied to every recipe")
-    to.add_argument("--recipe", action="append", help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
+    to.add_argument("--recipe", action="append",
+                    help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
     to.add_argument("--budget-minutes", type=float, default=5.0, help="training minutes per recipe (default 5)")
     to.add_argument("--seeds", type=int, default=3, help="random-init seeds per backbone (default 3)")
     to.add_argument("--out-dir", default="bench/temporal-order", help="runs, logs and temporal_order.json")

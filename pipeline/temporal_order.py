@@ -67,7 +67,8 @@ def temporal_order_accuracy(features: torch.Tensor, videos: list[str], probe: Li
 
         def both_orders(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.cat([forward[rows], backward[rows]])
-            y = torch.cat([torch.ones(int(rows.sum()), dtype=torch.long), torch.zeros(int(rows.sum()), dtype=torch.long)])
+            n = int(rows.sum())
+            y = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
             return x, y
 
         result = linear_probe(*both_orders(~test), *both_orders(test), probe)
