@@ -228,6 +228,7 @@ class ClipWindow:
             self.container.seek(int(start_time / stream.time_base), stream=stream, backward=True)
         self.frames_out = resample(self.container.decode(stream), settings.fps, video.origin, _frame_period(stream))
         self.buffer: deque[tuple[int, av.VideoFrame]] = deque()
+        self.scaler = av.video.reformatter.VideoReformatter()  # one swscale context, not one per frame
         self.earliest = start  # the first output frame this window can still return
 
     def frames(self, start: int, count: int) -> list[av.VideoFrame]:
@@ -241,8 +242,8 @@ class ClipWindow:
                 raise PrepError(f"{self.video.path} decoded fewer frames than when it was checked (output frame "
                                 f"{start + count - 1} wanted): it changed during the prep; rerun it") from None
             if k >= start:
-                self.buffer.append((k, frame.reformat(self.video.width, self.video.height, self.pix_fmt,
-                                                      interpolation="AREA")))
+                self.buffer.append((k, self.scaler.reformat(frame, self.video.width, self.video.height,
+                                                            self.pix_fmt, interpolation="AREA")))
         if self.buffer[0][0] != start:
             raise LookupError(f"seeking {self.video.path} landed after output frame {start}")
         return [frame for _, frame in list(self.buffer)[:count]]
