@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -112,9 +112,42 @@ def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
     return ValidImage(path, FORMAT_KEYS[image_format], len(data), width, height, label)
 
 
-def _check_batch(task: tuple[Path, list[tuple[str, int | None]]]) -> list[ValidImage | dict]:
-    src, files = task
-    return [check_image(src, path, label) for path, label in files]
+def _check_files(task: tuple[Callable[[Path, str, int | None], Any], Path, list[tuple[str, int | None]]]) -> list:
+    check, src, files = task
+    return [check(src, path, label) for path, label in files]
+
+
+def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: frozenset[str],
+                  check: Callable[[Path, str, int | None], Any], workers: int, batch: int,
+                  what: str) -> tuple[Path, Path, list[str], list, list[dict]]:
+    """The shared first half of a prep: SRC and OUT checked, class folders found (ImageNet style
+    when SRC holds no input at its top level), every file below SRC run through ``check(src, path,
+    label)`` in worker processes, ``batch`` files per task. ``check`` (picklable) returns a valid
+    input or its ``skipped`` entry (a dict). Returns ``(src, out, classes, valid, skipped)``, both
+    lists sorted by path; raises PrepError when nothing is valid."""
+    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
+    if not src_dir.is_dir():
+        raise PrepError(f"SRC '{src}' is not a folder")
+    if out_dir == src_dir or src_dir in out_dir.parents:
+        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
+    classes = find_classes(src_dir, extensions)
+    class_index = {name: i for i, name in enumerate(classes)}
+    files, skipped = list_files(src_dir)
+    files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
+                         for path in files]
+    tasks = [(check, src_dir, files_with_labels[i:i + batch]) for i in range(0, len(files), batch)]
+    valid = []
+    with tqdm(total=len(files), desc=f"check {what}", unit="file", disable=None) as bar:
+        for results in parallel_imap(_check_files, tasks, workers):
+            for result in results:
+                (skipped if isinstance(result, dict) else valid).append(result)
+            bar.update(len(results))
+    valid.sort(key=attrgetter("path"))
+    skipped.sort(key=lambda s: s["path"])
+    if not valid:
+        raise PrepError(f"no usable {what} under '{src}' ({len(skipped)} files skipped: "
+                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    return src_dir, out_dir, classes, valid, skipped
 
 
 def skipped_entry(path: str, reason: str, detail: str) -> dict:
@@ -154,29 +187,9 @@ def prep_images(src: str | os.PathLike, out: str | os.PathLike, shard_size: int 
     returns :func:`data_prep.shards.write_shards`'s summary plus ``skipped_reasons`` and timings:
     ``check_seconds`` (listing and decoding the inputs), ``write_seconds`` and total ``seconds``."""
     start = time.perf_counter()
-    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
-    if not src_dir.is_dir():
-        raise PrepError(f"SRC '{src}' is not a folder")
-    if out_dir == src_dir or src_dir in out_dir.parents:
-        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
     workers = workers or default_workers()
-    classes = find_classes(src_dir)
-    class_index = {name: i for i, name in enumerate(classes)}
-    files, skipped = list_files(src_dir)
-    files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
-                      for path in files]
-    tasks = [(src_dir, files_with_labels[i:i + CHECK_BATCH]) for i in range(0, len(files), CHECK_BATCH)]
-    valid: list[ValidImage] = []
-    with tqdm(total=len(files), desc="check images", unit="file", disable=None) as bar:
-        for results in parallel_imap(_check_batch, tasks, workers):
-            for result in results:
-                (valid if isinstance(result, ValidImage) else skipped).append(result)
-            bar.update(len(results))
-    valid.sort(key=attrgetter("path"))
-    skipped.sort(key=lambda s: s["path"])
-    if not valid:
-        raise PrepError(f"no valid images under '{src}' ({len(skipped)} files skipped: "
-                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    src_dir, out_dir, classes, valid, skipped = check_sources(src, out, ACCEPTED_EXTENSIONS, check_image, workers,
+                                                              CHECK_BATCH, "images")
     check_seconds = time.perf_counter() - start
     plan = ShardPlan(
         source=str(src_dir),

@@ -35,15 +35,14 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from operator import attrgetter
+from functools import partial
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import av
-from tqdm import tqdm
 
-from data_prep.images import count_reasons, find_classes, list_files, skipped_entry
-from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
+from data_prep.images import check_sources, count_reasons, skipped_entry
+from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, write_shards
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv",
                               ".wmv", ".3gp"})
@@ -206,11 +205,6 @@ def _declared_duration(container: av.container.InputContainer, stream: av.video.
     return None
 
 
-def _check_batch(task: tuple[Path, list[tuple[str, int | None]], ClipSettings]) -> list[ValidVideo | dict]:
-    src, files, settings = task
-    return [probe_video(src, path, label, settings) for path, label in files]
-
-
 class ClipWindow:
     """The output frames of one video, streamed forward: ``frames(start, n)`` returns output
     frames ``start .. start + n - 1`` scaled to the output size, keeping only those in memory."""
@@ -331,28 +325,11 @@ def prep_video(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSet
     returns :func:`data_prep.shards.write_shards`'s summary plus ``videos``, ``skipped_reasons``,
     ``check_seconds``, ``write_seconds`` and ``clips_per_s`` (of the write)."""
     start = time.perf_counter()
-    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
-    if not src_dir.is_dir():
-        raise PrepError(f"SRC '{src}' is not a folder")
-    if out_dir == src_dir or src_dir in out_dir.parents:
-        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
     workers = workers or default_workers()
-    classes = find_classes(src_dir, VIDEO_EXTENSIONS)
-    class_index = {name: i for i, name in enumerate(classes)}
-    files, skipped = list_files(src_dir)
-    labelled = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None) for path in files]
-    tasks = [(src_dir, [item], settings) for item in labelled]  # one video per task: videos vary in length
-    valid: list[ValidVideo] = []
-    with tqdm(total=len(files), desc="check videos", unit="file", disable=None) as bar:
-        for results in parallel_imap(_check_batch, tasks, workers):
-            for result in results:
-                (valid if isinstance(result, ValidVideo) else skipped).append(result)
-            bar.update(len(results))
-    valid.sort(key=attrgetter("path"))
-    skipped.sort(key=lambda s: s["path"])
-    if not valid:
-        raise PrepError(f"no usable videos under '{src}' ({len(skipped)} files skipped: "
-                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    # one video per task: videos vary in length, so small tasks balance the workers
+    src_dir, out_dir, classes, valid, skipped = check_sources(src, out, VIDEO_EXTENSIONS,
+                                                              partial(probe_video, settings=settings), workers, 1,
+                                                              "videos")
     check_seconds = time.perf_counter() - start
     clips = [(v, s) for v, video in enumerate(valid) for s in clip_starts(video.frames, settings)]
     # bytes per clip, estimated for --max-shard-bytes from its pixel count (MJPEG ~ 1 bit/pixel)

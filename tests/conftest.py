@@ -54,6 +54,18 @@ def photos(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (small models: threads only add overhead, and
+    tests run beside other processes)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Clip shards of the packaged sample videos: 8 frames at 5 fps (1.6 s), a clip every 4 frames, 64 px.
 VIDEO_CLIP = {"clip_frames": 8, "stride": 4, "fps": 5.0, "max_side": 64}
 

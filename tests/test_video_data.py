@@ -3,7 +3,6 @@ the clip transform (augmentation consistent across the frames of a clip) and the
 clip shards. Synthetic video only where a frame must be identifiable by its pixels."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
