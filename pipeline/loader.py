@@ -313,7 +313,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
                           f"frames but the clips in {d.train} have {settings['clip_frames']}: lower them or "
                           f"re-prep with `foundry prep video --clip-frames {span}`")
     # The torch loader decodes in its CPU worker processes, whatever the training device.
-    decoder = resolve_video_decoder(d.video_decoder, settings["codec"], torch.device("cpu"))
+    decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
     return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=kind == "clip"), decoder
 
 

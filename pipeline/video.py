@@ -1,16 +1,17 @@
 """Clips for the training loaders: decoding clip samples (``foundry prep video`` shards) into uint8
 ``(T, 3, H, W)`` tensors, and the per-clip transform that cuts a training clip out of a stored one.
 
-Two decoders give the same layout (frames in time order, RGB):
+Clips are decoded in the torch loader's worker processes, on the CPU, by one of two decoders
+that give the same layout (frames in time order, RGB):
 
-- ``dali``: NVIDIA DALI's ``fn.decoders.video``, a batch of clips at a time; on a GPU
-  (``device="mixed"``, NVDEC) it decodes H.264, HEVC, VP8/VP9, AV1 and MJPEG, on DALI's CPU
-  backend only VP8, VP9 and MJPEG.
+- ``dali``: NVIDIA DALI's ``fn.decoders.video`` on DALI's CPU backend, a batch of clips at a time;
+  it decodes VP8, VP9 and MJPEG only.
 - ``pyav``: PyAV (FFmpeg's software decoders), any codec, one clip at a time.
 
-``data.video_decoder=auto`` takes DALI wherever it can decode the shards' codec (the manifest
-records it: ``settings.codec``) and PyAV otherwise, so h264 shards train on a CPU-only machine.
-The two differ only in YUV -> RGB conversion rounding (mean absolute difference ~1 grey level).
+``data.video_decoder=auto`` takes DALI where it decodes the shards' codec (the manifest records
+it: ``settings.codec``) and PyAV otherwise. The two differ only in YUV -> RGB rounding (mean
+absolute difference ~1.5 grey levels). DALI's GPU decoder (NVDEC, ``device="mixed"``) is not used:
+the loader's augmentation of clips is torchvision's, on the CPU (README "Video").
 """
 from __future__ import annotations
 
@@ -51,23 +52,19 @@ def decode_clip_pyav(data: bytes) -> torch.Tensor:
 
 
 class DaliClipDecoder:
-    """Decodes lists of encoded clips with DALI (``fn.decoders.video``), on DALI's CPU backend or,
-    with a CUDA ``device``, on its GPU (the frames then arrive on that device)."""
+    """Decodes lists of encoded clips with DALI's ``fn.decoders.video`` on its CPU backend."""
 
-    def __init__(self, max_batch: int, num_threads: int = 1, device: torch.device = torch.device("cpu")):
+    def __init__(self, max_batch: int, num_threads: int = 1):
         from nvidia.dali import fn, pipeline_def, types  # DALI is imported only when it is used
 
-        gpu = device.type == "cuda"
-
-        @pipeline_def(batch_size=max_batch, num_threads=max(1, num_threads),
-                      device_id=(device.index or 0) if gpu else None, prefetch_queue_depth=1)
+        @pipeline_def(batch_size=max_batch, num_threads=max(1, num_threads), device_id=None, prefetch_queue_depth=1)
         def decode():
             encoded = fn.external_source(name="clips", dtype=types.UINT8, ndim=1)
-            return fn.decoders.video(encoded, device="mixed" if gpu else "cpu")
+            return fn.decoders.video(encoded, device="cpu")
 
         self.pipeline = decode()
         self.pipeline.build()
-        self.max_batch, self.device = max_batch, device
+        self.max_batch = max_batch
 
     def __call__(self, clips: list[bytes]) -> list[torch.Tensor]:
         decoded = []
@@ -75,25 +72,16 @@ class DaliClipDecoder:
             part = clips[first:first + self.max_batch]
             self.pipeline.feed_input("clips", [np.frombuffer(c, dtype=np.uint8) for c in part])
             (frames,) = self.pipeline.run()
-            if self.device.type == "cuda":
-                from nvidia.dali.plugin.pytorch import feed_ndarray
-
-                for i in range(len(part)):
-                    tensor = frames[i]
-                    out = torch.empty(tensor.shape(), dtype=torch.uint8, device=self.device)
-                    feed_ndarray(tensor, out)
-                    decoded.append(out.permute(0, 3, 1, 2))
-            else:
-                decoded += [torch.from_numpy(np.array(frames.at(i))).permute(0, 3, 1, 2) for i in range(len(part))]
+            decoded += [torch.from_numpy(np.array(frames.at(i))).permute(0, 3, 1, 2) for i in range(len(part))]
         return decoded
 
 
-def resolve_video_decoder(requested: str, codec: str, device: torch.device) -> str:
-    """``data.video_decoder`` for shards of ``codec`` on ``device``: auto is DALI wherever DALI
-    decodes the codec, else PyAV; DALI asked for a codec it cannot decode here is a ConfigError."""
+def resolve_video_decoder(requested: str, codec: str) -> str:
+    """``data.video_decoder`` for shards of ``codec``: auto is DALI where its CPU backend decodes the
+    codec, else PyAV; DALI asked for a codec it cannot decode is a ConfigError naming the fixes."""
     if requested not in VIDEO_DECODERS:
         raise ConfigError(f"data.video_decoder={requested!r}: choose one of {', '.join(VIDEO_DECODERS)}")
-    dali_can = device.type == "cuda" or CLIP_CODECS[codec].dali_cpu
+    dali_can = CLIP_CODECS[codec].dali_cpu
     if requested == "auto":
         return "dali" if dali_can else "pyav"
     if requested == "dali" and not dali_can:
@@ -104,11 +92,10 @@ def resolve_video_decoder(requested: str, codec: str, device: torch.device) -> s
     return requested
 
 
-def clip_decoder(name: str, max_batch: int, device: torch.device = torch.device("cpu"),
-                 num_threads: int = 1) -> Callable[[list[bytes]], list[torch.Tensor]]:
+def clip_decoder(name: str, max_batch: int, num_threads: int = 1) -> Callable[[list[bytes]], list[torch.Tensor]]:
     """A function from encoded clips to uint8 (T, 3, H, W) tensors, by a resolved decoder name."""
     if name == "dali":
-        return DaliClipDecoder(max_batch, num_threads, device)
+        return DaliClipDecoder(max_batch, num_threads)
     return lambda clips: [decode_clip_pyav(c) for c in clips]
 
 
