@@ -70,6 +70,8 @@ def _gate_registered_version(result, cfg) -> None:
 
 
 def print_summary(result, cfg) -> None:
+    from models.registry import method_class
+
     print("\n=== ssl-foundry pretraining finished ===")
     print(f"shards:            {cfg.data.train}")
     print(f"steps:             {result.steps} (final loss {result.final_loss:.4f})")
@@ -80,7 +82,8 @@ def print_summary(result, cfg) -> None:
     if result.knn_top1 is not None:
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * result.knn_top1:.2f}%")
     if result.timing:
-        print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} images/s")
+        unit = "clips" if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip" else "images"
+        print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} {unit}/s")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite"):
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
 

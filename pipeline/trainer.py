@@ -373,8 +373,13 @@ class Trainer:
         self.timing = metrics
         self.tracker.log_metrics(metrics, step=self.step)
         print(f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} "
-              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s "
+              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} {self._sample_unit()}/s "
               f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
+
+    def _sample_unit(self) -> str:
+        """What a sample of the batch is: an image, or a clip for the video methods (whose metric
+        ``images_per_s`` then counts clips)."""
+        return "clips" if getattr(self.model, "input_kind", "image") == "clip" else "img"
 
     def _fail_non_finite(self, loss_value: float) -> None:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming
