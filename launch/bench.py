@@ -595,10 +595,15 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
                      "train.resume=never", f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
                      f"train.checkpoint_every={10**7}", *args.overrides]
         cfg = load_config(recipe, overrides)
-        print(f"[bench temporal-order] {name}: {args.budget_minutes:g} min of training, log {log_path}", flush=True)
-        with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        if args.reuse_runs and (run_dir / "result.json").is_file():
+            print(f"[bench temporal-order] {name}: reusing {run_dir / 'result.json'}", flush=True)
+            done = subprocess.CompletedProcess([], 0)
+        else:
+            print(f"[bench temporal-order] {name}: {args.budget_minutes:g} min of training, log {log_path}",
+                  flush=True)
+            with open(log_path, "w") as log:
+                done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
+                                      stdout=log, stderr=subprocess.STDOUT)
         row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone}
         if done.returncode != 0:
             row["error"] = f"exit {done.returncode}, see {log_path}"
@@ -684,6 +689,8 @@ def add_parser(sub) -> None:
                     help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
     to.add_argument("--budget-minutes", type=float, default=5.0, help="training minutes per recipe (default 5)")
     to.add_argument("--seeds", type=int, default=3, help="random-init seeds per backbone (default 3)")
+    to.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "
+                    "has a result.json is probed without training again")
     to.add_argument("--out-dir", default="bench/temporal-order", help="runs, logs and temporal_order.json")
     to.set_defaults(func=bench_temporal_order)
     q = kinds.add_parser("quality", help="kNN and linear-probe top-1 of every Fashion-MNIST recipe after the same "
