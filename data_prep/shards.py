@@ -152,6 +152,10 @@ class ShardPlan:
     shard_size: int
     max_shard_bytes: int | None = None
     skipped: list[dict] = field(default_factory=list)
+    # How samples are made from the inputs (video clips: frames, fps, codec...): part of the plan's
+    # identity and recorded in the manifest, where loaders read it.
+    settings: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more manifest fields (a report, e.g. clips per video)
 
     @property
     def num_samples(self) -> int:
@@ -160,7 +164,8 @@ class ShardPlan:
     @cached_property
     def plan_sha256(self) -> str:
         """Hash of everything that decides the shards' contents."""
-        text = json.dumps([self.source, self.labelled, self.classes, self.shards])
+        parts = [self.source, self.labelled, self.classes, self.shards] + ([self.settings] if self.settings else [])
+        text = json.dumps(parts)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def identity(self) -> dict:
@@ -300,6 +305,8 @@ def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -
                                                 "sha256": None, "bytes": None, "complete": False}
                    for i, items in enumerate(plan.shards)],
         "skipped": plan.skipped,
+        **({"settings": plan.settings} if plan.settings else {}),
+        **plan.extra,
     }
     _write_json_atomic(out / MANIFEST_NAME, manifest)
     return manifest

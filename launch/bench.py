@@ -513,6 +513,120 @@ def bench_quality(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in runs) else 0
 
 
+def bench_video(args: argparse.Namespace) -> int:
+    """Clip prep throughput per codec, then decode throughput per decoder on those shards (clips/s
+    and frames/s, one process), on the packaged sample videos (or --source)."""
+    from webdataset.tariterators import tarfile_samples
+
+    from data_prep.sample_videos import copy_sample_videos
+    from data_prep.shards import shard_paths
+    from data_prep.video import CLIP_CODECS, ClipSettings, prep_video
+    from pipeline.video import clip_bytes, clip_decoder
+
+    work = Path(tempfile.mkdtemp(prefix="bench-video-"))
+    try:
+        source = Path(args.source) if args.source else work / "src"
+        if not args.source:
+            copy_sample_videos(source)
+        rows = []
+        for codec in args.codecs:
+            settings = ClipSettings(clip_frames=args.clip_frames, stride=args.stride, fps=args.fps,
+                                    max_side=args.max_side, codec=codec)
+            out = work / codec
+            prep = prep_video(source, out, settings, shard_size=50, workers=args.workers)
+            clips = [clip_bytes(s) for s in tarfile_samples([{"url": p} for p in shard_paths(out)])]
+            row = {"codec": codec, "clips": prep["samples"], "videos": prep["videos"],
+                   "prep_check_s": prep["check_seconds"], "prep_write_s": prep["write_seconds"],
+                   "prep_clips_per_s": prep["samples"] / prep["write_seconds"],
+                   "mib_per_clip": prep["bytes"] / prep["samples"] / 2**20, "decode": {}}
+            decoders = ["pyav"] + (["dali"] if CLIP_CODECS[codec].dali_cpu else [])
+            for name in decoders:
+                decode = clip_decoder(name, args.batch_size)
+                decode(clips[:args.batch_size])  # warm-up: DALI's first run allocates
+                tic = time.perf_counter()
+                frames = sum(c.shape[0] for i in range(0, len(clips), args.batch_size)
+                             for c in decode(clips[i:i + args.batch_size]))
+                seconds = time.perf_counter() - tic
+                row["decode"][name] = {"clips_per_s": len(clips) / seconds, "frames_per_s": frames / seconds}
+            print(f"[bench video] {codec}: prep {row['prep_clips_per_s']:.1f} clips/s, "
+                  f"{row['mib_per_clip']:.3f} MiB/clip, decode " + ", ".join(
+                      f"{k} {v['clips_per_s']:.0f} clips/s" for k, v in row["decode"].items()), flush=True)
+            rows.append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"benchmark": "video", "clip_frames": args.clip_frames, "fps": args.fps, "stride": args.stride,
+              "max_side": args.max_side, "prep_workers": args.workers, "decode_batch": args.batch_size,
+              "source": args.source or "packaged sample videos (foundry prep sample-videos)",
+              "codecs": rows, "machine": _machine()}
+    _write(report, args.out)
+    return 0
+
+
+def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
+    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+
+    d = cfg.data
+    tic = time.perf_counter()
+    features = clip_frame_features(backbone, d.eval_test, cfg.eval.temporal_order_frames, d.eval_image_size,
+                                   d.mean, d.std, cfg.eval.batch_size)
+    result = temporal_order_accuracy(*features, cfg.eval.linear)
+    print(f"[bench temporal-order] {seed_note}: {100 * result['temporal_order_top1']:.1f}%", flush=True)
+    return {**result, "probe_s": time.perf_counter() - tic}
+
+
+def bench_temporal_order(args: argparse.Namespace) -> int:
+    """Every video recipe for the same CPU budget, then `foundry eval temporal-order`'s probe on its
+    export, beside the same backbones at random initialisation (several seeds: the probe on a few
+    videos is noisy, so the spread is part of the result)."""
+    import torch
+
+    from models.backbones import create_backbone
+    from pipeline.export import load_timm_backbone
+
+    recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_video.yaml"))
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
+    runs, baselines, seen = [], [], set()
+    for recipe in recipes:
+        name = Path(recipe).stem
+        run_dir, log_path = out / name, out / f"{name}.log"
+        overrides = [f"output_dir={run_dir}", f"train.budget_minutes={args.budget_minutes}", f"train.max_steps={10**7}",
+                     "train.resume=never", f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
+                     f"train.checkpoint_every={10**7}", *args.overrides]
+        cfg = load_config(recipe, overrides)
+        if args.reuse_runs and (run_dir / "result.json").is_file():
+            print(f"[bench temporal-order] {name}: reusing {run_dir / 'result.json'}", flush=True)
+            done = subprocess.CompletedProcess([], 0)
+        else:
+            print(f"[bench temporal-order] {name}: {args.budget_minutes:g} min of training, log {log_path}",
+                  flush=True)
+            with open(log_path, "w") as log:
+                done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone}
+        if done.returncode != 0:
+            row["error"] = f"exit {done.returncode}, see {log_path}"
+        else:
+            result = json.loads((run_dir / "result.json").read_text())
+            row.update(steps=result["steps"], final_loss=result["final_loss"],
+                       **_temporal_order_of(load_timm_backbone(str(run_dir / "backbone")), cfg, name))
+        runs.append(row)
+        key = (cfg.model.backbone, json.dumps(cfg.model.backbone_args, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+            baselines.append({"backbone": cfg.model.backbone, "seed": seed,
+                              **_temporal_order_of(backbone, cfg, f"random init {cfg.model.backbone} seed {seed}")})
+    report = {"benchmark": "temporal-order", "budget_minutes": args.budget_minutes, "recipes": recipes,
+              "runs": runs, "random_init": baselines, "machine": _machine()}
+    _write(report, str(out / "temporal_order.json"))
+    return 1 if any("error" in r for r in runs) else 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that write JSON")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -557,6 +671,28 @@ def add_parser(sub) -> None:
                     help="skip the per-op CPU breakdown (one run per op prefix and backend)")
     lo.add_argument("--out", help="write the JSON here too")
     lo.set_defaults(func=bench_loader)
+    vi = kinds.add_parser("video", help="clip prep clips/s per codec and decode clips/s per decoder (PyAV, DALI CPU)")
+    vi.add_argument("--source", help="video folder (default: the packaged sample videos)")
+    vi.add_argument("--codecs", nargs="+", default=["mjpeg", "vp9", "h264"])
+    vi.add_argument("--clip-frames", type=int, default=16)
+    vi.add_argument("--stride", type=int, default=8)
+    vi.add_argument("--fps", type=float, default=10.0)
+    vi.add_argument("--max-side", type=int, default=128)
+    vi.add_argument("--workers", type=int, default=None, help="prep processes (default: usable CPUs)")
+    vi.add_argument("--batch-size", type=int, default=16, help="clips per decode call")
+    vi.add_argument("--out", help="write the JSON here too")
+    vi.set_defaults(func=bench_video)
+    to = kinds.add_parser("temporal-order", help="every video recipe for the same CPU budget, then the "
+                          "forward-vs-reversed probe (foundry eval temporal-order) beside random-init backbones")
+    to.add_argument("overrides", nargs="*", help="dotted key=value applied to every recipe")
+    to.add_argument("--recipe", action="append",
+                    help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
+    to.add_argument("--budget-minutes", type=float, default=5.0, help="training minutes per recipe (default 5)")
+    to.add_argument("--seeds", type=int, default=3, help="random-init seeds per backbone (default 3)")
+    to.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "
+                    "has a result.json is probed without training again")
+    to.add_argument("--out-dir", default="bench/temporal-order", help="runs, logs and temporal_order.json")
+    to.set_defaults(func=bench_temporal_order)
     q = kinds.add_parser("quality", help="kNN and linear-probe top-1 of every Fashion-MNIST recipe after the same "
                          "CPU budget, "
                          "with raw-pixel and random-init baselines (JSON + markdown)")

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launch.config import load_config
+from launch.config import ConfigError, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +70,8 @@ def _gate_registered_version(result, cfg) -> None:
 
 
 def print_summary(result, cfg) -> None:
+    from models.registry import method_class
+
     print("\n=== ssl-foundry pretraining finished ===")
     print(f"shards:            {cfg.data.train}")
     print(f"steps:             {result.steps} (final loss {result.final_loss:.4f})")
@@ -80,7 +82,8 @@ def print_summary(result, cfg) -> None:
     if result.knn_top1 is not None:
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * result.knn_top1:.2f}%")
     if result.timing:
-        print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} images/s")
+        unit = "clips" if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip" else "images"
+        print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} {unit}/s")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite"):
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
 
@@ -124,7 +127,21 @@ def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     return metrics, flatten(to_dict(cfg.eval.linear), "eval.linear")
 
 
-_EVALUATIONS = {"knn": _knn, "linear": _linear}
+def _temporal_order(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
+    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+
+    d, frames = cfg.data, cfg.eval.temporal_order_frames
+    if not d.eval_test:
+        raise ConfigError("foundry eval temporal-order reads the clip shards of data.eval_test: set it (e.g. "
+                          "data.eval_test=data/videos/clips)")
+    result = temporal_order_accuracy(*clip_frame_features(backbone, d.eval_test, frames, d.eval_image_size, d.mean,
+                                                          d.std, cfg.eval.batch_size), cfg.eval.linear)
+    metrics = {"temporal_order_top1": result["temporal_order_top1"],
+               **{f"temporal_order_top1.{Path(v).stem}": top1 for v, top1 in result["per_video"].items()}}
+    return metrics, {"eval.temporal_order_frames": frames}
+
+
+_EVALUATIONS = {"knn": _knn, "linear": _linear, "temporal-order": _temporal_order}
 
 
 def _embedding_map(backbone, cfg, digest: str) -> bytes:
@@ -157,7 +174,9 @@ def evaluate(args: argparse.Namespace) -> int:
     report = {"backbone": source.ref, "model_version": source.model_version,
               "pretrain_run_id": source.pretrain_run_id, **metrics}
     if args.log:
-        figures = {"embedding_tsne.png": _embedding_map(backbone, cfg, digest)} if cfg.eval.embedding_map_points else {}
+        labelled_images = args.kind in ("knn", "linear")  # the map colours test images by class
+        figures = ({"embedding_tsne.png": _embedding_map(backbone, cfg, digest)}
+                   if cfg.eval.embedding_map_points and labelled_images else {})
         report.update(_log_evaluation(args.kind, source, metrics, params, cfg, uri, figures=figures))
     print(json.dumps(report))
     return 0
@@ -262,7 +281,9 @@ def add_eval_parser(sub) -> None:
              "linear": "linear probe on frozen features: lr swept on a held-out part of data.eval_train, "
                        "top-1 on data.eval_test",
              "finetune": "fine-tune the whole backbone with a new classifier on data.eval_train (DDP like "
-                         "pretraining), top-1 on data.eval_test"}
+                         "pretraining), top-1 on data.eval_test",
+             "temporal-order": "forward vs reversed clips of data.eval_test (clip shards): a linear probe on "
+                               "frame features, leave-one-video-out"}
     for kind, text in helps.items():
         command = kinds.add_parser(kind, help=text)
         _add_config_args(command)

@@ -60,6 +60,12 @@ class DataConfig:
     # statistics. 0: one reader per rank x worker (the composition then depends on the world size).
     readers: int = 0
     resampled: bool = False  # sample shards with replacement forever instead of epochs
+    # Clip shards (`foundry prep video`): a training clip is clip_frames frames (0: all of a stored
+    # clip), frame_stride apart, from a random start; decoded by dali where DALI decodes the
+    # shards' codec, else pyav (auto), or as set. Image methods train on one frame of each clip.
+    clip_frames: int = 0
+    frame_stride: int = 1
+    video_decoder: str = "auto"  # auto | dali | pyav
     eval_image_size: int = 32  # resize for feature extraction (kNN / probes)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -176,6 +182,7 @@ class EvalConfig:
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
     knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
     embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
+    temporal_order_frames: int = 4  # frames per clip in `foundry eval temporal-order`
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -435,6 +442,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
+        "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
     }
@@ -446,6 +454,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
                           f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
                           f"(each reader gives every batch an equal part)")
+    if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
+        raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
+                          f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
@@ -468,18 +479,45 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
     validate_eval(cfg.eval)
+    if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
+        validate_clip_length(cfg, check_paths)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
             if value and not (Path(value) / "manifest.json").is_file():
                 raise ConfigError(
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
-                    f"`foundry prep images SRC {value}` or `foundry prep fashion-mnist DIR`."
+                    f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
+                    f"`foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_clip_length(cfg: Config, check_paths: bool) -> None:
+    """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
+    shards exist) hold at least the frames its pretext task needs with these method_args."""
+    from models.registry import method_class
+    from models.video import min_clip_frames
+
+    method = cfg.model.method
+    needed = min_clip_frames(method_class(method), cfg.model.method_args)
+    frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
+    manifest = Path(cfg.data.train) / "manifest.json"
+    if not frames and check_paths and manifest.is_file():
+        import json
+
+        frames = json.loads(manifest.read_text()).get("settings", {}).get("clip_frames", 0)
+        source = f"the clips of {cfg.data.train} ({frames} frames, data.clip_frames=0 takes them whole)"
+    if frames and frames < needed:
+        raise ConfigError(f"model.method={method} needs clips of at least {needed} frames with these "
+                          f"model.method_args; {source} gives {frames}: raise data.clip_frames (re-prep with a "
+                          f"larger --clip-frames if the shards' clips are shorter) or lower the method's frame needs")
 
 
 def validate_eval(e: EvalConfig) -> None:
     """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
+    if e.temporal_order_frames < 2:
+        raise ConfigError(f"eval.temporal_order_frames must be >= 2 (an order needs two frames), got "
+                          f"{e.temporal_order_frames}")
     if e.knn_every < 0 or e.embedding_map_points < 0:
         raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
                           f"{e.knn_every}, {e.embedding_map_points}")

@@ -52,3 +52,14 @@ def feature_map_reduction(backbone: nn.Module, method: str) -> int:
         raise ValueError(f"{method}: needs a CNN backbone whose forward_features is a (N, C, h, w) map "
                          f"(e.g. resnet18), got {type(backbone).__name__}; set model.backbone")
     return int(backbone.feature_info[-1]["reduction"])
+
+
+def sincos_1d_pos_embed(length: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sin-cos position embedding of positions 0..length-1, shape ``(length, dim)``: the
+    first half sin(pos * w_i), the second cos(pos * w_i), w_i = 10000^(-i / (dim / 2)) (MAE's
+    ``get_1d_sincos_pos_embed_from_grid``); ``dim`` must be even."""
+    if dim % 2:
+        raise ValueError(f"a sin-cos position embedding needs an even width, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()

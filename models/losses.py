@@ -217,3 +217,74 @@ def self_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.T
     gradient): SLA's aggregated prediction distilled into a plain classifier (Lee et al. 2020, "self-distillation from aggregation")."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.detach().float(), dim=1),
                     reduction="batchmean", log_target=True)
+
+
+def tcn_triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                     margin: float = 0.2) -> torch.Tensor:
+    """The triplet loss of Time-Contrastive Networks (Sermanet et al. 2018, after FaceNet's): an
+    anchor frame should be closer to a frame near it in time than to a far one,
+
+        L = mean_i [ ||f(x_i^a) - f(x_i^p)||^2 - ||f(x_i^a) - f(x_i^n)||^2 + alpha ]_+
+
+    with f(x) on the unit hypersphere (the embeddings are L2-normalised here) and alpha the
+    ``margin``. ``anchor``, ``positive``, ``negative``: (N, D), row ``i`` one triplet.
+    """
+    a, p, n = (F.normalize(x.float(), dim=1) for x in (anchor, positive, negative))
+    d_pos = (a - p).pow(2).sum(dim=1)
+    d_neg = (a - n).pow(2).sum(dim=1)
+    return F.relu(d_pos - d_neg + margin).mean()
+
+
+def tcn_info_nce_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                      negative_mask: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """TCN's multi-pair form (the N-pairs generalisation of its triplet loss, Sohn 2016), written as
+    InfoNCE with a temperature: each anchor must pick its own positive among the positives of the
+    *global* batch and the far frames of its own clip,
+
+        L_i = -log exp(a_i.p_i / t) / ( sum_j exp(a_i.p_j / t) + sum_{m in far(i)} exp(a_i.n_im / t) )
+
+    averaged over this rank's anchors. ``anchor``, ``positive``: (B, D), row ``b`` the anchor and
+    the positive of local clip ``b``; ``negatives``: (B, M, D), frames of clip ``b`` far from its
+    anchor, of which ``negative_mask`` (B, M, bool) marks the valid ones. Embeddings are
+    L2-normalised here; the positives of every rank are gathered with gradients, so the positive
+    of local clip ``b`` on rank ``r`` is column ``r * B + b``.
+    """
+    a = F.normalize(anchor.float(), dim=1)
+    p = F.normalize(positive.float(), dim=1)
+    n = F.normalize(negatives.float(), dim=2)
+    all_p = gather_with_grad(p)
+    batch_logits = a @ all_p.T / temperature  # (B, N): every positive in the global batch
+    clip_logits = torch.einsum("bd,bmd->bm", a, n) / temperature  # (B, M): far frames of the same clip
+    clip_logits = clip_logits.masked_fill(~negative_mask.to(a.device), float("-inf"))
+    labels = torch.arange(a.shape[0], device=a.device) + rank() * a.shape[0]
+    return F.cross_entropy(torch.cat([batch_logits, clip_logits], dim=1), labels)
+
+
+def cpc_info_nce_loss(predictions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Contrastive Predictive Coding's InfoNCE (van den Oord et al. 2018, eq. 4), for every step k:
+
+        f_k(x_{t+k}, c_t) = exp(z_{t+k}^T W_k c_t)                                        (eq. 3)
+        L_N = - E_X [ log f_k(x_{t+k}, c_t) / sum_{x_j in X} f_k(x_j, c_t) ]              (eq. 4)
+
+    where X holds the positive z_{t+k} and, as negatives, the z of every other position of every
+    sequence in the *global* batch (this sequence's other positions included).
+    ``predictions``: (B, T, K, D), ``predictions[b, t, k-1] = W_k c_t`` of local sequence ``b``;
+    ``z``: (B, T, D), the encodings. Every context position t with t + k < T predicts; the loss is
+    the mean over k = 1..K of eq. 4 averaged over its (b, t). ``z`` is gathered over ranks with
+    gradients, so the positive of local (b, t, k) on rank ``r`` is row ``(r * B + b) * T + t + k``
+    of the flattened candidates.
+    """
+    predictions, z = predictions.float(), z.float()
+    local, length, steps = predictions.shape[:3]
+    if steps >= length:
+        raise ValueError(f"cpc_info_nce_loss: {steps} prediction steps need sequences longer than {steps}, "
+                         f"got {length}")
+    candidates = gather_with_grad(z).flatten(0, 1)  # (N * T, D)
+    sequence = torch.arange(local, device=z.device).unsqueeze(1) + rank() * local
+    losses = []
+    for k in range(1, steps + 1):
+        pred = predictions[:, :length - k, k - 1].flatten(0, 1)  # (B * (T - k), D): W_k c_t
+        logits = pred @ candidates.T  # log f_k against every candidate
+        labels = (sequence * length + torch.arange(k, length, device=z.device)).flatten()  # z_{t+k}
+        losses.append(F.cross_entropy(logits, labels))
+    return torch.stack(losses).mean()

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import read_manifest
+from launch.config import ConfigError
 from pipeline.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
@@ -61,6 +62,11 @@ def decode_image(sample: dict) -> torch.Tensor:
     raise ValueError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
 
 
+def is_clip_manifest(manifest: dict) -> bool:
+    """Whether a shard folder holds video clips (`foundry prep video`) rather than images."""
+    return manifest.get("settings", {}).get("kind") == "clips"
+
+
 def _seed(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -73,8 +79,14 @@ class ShardStream(IterableDataset):
     def __init__(self, folder: str, transform: Callable[[torch.Tensor], list[torch.Tensor]],
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 0, finite: bool = False,
-                 resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0):
+                 resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0,
+                 video_decoder: str = "pyav"):
         manifest = read_manifest(folder)
+        # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
+        # (pipeline.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
+        self.clips = is_clip_manifest(manifest)
+        self.video_decoder = video_decoder
+        self._clip_decoder: Callable[[list[bytes]], list[torch.Tensor]] | None = None
         self.shards = [(f"{folder}/{s['name']}", int(s["num_samples"])) for s in manifest["shards"]]
         self.num_samples = int(manifest["num_samples"])
         self.transform, self.batch_size = transform, batch_size
@@ -147,12 +159,25 @@ class ShardStream(IterableDataset):
         if self.finite and pending:
             yield pending
 
+    def _decode(self, samples: list[dict]) -> list[torch.Tensor]:
+        """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W)."""
+        if not self.clips:
+            return [decode_image(sample) for sample in samples]
+        if self._clip_decoder is None:
+            from pipeline.video import clip_decoder
+
+            self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
+        from pipeline.video import clip_bytes
+
+        return self._clip_decoder([clip_bytes(sample) for sample in samples])
+
     def _collate(self, samples: list[dict], seed: int) -> dict:
         views_per_sample = []
+        decoded = self._decode(samples)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for sample in samples:
-                views_per_sample.append(self.transform(decode_image(sample)))
+            for item in decoded:
+                views_per_sample.append(self.transform(item))
         labels = [int(s["cls"]) if "cls" in s else -1 for s in samples]
         return {
             "views": [torch.stack(v) for v in zip(*views_per_sample)],
@@ -246,11 +271,50 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
     return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
 
 
-def train_backend(backend: str, device: torch.device) -> str:
-    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU."""
+def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
+    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU. Clip shards always take the
+    torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by DALI
+    there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
+    clips = bool(folder) and is_clip_manifest(read_manifest(folder))
+    if clips and backend == "dali":
+        raise ConfigError(f"data.backend=dali augments images only and {folder} holds video clips: use "
+                          f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
+                          f"data.video_decoder)")
     if backend == "auto":
-        return "dali" if device.type == "cuda" else "torch"
+        return "dali" if device.type == "cuda" and not clips else "torch"
     return backend
+
+
+def method_input_kind(method: str) -> str:
+    """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
+    from models.registry import method_class
+
+    return getattr(method_class(method), "input_kind", "image")
+
+
+def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
+    """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
+    image views for image shards; for clip shards, clips (video methods) or one frame of each clip
+    (image methods), see pipeline.video.ClipTransform."""
+    d = cfg.data
+    views = MultiViewTransform(d.views, d.mean, d.std)
+    kind = method_input_kind(cfg.model.method)
+    settings = read_manifest(d.train).get("settings", {})
+    if settings.get("kind") != "clips":
+        if kind == "clip":
+            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
+                              f"holds images: make clip shards with `foundry prep video SRC OUT`")
+        return views, "pyav"
+    from pipeline.video import ClipTransform, resolve_video_decoder
+
+    span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
+    if span > settings["clip_frames"]:
+        raise ConfigError(f"data.clip_frames={d.clip_frames} x data.frame_stride={d.frame_stride} spans {span} "
+                          f"frames but the clips in {d.train} have {settings['clip_frames']}: lower them or "
+                          f"re-prep with `foundry prep video --clip-frames {span}`")
+    # The torch loader decodes in its CPU worker processes, whatever the training device.
+    decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
+    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=kind == "clip"), decoder
 
 
 def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, position: LoaderPosition,
@@ -259,13 +323,15 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
     ``device``; the torch loader's on the CPU (pinned for a GPU)."""
     d = cfg.data
-    if train_backend(d.backend, device) == "dali":
+    transform, video_decoder = train_transform(cfg, device)
+    if train_backend(d.backend, device, d.train) == "dali":
         from pipeline.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
                                num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
                                start=position, device=device, prefetch_batches=d.prefetch_batches))
-    stream = ShardStream(d.train, MultiViewTransform(d.views, d.mean, d.std), batch_size, rank=rank,
+    stream = ShardStream(d.train, transform, batch_size, rank=rank,
                          world_size=world_size, num_workers=d.num_workers, seed=cfg.train.seed,
-                         shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers)
+                         shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers,
+                         video_decoder=video_decoder)
     return iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))

@@ -17,9 +17,11 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from data_prep.shards import read_manifest  # noqa: E402
 from launch.config import AugmentOp, ViewSpec  # noqa: E402
 from pipeline.augment import MultiViewTransform  # noqa: E402
-from pipeline.loader import ShardStream, make_loader  # noqa: E402
+from pipeline.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
+from pipeline.video import ClipTransform  # noqa: E402
 
 
 def _png(figure) -> bytes:
@@ -44,9 +46,12 @@ class _OriginalAndViews:
 
 def augmentation_grid(folder: str, views: list[ViewSpec], mean: list[float], std: list[float],
                       num_images: int = 6, size: int = 64, seed: int = 0) -> bytes:
-    """The first ``num_images`` images of the shards in ``folder`` and every view of them."""
-    stream = ShardStream(folder, _OriginalAndViews(views, mean, std, size), num_images, finite=True,
-                         seed=seed)  # the loader seeds the views' random draws
+    """The first ``num_images`` images of the shards in ``folder`` and every view of them (clip
+    shards: a random frame of each clip)."""
+    transform = _OriginalAndViews(views, mean, std, size)
+    if is_clip_manifest(read_manifest(folder)):
+        transform = ClipTransform(transform, clip_frames=0, frame_stride=1, as_clip=False)
+    stream = ShardStream(folder, transform, num_images, finite=True, seed=seed)  # it seeds the random draws
     columns = next(iter(make_loader(stream)))["views"]
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     shown = [columns[0]] + [(v * std_t + mean_t).clamp(0, 1) for v in columns[1:]]

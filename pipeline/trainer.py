@@ -252,14 +252,19 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         if self.rt.is_main:
-            print(f"training loader: {train_backend(self.cfg.data.backend, self.rt.device)} on "
-                  f"{self.rt.device.type}", flush=True)
+            backend = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
+            print(f"training loader: {backend} on {self.rt.device.type}", flush=True)
         return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
                                   self.rt.device)
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        fmt = torch.channels_last if self.cfg.train.channels_last else torch.contiguous_format
-        return [v.to(self.rt.device, non_blocking=True, memory_format=fmt) for v in views]
+        """Images (B, 3, H, W) channels_last when asked; clips (B, T, 3, H, W) then in (B, T, H, W, 3)
+        memory, so that the frames the video methods flatten them to, (B T, 3, H, W), are channels_last."""
+        if not self.cfg.train.channels_last:
+            return [v.to(self.rt.device, non_blocking=True) for v in views]
+        return [v.to(self.rt.device, non_blocking=True, memory_format=torch.channels_last) if v.dim() == 4
+                else v.to(self.rt.device, non_blocking=True).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+                for v in views]
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
         if not self.uses_labels:
@@ -381,8 +386,13 @@ class Trainer:
         self.timing = metrics
         self.tracker.log_metrics(metrics, step=self.step)
         print(f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} "
-              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} img/s "
+              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} {self._sample_unit()}/s "
               f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
+
+    def _sample_unit(self) -> str:
+        """What a sample of the batch is: an image, or a clip for the video methods (whose metric
+        ``images_per_s`` then counts clips)."""
+        return "clips" if getattr(self.model, "input_kind", "image") == "clip" else "img"
 
     def _fail_non_finite(self, loss_value: float) -> None:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming

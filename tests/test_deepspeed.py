@@ -27,7 +27,7 @@ from launch.config import ConfigError
 from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, latest_checkpoint, list_checkpoints
 
 STAGES = (1, 2, 3)
-EQUIVALENCE_METHODS = list(METHOD_ARGS)  # the joint-embedding methods, MAE, and S4L for the labels path
+EQUIVALENCE_METHODS = list(METHOD_ARGS)  # joint-embedding methods, MAE, S4L (the labels path), video methods
 VARIANT_CASES = {  # name: (the DDP reference, the DeepSpeed case)
     "zero2-offload-optimizer": ("simclr:ddp", "simclr:deepspeed:deepspeed.zero_stage=2,deepspeed.offload_optimizer=cpu"),
     "zero3-offload-all": ("moco_v3:ddp", "moco_v3:deepspeed:deepspeed.zero_stage=3,deepspeed.offload_optimizer=cpu,"

@@ -31,12 +31,7 @@ SMALL_HEADS = {
 TARGETS = {"moco_v2": "key_encoder", "moco_v3": "momentum_encoder", "byol": "target"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_method(name: str, backbone: str = "vit", **overrides) -> nn.Module:
