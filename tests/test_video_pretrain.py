@@ -53,7 +53,7 @@ def test_video_recipe_pretrains_and_exports_a_timm_backbone(recipe, video_clips,
     assert features.shape == (2, backbone.num_features) and torch.isfinite(features).all()
     if recipe.startswith("tcn"):  # the video probe on this export, logged as an evaluation run
         probe = run_cli(["eval", "temporal-order", f"configs/{recipe}.yaml", f"output_dir={out}",
-                         f"data.eval_test={video_clips}", "data.eval_image_size=32", "eval.linear.epochs=5",
+                         f"data.train={video_clips}", f"data.eval_test={video_clips}", "data.eval_image_size=32", "eval.linear.epochs=5",
                          "eval.linear.lrs=[0.1]",
                          f"mlflow.tracking_uri={result['tracking_uri']}"], tmp_path)
         assert probe.returncode == 0, probe.stderr[-3000:]
@@ -65,7 +65,7 @@ def test_video_recipe_pretrains_and_exports_a_timm_backbone(recipe, video_clips,
 
 def test_video_method_on_image_shards_is_a_config_error(fmnist, tmp_path):
     done = run_cli(["pretrain", "configs/tcn_resnet18_video.yaml", f"output_dir={tmp_path / 'run'}",
-                    f"data.train={fmnist}/train", "train.max_steps=1"], tmp_path)
+                    f"data.train={fmnist}/train", "data.eval_test=", "train.max_steps=1"], tmp_path)
     assert done.returncode != 0
     assert "trains on video clips" in done.stderr and "foundry prep video" in done.stderr
 
@@ -82,13 +82,14 @@ def test_clip_too_short_for_the_pretext_task_is_a_config_error(video_clips):
     from launch.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="needs clips of at least 7 frames.*data.clip_frames=4 gives 4"):
-        load_config("configs/tcn_resnet18_video.yaml", [f"data.train={video_clips}", "data.clip_frames=4",
-                                                         "model.method_args.negative_margin=6"])
+        load_config("configs/tcn_resnet18_video.yaml", [f"data.train={video_clips}", f"data.eval_test={video_clips}",
+                                                         "data.clip_frames=4", "model.method_args.negative_margin=6"])
     # data.clip_frames=0 takes the stored clips whole: 8 frames (conftest.VIDEO_CLIP)
     with pytest.raises(ConfigError, match=r"needs clips of at least 11 frames.*\(8 frames"):
-        load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", "data.clip_frames=0",
-                                                         "model.method_args.prediction_steps=10"])
-    load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", "data.clip_frames=0"])
+        load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", f"data.eval_test={video_clips}",
+                                                         "data.clip_frames=0", "model.method_args.prediction_steps=10"])
+    load_config("configs/cpc_resnet18_video.yaml", [f"data.train={video_clips}", f"data.eval_test={video_clips}",
+                                                     "data.clip_frames=0"])
 
 
 def test_bench_temporal_order_writes_json(video_clips, tmp_path):
