@@ -53,8 +53,8 @@ def test_video_recipe_pretrains_and_exports_a_timm_backbone(recipe, video_clips,
     assert features.shape == (2, backbone.num_features) and torch.isfinite(features).all()
     if recipe.startswith("tcn"):  # the video probe on this export, logged as an evaluation run
         probe = run_cli(["eval", "temporal-order", f"configs/{recipe}.yaml", f"output_dir={out}",
-                         f"data.train={video_clips}", f"data.eval_test={video_clips}", "data.eval_image_size=32", "eval.linear.epochs=5",
-                         "eval.linear.lrs=[0.1]",
+                         f"data.train={video_clips}", f"data.eval_test={video_clips}", "data.eval_image_size=32",
+                         "eval.linear.epochs=5", "eval.linear.lrs=[0.1]",
                          f"mlflow.tracking_uri={result['tracking_uri']}"], tmp_path)
         assert probe.returncode == 0, probe.stderr[-3000:]
         report = json.loads(probe.stdout.strip().splitlines()[-1])
