@@ -44,6 +44,20 @@ def hamming_permutation_set(size: int, num_tiles: int = 9, seed: int = 0) -> tor
     return all_perms[chosen].long()
 
 
+MIN_TILE_SIZE = 4  # px: smaller tiles vanish inside a ResNet's stride-32 stem and stages
+
+
+def grid_tile_size(image_size: int, grid: int, tile_ratio: float, method: str, ratio_key: str) -> int:
+    """Side of the tiles of a ``grid`` x ``grid`` split: ``tile_ratio`` of a cell's side (the rest is
+    the gap between tiles). Too small a tile is a ValueError naming the method's ratio key."""
+    size = round(image_size // grid * tile_ratio)
+    if size < MIN_TILE_SIZE:
+        raise ValueError(f"{method}: {image_size} px views give {size} px tiles, too small for the backbone "
+                         f"(at least {MIN_TILE_SIZE}); use larger crops in data.views or a larger "
+                         f"model.method_args.{ratio_key}")
+    return size
+
+
 def grid_tile_offsets(batch: int, image_size: int, grid: int, tile_size: int, max_jitter: int | None,
                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Top-left corners (B, grid*grid, 2) (row, column), in row-major cell order, of tiles of side

@@ -69,16 +69,35 @@ def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return folded.eval()
 
 
+def sweep_split(num_rows: int, cfg: LinearProbeConfig, groups: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(val, fit) row indices: a seeded ``cfg.val_fraction`` of the rows held out for the lr sweep.
+    With ``groups`` (N,) the split is by group -- rows of a group are never on both sides, as when
+    the test set holds unseen groups (videos) and a row has near-copies (a clip and its reverse)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if groups is None:
+        order = torch.randperm(num_rows, generator=generator)
+        num_val = max(1, round(cfg.val_fraction * num_rows))
+        return order[:num_val], order[num_val:]
+    names = groups.unique()
+    if len(names) < 2:
+        raise ValueError("a grouped lr sweep holds out whole groups: it needs rows of 2 groups or more")
+    shuffled = names[torch.randperm(len(names), generator=generator)]
+    held_out = shuffled[:min(len(names) - 1, max(1, round(cfg.val_fraction * len(names))))]
+    is_val = torch.isin(groups, held_out)
+    return is_val.nonzero().flatten(), (~is_val).nonzero().flatten()
+
+
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                 test_labels: torch.Tensor, cfg: LinearProbeConfig) -> LinearProbeResult:
-    """The sweep on a seeded held-out split of the train set, then the chosen lr on all of it."""
+                 test_labels: torch.Tensor, cfg: LinearProbeConfig,
+                 train_groups: torch.Tensor | None = None) -> LinearProbeResult:
+    """The sweep on a seeded held-out split of the train set (by ``train_groups`` where given, see
+    ``sweep_split``), then the chosen lr on all of it."""
     if (train_labels < 0).any() or (test_labels < 0).any():
         raise ValueError("the linear probe needs labelled shards (a `cls` per sample) for data.eval_train "
                          "and data.eval_test")
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(cfg.seed))
-    num_val = max(1, round(cfg.val_fraction * len(order)))
-    val, fit = order[:num_val], order[num_val:]
+    val, fit = sweep_split(len(train_features), cfg, train_groups)
     val_top1 = {}
     for lr in cfg.lrs:
         head = train_linear_head(train_features[fit], train_labels[fit], num_classes, lr, cfg)

@@ -8,7 +8,8 @@ For every clip of a clip-shard folder, ``frames`` frames evenly spaced over the 
 reverse ``concat(f_n, ..., f_1)`` (label 0). Evaluation is leave-one-video-out: for each video with
 clips, the linear probe of ``pipeline.linear_probe`` (lr swept on a held-out part of the training
 clips) is trained on every other video's clips and tested on that video's; the reported accuracy
-is over all held-out clips. Both orders of a clip are always on the same side of a split.
+is over all held-out clips. Both orders of a clip are always on the same side of a split, and the
+lr sweep holds out whole training videos too, so the lr is chosen under the test's condition.
 """
 from __future__ import annotations
 
@@ -61,9 +62,11 @@ def temporal_order_accuracy(features: torch.Tensor, videos: list[str], probe: Li
     counts = Counter(videos)
     if len(counts) < 2:
         raise ValueError("the temporal-order probe holds out one video at a time: it needs clips of 2 videos or more")
+    names = sorted(counts)
+    video_index = torch.tensor([names.index(v) for v in videos])
     per_video, correct = {}, 0.0
-    for held_out in sorted(counts):
-        test = torch.tensor([v == held_out for v in videos])
+    for held_out in names:
+        test = video_index == names.index(held_out)
 
         def both_orders(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.cat([forward[rows], backward[rows]])
@@ -71,7 +74,8 @@ def temporal_order_accuracy(features: torch.Tensor, videos: list[str], probe: Li
             y = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
             return x, y
 
-        result = linear_probe(*both_orders(~test), *both_orders(test), probe)
+        train_videos = video_index[~test].repeat(2)  # the lr sweep holds out whole videos, as the test does
+        result = linear_probe(*both_orders(~test), *both_orders(test), probe, train_groups=train_videos)
         per_video[held_out] = result.test_top1
         correct += result.test_top1 * counts[held_out]
     return {"temporal_order_top1": correct / len(videos), "per_video": per_video, "clips": len(videos)}

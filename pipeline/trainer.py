@@ -275,7 +275,7 @@ class Trainer:
         return labels.to(self.rt.device, non_blocking=True)
 
     def train(self) -> TrainResult:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if hasattr(self, "_rng_to_restore"):
             _set_rng_state(self._rng_to_restore)
         self.model.train()

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
 from launch.config import LinearProbeConfig
 from pipeline.evaluate import cached_features
-from pipeline.linear_probe import linear_probe
+from pipeline.linear_probe import linear_probe, sweep_split
 
 FMNIST_TRAIN, FMNIST_TEST = 5000, 2000  # a slice: the whole comparison takes seconds
 
@@ -130,3 +130,23 @@ def test_features_are_extracted_once_per_backbone_shards_and_preprocessing(fmnis
     resized = cached_features(backbone, folder, cache, "digest-a", **{**args, "image_size": 4})[0]
     assert CountingFlatten.images == 384 and resized.shape == (128, 3 * 4 * 4)
     assert len(list(cache.iterdir())) == 3  # and no temp files left behind
+
+
+def test_sweep_split_is_seeded_and_grouped_splits_never_share_a_group():
+    cfg = LinearProbeConfig(val_fraction=0.25, seed=3)
+    val, fit = sweep_split(40, cfg)
+    assert len(val) == 10 and sorted(torch.cat([val, fit]).tolist()) == list(range(40))
+    assert torch.equal(val, sweep_split(40, cfg)[0])  # same seed, same split
+    assert not torch.equal(val, sweep_split(40, dataclasses.replace(cfg, seed=4))[0])
+
+    groups = torch.arange(8).repeat_interleave(torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])).repeat(2)
+    val, fit = sweep_split(len(groups), cfg, groups)
+    assert sorted(torch.cat([val, fit]).tolist()) == list(range(len(groups)))
+    assert set(groups[val].tolist()).isdisjoint(groups[fit].tolist())
+    assert len(set(groups[val].tolist())) == 2  # a quarter of 8 groups
+    # Two groups: one for the sweep, one to fit on, whatever the fraction.
+    two = torch.tensor([5, 5, 9, 9, 9])
+    val, fit = sweep_split(5, dataclasses.replace(cfg, val_fraction=0.9), two)
+    assert len(set(two[val].tolist())) == 1 and len(set(two[fit].tolist())) == 1
+    with pytest.raises(ValueError, match="2 groups or more"):
+        sweep_split(3, cfg, torch.zeros(3, dtype=torch.long))

@@ -18,7 +18,7 @@ from models.losses import (aggregated_class_logits, dim_infonce_loss, dim_jsd_lo
                            labelled_cross_entropy, rebalanced_soft_cross_entropy, self_distillation_loss)
 from models.methods.jigsaw import Jigsaw
 from models.methods.relative_patch import NEIGHBOURS, RelativePatchLocation
-from models.pretext import (GREEN_MAGENTA, central_mask, crop_tiles, drop_colour, grid_tile_offsets,
+from models.pretext import (GREEN_MAGENTA, central_mask, crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size,
                             hamming_permutation_set, project_colour, random_block_mask, rotate_all)
 from models.registry import create_method
 from pipeline.labelled_subset import labelled_keys, mask_unlabelled, shard_keys
@@ -119,12 +119,13 @@ def test_grid_tiles_sit_in_their_cells_with_gaps_and_bounded_jitter():
         grid_tile_offsets(1, 12, 3, tile_size=5, max_jitter=0)
 
 
-def test_jigsaw_tile_size_follows_the_paper_ratio_and_names_the_fix_when_too_small():
-    model = Jigsaw(create_backbone("resnet10t"), num_permutations=4, tile_dim=8, hidden_dim=8)
-    assert model.tile_size(225) == 64  # the paper: 225 px crop, 75 px cells, 64 px tiles
-    assert model.tile_size(32) == 9
-    with pytest.raises(ValueError, match="data.views"):
-        model.tile_size(12)
+def test_grid_tile_size_follows_the_paper_ratio_and_names_the_fix_when_too_small():
+    jigsaw_ratio = Jigsaw(create_backbone("resnet10t"), num_permutations=4, tile_dim=8, hidden_dim=8).tile_ratio
+    # The paper: a 225 px crop, 75 px cells, 64 px tiles.
+    assert grid_tile_size(225, 3, jigsaw_ratio, "jigsaw", "tile_ratio") == 64
+    assert grid_tile_size(32, 3, jigsaw_ratio, "jigsaw", "tile_ratio") == 9
+    with pytest.raises(ValueError, match=r"relative_patch: 12 px views .* model.method_args.patch_ratio"):
+        grid_tile_size(12, 3, 0.7, "relative_patch", "patch_ratio")
 
 
 def test_relative_patch_pairs_are_the_centre_and_the_labelled_neighbour():

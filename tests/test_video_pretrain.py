@@ -13,6 +13,8 @@ from conftest import run_cli
 from mlflow import MlflowClient
 
 from data_prep.shards import read_manifest
+from launch.config import LinearProbeConfig
+from pipeline.temporal_order import temporal_order_accuracy
 
 TINY = {  # per recipe: overrides that make the model tiny
     "tcn_resnet18_video": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32"],
@@ -106,3 +108,34 @@ def test_bench_temporal_order_writes_json(video_clips, tmp_path):
     assert [b["seed"] for b in report["random_init"]] == [0, 1]
     for row in [run, *report["random_init"]]:
         assert 0 <= row["temporal_order_top1"] <= 1 and set(row["per_video"]) >= {"vtest.avi", "bikes.mp4"}
+
+
+def drifting_clip_features(drift_per_video: list[float], clips: int = 20, frames: int = 4, dim: int = 2,
+                           seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """(N, frames, dim) features: noise, plus a feature 0 that moves by ``drift`` per frame within
+    each clip of a video -- an arrow-of-time cue whose sign each video sets."""
+    g = torch.Generator().manual_seed(seed)
+    rows, videos = [], []
+    for v, drift in enumerate(drift_per_video):
+        x = torch.randn(clips, frames, dim, generator=g) * 0.1
+        x[..., 0] += drift * torch.arange(frames) + torch.randn(clips, 1, generator=g)  # a per-clip offset
+        rows.append(x)
+        videos += [f"video{v}.avi"] * clips
+    return torch.cat(rows), videos
+
+
+def test_temporal_order_probe_scores_cues_that_transfer_to_the_held_out_video():
+    """The probe measures what carries over to an unseen video: a drift shared by every video is
+    read perfectly on each held-out one; a drift whose sign one video reverses is read backwards
+    on that video (and on no other), which is why few videos make the probe noisy."""
+    probe = LinearProbeConfig(epochs=30, lrs=[0.1, 1.0])
+    shared = temporal_order_accuracy(*drifting_clip_features([1.0] * 5), probe)
+    assert shared["temporal_order_top1"] == 1.0 and shared["clips"] == 100
+    assert set(shared["per_video"]) == {f"video{v}.avi" for v in range(5)}
+    odd_one_out = temporal_order_accuracy(*drifting_clip_features([1.0, 1.0, 1.0, 1.0, -1.0]), probe)
+    assert odd_one_out["per_video"]["video4.avi"] <= 0.1  # read backwards
+    assert all(odd_one_out["per_video"][f"video{v}.avi"] >= 0.85 for v in range(4))  # 1 of 4 training videos misleads
+    no_cue = temporal_order_accuracy(*drifting_clip_features([0.0] * 5), probe)
+    assert 0.2 < no_cue["temporal_order_top1"] < 0.8
+    with pytest.raises(ValueError, match="2 videos or more"):
+        temporal_order_accuracy(*drifting_clip_features([1.0]), probe)

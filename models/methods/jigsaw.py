@@ -7,11 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLPHead
-from models.pretext import crop_tiles, grid_tile_offsets, hamming_permutation_set, normalize_tiles
+from models.pretext import crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set, normalize_tiles
 from models.registry import register_method
 
 GRID = 3
-MIN_TILE_SIZE = 4
 
 
 @register_method("jigsaw")
@@ -39,20 +38,12 @@ class Jigsaw(nn.Module):
         self.tile_embed = nn.Sequential(nn.Linear(backbone.num_features, tile_dim), nn.ReLU(inplace=True))  # fc6
         self.classifier = MLPHead(GRID * GRID * tile_dim, hidden_dim, num_permutations, 2)  # fc7, fc8
 
-    def tile_size(self, image_size: int) -> int:
-        size = round(image_size // GRID * self.tile_ratio)
-        if size < MIN_TILE_SIZE:
-            raise ValueError(f"jigsaw: {image_size} px views give {size} px tiles, too small for the backbone "
-                             f"(at least {MIN_TILE_SIZE}); use larger crops in data.views or a larger "
-                             f"model.method_args.tile_ratio")
-        return size
-
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         if len(views) != 1:
             raise ValueError(f"Jigsaw takes 1 view, got {len(views)}: check data.views in the recipe")
         images = views[0]
         batch, image_size = images.shape[0], images.shape[-1]
-        size = self.tile_size(image_size)
+        size = grid_tile_size(image_size, GRID, self.tile_ratio, "jigsaw", "tile_ratio")
         offsets = grid_tile_offsets(batch, image_size, GRID, size, max_jitter=None, device=images.device)
         tiles = normalize_tiles(crop_tiles(images, offsets, size))  # (B, 9, C, t, t)
         target = torch.randint(len(self.permutations), (batch,), device=images.device)

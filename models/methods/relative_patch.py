@@ -7,13 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLPHead
-from models.pretext import crop_tiles, drop_colour, grid_tile_offsets, project_colour
+from models.pretext import crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour
 from models.registry import register_method
 
 GRID = 3
 CENTRE = 4  # row-major index of the middle cell of the 3x3 grid
 NEIGHBOURS = [k for k in range(GRID * GRID) if k != CENTRE]  # label l <-> cell NEIGHBOURS[l]
-MIN_PATCH_SIZE = 4
 
 
 @register_method("relative_patch")
@@ -44,18 +43,10 @@ class RelativePatchLocation(nn.Module):
         self.patch_ratio, self.max_jitter, self.colour = patch_ratio, max_jitter, colour
         self.classifier = MLPHead(2 * backbone.num_features, hidden_dim, len(NEIGHBOURS), 2)
 
-    def patch_size(self, image_size: int) -> int:
-        size = round(image_size // GRID * self.patch_ratio)
-        if size < MIN_PATCH_SIZE:
-            raise ValueError(f"relative_patch: {image_size} px views give {size} px patches, too small for the "
-                             f"backbone (at least {MIN_PATCH_SIZE}); use larger crops in data.views or a larger "
-                             f"model.method_args.patch_ratio")
-        return size
-
     def sample_pairs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(centre patches, neighbour patches, labels 0..7) for a batch of images."""
         batch, image_size = images.shape[0], images.shape[-1]
-        size = self.patch_size(image_size)
+        size = grid_tile_size(image_size, GRID, self.patch_ratio, "relative_patch", "patch_ratio")
         offsets = grid_tile_offsets(batch, image_size, GRID, size, self.max_jitter, device=images.device)
         label = torch.randint(len(NEIGHBOURS), (batch,), device=images.device)
         cell = torch.tensor(NEIGHBOURS, device=images.device)[label]
