@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -575,9 +576,10 @@ def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
 
 
 def bench_temporal_order(args: argparse.Namespace) -> int:
-    """Every video recipe for the same CPU budget, then `foundry eval temporal-order`'s probe on its
-    export, beside the same backbones at random initialisation (several seeds: the probe on a few
-    videos is noisy, so the spread is part of the result)."""
+    """Every video recipe for the same CPU budget (at ``--train-seeds`` seeds), then `foundry eval
+    temporal-order`'s probe on its export, beside the same backbones at random initialisation
+    (``--seeds`` seeds): the probe on a few videos is noisy, so the spread over seeds is part of
+    the result, and ``summary`` gives each side's mean and standard deviation."""
     import torch
 
     from models.backbones import create_backbone
@@ -588,41 +590,52 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{out / 'mlflow.db'}"
     runs, baselines, seen = [], [], set()
-    for recipe in recipes:
+    for recipe, seed in itertools.product(recipes, range(args.train_seeds)):
         name = Path(recipe).stem
-        run_dir, log_path = out / name, out / f"{name}.log"
+        run_name = name if args.train_seeds == 1 else f"{name}.seed{seed}"
+        run_dir, log_path = out / run_name, out / f"{run_name}.log"
         overrides = [f"output_dir={run_dir}", f"train.budget_minutes={args.budget_minutes}", f"train.max_steps={10**7}",
                      "train.resume=never", f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
-                     f"train.checkpoint_every={10**7}", *args.overrides]
+                     f"train.checkpoint_every={10**7}", f"train.seed={seed}", *args.overrides]
         cfg = load_config(recipe, overrides)
         if args.reuse_runs and (run_dir / "result.json").is_file():
-            print(f"[bench temporal-order] {name}: reusing {run_dir / 'result.json'}", flush=True)
+            print(f"[bench temporal-order] {run_name}: reusing {run_dir / 'result.json'}", flush=True)
             done = subprocess.CompletedProcess([], 0)
         else:
-            print(f"[bench temporal-order] {name}: {args.budget_minutes:g} min of training, log {log_path}",
+            print(f"[bench temporal-order] {run_name}: {args.budget_minutes:g} min of training, log {log_path}",
                   flush=True)
             with open(log_path, "w") as log:
                 done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
                                       stdout=log, stderr=subprocess.STDOUT)
-        row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone}
+        row = {"recipe": name, "seed": cfg.train.seed, "method": cfg.model.method, "backbone": cfg.model.backbone}
         if done.returncode != 0:
             row["error"] = f"exit {done.returncode}, see {log_path}"
         else:
             result = json.loads((run_dir / "result.json").read_text())
             row.update(steps=result["steps"], final_loss=result["final_loss"],
-                       **_temporal_order_of(load_timm_backbone(str(run_dir / "backbone")), cfg, name))
+                       **_temporal_order_of(load_timm_backbone(str(run_dir / "backbone")), cfg, run_name))
         runs.append(row)
         key = (cfg.model.backbone, json.dumps(cfg.model.backbone_args, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)
-        for seed in range(args.seeds):
-            torch.manual_seed(seed)
+        for init_seed in range(args.seeds):
+            torch.manual_seed(init_seed)
             backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-            baselines.append({"backbone": cfg.model.backbone, "seed": seed,
-                              **_temporal_order_of(backbone, cfg, f"random init {cfg.model.backbone} seed {seed}")})
+            baselines.append({"backbone": cfg.model.backbone, "seed": init_seed, **_temporal_order_of(
+                backbone, cfg, f"random init {cfg.model.backbone} seed {init_seed}")})
+
+    def spread(rows: list[dict]) -> dict:
+        top1 = [r["temporal_order_top1"] for r in rows if "temporal_order_top1" in r]
+        return {"seeds": len(top1), "mean": statistics.fmean(top1) if top1 else None,
+                "sd": statistics.stdev(top1) if len(top1) > 1 else None}
+
+    summary = {**{name: spread([r for r in runs if r["recipe"] == name]) for name in dict.fromkeys(
+                   r["recipe"] for r in runs)},
+               **{f"random init {b}": spread([r for r in baselines if r["backbone"] == b]) for b in dict.fromkeys(
+                   r["backbone"] for r in baselines)}}
     report = {"benchmark": "temporal-order", "budget_minutes": args.budget_minutes, "recipes": recipes,
-              "runs": runs, "random_init": baselines, "machine": _machine()}
+              "summary": summary, "runs": runs, "random_init": baselines, "machine": _machine()}
     _write(report, str(out / "temporal_order.json"))
     return 1 if any("error" in r for r in runs) else 0
 
@@ -689,6 +702,8 @@ def add_parser(sub) -> None:
                     help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
     to.add_argument("--budget-minutes", type=float, default=5.0, help="training minutes per recipe (default 5)")
     to.add_argument("--seeds", type=int, default=3, help="random-init seeds per backbone (default 3)")
+    to.add_argument("--train-seeds", type=int, default=1, help="training seeds per recipe (train.seed 0..N-1; "
+                    "default 1); with more than 1, run folders are <recipe>.seed<N>")
     to.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "
                     "has a result.json is probed without training again")
     to.add_argument("--out-dir", default="bench/temporal-order", help="runs, logs and temporal_order.json")

@@ -98,16 +98,21 @@ def test_bench_temporal_order_writes_json(video_clips, tmp_path):
     overrides = pretrain_args("tcn_resnet18_video", video_clips, tmp_path / "unused")[3:]  # the run's keys
     overrides = [o for o in overrides if not o.startswith(("output_dir=", "train.max_steps="))]
     done = run_cli(["bench", "temporal-order", "--recipe", "configs/tcn_resnet18_video.yaml", "--budget-minutes",
-                    "1", "--seeds", "2", "--out-dir", str(tmp_path / "bench"), *overrides, "train.max_steps=2",
-                    "eval.linear.epochs=5", "eval.linear.lrs=[0.1]"], tmp_path)
+                    "1", "--seeds", "2", "--train-seeds", "2", "--out-dir", str(tmp_path / "bench"), *overrides,
+                    "train.max_steps=2", "eval.linear.epochs=5", "eval.linear.lrs=[0.1]"], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "bench" / "temporal_order.json").read_text())
-    (run,) = report["runs"]
-    assert run["method"] == "tcn" and run["steps"] == 2
-    assert run["clips"] == sum(v["clips"] for v in read_manifest(video_clips)["videos"])
+    assert [(r["method"], r["seed"], r["steps"]) for r in report["runs"]] == [("tcn", 0, 2), ("tcn", 1, 2)]
+    assert (tmp_path / "bench" / "tcn_resnet18_video.seed1" / "backbone").is_dir()
+    first = report["runs"][0]
+    assert first["clips"] == sum(v["clips"] for v in read_manifest(video_clips)["videos"])
     assert [b["seed"] for b in report["random_init"]] == [0, 1]
-    for row in [run, *report["random_init"]]:
+    for row in [*report["runs"], *report["random_init"]]:
         assert 0 <= row["temporal_order_top1"] <= 1 and set(row["per_video"]) >= {"vtest.avi", "bikes.mp4"}
+    for name, rows in [("tcn_resnet18_video", report["runs"]), ("random init resnet10t", report["random_init"])]:
+        top1 = [r["temporal_order_top1"] for r in rows]
+        assert report["summary"][name] == pytest.approx({"seeds": 2, "mean": sum(top1) / 2,
+                                                         "sd": abs(top1[0] - top1[1]) / 2 ** 0.5})
 
 
 def drifting_clip_features(drift_per_video: list[float], clips: int = 20, frames: int = 4, dim: int = 2,
