@@ -88,20 +88,33 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
     return width, height, image_format
 
 
-def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
-    """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
+def file_problem(src: Path, path: str, extensions: frozenset[str]) -> dict | None:
+    """The ``skipped`` entry of ``path`` (relative to ``src``) when it cannot be a source file at
+    all -- an extension not in ``extensions``, not a regular file, unreadable, empty -- else None."""
     full = src / path
-    if full.suffix.lower() not in ACCEPTED_EXTENSIONS:
+    if full.suffix.lower() not in extensions:
         return skipped_entry(path, "unsupported", f"extension '{full.suffix}' is not one of "
-                                             f"{' '.join(sorted(ACCEPTED_EXTENSIONS))}")
+                                                  f"{' '.join(sorted(extensions))}")
     try:
-        if not stat.S_ISREG(full.stat().st_mode):
-            return skipped_entry(path, "unsupported", "not a regular file")
-        data = full.read_bytes()
+        status = full.stat()
     except OSError as err:
         return skipped_entry(path, "unreadable", str(err))
-    if not data:
+    if not stat.S_ISREG(status.st_mode):
+        return skipped_entry(path, "unsupported", "not a regular file")
+    if status.st_size == 0:
         return skipped_entry(path, "zero-byte", "the file is empty")
+    return None
+
+
+def check_image(src: Path, path: str, label: int | None) -> ValidImage | dict:
+    """``path`` (relative to ``src``) as a :class:`ValidImage`, or its ``skipped`` entry."""
+    problem = file_problem(src, path, ACCEPTED_EXTENSIONS)
+    if problem is not None:
+        return problem
+    try:
+        data = (src / path).read_bytes()
+    except OSError as err:
+        return skipped_entry(path, "unreadable", str(err))
     try:
         width, height, image_format = probe_image(data)
     except Exception as err:  # PIL reports bad data with many exception types

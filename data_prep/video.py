@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import stat
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from typing import Iterator, NamedTuple
 
 import av
 
-from data_prep.images import check_sources, count_reasons, skipped_entry
+from data_prep.images import check_sources, count_reasons, file_problem, skipped_entry
 from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, write_shards
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv",
@@ -151,16 +150,11 @@ def _frame_period(stream: av.video.stream.VideoStream) -> float:
 def probe_video(src: Path, path: str, label: int | None, settings: ClipSettings) -> ValidVideo | dict:
     """Decodes the whole of ``path`` (relative to ``src``; frames are not converted, only counted)
     and returns it as a :class:`ValidVideo`, or its ``skipped`` entry."""
-    full = src / path
-    if full.suffix.lower() not in VIDEO_EXTENSIONS:
-        return skipped_entry(path, "unsupported", f"extension '{full.suffix}' is not one of "
-                                                  f"{' '.join(sorted(VIDEO_EXTENSIONS))}")
+    problem = file_problem(src, path, VIDEO_EXTENSIONS)
+    if problem is not None:
+        return problem
     try:
-        if not stat.S_ISREG(full.stat().st_mode):
-            return skipped_entry(path, "unsupported", "not a regular file")
-        if full.stat().st_size == 0:
-            return skipped_entry(path, "zero-byte", "the file is empty")
-        with av.open(str(full)) as container:
+        with av.open(str(src / path)) as container:
             if not container.streams.video:
                 return skipped_entry(path, "unsupported", "no video stream")
             stream = container.streams.video[0]
