@@ -12,6 +12,7 @@ from models.backbones import feature_map_reduction
 from models.heads import UpsamplingDecoder
 from models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
 from models.losses import rebalanced_soft_cross_entropy
+from models.pretext import single_view
 from models.registry import register_method
 
 OUTPUT_REDUCTION = 4  # the paper predicts ab at a quarter of the input resolution (56 of 224)
@@ -63,9 +64,8 @@ class Colorization(nn.Module):
         return (grey_rgb - self.pixel_mean) / self.pixel_std, lab[:, 1:]
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"colorization takes 1 view, got {len(views)}: check data.views in the recipe")
-        grey, ab = self.lightness_and_ab(views[0])
+        images = single_view(views, "colorization")
+        grey, ab = self.lightness_and_ab(images)
         prediction = self.decoder(self.backbone.forward_features(grey))
         ab = F.adaptive_avg_pool2d(ab, prediction.shape[-2:])
         if self.regression:

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from models.backbones import feature_map_reduction
 from models.heads import UpsamplingDecoder
-from models.pretext import central_mask, random_block_mask
+from models.pretext import central_mask, random_block_mask, single_view
 from models.registry import register_method
 
 RGB = 3  # the loaders' views are RGB: the decoder reconstructs 3 channels
@@ -84,9 +84,7 @@ class ContextEncoder(nn.Module):
         return random_block_mask(images.shape[0], self.image_size, device=images.device)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"context_encoder takes 1 view, got {len(views)}: check data.views in the recipe")
-        images = views[0]
+        images = single_view(views, "context_encoder")
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"context_encoder: views are {tuple(images.shape[-2:])} px but "
                              f"model.method_args.image_size={self.image_size}; make them equal")

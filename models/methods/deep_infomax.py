@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from models.heads import MLPHead
 from models.losses import dim_infonce_loss, dim_jsd_loss
+from models.pretext import single_view
 from models.registry import register_method
 
 ESTIMATORS = {"jsd": dim_jsd_loss, "infonce": dim_infonce_loss}
@@ -44,9 +45,8 @@ class DeepInfoMax(nn.Module):
         self.global_critic = MLPHead(backbone.num_features, critic_dim, critic_dim, 2)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"deep_infomax takes 1 view, got {len(views)}: check data.views in the recipe")
-        final, (local_map,) = self.backbone.forward_intermediates(views[0], indices=[self.local_stage])
+        images = single_view(views, "deep_infomax")
+        final, (local_map,) = self.backbone.forward_intermediates(images, indices=[self.local_stage])
         global_features = self.global_critic(self.backbone.forward_head(final))
         local_features = self.local_critic(local_map).flatten(2).transpose(1, 2)  # (N, h*w, D)
         return {"loss": ESTIMATORS[self.estimator](global_features, local_features)}

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLPHead
-from models.pretext import crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set, normalize_tiles
+from models.pretext import (crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set, normalize_tiles,
+                            single_view)
 from models.registry import register_method
 
 GRID = 3
@@ -39,9 +40,7 @@ class Jigsaw(nn.Module):
         self.classifier = MLPHead(GRID * GRID * tile_dim, hidden_dim, num_permutations, 2)  # fc7, fc8
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"Jigsaw takes 1 view, got {len(views)}: check data.views in the recipe")
-        images = views[0]
+        images = single_view(views, "Jigsaw")
         batch, image_size = images.shape[0], images.shape[-1]
         size = grid_tile_size(image_size, GRID, self.tile_ratio, "jigsaw", "tile_ratio")
         offsets = grid_tile_offsets(batch, image_size, GRID, size, max_jitter=None, device=images.device)

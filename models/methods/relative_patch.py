@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLPHead
-from models.pretext import crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour
+from models.pretext import crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour, single_view
 from models.registry import register_method
 
 GRID = 3
@@ -56,9 +56,8 @@ class RelativePatchLocation(nn.Module):
         return pairs[:, 0], pairs[:, 1], label
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"relative_patch takes 1 view, got {len(views)}: check data.views in the recipe")
-        centre, neighbour, label = self.sample_pairs(views[0])
+        images = single_view(views, "relative_patch")
+        centre, neighbour, label = self.sample_pairs(images)
         patches = torch.cat([centre, neighbour])
         if self.colour == "drop":
             patches = drop_colour(patches)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.heads import MLPHead
-from models.pretext import NUM_ROTATIONS, rotate_all
+from models.pretext import NUM_ROTATIONS, encode_rotations
 from models.registry import register_method
 
 
@@ -31,9 +31,7 @@ class RotNet(nn.Module):
         self.rotation_head = MLPHead(backbone.num_features, head_hidden_dim, NUM_ROTATIONS, head_layers)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"RotNet takes 1 view, got {len(views)}: check data.views in the recipe")
-        rotated, rotation = rotate_all(views[0])
-        logits = self.rotation_head(self.backbone(rotated))
+        features, rotation = encode_rotations(self.backbone, views, "RotNet")
+        logits = self.rotation_head(features)
         accuracy = (logits.argmax(dim=1) == rotation).float().mean()
         return {"loss": F.cross_entropy(logits.float(), rotation), "rotation_accuracy": accuracy.detach()}

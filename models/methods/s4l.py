@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.losses import labelled_cross_entropy
-from models.pretext import NUM_ROTATIONS, rotate_all
+from models.pretext import NUM_ROTATIONS, encode_rotations
 from models.registry import register_method
 
 
@@ -35,11 +35,8 @@ class S4L(nn.Module):
         self.rotation_weight = rotation_weight
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"S4L takes 1 view, got {len(views)}: check data.views in the recipe")
-        batch = views[0].shape[0]
-        rotated, rotation = rotate_all(views[0])
-        features = self.backbone(rotated)
+        features, rotation = encode_rotations(self.backbone, views, "S4L")
+        batch = len(features) // NUM_ROTATIONS
         rotation_loss = F.cross_entropy(self.rotation_head(features).float(), rotation)
         supervised_loss = labelled_cross_entropy(self.class_head(features[:batch]), labels)  # block 0: upright
         return {"loss": supervised_loss + self.rotation_weight * rotation_loss,

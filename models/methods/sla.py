@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from models.losses import (aggregated_class_logits, joint_rotation_labels, labelled_cross_entropy,
                            self_distillation_loss)
-from models.pretext import NUM_ROTATIONS, rotate_all
+from models.pretext import NUM_ROTATIONS, encode_rotations
 from models.registry import register_method
 
 
@@ -39,11 +39,8 @@ class SLA(nn.Module):
         self.distillation_ce_weight = distillation_ce_weight
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"SLA takes 1 view, got {len(views)}: check data.views in the recipe")
-        batch = views[0].shape[0]
-        rotated, rotation = rotate_all(views[0])
-        features = self.backbone(rotated)
+        features, rotation = encode_rotations(self.backbone, views, "SLA")
+        batch = len(features) // NUM_ROTATIONS
         joint_logits = self.joint_head(features)
         sla_loss = labelled_cross_entropy(joint_logits, joint_rotation_labels(labels.repeat(NUM_ROTATIONS), rotation))
         known = labels >= 0
