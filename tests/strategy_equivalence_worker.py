@@ -26,7 +26,7 @@ from pipeline.strategy import create_strategy  # noqa: E402
 from pipeline.trainer import build_model, build_scheduler  # noqa: E402
 
 STEPS = 3
-GLOBAL_BATCH, GRAD_ACCUM = 8, 2  # 2 micro-batches of 2 samples per rank and step
+GLOBAL_BATCH, GRAD_ACCUM = 16, 2  # 2 micro-batches of 4 samples per rank and step
 
 METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 steps
     "simclr": {"proj_hidden_dim": 32, "proj_out_dim": 16, "temperature": 0.2},
