@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from launch.config import load_config, to_dict
+from pipeline.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _peak_rss_mb() -> dict[str, float]:
 def _machine() -> dict:
     import torch
 
-    from pipeline.runtime import cpu_has_fast_bf16
+    from pipeline.train.runtime import cpu_has_fast_bf16
 
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
@@ -70,7 +70,7 @@ def _write_profile(profiler, path: str) -> None:
 
 def bench_train(args: argparse.Namespace) -> int:
     """Steady-state training throughput of a recipe on one process, loader included."""
-    from pipeline.trainer import Trainer
+    from pipeline.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="foundry-bench-") as tmp:
         overrides = list(args.overrides) + [
@@ -204,7 +204,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
     step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
     GPU), beside the model-state memory ZeRO predicts."""
-    from pipeline.trainer import build_model
+    from pipeline.train.trainer import build_model
 
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
 
     import torch
 
-    from pipeline.loader import LoaderPosition, build_train_loader
+    from pipeline.data.loader import LoaderPosition, build_train_loader
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, num_workers=workers))
     loader = build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), torch.device("cpu"))
@@ -327,7 +327,7 @@ def bench_loader(args: argparse.Namespace) -> int:
     from data_prep.images import prep_images
     from data_prep.photos import write_photo_folder
     from data_prep.shards import read_manifest
-    from pipeline.augment.spec import parse_views
+    from pipeline.data.augment.spec import parse_views
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
@@ -408,9 +408,9 @@ def _linear_probe_export(backbone_dir: str, cfg) -> dict:
     """`foundry eval linear`'s protocol on an exported backbone (features cached in the run folder)."""
     import torch
 
-    from pipeline.evaluate import eval_features
-    from pipeline.export import export_digest, load_timm_backbone
-    from pipeline.linear_probe import linear_probe
+    from pipeline.evaluate.knn import eval_features
+    from pipeline.registry.export import export_digest, load_timm_backbone
+    from pipeline.evaluate.linear_probe import linear_probe
 
     tic = time.perf_counter()
     features = eval_features(load_timm_backbone(backbone_dir), cfg, torch.device("cpu"), export_digest(backbone_dir))
@@ -425,8 +425,8 @@ def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
     import torch
 
     from models.backbones import create_backbone
-    from pipeline.evaluate import eval_features, knn_accuracy
-    from pipeline.linear_probe import linear_probe
+    from pipeline.evaluate.knn import eval_features, knn_accuracy
+    from pipeline.evaluate.linear_probe import linear_probe
 
     def evaluate(name: str, arch: str, backbone: torch.nn.Module, cfg) -> dict:
         tic = time.perf_counter()
@@ -522,7 +522,7 @@ def bench_video(args: argparse.Namespace) -> int:
     from data_prep.sample_videos import copy_sample_videos
     from data_prep.shards import shard_paths
     from data_prep.video import CLIP_CODECS, ClipSettings, prep_video
-    from pipeline.video import clip_bytes, clip_decoder
+    from pipeline.data.video import clip_bytes, clip_decoder
 
     work = Path(tempfile.mkdtemp(prefix="bench-video-"))
     try:
@@ -564,7 +564,7 @@ def bench_video(args: argparse.Namespace) -> int:
 
 
 def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
-    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+    from pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
 
     d = cfg.data
     tic = time.perf_counter()
@@ -583,7 +583,7 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
     import torch
 
     from models.backbones import create_backbone
-    from pipeline.export import load_timm_backbone
+    from pipeline.registry.export import load_timm_backbone
 
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_video.yaml"))
     out = Path(args.out_dir).resolve()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.config import ConfigError
+from pipeline.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -146,7 +146,7 @@ def tiny_config(fmnist, mlflow_db_template):
     """``tiny_config(output_dir, *overrides) -> Config``: the tiny recipe (written to
     ``<output_dir>.yaml``) plus dotted overrides, through the real ``load_config``. The run's default
     MLflow store (``<output_dir>/mlflow.db``) starts as a copy of an empty, already created one."""
-    from launch.config import load_config
+    from pipeline.config import load_config
 
     def make(output_dir: Path, *overrides: str):
         output_dir = Path(output_dir)
@@ -167,10 +167,10 @@ def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
     ``<output_dir>/export-<seed>`` and registered from it. Returns (run id, version)."""
     import torch
 
-    from launch.config import flatten, to_dict
+    from pipeline.config import flatten, to_dict
     from models.backbones import create_backbone
-    from pipeline.export import export_timm_backbone
-    from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+    from pipeline.registry.export import export_timm_backbone
+    from pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain",

@@ -18,12 +18,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe  # noqa: E402
 
-from launch.config import Config, load_config  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
 from models.distributed import all_reduce_mean, zero3_gathered  # noqa: E402
 from models.registry import method_class  # noqa: E402
-from pipeline.runtime import init_runtime  # noqa: E402
-from pipeline.strategy import create_strategy  # noqa: E402
-from pipeline.trainer import build_model, build_scheduler  # noqa: E402
+from pipeline.train.runtime import init_runtime  # noqa: E402
+from pipeline.train.strategy import create_strategy  # noqa: E402
+from pipeline.train.trainer import build_model, build_scheduler  # noqa: E402
 
 STEPS = 3
 GLOBAL_BATCH, GRAD_ACCUM = 8, 2  # 2 micro-batches of 2 samples per rank and step

@@ -6,7 +6,7 @@ import yaml
 
 from conftest import RECIPE, REPO, run_cli
 from launch.cli import main
-from launch.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
 

@@ -14,9 +14,9 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
-from launch.config import LinearProbeConfig
-from pipeline.evaluate import cached_features
-from pipeline.linear_probe import linear_probe, sweep_split
+from pipeline.config import LinearProbeConfig
+from pipeline.evaluate.knn import cached_features
+from pipeline.evaluate.linear_probe import linear_probe, sweep_split
 
 FMNIST_TRAIN, FMNIST_TEST = 5000, 2000  # a slice: the whole comparison takes seconds
 

@@ -10,9 +10,9 @@ from webdataset.tariterators import tarfile_samples
 from conftest import tiny_recipe
 from data_prep.fashion_mnist import prep_fashion_mnist
 from data_prep.shards import shard_paths
-from launch.config import DataConfig, build
-from pipeline.augment import MultiViewTransform
-from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from pipeline.config import DataConfig, build
+from pipeline.data.augment import MultiViewTransform
+from pipeline.data.loader import LoaderPosition, ShardStream, make_loader
 
 WORLD = 2
 

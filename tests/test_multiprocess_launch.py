@@ -14,9 +14,9 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import subprocess_env
-from pipeline.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from pipeline.export import load_timm_backbone
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from pipeline.registry.export import load_timm_backbone
+from pipeline.registry.tracking import resolve_tracking_uri
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
-from launch.config import build, DataConfig
-from pipeline.plots import augmentation_grid, embedding_map, metric_curves
+from pipeline.config import build, DataConfig
+from pipeline.registry.plots import augmentation_grid, embedding_map, metric_curves
 
 
 def decode(png: bytes) -> Image.Image:

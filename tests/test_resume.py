@@ -8,9 +8,9 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import trainer as trainer_module
-from pipeline.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from pipeline.tracking import resolve_tracking_uri
-from pipeline.trainer import train
+from pipeline.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from pipeline.registry.tracking import resolve_tracking_uri
+from pipeline.train.trainer import train
 
 MAX_STEPS = 6
 

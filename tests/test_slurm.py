@@ -121,7 +121,7 @@ def two_task_run(slurm_cluster, shards, tmp_path_factory):
 
 
 def test_sweep_specs_and_slurm_keys_are_validated():
-    from launch.config import ConfigError, load_config, slurm_time_minutes
+    from pipeline.config import ConfigError, load_config, slurm_time_minutes
     from launch.slurm import parse_sweeps
 
     assert parse_sweeps(["train.lr=0.1,0.3", "train.seed=0,1"]) == [
@@ -144,7 +144,7 @@ def test_sweep_specs_and_slurm_keys_are_validated():
 
 @pytest.mark.slow
 def test_submitted_sbatch_script_has_the_launch_keys(slurm_cluster, tmp_path):
-    from launch.config import load_config
+    from pipeline.config import load_config
     from launch.slurm import make_executor
 
     cfg = load_config(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), [

@@ -17,10 +17,10 @@ from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import PrepError, read_manifest, shard_paths
 from data_prep.video import CLIP_CODECS, ClipSettings, clip_starts, encode_clip, prep_video
-from launch.config import AugmentOp, ConfigError, ViewSpec
-from pipeline.augment import MultiViewTransform
-from pipeline.loader import ShardStream
-from pipeline.video import ClipTransform, DaliClipDecoder, clip_bytes, decode_clip_pyav, resolve_video_decoder
+from pipeline.config import AugmentOp, ConfigError, ViewSpec
+from pipeline.data.augment import MultiViewTransform
+from pipeline.data.loader import ShardStream
+from pipeline.data.video import ClipTransform, DaliClipDecoder, clip_bytes, decode_clip_pyav, resolve_video_decoder
 
 # Durations (s) of the packaged videos, as their containers declare them.
 DURATIONS = {"vtest.avi": 79.5, "Megamind.avi": 11.261261, "tree.avi": 29.600148, "bikes.mp4": 10.0,

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launch.config import Config, ConfigError
+from pipeline.config import Config, ConfigError
 from models.backbones import create_backbone
-from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
-from pipeline.optim import build_optimizer
-from pipeline.runtime import Runtime, autocast_dtype, uses_cuda
+from pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
+from pipeline.train.optim import build_optimizer
+from pipeline.train.runtime import Runtime, autocast_dtype, uses_cuda
 
 # Keys of a user JSON that train.* already decides: the trainer's loop, loader and schedule
 # depend on them, so a second source of truth is refused with the key to use instead.

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launch.config import Config
-from pipeline.augment import eval_transform
-from pipeline.loader import ShardStream, make_loader
-from pipeline.runtime import autocast, cpu_has_fast_bf16
+from pipeline.config import Config
+from pipeline.data.augment import eval_transform
+from pipeline.data.loader import ShardStream, make_loader
+from pipeline.train.runtime import autocast, cpu_has_fast_bf16
 
 
 @torch.no_grad()

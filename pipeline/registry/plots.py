@@ -18,10 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from data_prep.shards import read_manifest  # noqa: E402
-from launch.config import AugmentOp, ViewSpec  # noqa: E402
-from pipeline.augment import MultiViewTransform  # noqa: E402
-from pipeline.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
-from pipeline.video import ClipTransform  # noqa: E402
+from pipeline.config import AugmentOp, ViewSpec  # noqa: E402
+from pipeline.data.augment import MultiViewTransform  # noqa: E402
+from pipeline.data.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
+from pipeline.data.video import ClipTransform  # noqa: E402
 
 
 def _png(figure) -> bytes:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_prep.video import CLIP_CODECS, CLIP_KEYS
-from launch.config import ConfigError
+from pipeline.config import ConfigError
 
 VIDEO_DECODERS = ("auto", "dali", "pyav")
 

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.config import LaunchConfig, TrainConfig
+from pipeline.config import LaunchConfig, TrainConfig
 
 
 @dataclass

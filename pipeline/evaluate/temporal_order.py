@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from data_prep.shards import read_manifest
-from launch.config import LinearProbeConfig
-from pipeline.augment.torch_backend import eval_transform
-from pipeline.linear_probe import linear_probe
-from pipeline.loader import ShardStream, is_clip_manifest, make_loader
-from pipeline.video import ClipTransform
+from pipeline.config import LinearProbeConfig
+from pipeline.data.augment.torch_backend import eval_transform
+from pipeline.evaluate.linear_probe import linear_probe
+from pipeline.data.loader import ShardStream, is_clip_manifest, make_loader
+from pipeline.data.video import ClipTransform
 
 
 def clip_videos(manifest: dict) -> list[str]:

@@ -27,8 +27,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from launch.config import GATE_METRICS, GateConfig
-from pipeline.export import BackboneSource, registry_listing, export_digest
+from pipeline.config import GATE_METRICS, GateConfig
+from pipeline.registry.export import BackboneSource, registry_listing, export_digest
 
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
 # Recipe keys quoted in a model card, from the pretraining run's params (the flattened config).

@@ -45,7 +45,7 @@ _HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 _RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class TrackingError(RuntimeError):
@@ -269,7 +269,7 @@ class RunTracker:
         artifact_root = self._client.get_run(self._run_id).info.artifact_uri
         version = self._client.create_model_version(
             name, source=f"{artifact_root.rstrip('/')}/{artifact_path}", run_id=self._run_id)
-        from pipeline.downstream import write_model_card  # late: it imports the config, this module must not
+        from pipeline.registry.downstream import write_model_card  # late: it imports the config, this module must not
 
         write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)

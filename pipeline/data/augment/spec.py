@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from launch.config import AugmentOp, ConfigError, ViewSpec
+from pipeline.config import AugmentOp, ConfigError, ViewSpec
 
 Impl = TypeVar("Impl")
 

@@ -467,7 +467,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if t.strategy == "deepspeed":
-        from pipeline.strategy.deepspeed import validate_deepspeed
+        from pipeline.train.strategy.deepspeed import validate_deepspeed
 
         validate_deepspeed(cfg)
     elif cfg.deepspeed != DeepSpeedConfig():
@@ -552,7 +552,7 @@ def validate_views(data: DataConfig) -> None:
     """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
     Whether a backend has every op is checked when its loader is built (``data.backend=auto``
     picks it by device)."""
-    from pipeline.augment.spec import parse_views
+    from pipeline.data.augment.spec import parse_views
 
     parse_views(data.views)
     if data.backend == "dali":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from launch.config import LinearProbeConfig
+from pipeline.config import LinearProbeConfig
 
 
 @dataclass

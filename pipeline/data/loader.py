@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import read_manifest
-from launch.config import ConfigError
-from pipeline.augment import MultiViewTransform
+from pipeline.config import ConfigError
+from pipeline.data.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -164,10 +164,10 @@ class ShardStream(IterableDataset):
         if not self.clips:
             return [decode_image(sample) for sample in samples]
         if self._clip_decoder is None:
-            from pipeline.video import clip_decoder
+            from pipeline.data.video import clip_decoder
 
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
-        from pipeline.video import clip_bytes
+        from pipeline.data.video import clip_bytes
 
         return self._clip_decoder([clip_bytes(sample) for sample in samples])
 
@@ -305,7 +305,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
             raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
-    from pipeline.video import ClipTransform, resolve_video_decoder
+    from pipeline.data.video import ClipTransform, resolve_video_decoder
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:
@@ -325,7 +325,7 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
     if train_backend(d.backend, device, d.train) == "dali":
-        from pipeline.dali_loader import DaliStream  # DALI is imported only when it is used
+        from pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
                                num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,

@@ -39,9 +39,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
 from data_prep.shards import ManifestError, read_manifest
-from launch.config import ViewSpec
-from pipeline.augment import dali_backend
-from pipeline.loader import LoaderPosition
+from pipeline.config import ViewSpec
+from pipeline.data.augment import dali_backend
+from pipeline.data.loader import LoaderPosition
 
 
 def _seed(*parts: int) -> int:

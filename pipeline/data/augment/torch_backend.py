@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
-from launch.config import AugmentOp, ViewSpec
-from pipeline.augment import spec
+from pipeline.config import AugmentOp, ViewSpec
+from pipeline.data.augment import spec
 
 BACKEND = "torch"
 
