@@ -20,7 +20,7 @@ import os
 import tarfile
 from pathlib import Path
 
-from data_prep.images import FORMAT_KEYS, probe_image
+from ssl_foundry.data_prep.images import FORMAT_KEYS, probe_image
 
 INDEX_VERSION = "v1.2"
 INDEX_SUFFIX = ".idx"

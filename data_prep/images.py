@@ -26,7 +26,8 @@ from typing import Any, Callable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
+from ssl_foundry.data_prep.shards import (PrepError, ShardPlan, default_workers, group_into_shards, parallel_imap,
+                                          write_shards)
 
 ACCEPTED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 # Decoded PIL format -> the sample's image key. The key follows the bytes, not the file name, so

@@ -258,7 +258,7 @@ def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None 
 
 
 def _index_task(task: tuple[Path, bool]) -> tuple[str, dict]:
-    from data_prep.dali_index import write_index
+    from ssl_foundry.data_prep.dali_index import write_index
 
     path, verify = task
     return path.name, write_index(path, verify)
@@ -346,7 +346,7 @@ def _tar_writer() -> type:
 def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     """Writes one shard to a temp name, fsyncs it and renames it into place, then its DALI index
     (in a worker). Its images were checked before planning: the index is not verified again."""
-    from data_prep.dali_index import write_index
+    from ssl_foundry.data_prep.dali_index import write_index
 
     final = task.out_dir / shard_name(task.index)
     tmp = final.with_name(final.name + TMP_SUFFIX)

@@ -40,8 +40,8 @@ from typing import Iterator, NamedTuple
 
 import av
 
-from data_prep.images import check_sources, count_reasons, file_problem, skipped_entry
-from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, write_shards
+from ssl_foundry.data_prep.images import check_sources, count_reasons, file_problem, skipped_entry
+from ssl_foundry.data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, write_shards
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv",
                               ".wmv", ".3gp"})

@@ -29,10 +29,10 @@ def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def _import_all_methods() -> None:
-    import models.methods as pkg
+    import ssl_foundry.models.methods as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"models.methods.{info.name}")
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def method_names() -> list[str]:

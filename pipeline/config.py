@@ -397,7 +397,7 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 def validate(cfg: Config, check_paths: bool = True) -> None:
     import timm  # late: models and timm import torch
 
-    from models.registry import method_arg_names, method_class, method_names
+    from ssl_foundry.models.registry import method_arg_names, method_class, method_names
 
     t = cfg.train
     if cfg.model.method not in method_names():
@@ -467,7 +467,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if t.strategy == "deepspeed":
-        from pipeline.train.strategy.deepspeed import validate_deepspeed
+        from ssl_foundry.pipeline.train.strategy.deepspeed import validate_deepspeed
 
         validate_deepspeed(cfg)
     elif cfg.deepspeed != DeepSpeedConfig():
@@ -495,8 +495,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
     """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
     shards exist) hold at least the frames its pretext task needs with these method_args."""
-    from models.registry import method_class
-    from models.video import min_clip_frames
+    from ssl_foundry.models.registry import method_class
+    from ssl_foundry.models.video import min_clip_frames
 
     method = cfg.model.method
     needed = min_clip_frames(method_class(method), cfg.model.method_args)
@@ -552,7 +552,7 @@ def validate_views(data: DataConfig) -> None:
     """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
     Whether a backend has every op is checked when its loader is built (``data.backend=auto``
     picks it by device)."""
-    from pipeline.data.augment.spec import parse_views
+    from ssl_foundry.pipeline.data.augment.spec import parse_views
 
     parse_views(data.views)
     if data.backend == "dali":

@@ -13,10 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
-from pipeline.config import LinearProbeConfig
-from pipeline.evaluate.knn import cached_features
-from pipeline.evaluate.linear_probe import linear_probe, sweep_split
+from ssl_foundry.data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
+from ssl_foundry.pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.evaluate.knn import cached_features
+from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe, sweep_split
 
 FMNIST_TRAIN, FMNIST_TEST = 5000, 2000  # a slice: the whole comparison takes seconds
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
-from pipeline.config import build, DataConfig
-from pipeline.registry.plots import augmentation_grid, embedding_map, metric_curves
+from ssl_foundry.pipeline.config import build, DataConfig
+from ssl_foundry.pipeline.registry.plots import augmentation_grid, embedding_map, metric_curves
 
 
 def decode(png: bytes) -> Image.Image:

@@ -11,10 +11,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import IMAGE_SIZE, subprocess_env
-from pipeline.data.augment import eval_transform
-from pipeline.train.checkpoint import checkpoint_path, load_checkpoint
-from pipeline.data.loader import ShardStream
-from pipeline.train.trainer import Trainer
+from ssl_foundry.pipeline.data.augment import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from ssl_foundry.pipeline.train.trainer import Trainer
 
 MODEL_NAME = "tiny-simclr-fmnist"
 STEPS = 3

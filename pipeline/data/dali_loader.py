@@ -37,11 +37,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
-from data_prep.shards import ManifestError, read_manifest
-from pipeline.config import ViewSpec
-from pipeline.data.augment import dali_backend
-from pipeline.data.loader import LoaderPosition
+from ssl_foundry.data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
+from ssl_foundry.data_prep.shards import ManifestError, read_manifest
+from ssl_foundry.pipeline.config import ViewSpec
+from ssl_foundry.pipeline.data.augment import dali_backend
+from ssl_foundry.pipeline.data.loader import LoaderPosition
 
 
 def _seed(*parts: int) -> int:

@@ -36,9 +36,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from data_prep.shards import read_manifest
-from pipeline.config import ConfigError
-from pipeline.data.augment import MultiViewTransform
+from ssl_foundry.data_prep.shards import read_manifest
+from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.data.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -164,10 +164,10 @@ class ShardStream(IterableDataset):
         if not self.clips:
             return [decode_image(sample) for sample in samples]
         if self._clip_decoder is None:
-            from pipeline.data.video import clip_decoder
+            from ssl_foundry.pipeline.data.video import clip_decoder
 
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
-        from pipeline.data.video import clip_bytes
+        from ssl_foundry.pipeline.data.video import clip_bytes
 
         return self._clip_decoder([clip_bytes(sample) for sample in samples])
 
@@ -287,7 +287,7 @@ def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
 
 def method_input_kind(method: str) -> str:
     """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    from models.registry import method_class
+    from ssl_foundry.models.registry import method_class
 
     return getattr(method_class(method), "input_kind", "image")
 
@@ -305,7 +305,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
             raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
-    from pipeline.data.video import ClipTransform, resolve_video_decoder
+    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:
@@ -325,7 +325,7 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
     if train_backend(d.backend, device, d.train) == "dali":
-        from pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
+        from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
                                num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,

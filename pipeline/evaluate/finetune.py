@@ -27,11 +27,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.config import AugmentOp, Config, ViewSpec
-from pipeline.data.augment import MultiViewTransform, eval_transform
-from pipeline.registry.export import BackboneSource, load_timm_backbone
-from pipeline.data.loader import ShardStream, make_loader
-from pipeline.train.runtime import Runtime, autocast, autocast_dtype
+from ssl_foundry.pipeline.config import AugmentOp, Config, ViewSpec
+from ssl_foundry.pipeline.data.augment import MultiViewTransform, eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.registry.export import BackboneSource, load_timm_backbone
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
 
 
 @dataclass
@@ -139,7 +139,7 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
 def export_classifier(result: FinetuneResult, source: BackboneSource, cfg: Config, out_dir: str):
     """The fine-tuned classifier as a timm hub folder in ``out_dir`` (``num_classes`` outputs), with
     the backbone's own architecture and model_args, and the fine-tuning's preprocessing."""
-    from pipeline.registry.export import export_timm_backbone
+    from ssl_foundry.pipeline.registry.export import export_timm_backbone
 
     config = source.config
     d = cfg.data

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.config import LinearProbeConfig
 
 
 @dataclass

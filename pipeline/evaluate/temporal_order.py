@@ -18,12 +18,12 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from data_prep.shards import read_manifest
-from pipeline.config import LinearProbeConfig
-from pipeline.data.augment.torch_backend import eval_transform
-from pipeline.evaluate.linear_probe import linear_probe
-from pipeline.data.loader import ShardStream, is_clip_manifest, make_loader
-from pipeline.data.video import ClipTransform
+from ssl_foundry.data_prep.shards import read_manifest
+from ssl_foundry.pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader
+from ssl_foundry.pipeline.data.video import ClipTransform
+from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
 
 
 def clip_videos(manifest: dict) -> list[str]:

@@ -27,8 +27,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import GATE_METRICS, GateConfig
-from pipeline.registry.export import BackboneSource, registry_listing, export_digest
+from ssl_foundry.pipeline.config import GATE_METRICS, GateConfig
+from ssl_foundry.pipeline.registry.export import BackboneSource, registry_listing, export_digest
 
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
 # Recipe keys quoted in a model card, from the pretraining run's params (the flattened config).
@@ -107,7 +107,7 @@ def promote(client: MlflowClient, name: str, version: str, force: bool = False) 
 
 
 def _manifest_sha256(shard_folder: str) -> str | None:
-    from data_prep.shards import file_sha256
+    from ssl_foundry.data_prep.shards import file_sha256
 
     manifest = Path(shard_folder) / "manifest.json"
     return file_sha256(manifest) if shard_folder and manifest.is_file() else None

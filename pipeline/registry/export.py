@@ -260,7 +260,7 @@ def locate_backbone(ref: str, tracking_uri: str | None = None) -> BackboneSource
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.registry.tracking import check_reachable
+    from ssl_foundry.pipeline.registry.tracking import check_reachable
 
     if tracking_uri:
         check_reachable(tracking_uri)

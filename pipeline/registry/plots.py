@@ -17,11 +17,11 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data_prep.shards import read_manifest  # noqa: E402
-from pipeline.config import AugmentOp, ViewSpec  # noqa: E402
-from pipeline.data.augment import MultiViewTransform  # noqa: E402
-from pipeline.data.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
-from pipeline.data.video import ClipTransform  # noqa: E402
+from ssl_foundry.data_prep.shards import read_manifest  # noqa: E402
+from ssl_foundry.pipeline.config import AugmentOp, ViewSpec  # noqa: E402
+from ssl_foundry.pipeline.data.augment import MultiViewTransform  # noqa: E402
+from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
+from ssl_foundry.pipeline.data.video import ClipTransform  # noqa: E402
 
 
 def _png(figure) -> bytes:

@@ -269,7 +269,7 @@ class RunTracker:
         artifact_root = self._client.get_run(self._run_id).info.artifact_uri
         version = self._client.create_model_version(
             name, source=f"{artifact_root.rstrip('/')}/{artifact_path}", run_id=self._run_id)
-        from pipeline.registry.downstream import write_model_card  # late: it imports the config, this module must not
+        from ssl_foundry.pipeline.registry.downstream import write_model_card  # late: it imports the config, this module must not
 
         write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)

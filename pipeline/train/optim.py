@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from timm.optim import create_optimizer_v2
 
-from pipeline.config import Config
+from ssl_foundry.pipeline.config import Config
 
 
 def base_lr(cfg: Config) -> float:

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipeline.config import LaunchConfig, TrainConfig
+from ssl_foundry.pipeline.config import LaunchConfig, TrainConfig
 
 
 @dataclass

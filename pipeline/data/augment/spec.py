@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from pipeline.config import AugmentOp, ConfigError, ViewSpec
+from ssl_foundry.pipeline.config import AugmentOp, ConfigError, ViewSpec
 
 Impl = TypeVar("Impl")
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.config import Config
-    from pipeline.train.runtime import Runtime
-    from pipeline.train.strategy.ddp import DDPStrategy
-    from pipeline.train.strategy.deepspeed import DeepSpeedStrategy
+    from ssl_foundry.pipeline.config import Config
+    from ssl_foundry.pipeline.train.runtime import Runtime
+    from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
+    from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
 
 
 def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStrategy | DeepSpeedStrategy:
@@ -28,9 +28,9 @@ def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStra
     builds the optimizer: ``strategy.optimizer``, whose param groups carry the lr the trainer's
     schedule sets."""
     if cfg.train.strategy == "deepspeed":
-        from pipeline.train.strategy.deepspeed import DeepSpeedStrategy
+        from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
 
         return DeepSpeedStrategy(cfg, model, rt)
-    from pipeline.train.strategy.ddp import DDPStrategy
+    from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
 
     return DDPStrategy(cfg, model, rt)

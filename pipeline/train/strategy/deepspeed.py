@@ -31,11 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Config, ConfigError
-from models.backbones import create_backbone
-from pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
-from pipeline.train.optim import build_optimizer
-from pipeline.train.runtime import Runtime, autocast_dtype, uses_cuda
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.pipeline.config import Config, ConfigError
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
+from ssl_foundry.pipeline.train.optim import build_optimizer
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype, uses_cuda
 
 # Keys of a user JSON that train.* already decides: the trainer's loop, loader and schedule
 # depend on them, so a second source of truth is refused with the key to use instead.
