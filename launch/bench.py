@@ -275,7 +275,8 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
 
     import torch
 
-    from ssl_foundry.pipeline.data.loader import LoaderPosition, build_train_loader
+    from ssl_foundry.pipeline.data.loader import build_train_loader
+    from ssl_foundry.pipeline.data.position import LoaderPosition
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, num_workers=workers))
     loader = build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), torch.device("cpu"))
@@ -326,7 +327,7 @@ def bench_loader(args: argparse.Namespace) -> int:
 
     from ssl_foundry.data_prep.images import prep_images
     from ssl_foundry.data_prep.photos import write_photo_folder
-    from ssl_foundry.data_prep.shards import read_manifest
+    from ssl_foundry.data_prep.shard_format import read_manifest
     from ssl_foundry.pipeline.data.augment.spec import parse_views
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
@@ -520,8 +521,8 @@ def bench_video(args: argparse.Namespace) -> int:
     from webdataset.tariterators import tarfile_samples
 
     from ssl_foundry.data_prep.sample_videos import copy_sample_videos
-    from ssl_foundry.data_prep.shards import shard_paths
-    from ssl_foundry.data_prep.video import CLIP_CODECS, ClipSettings, prep_video
+    from ssl_foundry.data_prep.shard_format import CLIP_CODECS, shard_paths
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video
     from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder
 
     work = Path(tempfile.mkdtemp(prefix="bench-video-"))

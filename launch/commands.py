@@ -95,7 +95,7 @@ def _user_errors(command):
     def run(args: argparse.Namespace) -> int:
         from ssl_foundry.pipeline.registry.downstream import RegistryError
         from ssl_foundry.pipeline.registry.export import BackboneInputError
-        from ssl_foundry.pipeline.registry.tracking import TrackingError
+        from ssl_foundry.pipeline.registry.tracking_server import TrackingError
 
         try:
             return command(args)
@@ -148,7 +148,7 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
     """t-SNE of the (cached) test features, coloured by the shards' class names."""
     import torch
 
-    from ssl_foundry.data_prep.shards import read_manifest
+    from ssl_foundry.data_prep.shard_format import read_manifest
     from ssl_foundry.pipeline.evaluate.knn import eval_features
     from ssl_foundry.pipeline.registry.plots import embedding_map
 
@@ -225,7 +225,7 @@ def add_pretrain_parser(sub) -> None:
 
 def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
-    from ssl_foundry.data_prep.shards import read_manifest
+    from ssl_foundry.data_prep.shard_format import read_manifest
     from ssl_foundry.pipeline.config import config_from_dict, flatten, to_dict
     from ssl_foundry.pipeline.evaluate.finetune import export_classifier, finetune
     from ssl_foundry.pipeline.registry.plots import metric_curves
@@ -302,7 +302,7 @@ def registry(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from ssl_foundry.pipeline.registry.downstream import PRODUCTION_ALIAS, promote, write_model_card
-    from ssl_foundry.pipeline.registry.tracking import check_reachable
+    from ssl_foundry.pipeline.registry.tracking_server import check_reachable
 
     check_reachable(args.tracking_uri)
     client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)

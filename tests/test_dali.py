@@ -18,13 +18,14 @@ from webdataset.tariterators import tarfile_samples
 
 from conftest import REPO, run_cli, write_recipe
 from ssl_foundry.data_prep.images import prep_images
-from ssl_foundry.data_prep.shards import ManifestError, read_manifest, shard_paths
+from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
 from ssl_foundry.pipeline.config import ConfigError, DataConfig, build, load_config
-from ssl_foundry.pipeline.data.augment import MultiViewTransform, spec
+from ssl_foundry.pipeline.data.augment import spec
 from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
-from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS
+from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
 from ssl_foundry.pipeline.data.dali_loader import DaliStream
-from ssl_foundry.pipeline.data.loader import LoaderPosition, ShardStream, make_loader
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

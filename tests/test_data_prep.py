@@ -17,8 +17,8 @@ from webdataset.tariterators import tarfile_samples
 from ssl_foundry.data_prep.cli import add_parser
 from ssl_foundry.data_prep.fashion_mnist import CLASSES, prep_fashion_mnist
 from ssl_foundry.data_prep.images import prep_images
-from ssl_foundry.data_prep.shards import (ManifestError, PrepError, file_sha256, group_into_shards, read_manifest,
-                                          shard_paths)
+from ssl_foundry.data_prep.shard_format import ManifestError, PrepError, file_sha256, read_manifest, shard_paths
+from ssl_foundry.data_prep.shards import group_into_shards
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

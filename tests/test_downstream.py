@@ -15,11 +15,11 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import IMAGE_SIZE, register_backbone, run_cli, subprocess_env
-from ssl_foundry.data_prep.shards import file_sha256
+from ssl_foundry.data_prep.shard_format import file_sha256
 from ssl_foundry.launch.cli import main
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.pipeline.config import save_config
-from ssl_foundry.pipeline.data.augment import eval_transform
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream
 from ssl_foundry.pipeline.registry.export import export_digest
 from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri

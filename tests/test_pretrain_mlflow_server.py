@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import IMAGE_SIZE, subprocess_env
-from ssl_foundry.pipeline.data.augment import eval_transform
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
 from ssl_foundry.pipeline.train.trainer import Trainer

@@ -9,7 +9,7 @@ import torch
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.registry import check_method_args, create_method, method_class
 from ssl_foundry.pipeline.config import load_config
-from ssl_foundry.pipeline.data.augment import MultiViewTransform
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 METHODS = ("simclr", "moco_v2", "moco_v3", "mae", "byol", "barlow_twins")

@@ -18,8 +18,8 @@ import torch
 from mlflow import MlflowClient
 
 from ssl_foundry.pipeline.registry.export import export_timm_backbone, load_timm_backbone, resolve_backbone
-from ssl_foundry.pipeline.registry.tracking import (RunTracker, TrackingError, check_reachable,
-                                                    default_artifact_location, resolve_tracking_uri)
+from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
 from mlflow_server import free_port, mlflow_server  # noqa: F401  (tests/ is on sys.path; module-scoped fixture)
 
 IMAGE_SIZE = 32

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 from mlflow import MlflowClient
 
-from ssl_foundry.data_prep.shards import read_manifest
+from ssl_foundry.data_prep.shard_format import read_manifest
 from ssl_foundry.pipeline.config import LinearProbeConfig
 from ssl_foundry.pipeline.evaluate.temporal_order import temporal_order_accuracy
 

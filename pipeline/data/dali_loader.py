@@ -37,11 +37,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from ssl_foundry.data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
-from ssl_foundry.data_prep.shards import ManifestError, read_manifest
-from ssl_foundry.pipeline.config import ViewSpec
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, index_path, read_manifest,
+                                                split_member_name)
 from ssl_foundry.pipeline.data.augment import dali_backend
-from ssl_foundry.pipeline.data.loader import LoaderPosition
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 
 def _seed(*parts: int) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import itertools
 import random
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,20 +35,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from ssl_foundry.data_prep.shards import read_manifest
+from ssl_foundry.data_prep.shard_format import read_manifest
+from ssl_foundry.models.registry import method_class
 from ssl_foundry.pipeline.config import ConfigError
-from ssl_foundry.pipeline.data.augment import MultiViewTransform
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
-
-
-@dataclass(frozen=True)
-class LoaderPosition:
-    """Where a rank's stream stands: the next batch to read is ``batch`` of ``epoch``
-    (counted over the rank's batches in DataLoader order)."""
-
-    epoch: int = 0
-    batch: int = 0
 
 
 def decode_image(sample: dict) -> torch.Tensor:
@@ -163,12 +155,10 @@ class ShardStream(IterableDataset):
         """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W)."""
         if not self.clips:
             return [decode_image(sample) for sample in samples]
+        from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder  # PyAV: for clip shards only
+
         if self._clip_decoder is None:
-            from ssl_foundry.pipeline.data.video import clip_decoder
-
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
-        from ssl_foundry.pipeline.data.video import clip_bytes
-
         return self._clip_decoder([clip_bytes(sample) for sample in samples])
 
     def _collate(self, samples: list[dict], seed: int) -> dict:
@@ -287,8 +277,6 @@ def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
 
 def method_input_kind(method: str) -> str:
     """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    from ssl_foundry.models.registry import method_class
-
     return getattr(method_class(method), "input_kind", "image")
 
 
@@ -305,7 +293,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
             raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
-    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder
+    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:

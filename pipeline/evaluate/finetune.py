@@ -27,10 +27,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_foundry.pipeline.config import AugmentOp, Config, ViewSpec
-from ssl_foundry.pipeline.data.augment import MultiViewTransform, eval_transform
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
-from ssl_foundry.pipeline.registry.export import BackboneSource, load_timm_backbone
+from ssl_foundry.pipeline.registry.export import BackboneSource, export_timm_backbone, load_timm_backbone
 from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
 
 
@@ -139,8 +140,6 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
 def export_classifier(result: FinetuneResult, source: BackboneSource, cfg: Config, out_dir: str):
     """The fine-tuned classifier as a timm hub folder in ``out_dir`` (``num_classes`` outputs), with
     the backbone's own architecture and model_args, and the fine-tuning's preprocessing."""
-    from ssl_foundry.pipeline.registry.export import export_timm_backbone
-
     config = source.config
     d = cfg.data
     return export_timm_backbone(result.model, config["architecture"], config.get("model_args", {}),

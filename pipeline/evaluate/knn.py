@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ssl_foundry.data_prep.shard_format import file_sha256
 from ssl_foundry.pipeline.config import Config
-from ssl_foundry.pipeline.data.augment import eval_transform
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
 from ssl_foundry.pipeline.train.runtime import autocast, cpu_has_fast_bf16
 
@@ -73,8 +74,6 @@ def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, bac
     the shards' manifest (its sha256s of every shard) and the preprocessing arguments, so a
     retrained backbone, re-prepped shards or another image size never reuse stale features.
     """
-    from ssl_foundry.data_prep.shards import file_sha256
-
     preprocessing = {k: extract_args[k] for k in ("image_size", "mean", "std")}
     key_text = json.dumps({"backbone": backbone_digest, "manifest": file_sha256(Path(folder) / "manifest.json"),
                            **preprocessing}, sort_keys=True)

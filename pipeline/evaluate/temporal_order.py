@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from ssl_foundry.data_prep.shards import read_manifest
+from ssl_foundry.data_prep.shard_format import read_manifest
 from ssl_foundry.pipeline.config import LinearProbeConfig
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader

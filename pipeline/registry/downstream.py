@@ -24,9 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from ssl_foundry.data_prep.shard_format import file_sha256
 from ssl_foundry.pipeline.config import GATE_METRICS, GateConfig
 from ssl_foundry.pipeline.registry.export import BackboneSource, registry_listing, export_digest
 
@@ -107,15 +109,11 @@ def promote(client: MlflowClient, name: str, version: str, force: bool = False) 
 
 
 def _manifest_sha256(shard_folder: str) -> str | None:
-    from ssl_foundry.data_prep.shards import file_sha256
-
     manifest = Path(shard_folder) / "manifest.json"
     return file_sha256(manifest) if shard_folder and manifest.is_file() else None
 
 
 def _export_config(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
-    import mlflow.artifacts
-
     source = client.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/config.json",

@@ -36,8 +36,8 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
-from ssl_foundry.pipeline.config import ViewSpec
 from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
 
 BACKEND = "dali"
 

@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
-from ssl_foundry.pipeline.config import AugmentOp, ViewSpec
 from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 
 BACKEND = "torch"
 

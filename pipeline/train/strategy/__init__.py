@@ -12,15 +12,12 @@ The trainer drives either through the same five calls (``forward_backward``, ``s
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from ssl_foundry.pipeline.config import Config
-    from ssl_foundry.pipeline.train.runtime import Runtime
-    from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
-    from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.train.runtime import Runtime
+from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
+from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
 
 
 def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStrategy | DeepSpeedStrategy:
@@ -28,9 +25,5 @@ def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStra
     builds the optimizer: ``strategy.optimizer``, whose param groups carry the lr the trainer's
     schedule sets."""
     if cfg.train.strategy == "deepspeed":
-        from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
-
         return DeepSpeedStrategy(cfg, model, rt)
-    from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
-
     return DDPStrategy(cfg, model, rt)

@@ -20,8 +20,6 @@ checkpoint (DeepSpeed's ``zero_to_fp32``).
 """
 from __future__ import annotations
 
-import difflib
-import json
 import os
 import shutil
 import warnings
@@ -32,178 +30,10 @@ import torch
 import torch.distributed as dist
 
 from ssl_foundry.models.backbones import create_backbone
-from ssl_foundry.pipeline.config import Config, ConfigError
+from ssl_foundry.pipeline.config import Config, deepspeed_config, offloads_optimizer, select_accelerator
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
 from ssl_foundry.pipeline.train.optim import build_optimizer
-from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype, uses_cuda
-
-# Keys of a user JSON that train.* already decides: the trainer's loop, loader and schedule
-# depend on them, so a second source of truth is refused with the key to use instead.
-OWNED_KEYS = {
-    "train_batch_size": "train.batch_size",
-    "train_micro_batch_size_per_gpu": "train.batch_size (split over ranks x train.grad_accum_steps)",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "gradient_clipping": "train.grad_clip",
-    "optimizer": "train.optimizer, train.lr, train.weight_decay, train.adam_betas",
-    "scheduler": "train.warmup_steps, train.min_lr (the trainer's warmup + cosine)",
-    "bf16": "train.precision (bf16: autocast with fp32 master weights)",
-    "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not supported)",
-    "torch_autocast": "train.precision",
-}
-
-
-def select_accelerator(device_type: str) -> None:
-    """DeepSpeed picks its accelerator once, at import: make it the run's device (cpu or cuda)
-    unless the environment already says (DS_ACCELERATOR)."""
-    os.environ.setdefault("DS_ACCELERATOR", device_type)
-
-
-def _read_user_json(path: str) -> dict[str, Any]:
-    if not path:
-        return {}
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"deepspeed.config_json: '{path}' not found")
-    try:
-        loaded = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed.config_json: '{path}' is not valid JSON ({err})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"deepspeed.config_json: '{path}' must hold a JSON object at top level")
-    for key, instead in OWNED_KEYS.items():
-        if key in loaded:
-            raise ConfigError(f"deepspeed.config_json: '{key}' in {path} is set by the run config; use {instead}")
-    return loaded
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON of this run: generated from deepspeed.* and train.*, then the user's
-    ``deepspeed.config_json`` merged over it."""
-    t, d = cfg.train, cfg.deepspeed
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": cuda}
-    if d.offload_params != "none":
-        zero["offload_param"] = {"device": d.offload_params, "pin_memory": cuda}
-    generated = {
-        # DeepSpeed derives train_batch_size = micro x accumulation x world size (= train.batch_size).
-        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum_steps),
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "torch_autocast": {"enabled": amp_dtype is not None, "dtype": "bfloat16"},
-        # The optimizer is the run's own (timm's LARS/AdamW/SGD): DeepSpeed wants that confirmed.
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,  # the trainer logs
-    }
-    return _merge(generated, _read_user_json(d.config_json))
-
-
-def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
-    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return device not in (None, "none")
-
-
-def _unknown_top_level_keys(ds_config: dict[str, Any]) -> list[str]:
-    """Top-level keys DeepSpeed's parser never reads (it ignores them silently: a typo such as
-    'zero_optimisation' would train without ZeRO). Found by parsing a copy that records reads."""
-    from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedParser
-
-    read: set[str] = set()
-
-    class RecordingDict(dict):
-        def get(self, key, *default):
-            read.add(key)
-            return super().get(key, *default)
-
-        def __getitem__(self, key):
-            read.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key):
-            read.add(key)
-            return super().__contains__(key)
-
-        def keys(self):
-            return RecordingKeys(self)
-
-    class RecordingKeys:
-        def __init__(self, d):
-            self.d = d
-
-        def __contains__(self, key):
-            read.add(key)
-            return dict.__contains__(self.d, key)
-
-        def __iter__(self):
-            return iter(dict.keys(self.d))
-
-        def __len__(self):
-            return dict.__len__(self.d)
-
-    DeepSpeedParser(RecordingDict(ds_config))
-    return [key for key in ds_config if key not in read]
-
-
-def validate_deepspeed(cfg: Config) -> None:
-    """Everything about ``train.strategy=deepspeed`` that can be wrong, before any rank starts:
-    our keys, the user JSON, and the merged config through DeepSpeed's own parser."""
-    t, d = cfg.train, cfg.deepspeed
-    if d.zero_stage == 0:
-        raise ConfigError("deepspeed.zero_stage=0 is plain data parallelism: use train.strategy=ddp")
-    if d.zero_stage not in (1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage: {d.zero_stage} is not a ZeRO stage; choose 1 (optimizer states "
-                          f"sharded), 2 (+ gradients) or 3 (+ parameters)")
-    for key in ("offload_optimizer", "offload_params"):
-        if getattr(d, key) not in ("none", "cpu"):
-            raise ConfigError(f"deepspeed.{key}: '{getattr(d, key)}' is not one of none, cpu "
-                              f"(NVMe offload: set zero_optimization.offload_* in deepspeed.config_json)")
-    if t.optimizer == "lars":
-        raise ConfigError("train.optimizer=lars with train.strategy=deepspeed: ZeRO flattens the parameters into "
-                          "shards, so LARS' layer-wise trust ratio would be computed over whole shards; use "
-                          "train.optimizer=adamw or sgd, or train.strategy=ddp")
-    select_accelerator("cuda" if uses_cuda(cfg.launch) else "cpu")
-    ds_config = deepspeed_config(cfg, world_size=1, amp_dtype=None, cuda=False)
-    source = f" (deepspeed.* and train.*{', merged with ' + d.config_json if d.config_json else ''})"
-    zero = ds_config.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (1, 2, 3):
-        raise ConfigError(f"zero_optimization.stage={stage}{source}: choose 1, 2 or 3")
-    if zero.get("offload_param", {}).get("device", "none") not in (None, "none") and stage != 3:
-        raise ConfigError(f"parameter offload needs ZeRO stage 3 (parameters are only partitioned there); "
-                          f"zero_optimization.stage is {stage}{source}: set deepspeed.zero_stage=3 or "
-                          f"deepspeed.offload_params=none")
-    if stage == 3 and cfg.eval.knn_every:
-        raise ConfigError("eval.knn_every (the online kNN monitor) runs rank 0's backbone alone, whose parameters "
-                          "ZeRO-3 has partitioned over all ranks; use deepspeed.zero_stage=1 or 2, or eval.knn_every=0 "
-                          "(the kNN at the end of pretraining runs on the consolidated backbone)")
-    if offloads_optimizer(ds_config) and t.optimizer != "adamw":
-        raise ConfigError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got "
-                          f"{t.optimizer}), or deepspeed.offload_optimizer=none{source}")
-    try:
-        unknown = _unknown_top_level_keys(ds_config)
-    except Exception as err:  # DeepSpeed's own validation (pydantic sections, removed keys)
-        raise ConfigError(f"DeepSpeed rejects the config{source}: {err}") from None
-    if unknown:
-        hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(
-            k, _KNOWN_SECTIONS, n=1)) else "") for k in unknown]
-        raise ConfigError(f"deepspeed.config_json {d.config_json}: DeepSpeed does not know the key(s) "
-                          f"{', '.join(hints)}; it would ignore them silently")
-
-
-# For "did you mean" hints only (the check itself asks DeepSpeed's parser).
-_KNOWN_SECTIONS = ["zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger",
-                   "wall_clock_breakdown", "memory_breakdown", "steps_per_print", "communication_data_type",
-                   "prescale_gradients", "gradient_predivide_factor", "aio", "checkpoint", "data_types",
-                   "tensorboard", "wandb", "csv_monitor", "zero_allow_untested_optimizer",
-                   "zero_force_ds_cpu_optimizer", "dump_state", "compile"]
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype
 
 
 class DeepSpeedStrategy:
@@ -211,7 +41,7 @@ class DeepSpeedStrategy:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime):
         select_accelerator(rt.device.type)
-        import deepspeed
+        import deepspeed  # optional, and it must see DS_ACCELERATOR (set just above) when first imported
 
         # DeepSpeed's own collectives call torch's deprecated all_gather_into_tensor each step.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -274,7 +104,7 @@ class DeepSpeedStrategy:
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
         """The backbone with the full fp32 master weights of ``checkpoint``, gathered from every
         rank's shard (DeepSpeed's zero_to_fp32), as a plain timm model on the CPU. Rank 0 only."""
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         m = self.cfg.model
