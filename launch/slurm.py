@@ -4,7 +4,7 @@
 
 One Slurm task per rank (per GPU with ``launch.gpus_per_node``), ``launch.nodes`` nodes; each task
 exports the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs
-``pipeline.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
+``pipeline.train.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
 ``--sweep`` values, each in its own ``<output_dir>/<index>-<override>`` with its override logged to
 MLflow as the param ``sweep.override``.
 

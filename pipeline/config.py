@@ -57,7 +57,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     views: list[ViewSpec] = field(default_factory=list)
     # Methods that take labels (S4L, SLA): the share of the training samples whose label they see,
-    # an exact, seed-deterministic subset of the shards' keys (pipeline/labelled_subset.py).
+    # an exact, seed-deterministic subset of the shards' keys (pipeline/data/labelled_subset.py).
     labelled_fraction: float = 1.0
 
 
@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class LinearProbeConfig:
-    """`foundry eval linear` (pipeline/linear_probe.py): a linear classifier on frozen, cached features."""
+    """`foundry eval linear` (pipeline/evaluate/linear_probe.py): a linear classifier on frozen, cached features."""
 
     lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3])  # swept; best on val_fraction
     epochs: int = 100
@@ -85,7 +85,7 @@ class LinearProbeConfig:
 
 @dataclass
 class FinetuneConfig:
-    """`foundry eval finetune` (pipeline/finetune.py): the whole backbone plus a new linear classifier,
+    """`foundry eval finetune` (pipeline/evaluate/finetune.py): the whole backbone plus a new linear classifier,
     trained on data.eval_train with labels, reported on data.eval_test (the recipe knobs of MAE /
     BEiT fine-tuning)."""
 

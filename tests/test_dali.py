@@ -4,7 +4,7 @@ backend compiling the same spec, sharding over ranks, corrupt images, resume, an
 
 Parity tolerances are statistical: each compares a statistic of the two backends (or of one
 backend and its nominal value) within 4 standard errors estimated from the samples themselves,
-plus a stated allowance where the backends differ by design (see pipeline.augment.dali_backend:
+plus a stated allowance where the backends differ by design (see pipeline.data.augment.dali_backend:
 colour jitter in a fixed order, DALI's linear-YIQ hue rotation)."""
 import itertools
 import shutil

@@ -1,4 +1,4 @@
-"""The linear probe (pipeline/linear_probe.py) on features whose answer is known: a linearly
+"""The linear probe (pipeline/evaluate/linear_probe.py) on features whose answer is known: a linearly
 separable synthetic set, and Fashion-MNIST's raw pixels against scikit-learn's logistic regression
 under the same protocol (regularisation picked on the same held-out split, refit on all of it).
 And the feature cache: one extraction per (backbone, shards, preprocessing)."""

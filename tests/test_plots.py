@@ -1,4 +1,4 @@
-"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/plots.py); that
+"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/registry/plots.py); that
 the commands log them is tested with the commands (test_downstream.py, test_finetune.py)."""
 from __future__ import annotations
 

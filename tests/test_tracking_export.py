@@ -29,7 +29,7 @@ ARCHITECTURES = {
     "vit_tiny_patch16_224": {"img_size": IMAGE_SIZE, "patch_size": 8},
 }
 
-# Loads an export folder the two ways a user would (see pipeline.export) and saves the features.
+# Loads an export folder the two ways a user would (see pipeline.registry.export) and saves the features.
 PLAIN_TIMM_CONSUMER = """
 import json, sys, torch, timm, safetensors
 input_path, output_path, folder = sys.argv[1:]

@@ -1,5 +1,5 @@
 """The DALI training loader (``data.backend=dali``): WebDataset shards -> decoded, augmented
-views, as the same batch dicts the torch loader (``pipeline.loader``) yields, so the trainer
+views, as the same batch dicts the torch loader (``pipeline.data.loader``) yields, so the trainer
 cannot tell them apart: ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B), "key": [str],
 "epoch": e, "batch": i}``.
 
@@ -7,7 +7,7 @@ One DALI pipeline per rank and epoch: ``fn.readers.webdataset`` over the epoch's
 (the folder's shards permuted with ``(seed, epoch)``, the same on every rank), split across ranks
 by DALI (``num_shards`` = world size, ``shard_id`` = rank: contiguous ranges of samples), shuffled
 through a buffer of ``shuffle_buffer`` samples; then ``fn.decoders.image`` and the recipe's
-views (``pipeline.augment.dali_backend``). On a GPU the decoder is ``device="mixed"`` (nvJPEG)
+views (``pipeline.data.augment.dali_backend``). On a GPU the decoder is ``device="mixed"`` (nvJPEG)
 and every augmentation runs on the GPU; ``DALIGenericIterator`` hands over CUDA tensors on the
 training device (no host copy). Without a GPU the same graph runs on DALI's CPU backend
 (``device_id=None``) and the tensors are CPU tensors.

@@ -75,7 +75,7 @@ class ShardStream(IterableDataset):
                  video_decoder: str = "pyav"):
         manifest = read_manifest(folder)
         # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
-        # (pipeline.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
+        # (pipeline.data.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
         self.clips = is_clip_manifest(manifest)
         self.video_decoder = video_decoder
         self._clip_decoder: Callable[[list[bytes]], list[torch.Tensor]] | None = None
@@ -283,7 +283,7 @@ def method_input_kind(method: str) -> str:
 def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
     image views for image shards; for clip shards, clips (video methods) or one frame of each clip
-    (image methods), see pipeline.video.ClipTransform."""
+    (image methods), see pipeline.data.video.ClipTransform."""
     d = cfg.data
     views = MultiViewTransform(d.views, d.mean, d.std)
     kind = method_input_kind(cfg.model.method)

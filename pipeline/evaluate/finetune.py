@@ -10,7 +10,7 @@ data.eval_train through random_resized_crop + horizontal flip at data.eval_image
 measured on data.eval_test with the eval transform.
 
 It runs like pretraining: one process, or one rank per device under torchrun / the elastic
-launcher (DDP over gloo on CPUs, NCCL on GPUs; ``pipeline.runtime``). Each rank reads its own
+launcher (DDP over gloo on CPUs, NCCL on GPUs; ``pipeline.train.runtime``). Each rank reads its own
 shards of the global batch; rank 0 evaluates, logs the MLflow run and exports the classifier.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
 
 def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int) -> FinetuneResult | None:
     """Fine-tune on this rank; rank 0 returns the result (the others None). The caller has checked
-    that the backbone takes data.eval_image_size px images (``pipeline.export.check_input_size``)."""
+    that the backbone takes data.eval_image_size px images (``pipeline.registry.export.check_input_size``)."""
     ft, d = cfg.eval.finetune, cfg.data
     if ft.batch_size % rt.world_size:
         raise ValueError(f"eval.finetune.batch_size={ft.batch_size} does not split over {rt.world_size} ranks")

@@ -70,7 +70,7 @@ def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, bac
     """``extract_features``, computed once per (backbone weights, shards, preprocessing) and kept in
     ``cache_dir``: the linear probe's lr sweep, kNN and the embedding map then share one pass.
 
-    The key hashes ``backbone_digest`` (the export's content, ``pipeline.export.export_digest``),
+    The key hashes ``backbone_digest`` (the export's content, ``pipeline.registry.export.export_digest``),
     the shards' manifest (its sha256s of every shard) and the preprocessing arguments, so a
     retrained backbone, re-prepped shards or another image size never reuse stale features.
     """

@@ -7,7 +7,7 @@ evaluation of a registered version also tags that version with the metric (``eva
 
 Registry workflow (aliases are MLflow's, one version each):
 
-- pretraining registers a new version (``pipeline.tracking.RunTracker.register_model``), which
+- pretraining registers a new version (``pipeline.registry.tracking.RunTracker.register_model``), which
   gets its model card;
 - an evaluation whose ``eval.gate.metric`` reaches ``eval.gate.threshold`` moves ``@candidate``
   to the evaluated version and tags it ``gate.passed``;

@@ -222,14 +222,14 @@ class RunTracker:
         all download the same files (config.json + model.safetensors), with plain MLflow.
         Versions are immutable: if this run already has files at ``artifact_path`` (a second
         registration), the folder goes to ``<artifact_path>-2`` etc. instead of overwriting them.
-        The version gets its model card (``pipeline.downstream``), with the manifest hash of the
+        The version gets its model card (``pipeline.registry.downstream``), with the manifest hash of the
         run's ``data.train`` shards.
         """
         folder = Path(local_dir)
         missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
         if missing:
             raise FileNotFoundError(f"register_model: {local_dir} lacks {', '.join(missing)}; "
-                                    f"write it with pipeline.export.export_timm_backbone.")
+                                    f"write it with pipeline.registry.export.export_timm_backbone.")
         artifact_path = self._free_artifact_path(artifact_path)
         self.log_artifact(str(folder), artifact_path)
         try:

@@ -1,6 +1,6 @@
 """The pretraining loop: one code path for 1 CPU process, torchrun on CPUs (gloo) and GPU
-clusters (NCCL); only ``pipeline.runtime`` differs. How ranks share the model, gradients and
-optimizer state is the strategy's (``pipeline.strategy``: DDP or DeepSpeed ZeRO).
+clusters (NCCL); only ``pipeline.train.runtime`` differs. How ranks share the model, gradients and
+optimizer state is the strategy's (``pipeline.train.strategy``: DDP or DeepSpeed ZeRO).
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on the last), bf16
 autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +

@@ -1,4 +1,4 @@
-"""The NVIDIA DALI backend of the augmentation spec (``pipeline.augment.spec``).
+"""The NVIDIA DALI backend of the augmentation spec (``pipeline.data.augment.spec``).
 
 ``augment_views`` builds the part of a DALI pipeline graph that turns a batch of decoded images
 (HWC uint8) into the recipe's normalised CHW float views. The graph is the same on both

@@ -1,4 +1,4 @@
-"""The torchvision-v2 backend of the augmentation spec (``pipeline.augment.spec``): uint8
+"""The torchvision-v2 backend of the augmentation spec (``pipeline.data.augment.spec``): uint8
 (3, H, W) tensors in, normalised float views out, one sample at a time in loader workers."""
 from __future__ import annotations
 

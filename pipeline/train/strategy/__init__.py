@@ -1,9 +1,9 @@
 """Training strategies: how the ranks share the model, its gradients and its optimizer state,
 and how that state is checkpointed.
 
-- ``ddp`` (pipeline/strategy/ddp.py): every rank holds the whole model and optimizer; gradients
+- ``ddp`` (pipeline/train/strategy/ddp.py): every rank holds the whole model and optimizer; gradients
   are all-reduced (torch DDP). One checkpoint file.
-- ``deepspeed`` (pipeline/strategy/deepspeed.py): DeepSpeed ZeRO stage 1/2/3 partitions optimizer
+- ``deepspeed`` (pipeline/train/strategy/deepspeed.py): DeepSpeed ZeRO stage 1/2/3 partitions optimizer
   states, gradients and parameters over the ranks, optionally offloaded to CPU memory. One
   checkpoint directory of per-rank shards.
 

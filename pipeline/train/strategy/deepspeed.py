@@ -3,7 +3,7 @@ Parameter Models"): each of N ranks keeps 1/N of the optimizer states (stage 1),
 too (stage 2), and of the parameters too (stage 3, gathered layer by layer for forward and
 backward); ZeRO-Offload keeps optimizer states (and, at stage 3, parameters) in CPU memory.
 
-The DeepSpeed JSON is generated from the run config (``deepspeed_config``): the batch and
+The DeepSpeed JSON is generated from the run config (``pipeline.config.deepspeed_config``): the batch and
 accumulation from train.*, clipping, bf16 as ``torch_autocast`` (fp32 master weights, bf16
 compute, like the DDP strategy: momentum targets stay fp32, whose EMA increments of
 (1 - m) = 0.004 would vanish under bf16 weights' 2^-8 resolution), and the optimizer is ours
