@@ -20,7 +20,8 @@ import os
 import tarfile
 from pathlib import Path
 
-from ssl_foundry.data_prep.shard_format import IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image, split_member_name
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image,
+                                                split_member_name)
 
 def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
     """Every sample of a tar in order: (key, [(ext, data offset, size, member name), ...])."""
