@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
-from data_prep.fashion_mnist import prep_fashion_mnist
-from data_prep.images import prep_images
-from data_prep.shards import ManifestError, PrepError, reindex
-from data_prep.video import CLIP_CODECS
+from ssl_foundry.data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.photos import write_photo_folder
+from ssl_foundry.data_prep.sample_videos import copy_sample_videos
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, ManifestError, PrepError
+from ssl_foundry.data_prep.shards import reindex
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -137,7 +139,7 @@ def _positive_float(text: str) -> float:
 
 
 def _run_video(args: argparse.Namespace) -> int:
-    from data_prep.video import ClipSettings, prep_video
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video  # PyAV: `foundry` starts without it
 
     try:
         settings = ClipSettings(clip_frames=args.clip_frames, stride=args.stride, fps=args.fps,
@@ -156,8 +158,6 @@ def _run_video(args: argparse.Namespace) -> int:
 
 
 def _run_sample_videos(args: argparse.Namespace) -> int:
-    from data_prep.sample_videos import copy_sample_videos
-
     try:
         copied = copy_sample_videos(args.out)
     except PrepError as err:
@@ -180,8 +180,6 @@ def _run_fashion_mnist(args: argparse.Namespace) -> int:
 
 
 def _run_photos(args: argparse.Namespace) -> int:
-    from data_prep.photos import write_photo_folder
-
     try:
         write_photo_folder(f"{args.out}/images", short_side=args.short_side)
         summary = prep_images(f"{args.out}/images", f"{args.out}/shards", shard_size=args.shard_size,

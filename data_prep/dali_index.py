@@ -20,23 +20,8 @@ import os
 import tarfile
 from pathlib import Path
 
-from data_prep.images import FORMAT_KEYS, probe_image
-
-INDEX_VERSION = "v1.2"
-INDEX_SUFFIX = ".idx"
-IMAGE_EXTENSIONS = tuple(dict.fromkeys(FORMAT_KEYS.values()))  # jpg png bmp tif webp
-
-
-def index_path(shard: str | os.PathLike) -> Path:
-    return Path(shard).with_suffix(INDEX_SUFFIX)
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``dir/00000012.jpg`` -> (``dir/00000012``, ``jpg``): the key ends at the first dot of the
-    last path part (webdataset's and DALI's rule)."""
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image,
+                                                split_member_name)
 
 def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
     """Every sample of a tar in order: (key, [(ext, data offset, size, member name), ...])."""

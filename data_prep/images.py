@@ -12,7 +12,6 @@ planned, so which image lands in which shard depends only on SRC's contents.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import stat
@@ -23,15 +22,12 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from PIL import Image
 from tqdm import tqdm
 
-from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
+from ssl_foundry.data_prep.shard_format import FORMAT_KEYS, PrepError, probe_image
+from ssl_foundry.data_prep.shards import ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
 
 ACCEPTED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-# Decoded PIL format -> the sample's image key. The key follows the bytes, not the file name, so
-# a PNG saved as x.jpg is stored as `png` and decoders that trust the key are not misled.
-FORMAT_KEYS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 # Files per validation task: large enough to amortise the inter-process round trip.
 CHECK_BATCH = 64
 
@@ -74,18 +70,6 @@ def list_files(src: Path) -> tuple[list[str], list[dict]]:
         walked.add(real)
         files.extend(os.path.relpath(os.path.join(folder, name), src) for name in names)
     return sorted(files), unreadable
-
-
-def probe_image(data: bytes) -> tuple[int, int, str]:
-    """(width, height, PIL format) of encoded image bytes, which are decoded to find bad data:
-    raises (any exception type, as PIL does) when they do not decode."""
-    with Image.open(io.BytesIO(data)) as img:
-        width, height, image_format = img.width, img.height, img.format
-        # JPEG: decode at 1/8 scale, which still reads every entropy-coded byte (so it still
-        # finds truncation and bad data) at a fraction of the cost. A no-op for other formats.
-        img.draft(img.mode, (1, 1))
-        img.load()
-    return width, height, image_format
 
 
 def file_problem(src: Path, path: str, extensions: frozenset[str]) -> dict | None:

@@ -15,8 +15,8 @@ source, shard size or source files) is refused unless ``overwrite`` is set.
 Every shard gets a DALI index beside it (``shard-000000.idx``, see data_prep.dali_index),
 written with the shard and recorded in its manifest entry (``index``, ``indexed_samples``);
 :func:`reindex` rewrites them for a finished folder, leaving out samples whose image does not
-decode. Readers (the training loaders, tests) use :func:`read_manifest` and :func:`shard_paths`,
-which refuse a folder whose prep has not finished.
+decode. Readers (the training loaders, tests) use ``read_manifest`` and ``shard_paths`` of
+data_prep.shard_format (the format's one definition), which refuse a folder whose prep has not finished.
 """
 from __future__ import annotations
 
@@ -35,81 +35,23 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
-MANIFEST_FORMAT = "ssl-foundry-shards/1"
-MANIFEST_NAME = "manifest.json"
+from ssl_foundry.data_prep.dali_index import write_index
+from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, read_manifest,
+                                                sample_key, shard_name)
+
 TMP_SUFFIX = ".tmp"
 # Fixed member mtime: rewriting a shard from the same inputs gives identical bytes (same sha256).
 TAR_MTIME = 0
 # The manifest fields of ShardPlan.identity(), as error messages name them.
 IDENTITY_NAMES = {"source": "source", "shard_size": "shard size", "max_shard_bytes": "shard byte limit",
                   "plan_sha256": "set of inputs"}
-HOW_TO_MAKE_SHARDS = "`foundry prep images SRC OUT` or `foundry prep fashion-mnist OUT`"
-
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-class PrepError(Exception):
-    """A prep run that cannot or must not go on; the message says what to do."""
-
-
-class ManifestError(PrepError):
-    """A shard folder without a usable manifest."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def sample_key(index: int) -> str:
-    """WebDataset ``__key__`` of the ``index``-th sample of a dataset (no dots: wds splits on them)."""
-    return f"{index:08d}"
 
 
 def default_workers() -> int:
     """CPUs this process may run on (respects taskset / cgroup pinning, unlike os.cpu_count)."""
     return len(os.sched_getaffinity(0))
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def read_manifest(folder: str | os.PathLike, allow_incomplete: bool = False) -> dict:
-    """The manifest of a shard folder. Raises :class:`ManifestError` naming the folder when it has
-    no readable manifest, or (unless ``allow_incomplete``) when its prep has not finished."""
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"no shards at '{folder}': {path} does not exist. "
-                            f"Make them with {HOW_TO_MAKE_SHARDS}.") from None
-    except (OSError, ValueError) as err:
-        raise ManifestError(f"cannot read the shard manifest {path} ({err}). "
-                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path} is not an {MANIFEST_FORMAT} manifest. "
-                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.")
-    if not allow_incomplete and not manifest["complete"]:
-        done = sum(s["complete"] for s in manifest["shards"])
-        raise ManifestError(f"the prep into '{folder}' did not finish ({done} of "
-                            f"{len(manifest['shards'])} shards written): rerun the same "
-                            f"`foundry prep` command to resume it.")
-    return manifest
-
-
-def shard_paths(folder: str | os.PathLike, allow_incomplete: bool = False) -> list[str]:
-    """Absolute paths of the folder's complete shards, in shard order."""
-    manifest = read_manifest(folder, allow_incomplete)
-    root = Path(folder).resolve()
-    return [str(root / s["name"]) for s in manifest["shards"] if s["complete"]]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- planning
@@ -258,8 +200,6 @@ def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None 
 
 
 def _index_task(task: tuple[Path, bool]) -> tuple[str, dict]:
-    from data_prep.dali_index import write_index
-
     path, verify = task
     return path.name, write_index(path, verify)
 
@@ -346,8 +286,6 @@ def _tar_writer() -> type:
 def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     """Writes one shard to a temp name, fsyncs it and renames it into place, then its DALI index
     (in a worker). Its images were checked before planning: the index is not verified again."""
-    from data_prep.dali_index import write_index
-
     final = task.out_dir / shard_name(task.index)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:

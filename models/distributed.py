@@ -5,6 +5,8 @@ local batch), so methods are written once for both cases.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -209,9 +211,7 @@ def zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None)
     and re-partitioned, so an in-place update made there is kept (DeepSpeed's GatheredParameters)."""
     partitioned = [p for p in params if is_zero3_partitioned(p)]
     if not partitioned:
-        from contextlib import nullcontext
-
         return nullcontext()
-    import deepspeed
+    import deepspeed  # optional (train.strategy=deepspeed); partitioned parameters mean it is installed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)

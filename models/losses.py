@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.distributed import all_reduce_sum_with_grad, gather_no_grad, gather_with_grad, rank, world_size
+from ssl_foundry.models.distributed import all_reduce_sum_with_grad, gather_no_grad, gather_with_grad, rank, world_size
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

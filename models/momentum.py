@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
-from models.distributed import is_zero3_partitioned, zero3_gathered
+from ssl_foundry.models.distributed import is_zero3_partitioned, zero3_gathered
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:

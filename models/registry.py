@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+import ssl_foundry.models.methods as methods
+
 _METHODS: dict[str, type[nn.Module]] = {}
 
 
@@ -29,10 +31,8 @@ def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def _import_all_methods() -> None:
-    import models.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"models.methods.{info.name}")
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
 
 
 def method_names() -> list[str]:

@@ -15,15 +15,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe  # noqa: E402
+from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe
 
-from launch.config import Config, load_config  # noqa: E402
-from models.distributed import all_reduce_mean, zero3_gathered  # noqa: E402
-from models.registry import method_class  # noqa: E402
-from pipeline.runtime import init_runtime  # noqa: E402
-from pipeline.strategy import create_strategy  # noqa: E402
-from pipeline.trainer import build_model, build_scheduler  # noqa: E402
+from ssl_foundry.models.distributed import all_reduce_mean, zero3_gathered
+from ssl_foundry.models.registry import method_class
+from ssl_foundry.pipeline.config import Config, load_config
+from ssl_foundry.pipeline.train.runtime import init_runtime
+from ssl_foundry.pipeline.train.strategy import create_strategy
+from ssl_foundry.pipeline.train.trainer import build_model, build_scheduler
 
 STEPS = 3
 GLOBAL_BATCH, GRAD_ACCUM = 16, 2  # 2 micro-batches of 4 samples per rank and step

@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from conftest import FMNIST_LIMIT, run_cli, tiny_recipe
-from data_prep.fashion_mnist import SOURCE_DIR, split_files
+from ssl_foundry.data_prep.fashion_mnist import SOURCE_DIR, split_files
 
 BUDGET_MINUTES = 0.1  # 6 s of training: past the 15 steps the budget probe measures
 

@@ -4,7 +4,7 @@ backend compiling the same spec, sharding over ranks, corrupt images, resume, an
 
 Parity tolerances are statistical: each compares a statistic of the two backends (or of one
 backend and its nominal value) within 4 standard errors estimated from the samples themselves,
-plus a stated allowance where the backends differ by design (see pipeline.augment.dali_backend:
+plus a stated allowance where the backends differ by design (see pipeline.data.augment.dali_backend:
 colour jitter in a fixed order, DALI's linear-YIQ hue rotation)."""
 import itertools
 import shutil
@@ -17,14 +17,15 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from conftest import REPO, run_cli, write_recipe
-from data_prep.images import prep_images
-from data_prep.shards import ManifestError, read_manifest, shard_paths
-from launch.config import ConfigError, DataConfig, build, load_config
-from pipeline.augment import MultiViewTransform, spec
-from pipeline.augment.dali_backend import DALI_OPS
-from pipeline.augment.torch_backend import TORCH_OPS
-from pipeline.dali_loader import DaliStream
-from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
+from ssl_foundry.pipeline.config import ConfigError, DataConfig, build, load_config
+from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
+from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
+from ssl_foundry.pipeline.data.dali_loader import DaliStream
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -150,7 +151,7 @@ def test_each_dali_op_equals_torchvision_on_a_photo(photos):
     import torchvision.transforms.v2.functional as F
     from nvidia.dali import fn, pipeline_def
 
-    from pipeline.augment import dali_backend as ops
+    from ssl_foundry.pipeline.data.augment import dali_backend as ops
 
     photo = np.array(Image.open(photos.parent / "images" / "opencv" / "fruits.jpg").convert("RGB"))
     cases = {  # name: (DALI graph on HWC uint8, torchvision on CHW uint8)

@@ -20,9 +20,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from models.backbones import create_backbone
-from models.distributed import GlobalBatchNorm, batch_shuffle, batch_unshuffle, convert_to_global_batchnorm
-from models.registry import create_method
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.distributed import GlobalBatchNorm, batch_shuffle, batch_unshuffle, convert_to_global_batchnorm
+from ssl_foundry.models.registry import create_method
 
 WORLD = 2
 LOCAL_BATCH = 4

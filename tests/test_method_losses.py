@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import barlow_twins_loss, byol_loss, info_nce_loss, mae_loss, moco_v3_contrastive_loss
+from ssl_foundry.models.losses import barlow_twins_loss, byol_loss, info_nce_loss, mae_loss, moco_v3_contrastive_loss
 
 
 def randn(*shape, seed):

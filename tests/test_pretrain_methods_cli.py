@@ -18,7 +18,7 @@ import timm
 import torch
 from mlflow import MlflowClient
 
-from data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {  # per recipe: overrides that make the model tiny
@@ -56,8 +56,8 @@ def test_pretrain_through_cli_on_two_ranks_logs_and_exports(recipe, shards, tmp_
         "train.threads=1", "train.precision=fp32", "eval.after_pretrain=false", "mlflow.registered_model=",
         *TINY[recipe],
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "launch", "pretrain", *args], cwd=REPO, env=env,
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 

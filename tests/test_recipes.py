@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.config import load_config
-from models.backbones import create_backbone
-from models.registry import check_method_args, create_method, method_class
-from pipeline.augment import MultiViewTransform
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.registry import check_method_args, create_method, method_class
+from ssl_foundry.pipeline.config import load_config
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 METHODS = ("simclr", "moco_v2", "moco_v3", "mae", "byol", "barlow_twins")
@@ -73,7 +73,7 @@ def test_cpu_recipe_model_takes_a_training_step(path):
 
 
 def test_config_validation_names_bad_method_args_and_view_counts():
-    from launch.config import ConfigError
+    from ssl_foundry.pipeline.config import ConfigError
 
     path = next(p for p in CONFIGS if p.stem == "byol_resnet18_fmnist")
     with pytest.raises(ConfigError, match="model.method_args.temprature.*Valid keys.*momentum"):

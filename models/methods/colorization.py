@@ -8,12 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbones import feature_map_reduction
-from models.heads import UpsamplingDecoder
-from models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
-from models.losses import rebalanced_soft_cross_entropy
-from models.pretext import single_view
-from models.registry import register_method
+from ssl_foundry.models.backbones import feature_map_reduction
+from ssl_foundry.models.heads import UpsamplingDecoder
+from ssl_foundry.models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
+from ssl_foundry.models.losses import rebalanced_soft_cross_entropy
+from ssl_foundry.models.pretext import single_view
+from ssl_foundry.models.registry import register_method
 
 OUTPUT_REDUCTION = 4  # the paper predicts ab at a quarter of the input resolution (56 of 224)
 

@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
-from models.heads import MLPHead
-from models.losses import info_nce_loss
-from models.momentum import MomentumEncoder
-from models.registry import register_method
+from ssl_foundry.models.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import info_nce_loss
+from ssl_foundry.models.momentum import MomentumEncoder
+from ssl_foundry.models.registry import register_method
 
 
 class KeyQueue(nn.Module):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.backbones import freeze_sincos_pos_embed, is_vit
-from models.heads import MLPHead
-from models.losses import moco_v3_contrastive_loss
-from models.momentum import MomentumEncoder, cosine_momentum
-from models.registry import register_method
+from ssl_foundry.models.backbones import freeze_sincos_pos_embed, is_vit
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import moco_v3_contrastive_loss
+from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("moco_v3")

@@ -6,7 +6,7 @@ as TCN or shuffle-and-learn puts into the features; a random-init backbone is th
 For every clip of a clip-shard folder, ``frames`` frames evenly spaced over the clip are resized to
 ``image_size`` and encoded one at a time; the clip is ``concat(f_1, ..., f_n)`` (label 1) and its
 reverse ``concat(f_n, ..., f_1)`` (label 0). Evaluation is leave-one-video-out: for each video with
-clips, the linear probe of ``pipeline.linear_probe`` (lr swept on a held-out part of the training
+clips, the linear probe of ``pipeline.evaluate.linear_probe`` (lr swept on a held-out part of the training
 clips) is trained on every other video's clips and tested on that video's; the reported accuracy
 is over all held-out clips. Both orders of a clip are always on the same side of a split, and the
 lr sweep holds out whole training videos too, so the lr is chosen under the test's condition.
@@ -18,12 +18,12 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from data_prep.shards import read_manifest
-from launch.config import LinearProbeConfig
-from pipeline.augment.torch_backend import eval_transform
-from pipeline.linear_probe import linear_probe
-from pipeline.loader import ShardStream, is_clip_manifest, make_loader
-from pipeline.video import ClipTransform
+from ssl_foundry.data_prep.shard_format import read_manifest
+from ssl_foundry.pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader
+from ssl_foundry.pipeline.data.video import ClipTransform
+from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
 
 
 def clip_videos(manifest: dict) -> list[str]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from timm.optim import create_optimizer_v2
 
-from launch.config import Config
+from ssl_foundry.pipeline.config import Config
 
 
 def base_lr(cfg: Config) -> float:
@@ -30,7 +30,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, cpu_offload: bool = Fal
         return optimizer
     if t.optimizer != "adamw":
         raise ValueError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got {t.optimizer})")
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional: ZeRO-Offload only
 
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
     return DeepSpeedCPUAdam(groups, lr=base_lr(cfg), betas=tuple(t.adam_betas), weight_decay=t.weight_decay,

@@ -12,12 +12,30 @@ add themselves (it is not part of a recipe).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
-from launch.config import AugmentOp, ConfigError, ViewSpec
+from ssl_foundry.pipeline.config_error import ConfigError
 
 Impl = TypeVar("Impl")
+
+
+@dataclass
+class AugmentOp:
+    """One augmentation step: an op name from the augmentation registry, its
+    parameters, and the probability it is applied to a sample (1.0 = always)."""
+
+    op: str = ""
+    p: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ViewSpec:
+    """``count`` views built by the same op chain (e.g. SimCLR: 2 identical-recipe views)."""
+
+    count: int = 1
+    ops: list[AugmentOp] = field(default_factory=list)
 
 
 def _size(value: Any) -> tuple[int, int]:

@@ -9,39 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ssl_foundry.pipeline.config_error import ConfigError
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec, parse_views
 
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key and the fix."""
+if TYPE_CHECKING:
+    import torch
 
 
 # Metrics the eval commands log, which an evaluation gate (eval.gate) may test: higher is better.
 GATE_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
-
-
-@dataclass
-class AugmentOp:
-    """One augmentation step: an op name from the augmentation registry, its
-    parameters, and the probability it is applied to a sample (1.0 = always)."""
-
-    op: str = ""
-    p: float = 1.0
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ViewSpec:
-    """``count`` views built by the same op chain (e.g. SimCLR: 2 identical-recipe views)."""
-
-    count: int = 1
-    ops: list[AugmentOp] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +57,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     views: list[ViewSpec] = field(default_factory=list)
     # Methods that take labels (S4L, SLA): the share of the training samples whose label they see,
-    # an exact, seed-deterministic subset of the shards' keys (pipeline/labelled_subset.py).
+    # an exact, seed-deterministic subset of the shards' keys (pipeline/data/labelled_subset.py).
     labelled_fraction: float = 1.0
 
 
@@ -85,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class LinearProbeConfig:
-    """`foundry eval linear` (pipeline/linear_probe.py): a linear classifier on frozen, cached features."""
+    """`foundry eval linear` (pipeline/evaluate/linear_probe.py): a linear classifier on frozen, cached features."""
 
     lrs: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1, 0.3])  # swept; best on val_fraction
     epochs: int = 100
@@ -99,7 +85,7 @@ class LinearProbeConfig:
 
 @dataclass
 class FinetuneConfig:
-    """`foundry eval finetune` (pipeline/finetune.py): the whole backbone plus a new linear classifier,
+    """`foundry eval finetune` (pipeline/evaluate/finetune.py): the whole backbone plus a new linear classifier,
     trained on data.eval_train with labels, reported on data.eval_test (the recipe knobs of MAE /
     BEiT fine-tuning)."""
 
@@ -340,20 +326,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[parts[-1]] = value
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in (
-            "backbone_args",
-            "method_args",
-            "args",
-        ):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for item in overrides:
@@ -395,9 +367,9 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    import timm  # late: models and timm import torch
+    import timm  # late, as the models below: they import torch, which loading a config does not wait for
 
-    from models.registry import method_arg_names, method_class, method_names
+    from ssl_foundry.models.registry import method_arg_names, method_class, method_names
 
     t = cfg.train
     if cfg.model.method not in method_names():
@@ -467,8 +439,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if t.strategy == "deepspeed":
-        from pipeline.strategy.deepspeed import validate_deepspeed
-
         validate_deepspeed(cfg)
     elif cfg.deepspeed != DeepSpeedConfig():
         changed = [f"deepspeed.{f.name}" for f in dataclasses.fields(DeepSpeedConfig)
@@ -495,16 +465,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
     """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
     shards exist) hold at least the frames its pretext task needs with these method_args."""
-    from models.registry import method_class
-    from models.video import min_clip_frames
+    from ssl_foundry.models.registry import method_class  # late: torch (see validate)
+    from ssl_foundry.models.video import min_clip_frames
 
     method = cfg.model.method
     needed = min_clip_frames(method_class(method), cfg.model.method_args)
     frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
     manifest = Path(cfg.data.train) / "manifest.json"
     if not frames and check_paths and manifest.is_file():
-        import json
-
         frames = json.loads(manifest.read_text()).get("settings", {}).get("clip_frames", 0)
         source = f"the clips of {cfg.data.train} ({frames} frames, data.clip_frames=0 takes them whole)"
     if frames and frames < needed:
@@ -552,8 +520,6 @@ def validate_views(data: DataConfig) -> None:
     """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
     Whether a backend has every op is checked when its loader is built (``data.backend=auto``
     picks it by device)."""
-    from pipeline.augment.spec import parse_views
-
     parse_views(data.views)
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
@@ -594,8 +560,6 @@ def slurm_time_minutes(value: str) -> int:
 
 def validate_slurm(launch: LaunchConfig) -> None:
     """The launch.* keys of `foundry submit`: counts, the time limit, the memory size."""
-    import re
-
     for key in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
         if getattr(launch, key) < 0:
             raise ConfigError(f"launch.{key} must be >= 0, got {getattr(launch, key)}")
@@ -611,6 +575,184 @@ def validate_slurm(launch: LaunchConfig) -> None:
             f"D-HH:MM or D-HH:MM:SS, e.g. 90 or 1:30:00 or 2-00:00:00)") from None
     if launch.mem and not re.fullmatch(r"\d+[KMGT]?", launch.mem):
         raise ConfigError(f"launch.mem: '{launch.mem}' is not a Slurm memory size (e.g. 64G, 500M, 16000)")
+
+
+def uses_cuda(launch: LaunchConfig) -> bool:
+    import torch  # late: loading a config (`foundry --help`, config errors) does not wait for torch
+
+    return launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------- deepspeed section
+
+
+# Keys of a user JSON that train.* already decides: the trainer's loop, loader and schedule
+# depend on them, so a second source of truth is refused with the key to use instead.
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size (split over ranks x train.grad_accum_steps)",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.optimizer, train.lr, train.weight_decay, train.adam_betas",
+    "scheduler": "train.warmup_steps, train.min_lr (the trainer's warmup + cosine)",
+    "bf16": "train.precision (bf16: autocast with fp32 master weights)",
+    "fp16": "train.precision (bf16 or fp32; fp16 loss scaling is not supported)",
+    "torch_autocast": "train.precision",
+}
+
+
+def select_accelerator(device_type: str) -> None:
+    """DeepSpeed picks its accelerator once, at import: make it the run's device (cpu or cuda)
+    unless the environment already says (DS_ACCELERATOR)."""
+    os.environ.setdefault("DS_ACCELERATOR", device_type)
+
+
+def _read_user_json(path: str) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config_json: '{path}' not found")
+    try:
+        loaded = json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_json: '{path}' is not valid JSON ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"deepspeed.config_json: '{path}' must hold a JSON object at top level")
+    for key, instead in OWNED_KEYS.items():
+        if key in loaded:
+            raise ConfigError(f"deepspeed.config_json: '{key}' in {path} is set by the run config; use {instead}")
+    return loaded
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON of this run: generated from deepspeed.* and train.*, then the user's
+    ``deepspeed.config_json`` merged over it."""
+    t, d = cfg.train, cfg.deepspeed
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": cuda}
+    if d.offload_params != "none":
+        zero["offload_param"] = {"device": d.offload_params, "pin_memory": cuda}
+    generated = {
+        # DeepSpeed derives train_batch_size = micro x accumulation x world size (= train.batch_size).
+        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum_steps),
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "torch_autocast": {"enabled": amp_dtype is not None, "dtype": "bfloat16"},
+        # The optimizer is the run's own (timm's LARS/AdamW/SGD): DeepSpeed wants that confirmed.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+    }
+    return _merge(generated, _read_user_json(d.config_json))
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def _unknown_top_level_keys(ds_config: dict[str, Any]) -> list[str]:
+    """Top-level keys DeepSpeed's parser never reads (it ignores them silently: a typo such as
+    'zero_optimisation' would train without ZeRO). Found by parsing a copy that records reads."""
+    from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedParser  # optional: train.strategy=deepspeed only
+
+    read: set[str] = set()
+
+    class RecordingDict(dict):
+        def get(self, key, *default):
+            read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            read.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            return RecordingKeys(self)
+
+    class RecordingKeys:
+        def __init__(self, d):
+            self.d = d
+
+        def __contains__(self, key):
+            read.add(key)
+            return dict.__contains__(self.d, key)
+
+        def __iter__(self):
+            return iter(dict.keys(self.d))
+
+        def __len__(self):
+            return dict.__len__(self.d)
+
+    DeepSpeedParser(RecordingDict(ds_config))
+    return [key for key in ds_config if key not in read]
+
+
+def validate_deepspeed(cfg: Config) -> None:
+    """Everything about ``train.strategy=deepspeed`` that can be wrong, before any rank starts:
+    our keys, the user JSON, and the merged config through DeepSpeed's own parser."""
+    t, d = cfg.train, cfg.deepspeed
+    if d.zero_stage == 0:
+        raise ConfigError("deepspeed.zero_stage=0 is plain data parallelism: use train.strategy=ddp")
+    if d.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage: {d.zero_stage} is not a ZeRO stage; choose 1 (optimizer states "
+                          f"sharded), 2 (+ gradients) or 3 (+ parameters)")
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(d, key) not in ("none", "cpu"):
+            raise ConfigError(f"deepspeed.{key}: '{getattr(d, key)}' is not one of none, cpu "
+                              f"(NVMe offload: set zero_optimization.offload_* in deepspeed.config_json)")
+    if t.optimizer == "lars":
+        raise ConfigError("train.optimizer=lars with train.strategy=deepspeed: ZeRO flattens the parameters into "
+                          "shards, so LARS' layer-wise trust ratio would be computed over whole shards; use "
+                          "train.optimizer=adamw or sgd, or train.strategy=ddp")
+    select_accelerator("cuda" if uses_cuda(cfg.launch) else "cpu")
+    ds_config = deepspeed_config(cfg, world_size=1, amp_dtype=None, cuda=False)
+    source = f" (deepspeed.* and train.*{', merged with ' + d.config_json if d.config_json else ''})"
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage={stage}{source}: choose 1, 2 or 3")
+    if zero.get("offload_param", {}).get("device", "none") not in (None, "none") and stage != 3:
+        raise ConfigError(f"parameter offload needs ZeRO stage 3 (parameters are only partitioned there); "
+                          f"zero_optimization.stage is {stage}{source}: set deepspeed.zero_stage=3 or "
+                          f"deepspeed.offload_params=none")
+    if stage == 3 and cfg.eval.knn_every:
+        raise ConfigError("eval.knn_every (the online kNN monitor) runs rank 0's backbone alone, whose parameters "
+                          "ZeRO-3 has partitioned over all ranks; use deepspeed.zero_stage=1 or 2, or eval.knn_every=0 "
+                          "(the kNN at the end of pretraining runs on the consolidated backbone)")
+    if offloads_optimizer(ds_config) and t.optimizer != "adamw":
+        raise ConfigError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got "
+                          f"{t.optimizer}), or deepspeed.offload_optimizer=none{source}")
+    try:
+        unknown = _unknown_top_level_keys(ds_config)
+    except Exception as err:  # DeepSpeed's own validation (pydantic sections, removed keys)
+        raise ConfigError(f"DeepSpeed rejects the config{source}: {err}") from None
+    if unknown:
+        hints = [f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(
+            k, _KNOWN_SECTIONS, n=1)) else "") for k in unknown]
+        raise ConfigError(f"deepspeed.config_json {d.config_json}: DeepSpeed does not know the key(s) "
+                          f"{', '.join(hints)}; it would ignore them silently")
+
+
+# For "did you mean" hints only (the check itself asks DeepSpeed's parser).
+_KNOWN_SECTIONS = ["zero_optimization", "activation_checkpointing", "flops_profiler", "comms_logger",
+                   "wall_clock_breakdown", "memory_breakdown", "steps_per_print", "communication_data_type",
+                   "prescale_gradients", "gradient_predivide_factor", "aio", "checkpoint", "data_types",
+                   "tensorboard", "wandb", "csv_monitor", "zero_allow_untested_optimizer",
+                   "zero_force_ds_cpu_optimizer", "dump_state", "compile"]
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

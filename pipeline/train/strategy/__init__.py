@@ -1,9 +1,9 @@
 """Training strategies: how the ranks share the model, its gradients and its optimizer state,
 and how that state is checkpointed.
 
-- ``ddp`` (pipeline/strategy/ddp.py): every rank holds the whole model and optimizer; gradients
+- ``ddp`` (pipeline/train/strategy/ddp.py): every rank holds the whole model and optimizer; gradients
   are all-reduced (torch DDP). One checkpoint file.
-- ``deepspeed`` (pipeline/strategy/deepspeed.py): DeepSpeed ZeRO stage 1/2/3 partitions optimizer
+- ``deepspeed`` (pipeline/train/strategy/deepspeed.py): DeepSpeed ZeRO stage 1/2/3 partitions optimizer
   states, gradients and parameters over the ranks, optionally offloaded to CPU memory. One
   checkpoint directory of per-rank shards.
 
@@ -12,15 +12,12 @@ The trainer drives either through the same five calls (``forward_backward``, ``s
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-if TYPE_CHECKING:
-    import torch
-
-    from launch.config import Config
-    from pipeline.runtime import Runtime
-    from pipeline.strategy.ddp import DDPStrategy
-    from pipeline.strategy.deepspeed import DeepSpeedStrategy
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.train.runtime import Runtime
+from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
+from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
 
 
 def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStrategy | DeepSpeedStrategy:
@@ -28,9 +25,5 @@ def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStra
     builds the optimizer: ``strategy.optimizer``, whose param groups carry the lr the trainer's
     schedule sets."""
     if cfg.train.strategy == "deepspeed":
-        from pipeline.strategy.deepspeed import DeepSpeedStrategy
-
         return DeepSpeedStrategy(cfg, model, rt)
-    from pipeline.strategy.ddp import DDPStrategy
-
     return DDPStrategy(cfg, model, rt)

@@ -22,8 +22,8 @@ import av
 import numpy as np
 import torch
 
-from data_prep.video import CLIP_CODECS, CLIP_KEYS
-from launch.config import ConfigError
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, CLIP_KEYS
+from ssl_foundry.pipeline.config import ConfigError
 
 VIDEO_DECODERS = ("auto", "dali", "pyav")
 

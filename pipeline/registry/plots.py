@@ -17,11 +17,11 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data_prep.shards import read_manifest  # noqa: E402
-from launch.config import AugmentOp, ViewSpec  # noqa: E402
-from pipeline.augment import MultiViewTransform  # noqa: E402
-from pipeline.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
-from pipeline.video import ClipTransform  # noqa: E402
+from ssl_foundry.data_prep.shard_format import read_manifest  # noqa: E402
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec  # noqa: E402
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform  # noqa: E402
+from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
+from ssl_foundry.pipeline.data.video import ClipTransform  # noqa: E402
 
 
 def _png(figure) -> bytes:
@@ -86,7 +86,7 @@ def metric_curves(history: dict[str, list[tuple[int, float]]], title: str = "") 
 def embedding_map(features: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None,
                   max_points: int = 2000, seed: int = 0, title: str = "") -> bytes:
     """t-SNE of (at most ``max_points``, a seeded random subset of) ``features``, coloured by label."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # scikit-learn loads in seconds; only this plot needs it
 
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:max_points]
     x, y = features[keep].double().numpy(), labels[keep].numpy()

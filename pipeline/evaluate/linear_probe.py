@@ -2,7 +2,7 @@
 appendix B.5), MoCo (He et al. 2020, sec. 4.1) and their successors.
 
 The backbone is frozen in eval mode and its features are extracted once (no augmentation; cached
-by ``pipeline.evaluate.cached_features``). A single linear layer, with no BatchNorm in front of it,
+by ``pipeline.evaluate.knn.cached_features``). A single linear layer, with no BatchNorm in front of it,
 is trained on them with cross-entropy, SGD (or LARS) with momentum and a cosine schedule. The
 learning rate is picked from a small sweep on a held-out part of the train set; the head is then
 retrained with that lr on the whole train set and reported on the test set, which never takes
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from launch.config import LinearProbeConfig
+from ssl_foundry.pipeline.config import LinearProbeConfig
 
 
 @dataclass

@@ -13,8 +13,7 @@ import tarfile
 
 import torch
 
-from data_prep.dali_index import split_member_name
-from data_prep.shards import read_manifest
+from ssl_foundry.data_prep.shard_format import read_manifest, split_member_name
 
 
 def shard_keys(folder: str) -> list[str]:

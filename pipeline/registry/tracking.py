@@ -24,16 +24,20 @@ import platform
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import timm
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from ssl_foundry.pipeline.registry.downstream import write_model_card
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +49,7 @@ _HTTP_RETRY_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 _RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI and how to fix it."""
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_tracking_uri(uri: str, output_dir: str) -> str:
@@ -68,31 +68,6 @@ def default_artifact_location(uri: str, output_dir: str) -> str | None:
     if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
         return str(Path(uri[len(prefix):]).absolute().parent / "mlartifacts")
     return None
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, with the fix in the message, if an http(s) tracking server does not answer.
-
-    GETs ``<uri>/health`` (every ``mlflow server`` has it). A server that answers 401/403 is up
-    but behind authentication, which MLflow's client handles with its configured credentials.
-    Non-HTTP URIs (sqlite, databases) are not checked here.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    health_url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(health_url, timeout=timeout_s):
-            return
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            return
-        reason = f"GET {health_url} answered HTTP {err.code}"
-    except (urllib.error.URLError, OSError) as err:  # refused, unknown host, timeout
-        reason = str(getattr(err, "reason", err))
-    raise TrackingError(
-        f"MLflow tracking server {uri} is unreachable ({reason}). Start one with `mlflow server "
-        f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, or set "
-        f"mlflow.tracking_uri='' to use the local sqlite store.")
 
 
 def _param_value(value: Any) -> str:
@@ -204,10 +179,6 @@ class RunTracker:
 
     def log_environment(self) -> None:
         """Tags ``env.*``: library versions, hardware, host, git commit and world size."""
-        import mlflow
-        import timm
-        import torch
-
         cuda = torch.cuda.is_available()
         tags = {
             "env.python": platform.python_version(),
@@ -251,14 +222,14 @@ class RunTracker:
         all download the same files (config.json + model.safetensors), with plain MLflow.
         Versions are immutable: if this run already has files at ``artifact_path`` (a second
         registration), the folder goes to ``<artifact_path>-2`` etc. instead of overwriting them.
-        The version gets its model card (``pipeline.downstream``), with the manifest hash of the
+        The version gets its model card (``pipeline.registry.downstream``), with the manifest hash of the
         run's ``data.train`` shards.
         """
         folder = Path(local_dir)
         missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
         if missing:
             raise FileNotFoundError(f"register_model: {local_dir} lacks {', '.join(missing)}; "
-                                    f"write it with pipeline.export.export_timm_backbone.")
+                                    f"write it with pipeline.registry.export.export_timm_backbone.")
         artifact_path = self._free_artifact_path(artifact_path)
         self.log_artifact(str(folder), artifact_path)
         try:
@@ -269,8 +240,6 @@ class RunTracker:
         artifact_root = self._client.get_run(self._run_id).info.artifact_uri
         version = self._client.create_model_version(
             name, source=f"{artifact_root.rstrip('/')}/{artifact_path}", run_id=self._run_id)
-        from pipeline.downstream import write_model_card  # late: it imports the config, this module must not
-
         write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)
 

@@ -1,5 +1,5 @@
 """The DALI training loader (``data.backend=dali``): WebDataset shards -> decoded, augmented
-views, as the same batch dicts the torch loader (``pipeline.loader``) yields, so the trainer
+views, as the same batch dicts the torch loader (``pipeline.data.loader``) yields, so the trainer
 cannot tell them apart: ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B), "key": [str],
 "epoch": e, "batch": i}``.
 
@@ -7,7 +7,7 @@ One DALI pipeline per rank and epoch: ``fn.readers.webdataset`` over the epoch's
 (the folder's shards permuted with ``(seed, epoch)``, the same on every rank), split across ranks
 by DALI (``num_shards`` = world size, ``shard_id`` = rank: contiguous ranges of samples), shuffled
 through a buffer of ``shuffle_buffer`` samples; then ``fn.decoders.image`` and the recipe's
-views (``pipeline.augment.dali_backend``). On a GPU the decoder is ``device="mixed"`` (nvJPEG)
+views (``pipeline.data.augment.dali_backend``). On a GPU the decoder is ``device="mixed"`` (nvJPEG)
 and every augmentation runs on the GPU; ``DALIGenericIterator`` hands over CUDA tensors on the
 training device (no host copy). Without a GPU the same graph runs on DALI's CPU backend
 (``device_id=None``) and the tensors are CPU tensors.
@@ -37,11 +37,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from data_prep.dali_index import IMAGE_EXTENSIONS, index_path, split_member_name
-from data_prep.shards import ManifestError, read_manifest
-from launch.config import ViewSpec
-from pipeline.augment import dali_backend
-from pipeline.loader import LoaderPosition
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, index_path, read_manifest,
+                                                split_member_name)
+from ssl_foundry.pipeline.data.augment import dali_backend
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 
 def _seed(*parts: int) -> int:

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launch.config import Config
-from pipeline.augment import eval_transform
-from pipeline.loader import ShardStream, make_loader
-from pipeline.runtime import autocast, cpu_has_fast_bf16
+from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.train.runtime import autocast, cpu_has_fast_bf16
 
 
 @torch.no_grad()
@@ -69,12 +70,10 @@ def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, bac
     """``extract_features``, computed once per (backbone weights, shards, preprocessing) and kept in
     ``cache_dir``: the linear probe's lr sweep, kNN and the embedding map then share one pass.
 
-    The key hashes ``backbone_digest`` (the export's content, ``pipeline.export.export_digest``),
+    The key hashes ``backbone_digest`` (the export's content, ``pipeline.registry.export.export_digest``),
     the shards' manifest (its sha256s of every shard) and the preprocessing arguments, so a
     retrained backbone, re-prepped shards or another image size never reuse stale features.
     """
-    from data_prep.shards import file_sha256
-
     preprocessing = {k: extract_args[k] for k in ("image_size", "mean", "std")}
     key_text = json.dumps({"backbone": backbone_digest, "manifest": file_sha256(Path(folder) / "manifest.json"),
                            **preprocessing}, sort_keys=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import itertools
 import random
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,20 +35,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from data_prep.shards import read_manifest
-from launch.config import ConfigError
-from pipeline.augment import MultiViewTransform
+from ssl_foundry.data_prep.shard_format import read_manifest
+from ssl_foundry.models.registry import method_class
+from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
-
-
-@dataclass(frozen=True)
-class LoaderPosition:
-    """Where a rank's stream stands: the next batch to read is ``batch`` of ``epoch``
-    (counted over the rank's batches in DataLoader order)."""
-
-    epoch: int = 0
-    batch: int = 0
 
 
 def decode_image(sample: dict) -> torch.Tensor:
@@ -83,7 +75,7 @@ class ShardStream(IterableDataset):
                  video_decoder: str = "pyav"):
         manifest = read_manifest(folder)
         # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
-        # (pipeline.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
+        # (pipeline.data.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
         self.clips = is_clip_manifest(manifest)
         self.video_decoder = video_decoder
         self._clip_decoder: Callable[[list[bytes]], list[torch.Tensor]] | None = None
@@ -163,12 +155,10 @@ class ShardStream(IterableDataset):
         """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W)."""
         if not self.clips:
             return [decode_image(sample) for sample in samples]
+        from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder  # PyAV: for clip shards only
+
         if self._clip_decoder is None:
-            from pipeline.video import clip_decoder
-
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
-        from pipeline.video import clip_bytes
-
         return self._clip_decoder([clip_bytes(sample) for sample in samples])
 
     def _collate(self, samples: list[dict], seed: int) -> dict:
@@ -287,15 +277,13 @@ def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
 
 def method_input_kind(method: str) -> str:
     """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    from models.registry import method_class
-
     return getattr(method_class(method), "input_kind", "image")
 
 
 def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
     image views for image shards; for clip shards, clips (video methods) or one frame of each clip
-    (image methods), see pipeline.video.ClipTransform."""
+    (image methods), see pipeline.data.video.ClipTransform."""
     d = cfg.data
     views = MultiViewTransform(d.views, d.mean, d.std)
     kind = method_input_kind(cfg.model.method)
@@ -305,7 +293,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
             raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
-    from pipeline.video import ClipTransform, resolve_video_decoder
+    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:
@@ -325,7 +313,7 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
     if train_backend(d.backend, device, d.train) == "dali":
-        from pipeline.dali_loader import DaliStream  # DALI is imported only when it is used
+        from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
                                num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,

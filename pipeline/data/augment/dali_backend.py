@@ -1,4 +1,4 @@
-"""The NVIDIA DALI backend of the augmentation spec (``pipeline.augment.spec``).
+"""The NVIDIA DALI backend of the augmentation spec (``pipeline.data.augment.spec``).
 
 ``augment_views`` builds the part of a DALI pipeline graph that turns a batch of decoded images
 (HWC uint8) into the recipe's normalised CHW float views. The graph is the same on both
@@ -36,8 +36,8 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.data_node import DataNode
 
-from launch.config import ViewSpec
-from pipeline.augment import spec
+from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
 
 BACKEND = "dali"
 

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launch.config import Config
-from pipeline.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
-from pipeline.optim import build_optimizer
-from pipeline.runtime import Runtime, autocast, autocast_dtype
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.train.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
+from ssl_foundry.pipeline.train.optim import build_optimizer
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
 
 
 class DDPStrategy:

@@ -1,6 +1,6 @@
 """The pretraining loop: one code path for 1 CPU process, torchrun on CPUs (gloo) and GPU
-clusters (NCCL); only ``pipeline.runtime`` differs. How ranks share the model, gradients and
-optimizer state is the strategy's (``pipeline.strategy``: DDP or DeepSpeed ZeRO).
+clusters (NCCL); only ``pipeline.train.runtime`` differs. How ranks share the model, gradients and
+optimizer state is the strategy's (``pipeline.train.strategy``: DDP or DeepSpeed ZeRO).
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on the last), bf16
 autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +
@@ -27,16 +27,20 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
-from launch.config import Config, flatten, save_config, to_dict
-from models.backbones import create_backbone
-from models.distributed import all_reduce_mean, convert_to_global_batchnorm
-from models.registry import create_method
-from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
-from pipeline.labelled_subset import labelled_keys, mask_unlabelled
-from pipeline.loader import LoaderPosition, build_train_loader, train_backend
-from pipeline.optim import base_lr
-from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
-from pipeline.strategy import create_strategy
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
+from ssl_foundry.models.registry import create_method
+from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
+from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
+from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
+from ssl_foundry.pipeline.data.position import LoaderPosition
+from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
+from ssl_foundry.pipeline.registry.export import export_timm_backbone
+from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+from ssl_foundry.pipeline.train.optim import base_lr
+from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
+from ssl_foundry.pipeline.train.strategy import create_strategy
 
 
 # Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
@@ -166,8 +170,6 @@ def _find_resume(cfg: Config) -> Path | None:
 
 
 def _open_tracker(cfg: Config, run_id: str | None):
-    from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
-
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
                          artifact_location=default_artifact_location(uri, cfg.output_dir))
@@ -425,8 +427,6 @@ class Trainer:
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
     def _finish(self, last_checkpoint: Path | None, loss_value: float, memory: list[dict[str, float]]) -> TrainResult:
-        from pipeline.export import export_timm_backbone
-
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
         if not self.rt.is_main:
             return result
@@ -450,8 +450,6 @@ class Trainer:
         else:
             self.tracker.log_artifact(str(backbone_dir), "backbone")
         if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
-            from pipeline.evaluate import knn_evaluate
-
             backbone.eval()
             tic = time.perf_counter()
             result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)

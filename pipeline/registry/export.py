@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
+import timm
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from safetensors.torch import save_file
+
+from ssl_foundry.pipeline.registry.tracking_server import check_reachable
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,8 +84,6 @@ def export_timm_backbone(backbone: torch.nn.Module, arch: str, model_args: dict,
     to a temporary sibling and renamed into place, so a reader never sees a half-written export
     (an existing export is replaced as a whole). Returns ``out_dir``.
     """
-    from safetensors.torch import save_file
-
     if getattr(backbone, "num_classes", 0) != num_classes:
         raise ValueError(f"export_timm_backbone: {arch} has num_classes={backbone.num_classes}, not {num_classes}; "
                          f"export the backbone created with num_classes=0 (features only), or pass the "
@@ -121,8 +126,6 @@ def load_timm_backbone(folder: str | Path) -> torch.nn.Module:
     default cfg (``num_classes=1000``) timm sees a classifier mismatch and loads non-strictly, so a
     missing tensor would silently stay randomly initialised. Overlaid, it is an error.
     """
-    import timm
-
     folder = Path(folder)
     config = json.loads((folder / CONFIG_FILE).read_text())
     overlay = {**config.get("pretrained_cfg", {}), "file": str(folder / WEIGHTS_FILE), "num_classes": 0}
@@ -137,8 +140,6 @@ def _is_mlflow_ref(ref: str) -> bool:
 
 def registry_listing(client, name: str) -> str:
     """What the registry holds under ``name`` (or which names it has), for error messages."""
-    from mlflow.exceptions import MlflowException
-
     try:
         model = client.get_registered_model(name)
     except MlflowException:
@@ -152,8 +153,6 @@ def registry_listing(client, name: str) -> str:
 
 def _model_version(client, ref: str):
     """The registry's ModelVersion behind ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
-    from mlflow.exceptions import MlflowException
-
     spec = ref.removeprefix("models:/").rstrip("/")
     name, at, alias = spec.partition("@")
     if not at:
@@ -255,12 +254,6 @@ def locate_backbone(ref: str, tracking_uri: str | None = None) -> BackboneSource
                 f"models:/<name>@<alias> or runs:/<run_id>/backbone.")
         recorded = json.loads((folder / CONFIG_FILE).read_text()).get("ssl_foundry", {})
         return BackboneSource(ref, folder, pretrain_run_id=recorded.get("mlflow_run_id"))
-
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import check_reachable
 
     if tracking_uri:
         check_reachable(tracking_uri)

@@ -7,7 +7,7 @@ evaluation of a registered version also tags that version with the metric (``eva
 
 Registry workflow (aliases are MLflow's, one version each):
 
-- pretraining registers a new version (``pipeline.tracking.RunTracker.register_model``), which
+- pretraining registers a new version (``pipeline.registry.tracking.RunTracker.register_model``), which
   gets its model card;
 - an evaluation whose ``eval.gate.metric`` reaches ``eval.gate.threshold`` moves ``@candidate``
   to the evaluated version and tags it ``gate.passed``;
@@ -24,11 +24,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from launch.config import GATE_METRICS, GateConfig
-from pipeline.export import BackboneSource, registry_listing, export_digest
+from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.pipeline.config import GATE_METRICS, GateConfig
+from ssl_foundry.pipeline.registry.export import BackboneSource, registry_listing, export_digest
 
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
 # Recipe keys quoted in a model card, from the pretraining run's params (the flattened config).
@@ -107,15 +109,11 @@ def promote(client: MlflowClient, name: str, version: str, force: bool = False) 
 
 
 def _manifest_sha256(shard_folder: str) -> str | None:
-    from data_prep.shards import file_sha256
-
     manifest = Path(shard_folder) / "manifest.json"
     return file_sha256(manifest) if shard_folder and manifest.is_file() else None
 
 
 def _export_config(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
-    import mlflow.artifacts
-
     source = client.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/config.json",

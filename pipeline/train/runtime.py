@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from launch.config import LaunchConfig, TrainConfig
+from ssl_foundry.pipeline.config import LaunchConfig, TrainConfig, uses_cuda
 
 
 @dataclass
@@ -50,10 +50,6 @@ def autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def uses_cuda(launch: LaunchConfig) -> bool:
-    return launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
 
 
 def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:

@@ -10,7 +10,7 @@ data.eval_train through random_resized_crop + horizontal flip at data.eval_image
 measured on data.eval_test with the eval transform.
 
 It runs like pretraining: one process, or one rank per device under torchrun / the elastic
-launcher (DDP over gloo on CPUs, NCCL on GPUs; ``pipeline.runtime``). Each rank reads its own
+launcher (DDP over gloo on CPUs, NCCL on GPUs; ``pipeline.train.runtime``). Each rank reads its own
 shards of the global batch; rank 0 evaluates, logs the MLflow run and exports the classifier.
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
-from launch.config import AugmentOp, Config, ViewSpec
-from pipeline.augment import MultiViewTransform, eval_transform
-from pipeline.export import BackboneSource, load_timm_backbone
-from pipeline.loader import ShardStream, make_loader
-from pipeline.runtime import Runtime, autocast, autocast_dtype
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.registry.export import BackboneSource, export_timm_backbone, load_timm_backbone
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
 
 
 @dataclass
@@ -85,7 +86,7 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
 
 def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int) -> FinetuneResult | None:
     """Fine-tune on this rank; rank 0 returns the result (the others None). The caller has checked
-    that the backbone takes data.eval_image_size px images (``pipeline.export.check_input_size``)."""
+    that the backbone takes data.eval_image_size px images (``pipeline.registry.export.check_input_size``)."""
     ft, d = cfg.eval.finetune, cfg.data
     if ft.batch_size % rt.world_size:
         raise ValueError(f"eval.finetune.batch_size={ft.batch_size} does not split over {rt.world_size} ranks")
@@ -139,8 +140,6 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
 def export_classifier(result: FinetuneResult, source: BackboneSource, cfg: Config, out_dir: str):
     """The fine-tuned classifier as a timm hub folder in ``out_dir`` (``num_classes`` outputs), with
     the backbone's own architecture and model_args, and the fine-tuning's preprocessing."""
-    from pipeline.export import export_timm_backbone
-
     config = source.config
     d = cfg.data
     return export_timm_backbone(result.model, config["architecture"], config.get("model_args", {}),

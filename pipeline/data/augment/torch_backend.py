@@ -1,4 +1,4 @@
-"""The torchvision-v2 backend of the augmentation spec (``pipeline.augment.spec``): uint8
+"""The torchvision-v2 backend of the augmentation spec (``pipeline.data.augment.spec``): uint8
 (3, H, W) tensors in, normalised float views out, one sample at a time in loader workers."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Callable
 import torch
 from torchvision.transforms import v2
 
-from launch.config import AugmentOp, ViewSpec
-from pipeline.augment import spec
+from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 
 BACKEND = "torch"
 
