@@ -149,7 +149,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
 KILLED_PREP = """
 import os, signal, sys
 from webdataset.writer import TarWriter
-from data_prep.images import prep_images
+from ssl_foundry.data_prep.images import prep_images
 
 calls = 0
 write_sample = TarWriter.write
