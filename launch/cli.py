@@ -15,6 +15,7 @@ from launch.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.cli import add_parser as add_prep
     from launch.bench import add_parser as add_bench
+    from launch.check_gpu import add_parser as add_check
     from launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from launch.slurm import add_parser as add_submit
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
     add_submit(sub)
     add_bench(sub)
+    add_check(sub)
     return parser
 
 
