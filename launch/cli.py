@@ -15,6 +15,7 @@ from ssl_foundry.pipeline.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     from ssl_foundry.data_prep.cli import add_parser as add_prep
     from ssl_foundry.launch.bench import add_parser as add_bench
+    from ssl_foundry.launch.check_gpu import add_parser as add_check
     from ssl_foundry.launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from ssl_foundry.launch.slurm import add_parser as add_submit
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
     add_submit(sub)
     add_bench(sub)
+    add_check(sub)
     return parser
 
 

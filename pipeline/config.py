@@ -36,7 +36,8 @@ class DataConfig:
     eval_train: str = ""  # labelled shards: the kNN memory bank
     eval_test: str = ""  # labelled shards: the kNN queries
     # Training loader: dali (NVIDIA DALI; decode + augmentation on the GPU, or DALI's CPU backend),
-    # torch (torchvision in loader worker processes), auto (dali on a GPU, torch on a CPU).
+    # torch (torchvision in loader worker processes), auto (dali on a GPU where DALI has passed
+    # `foundry check gpu`, else torch; docs/gpu-acceptance.md).
     backend: str = "auto"
     num_workers: int = 2  # loader processes per rank (dali: DALI CPU threads per rank)
     prefetch_batches: int = 2  # batches each worker keeps ready

@@ -261,18 +261,25 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
     return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
 
 
-def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
-    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU. Clip shards always take the
-    torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by DALI
-    there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
+def train_backend(backend: str, device: torch.device, folder: str = "") -> tuple[str, str]:
+    """``data.backend`` resolved, and why: auto is torch on a CPU, and on a GPU dali once DALI has
+    passed `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Clip shards always
+    take the torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by
+    DALI there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
     clips = bool(folder) and is_clip_manifest(read_manifest(folder))
     if clips and backend == "dali":
         raise ConfigError(f"data.backend=dali augments images only and {folder} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
-    if backend == "auto":
-        return "dali" if device.type == "cuda" and not clips else "torch"
-    return backend
+    if backend != "auto":
+        return backend, f"data.backend={backend}"
+    if clips:
+        return "torch", "auto: clip shards"
+    if device.type != "cuda":
+        return "torch", f"auto: on {device.type}"
+    from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
+
+    return auto_backend_on_gpu(torch.cuda.get_device_name(device))
 
 
 def method_input_kind(method: str) -> str:
@@ -312,7 +319,7 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     ``device``; the torch loader's on the CPU (pinned for a GPU)."""
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
-    if train_backend(d.backend, device, d.train) == "dali":
+    if train_backend(d.backend, device, d.train)[0] == "dali":
         from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,

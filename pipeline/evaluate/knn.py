@@ -51,7 +51,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
         similarity = queries @ train_features.T  # (q, N) cosine similarities
         top_sim, top_idx = similarity.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes)
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)

@@ -254,8 +254,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         if self.rt.is_main:
-            backend = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
-            print(f"training loader: {backend} on {self.rt.device.type}", flush=True)
+            backend, why = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
+            print(f"training loader: {backend} on {self.rt.device.type} ({why})", flush=True)
         return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
                                   self.rt.device)
 

@@ -47,8 +47,10 @@ class DeepSpeedStrategy:
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
         self.cfg, self.model, self.rt = cfg, model, rt
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group; NCCL for
+            cuda = rt.device.type == "cuda"  # CUDA tensors, as init_runtime and DeepSpeed itself would pick
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=rt.device if cuda else None)
         for key, value in (("RANK", rt.rank), ("LOCAL_RANK", rt.local_rank), ("WORLD_SIZE", rt.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them (a launcher has set them already)
         self.ds_config = deepspeed_config(cfg, rt.world_size, autocast_dtype(cfg.train, rt.device),
