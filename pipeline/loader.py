@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -369,15 +370,18 @@ class StallGuard:
         return self
 
     def __next__(self) -> dict:
-        previous = signal.signal(signal.SIGALRM, self._stalled)
-        signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
+        handler = signal.signal(signal.SIGALRM, self._stalled)
+        delay, interval = signal.setitimer(signal.ITIMER_REAL, self.timeout_s)  # another alarm's, resumed below
         faulthandler.dump_traceback_later(self.timeout_s + STALL_GRACE_S, exit=True)
+        start = time.monotonic()
         try:
             return next(self.batches)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             faulthandler.cancel_dump_traceback_later()
-            signal.signal(signal.SIGALRM, previous)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, handler)
+            if delay:
+                signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - start), 1e-3), interval)
 
     def _stalled(self, signum, frame) -> None:
         # SIGKILL: a stopped worker would not take the DataLoader's SIGTERM, and this process's exit
@@ -459,5 +463,5 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
                              resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
                              on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes)
         batches = iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
-    readers = f"{d.num_workers} worker processes" if backend == "torch" and d.num_workers else f"pid {os.getpid()}"
+    readers = f"data.num_workers={d.num_workers}" if backend == "torch" and d.num_workers else f"pid {os.getpid()}"
     return StallGuard(batches, d.timeout_s, f"rank {rank}: the training loader ({backend}, {readers})")
