@@ -41,7 +41,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
     """Every sample of a tar in order: (key, [(ext, data offset, size, member name), ...])."""
     samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
-    with tarfile.open(shard) as tar:
+    with tarfile.open(shard, "r:") as tar:  # shards are plain tars
         for member in tar:
             if not member.isreg():
                 continue

@@ -152,8 +152,9 @@ def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: fr
     """The shared first half of a prep: SRC and OUT checked, class folders found (ImageNet style
     when SRC holds no input at its top level), every file below SRC run through ``check(src, path,
     label)`` in worker processes, ``batch`` files per task (symlinks leaving SRC are skipped unless
-    ``follow_symlinks``). ``check`` (picklable) returns a valid input or its ``skipped`` entry (a dict). Returns ``(src, out, classes, valid, skipped)``, both
-    lists sorted by path; raises PrepError when nothing is valid."""
+    ``follow_symlinks``). ``check`` (picklable) returns a valid input or its ``skipped`` entry (a
+    dict). Returns ``(src, out, classes, valid, skipped)``, both lists sorted by path; raises
+    PrepError when nothing is valid."""
     src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
     if not src_dir.is_dir():
         raise PrepError(f"SRC '{src}' is not a folder")

@@ -22,8 +22,8 @@ without decoding them and reproduces the stream.
 very long runs on few shards); ``finite=True`` (evaluation) visits every sample exactly once,
 in shard order, one reader per rank x worker, in batches of ``batch_size`` (the last short).
 
-Faults (docs/faults-data.md): a shard whose sample count differs from its manifest entry, or that
-ends inside a member, is an error naming it; a tar member above ``max_sample_bytes`` is never read;
+Faults (docs/faults-data.md): a shard that does not read as a tar, or whose sample count differs
+from its manifest entry, is an error naming it; a tar member above ``max_sample_bytes`` is never read;
 a sample that does not decode (or has such a member) is an error naming shard and key, or with
 ``on_bad_sample="skip"`` its slot in the micro-batch goes to another sample of the same micro-batch
 (batches keep their size, which the cross-rank gathers need; the order of every other sample is
@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import random
 import signal
+import tarfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -74,13 +75,14 @@ class BadSampleError(ValueError):
 def shard_samples(path: str, num_samples: int, max_sample_bytes: int) -> Iterator[dict]:
     """The samples of one shard in tar order, grouped by key as webdataset does: ``{"__key__",
     "__url__": path, ext: bytes, ...}``. A member over ``max_sample_bytes`` is not read: the sample
-    gets ``"__error__"`` instead. Raises ShardError when the shard holds other than ``num_samples``
-    samples (its manifest's count) or ends inside a member."""
+    gets ``"__error__"`` instead. Raises ShardError when the shard does not read as a tar (cut inside a
+    member or header) or holds other than ``num_samples`` samples (its manifest's count)."""
     folder = os.path.dirname(path)
     try:
         samples = read_samples(path)
-    except OSError as err:  # tarfile.TarError included
-        raise ShardError(f"cannot read shard {path} ({err}): {remake_hint(folder)}") from None
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"shard {path} does not read as a tar ({err}): it was cut short or damaged after prep; "
+                         f"{remake_hint(folder)}") from None
     if len(samples) != num_samples:
         raise ShardError(f"shard {path} holds {len(samples)} samples, its manifest {num_samples}: it was cut short or "
                          f"replaced after prep (data.verify=size finds this before training); {remake_hint(folder)}")
@@ -93,11 +95,7 @@ def shard_samples(path: str, num_samples: int, max_sample_bytes: int) -> Iterato
                                            f"{max_sample_bytes} (not read)")
                     continue
                 f.seek(offset)
-                data = f.read(size)
-                if len(data) != size:
-                    raise ShardError(f"shard {path} ends inside member {name}: it was cut short after prep; "
-                                     f"{remake_hint(folder)}")
-                sample[ext.lower()] = data
+                sample[ext.lower()] = f.read(size)
             yield sample
 
 
@@ -221,25 +219,28 @@ class ShardStream(IterableDataset):
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
         from pipeline.video import clip_bytes
 
-        try:  # a batch at a time (DALI); one at a time only to find the clip that fails
-            return self._clip_decoder([clip_bytes(sample) for sample in samples])
-        except Exception:
-            return [_attempt(lambda s: self._clip_decoder([clip_bytes(s)])[0], sample) for sample in samples]
+        if not any("__error__" in sample for sample in samples):
+            try:  # a batch at a time (DALI); one at a time only to find the clip that fails
+                return self._clip_decoder([clip_bytes(sample) for sample in samples])
+            except Exception:
+                pass
+        return [_attempt(lambda s: self._clip_decoder([clip_bytes(s)])[0], sample) for sample in samples]
 
     def _collate(self, samples: list[dict], seed: int) -> dict:
         decoded = self._decode(samples)
         bad = [i for i, item in enumerate(decoded) if isinstance(item, Exception)]
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, Exception)]
         skipped = [f"sample {samples[i]['__key__']} of shard {samples[i]['__url__']}: {type(decoded[i]).__name__}: "
                    f"{decoded[i]}" for i in bad]
         if bad and (self.on_bad_sample == "error" or self.finite):
             raise BadSampleError(f"{skipped[0]}. Remove it from the source and re-prep, or set "
                                  f"data.on_bad_sample=skip (skips are counted and logged)")
-        if len(bad) == len(samples):
+        if not good:
             raise BadSampleError(f"every sample of a micro-batch is bad, e.g. {skipped[0]}: the shards are damaged; "
                                  f"{remake_hint(os.path.dirname(samples[0]['__url__']))}")
-        # A bad sample's slot goes to the next good sample of the micro-batch (with fresh augmentations).
-        good = [i for i in range(len(samples)) if i not in bad]
-        slots = [i if i not in bad else next((g for g in good if g > i), good[0]) for i in range(len(samples))]
+        slots = list(range(len(samples)))
+        for i in reversed(bad):  # its slot goes to the next good sample (with fresh augmentations)
+            slots[i] = slots[i + 1] if i + 1 < len(slots) else good[0]
         views_per_sample = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -360,8 +361,9 @@ class StallGuard:
     loader worker would otherwise block this rank, and the other ranks in a collective until the
     process group's timeout. SIGALRM interrupts the wait with LoaderStalledError naming ``what``
     and kills the loader's worker processes (torch's DataLoader ``timeout`` is not enough: it bounds
-    the queue, not the unpickling that then fetches the tensors from the worker). A wait that cannot be interrupted (stuck in native code)
-    ends the process ``STALL_GRACE_S`` later, faulthandler printing every thread's stack."""
+    the queue, not the unpickling that then fetches the tensors from the worker). A wait that cannot
+    be interrupted (stuck in native code) ends the process ``STALL_GRACE_S`` later, faulthandler
+    printing every thread's stack."""
 
     def __init__(self, batches: Iterator[dict], timeout_s: float, what: str):
         self.batches, self.timeout_s, self.what = batches, timeout_s, what

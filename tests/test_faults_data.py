@@ -37,7 +37,7 @@ from data_prep.shards import LOCK_NAME, PrepError, ShardError, read_manifest, ve
 from launch.config import DataConfig, build
 from pipeline.augment import MultiViewTransform
 from pipeline.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
-from pipeline.loader import LoaderStalledError, ShardStream, make_loader
+from pipeline.loader import LoaderStalledError, ShardStream, make_loader, shard_samples
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.trainer import train
 from test_data_prep import fashion_mnist_head, save_image
@@ -234,7 +234,8 @@ def test_short_shard_is_refused_before_training(fmnist, tiny_config, tmp_path):
     done = run_cli(["pretrain", str(tmp_path / "run.yaml"), f"data.train={folder}"], tmp_path, timeout=HANG_GUARD_S)
     assert done.returncode == 1
     assert (f"shard {shard} is {shard.stat().st_size} bytes, manifest.json records {recorded}: it was cut short "
-            f"or replaced after prep; restore it, or rerun the `foundry prep` command that wrote {folder}") in done.stderr
+            f"or replaced after prep; restore it, or rerun the `foundry prep` command that wrote {folder}"
+            in done.stderr)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -287,6 +288,16 @@ def test_shard_cut_between_samples_is_named_mid_run_and_resume_is_exact(fmnist, 
     assert loss_history(resumed.tracking_uri, resumed.run_id) == loss_history(straight.tracking_uri, straight.run_id)
     assert_state_equal(load_checkpoint(checkpoint_path(tmp_path / "straight" / "checkpoints", steps))["model"],
                        load_checkpoint(checkpoint_path(tmp_path / "run" / "checkpoints", steps))["model"], "model")
+
+
+@pytest.mark.parametrize("cut", ["inside the last member", "inside a header"])
+def test_shard_cut_anywhere_is_named(fmnist, tmp_path, cut):
+    shard = copy_shards(fmnist, tmp_path) / "shard-000001.tar"
+    _, members = read_samples(shard)[-1]
+    _, offset, size, _ = members[-1]
+    os.truncate(shard, offset + size // 2 if cut == "inside the last member" else 100)
+    with pytest.raises(ShardError, match=f"shard {shard} does not read as a tar .*: it was cut short or damaged"):
+        list(shard_samples(str(shard), 16, DataConfig.max_sample_bytes))
 
 
 # ----------------------------------------------------------------------------- bad samples
