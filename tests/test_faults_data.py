@@ -128,8 +128,11 @@ def loader_worker(run: subprocess.Popen, rank: int) -> psutil.Process:
     """The DataLoader worker of ``rank``: torchrun puts RANK in the environment of the rank, which its
     workers inherit; torch names them pt_data_worker."""
     for proc in psutil.Process(run.pid).children(recursive=True):
-        if proc.name() == "pt_data_worker" and proc.environ().get("RANK") == str(rank):
-            return proc
+        try:
+            if proc.name() == "pt_data_worker" and proc.environ().get("RANK") == str(rank):
+                return proc
+        except psutil.NoSuchProcess:
+            continue
     raise AssertionError(f"no loader worker of rank {rank} under {run.pid}")
 
 
