@@ -236,8 +236,10 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     rt = init_runtime(cfg.launch, cfg.train)
     try:
         result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
-    finally:
-        shutdown_runtime()
+    except BaseException:
+        shutdown_runtime(failed=True)
+        raise
+    shutdown_runtime()
     if result is None:
         return None
     metrics = {"finetune_top1": result.top1}

@@ -60,6 +60,12 @@ class DataConfig:
     # Methods that take labels (S4L, SLA): the share of the training samples whose label they see,
     # an exact, seed-deterministic subset of the shards' keys (pipeline/data/labelled_subset.py).
     labelled_fraction: float = 1.0
+    # Data faults (docs/faults-data.md). A rank that waits longer than timeout_s for one training
+    # batch (a dead or stalled loader worker, a hung read) ends the run, naming the rank and the cause.
+    timeout_s: float = 300.0
+    verify: str = "size"  # shards against manifest.json before training: size | sha256 | none
+    on_bad_sample: str = "error"  # a sample that does not decode: error (the run ends, naming it) | skip
+    max_sample_bytes: int = 64 * 2**20  # a tar member larger than this is refused unread
 
 
 @dataclass
@@ -416,6 +422,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
         "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
+        "data.verify": (cfg.data.verify, ("size", "sha256", "none")),
+        "data.on_bad_sample": (cfg.data.on_bad_sample, ("error", "skip")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
     }
@@ -427,6 +435,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
                           f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
                           f"(each reader gives every batch an equal part)")
+    if not 0 < cfg.data.timeout_s < float("inf") or cfg.data.max_sample_bytes < 1:
+        raise ConfigError(f"data.timeout_s and data.max_sample_bytes must be positive and finite (the seconds a rank "
+                          f"waits for a batch; the bytes of the largest tar member read), got {cfg.data.timeout_s}, "
+                          f"{cfg.data.max_sample_bytes}")
     if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
         raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
                           f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")

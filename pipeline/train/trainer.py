@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,9 @@ class Trainer:
         # Polled after every step; True on any rank: all ranks checkpoint and raise TrainingInterrupted.
         self.stop_check: Callable[[], bool] | None = None
         self.position = LoaderPosition()
+        # Samples of the current epoch skipped by data.on_bad_sample=skip: this rank's (after a resume,
+        # rank 0 also holds every rank's count from before the checkpoint).
+        self.skipped_samples = 0
         self.run_id: str | None = None
         resume = _find_resume(cfg)
         if resume is not None:
@@ -233,6 +237,7 @@ class Trainer:
             self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
             self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
+        self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -241,6 +246,7 @@ class Trainer:
         rng = _gather_objects(_rng_state(), self.rt)
         state = {
             "step": self.step,
+            "skipped_samples": self._sum_over_ranks(self.skipped_samples),
             "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
             else None,
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
@@ -296,6 +302,9 @@ class Trainer:
                 batch = next(batches)
                 toc = time.perf_counter()
                 step_wait += toc - tic
+                if batch["epoch"] != self.position.epoch:
+                    self._report_skipped_samples()
+                self._note_skipped(batch.get("skipped", []))
                 self.position = LoaderPosition(batch["epoch"], batch["batch"] + 1)
                 loss = self.strategy.forward_backward(self._to_device(batch["views"]),
                                                       sync=micro == t.grad_accum_steps - 1, labels=self._labels(batch))
@@ -338,9 +347,34 @@ class Trainer:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
+        self._report_skipped_samples()
         memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
         return self._finish(last, loss_value, memory)
+
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
+        for what in skipped:
+            print(f"rank {self.rt.rank}: skipped {what} (data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+        self.skipped_samples += len(skipped)
+
+    def _report_skipped_samples(self) -> None:
+        """At the end of an epoch (and of training): the samples skipped in it over all ranks, printed
+        and logged to MLflow as ``skipped_samples`` (at the step reached), then the count restarts."""
+        if self.cfg.data.on_bad_sample != "skip":
+            return
+        total = self._sum_over_ranks(self.skipped_samples)
+        self.skipped_samples = 0
+        if self.rt.is_main:
+            print(f"epoch {self.position.epoch}: {total} bad samples skipped (data.on_bad_sample=skip)", flush=True)
+            self.tracker.log_metrics({"skipped_samples": total}, step=self.step)
+
+    def _sum_over_ranks(self, count: int) -> int:
+        if self.rt.world_size == 1:
+            return count
+        value = torch.tensor([count], dtype=torch.int64, device=self.rt.device)
+        dist.all_reduce(value)
+        return int(value.item())
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
@@ -467,15 +501,16 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
         if setup is not None:
             setup(trainer)
         result = trainer.completed_result() or trainer.train()
-    except NonFiniteLossError:
-        raise  # the run is already marked FAILED with the reason
     except BaseException as err:
-        if trainer.tracker is not None:
+        rt = trainer.rt
+        err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
+        # A NonFiniteLossError has already marked the run FAILED with the reason.
+        if trainer.tracker is not None and not isinstance(err, NonFiniteLossError):
             trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+        # An interruption or a non-finite loss stops every rank at the same step: they leave together.
+        shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
         raise
-    finally:
-        if dist.is_initialized():
-            shutdown_runtime()
+    shutdown_runtime()
     if trainer.rt.is_main:
         (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
     return result
