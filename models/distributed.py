@@ -54,16 +54,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor, for logging (no gradient)."""
-    if not is_distributed():
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist.get_world_size()
-
-
-@torch.no_grad()
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks of a tensor, without gradient (Sinkhorn-Knopp's normalisers, counts)."""
     if not is_distributed():
@@ -71,6 +61,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor, for logging (no gradient)."""
+    return all_reduce_sum(x) / world_size()
 
 
 @torch.no_grad()
