@@ -72,5 +72,5 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
 def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = None, **method_args: Any) -> nn.Module:
     check_method_args(name, method_args)
     if takes_teacher(name) != (teacher is not None):
-        raise ValueError(f"method '{name}' {'needs' if takes_teacher(name) else 'takes no'} teacher network")
+        raise ValueError(f"method '{name}' {'needs a' if takes_teacher(name) else 'takes no'} teacher network")
     return method_class(name)(backbone, **({"teacher": teacher} if teacher is not None else {}), **method_args)

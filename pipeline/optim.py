@@ -35,7 +35,7 @@ def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        fixed_lr, bias_or_norm = name.startswith(fixed) if fixed else False, is_bias_or_norm(name, param)
+        fixed_lr, bias_or_norm = name.startswith(fixed), is_bias_or_norm(name, param)
         if (fixed_lr, not bias_or_norm) not in groups:
             group = {"params": [], "weight_decay": t.weight_decay if t.decay_bias_and_norm or not bias_or_norm else 0.0}
             if bias_or_norm and t.bias_and_norm_lr_scale != 1.0:

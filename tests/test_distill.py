@@ -102,3 +102,16 @@ def test_model_teacher_is_set_exactly_for_distillation():
         load_config("configs/distill_resnet18_fmnist.yaml", ["model.teacher="], check_paths=False)
     with pytest.raises(ConfigError, match="method 'simclr' takes no teacher.*distill.*drop the key"):
         load_config("configs/simclr_resnet18_fmnist.yaml", ["model.teacher=runs/x/backbone"], check_paths=False)
+
+
+def test_a_run_id_resolves_to_the_teacher_that_run_exported(teacher, tiny_config, tmp_path):
+    from pipeline.teacher import load_teacher
+
+    cfg = tiny_config(tmp_path / "student", *DISTILL, f"model.teacher={teacher['run_id']}",
+                      f"mlflow.tracking_uri={teacher['uri']}")
+    loaded = load_teacher(cfg)
+    assert loaded.lineage() == {"ref": f"runs:/{teacher['run_id']}/backbone", "pretrain_run_id": teacher["run_id"],
+                                "sha256": export_digest(teacher["folder"])}
+    registered = load_timm_backbone(teacher["folder"]).state_dict()
+    assert all(torch.equal(loaded.module.state_dict()[k], v) for k, v in registered.items())
+    assert not loaded.module.training

@@ -184,7 +184,7 @@ def test_distill_takes_a_frozen_teacher_and_projects_when_widths_differ():
     assert {k for k in model.state_dict() if k.startswith("teacher.")}  # checkpointed with the student
     same_width = create_method("distill", vit(), teacher=vit())
     assert isinstance(same_width.projector, nn.Identity)
-    with pytest.raises(ValueError, match="needs teacher"):
+    with pytest.raises(ValueError, match="needs a teacher network"):
         create_method("distill", vit())
     with pytest.raises(ValueError, match="loss 'l2'"):
         create_method("distill", vit(), teacher=vit(), loss="l2")
