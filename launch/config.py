@@ -477,7 +477,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.nesterov=true is Nesterov momentum for train.optimizer=sgd with train.momentum > 0 "
                           f"(got optimizer {t.optimizer}, momentum {t.momentum}); set train.nesterov=false")
     if t.bias_and_norm_lr_scale <= 0:
-        raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got {t.bias_and_norm_lr_scale}")
+        raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got "
+                          f"{t.bias_and_norm_lr_scale}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:

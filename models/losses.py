@@ -390,8 +390,9 @@ def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor
     """
     loss = scores[0].new_zeros((), dtype=torch.float32)
     for view, q in zip(assign_views, codes):
-        predictions = [F.log_softmax(scores[t].float() / temperature, dim=1) for t in range(len(scores)) if t != view]
-        loss = loss + torch.stack([-(q * log_p).sum(dim=1).mean() for log_p in predictions]).mean()
+        others = [t for t in range(len(scores)) if t != view]
+        log_p = [F.log_softmax(scores[t].float() / temperature, dim=1) for t in others]
+        loss = loss + torch.stack([-(q * log_p_t).sum(dim=1).mean() for log_p_t in log_p]).mean()
     return loss / len(codes)
 
 

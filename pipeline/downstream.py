@@ -33,8 +33,9 @@ from pipeline.export import BackboneSource, registry_listing, export_digest
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
 # Recipe keys quoted in a model card, from the pretraining run's params (the flattened config).
 _CARD_RECIPE_KEYS = ("model.method", "model.backbone", "model.backbone_args", "model.method_args", "model.teacher",
-                     "data.train", "data.views", "train.batch_size", "train.optimizer", "train.lr", "train.weight_decay",
-                     "train.warmup_steps", "train.budget_minutes", "train.precision", "train.seed")
+                     "data.train", "data.views", "train.batch_size", "train.optimizer", "train.lr",
+                     "train.weight_decay", "train.warmup_steps", "train.budget_minutes", "train.precision",
+                     "train.seed")
 _CARD_HARDWARE_TAGS = ("env.cuda_devices", "env.cpu_count", "env.world_size", "env.hostname", "env.torch",
                        "env.timm", "env.git_commit")
 

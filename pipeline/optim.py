@@ -36,14 +36,15 @@ def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         fixed_lr, bias_or_norm = name.startswith(fixed), is_bias_or_norm(name, param)
-        if (fixed_lr, not bias_or_norm) not in groups:
-            group = {"params": [], "weight_decay": t.weight_decay if t.decay_bias_and_norm or not bias_or_norm else 0.0}
+        key = (fixed_lr, not bias_or_norm)  # sorted: biases and norms, then weights; fixed-lr ones last
+        if key not in groups:
+            decays = t.decay_bias_and_norm or not bias_or_norm
+            groups[key] = {"params": [], "weight_decay": t.weight_decay if decays else 0.0}
             if bias_or_norm and t.bias_and_norm_lr_scale != 1.0:
-                group["lr_scale"] = t.bias_and_norm_lr_scale
+                groups[key]["lr_scale"] = t.bias_and_norm_lr_scale
             if fixed_lr:
-                group["fixed_lr"] = True
-            groups[(fixed_lr, not bias_or_norm)] = group
-        groups[(fixed_lr, not bias_or_norm)]["params"].append(param)
+                groups[key]["fixed_lr"] = True
+        groups[key]["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
 
@@ -58,7 +59,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, cpu_offload: bool = Fal
     groups = param_groups(cfg, model)
     if cpu_offload:
         if t.optimizer != "adamw":
-            raise ValueError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got {t.optimizer})")
+            raise ValueError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw "
+                             f"(got {t.optimizer})")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=base_lr(cfg), betas=tuple(t.adam_betas), weight_decay=t.weight_decay,

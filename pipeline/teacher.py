@@ -39,16 +39,16 @@ def view_sizes(cfg: Config) -> set[tuple[int, int]]:
 
 
 def load_teacher(cfg: Config) -> Teacher:
-    """The teacher module (eval mode) and where it came from. A reference that does not resolve, a
-    teacher exported with another normalisation than ``data.mean``/``data.std`` (it would see
-    other pixel values than it was trained on), or one that refuses the views' size is a
-    ConfigError naming ``model.teacher`` and the fix."""
-    from pipeline.tracking import resolve_tracking_uri
+    """The teacher module (eval mode) and where it came from. A reference that does not resolve (or a
+    tracking server that does not answer), a teacher exported with another normalisation than
+    ``data.mean``/``data.std`` (it would see other pixel values than it was trained on), or one that
+    refuses the views' size is a ConfigError naming ``model.teacher`` and the fix."""
+    from pipeline.tracking import TrackingError, resolve_tracking_uri
 
     ref = cfg.model.teacher
     try:
         source = locate_backbone(ref, resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, TrackingError) as err:
         raise ConfigError(f"model.teacher: {err}") from None
     preprocessing = source.config.get("pretrained_cfg", {})
     for key in ("mean", "std"):
