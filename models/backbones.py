@@ -2,6 +2,7 @@
 from ``(architecture, model_args)``."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import timm
@@ -18,6 +19,14 @@ def create_backbone(name: str, **model_args: Any) -> nn.Module:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise KeyError(f"model.backbone: '{name}' is not a timm model. Similar: {', '.join(close)}")
     return timm.create_model(name, pretrained=False, num_classes=0, **model_args)
+
+
+def forward_by_resolution(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
+    """Pooled features of every view, (sum of their batches, D), in view order. Consecutive views of
+    one size go through the backbone in one call: multi-crop's batching per resolution (2 global
+    views in one forward, the local ones in another), as the SwAV and DINO reference code does."""
+    return torch.cat([backbone(torch.cat(list(group)))
+                      for _, group in itertools.groupby(views, key=lambda view: view.shape[-2:])])
 
 
 def is_vit(backbone: nn.Module) -> bool:

@@ -8,11 +8,12 @@ class MLPHead(nn.Sequential):
     """``num_layers`` linear layers; every hidden layer is Linear -> BN -> ReLU.
 
     SimCLR (Chen et al. 2020) uses 2 layers (``in -> hidden -> out``) with BN in the hidden
-    layer; BYOL/MoCo v3 heads differ only in depth, widths and ``last_batch_norm``.
+    layer; BYOL/MoCo v3 heads differ only in depth, widths and ``last_batch_norm`` (a BN after
+    the output layer, without affine parameters unless ``last_affine``, as NNCLR's).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
-                 batch_norm: bool = True, last_batch_norm: bool = False):
+                 batch_norm: bool = True, last_batch_norm: bool = False, last_affine: bool = False):
         if num_layers < 1:
             raise ValueError(f"MLPHead needs num_layers >= 1, got {num_layers}")
         layers: list[nn.Module] = []
@@ -25,7 +26,7 @@ class MLPHead(nn.Sequential):
             dim = hidden_dim
         layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
         if last_batch_norm:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(nn.BatchNorm1d(out_dim, affine=last_affine))
         super().__init__(*layers)
 
 

@@ -74,6 +74,9 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
     method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method
+    # method=distill: the frozen teacher, models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or
+    # an export folder, resolved in mlflow.tracking_uri's registry (pipeline/registry/teacher.py)
+    teacher: str = ""
 
 
 @dataclass
@@ -131,6 +134,12 @@ class TrainConfig:
     min_lr: float = 0.0
     weight_decay: float = 1e-6
     momentum: float = 0.9  # lars and sgd
+    nesterov: bool = False  # sgd: Nesterov momentum (RotNet's); false: plain momentum (MoCo v2, most papers)
+    # Biases and norm parameters: weight decay on them too (MoCo v3's AdamW, SimSiam's SGD decay every
+    # parameter; false: SimCLR/BYOL's rule, no decay and no LARS adaptation), and an lr multiplier
+    # (Barlow Twins: 0.0048 / 0.2 = 0.024).
+    decay_bias_and_norm: bool = False
+    bias_and_norm_lr_scale: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
@@ -389,11 +398,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
     num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
+    min_views = getattr(method_class(cfg.model.method), "min_views", 1)
+    made = sum(v.count for v in cfg.data.views)
+    if cfg.data.views and (made != num_views if num_views is not None else made < min_views):
+        wanted = num_views if num_views is not None else f"at least {min_views}"
         raise ConfigError(
-            f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
-            f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
+            f"data.views: method '{cfg.model.method}' takes {wanted} view(s) per image, the recipe "
+            f"makes {made} (the sum of the views' count)"
         )
+    validate_teacher(cfg.model)
     if not 0 < cfg.data.labelled_fraction <= 1:
         raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
                           f"got {cfg.data.labelled_fraction}")
@@ -445,6 +458,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):
+        raise ConfigError(f"train.nesterov=true is Nesterov momentum for train.optimizer=sgd with train.momentum > 0 "
+                          f"(got optimizer {t.optimizer}, momentum {t.momentum}); set train.nesterov=false")
+    if t.bias_and_norm_lr_scale <= 0:
+        raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got "
+                          f"{t.bias_and_norm_lr_scale}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:
@@ -473,6 +492,20 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_teacher(model: ModelConfig) -> None:
+    """model.teacher is set exactly for the methods that distil a teacher. Whether it resolves is
+    checked when it is loaded (pipeline/registry/teacher.py), in the registry of mlflow.tracking_uri."""
+    from ssl_foundry.models.registry import method_names, takes_teacher
+
+    if takes_teacher(model.method) and not model.teacher:
+        raise ConfigError(f"model.teacher: method '{model.method}' distils a frozen teacher; set model.teacher="
+                          f"models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or an export folder")
+    if model.teacher and not takes_teacher(model.method):
+        distillers = [m for m in method_names() if takes_teacher(m)]
+        raise ConfigError(f"model.teacher={model.teacher}: method '{model.method}' takes no teacher (those that do: "
+                          f"{', '.join(distillers)}); drop the key")
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:

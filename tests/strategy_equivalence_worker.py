@@ -6,6 +6,7 @@ method (ZeRO-3 shards gathered), for the test to compare against the DDP case.
 Usage: strategy_equivalence_worker.py OUT.pt CASE [CASE ...] where CASE is
 ``method:strategy[:override,override...]``, e.g. ``byol:deepspeed:deepspeed.zero_stage=3``.
 """
+import os
 import sys
 import tempfile
 import warnings
@@ -18,7 +19,7 @@ import yaml
 from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe
 
 from ssl_foundry.models.distributed import all_reduce_mean, zero3_gathered
-from ssl_foundry.models.registry import method_class
+from ssl_foundry.models.registry import method_class, takes_teacher
 from ssl_foundry.pipeline.config import Config, load_config
 from ssl_foundry.pipeline.train.runtime import init_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
@@ -42,7 +43,21 @@ METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 ste
     "shuffle_and_learn": {"classifier_hidden_dim": 32, "positive_fraction": 0.5},
     "cpc": {"embed_dim": 16, "context_dim": 16, "prediction_steps": 2},
     "video_mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "mask_ratio": 0.75},
+    # 4 samples per forward: SwAV's prototypes frozen in step 1, its queue filled in step 2 and used
+    # in step 3, renormalised after every step (the fp32 master copies of ZeRO too)
+    "swav": {"proj_hidden_dim": 32, "proj_out_dim": 16, "num_prototypes": 10, "queue_size": 8, "queue_start_step": 1,
+             "freeze_prototypes_steps": 1},
+    "vicreg": {"proj_hidden_dim": 32, "proj_out_dim": 16},
+    "simsiam": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 8},  # a fixed-lr predictor group
+    "nnclr": {"proj_hidden_dim": 32, "proj_out_dim": 16, "pred_hidden_dim": 32, "queue_size": 16},
+    "distill": {"loss": "smooth_l1"},  # from TEACHER (64 features) into the ViT-Tiny student (192)
 }
+# Over the 2 samples a rank has per forward, BatchNorm maps every unit to +-1: NNCLR's embeddings become
+# sign vectors whose nearest neighbours in the support set tie exactly (and flip with rounding), and
+# VICReg's gradient norm reaches thousands by step 3, which amplifies the reduction-order rounding past
+# the tolerances. Global BN (over 4 samples) avoids both; it is itself compared with DDP under ZeRO-3.
+TRAIN_OVERRIDES = {"nnclr": {"global_batchnorm": True}, "vicreg": {"global_batchnorm": True}}
+TEACHER = {"backbone": "vit_tiny_patch16_224", "backbone_args": {**VIT_ARGS, "embed_dim": 64, "num_heads": 2}}
 CLIP_FRAMES = 4
 
 
@@ -51,12 +66,27 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
     tree["model"] = {"method": method, "backbone": "vit_tiny_patch16_224", "backbone_args": dict(VIT_ARGS),
                      "method_args": METHOD_ARGS[method]}
     tree["train"].update(strategy=strategy, optimizer="adamw", lr=1e-3, batch_size=GLOBAL_BATCH,
-                         grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0)
-    tree["data"]["views"][0]["count"] = method_class(method).num_views
+                         grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0,
+                         **TRAIN_OVERRIDES.get(method, {}))
+    tree["data"]["views"][0]["count"] = method_class(method).num_views or method_class(method).min_views
+    if takes_teacher(method):
+        tree["model"]["teacher"] = str(teacher_export(Path(tempfile.gettempdir()), tree["data"]["mean"],
+                                                      tree["data"]["std"]))
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(tree))
         return load_config(recipe, overrides, check_paths=False)
+
+
+def teacher_export(folder: Path, mean: list[float], std: list[float]) -> Path:
+    """A tiny ViT (seeded: the same on every rank) exported as the distillation teacher."""
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.registry.export import export_timm_backbone
+
+    torch.manual_seed(7)
+    net = create_backbone(TEACHER["backbone"], **TEACHER["backbone_args"])
+    return export_timm_backbone(net, TEACHER["backbone"], TEACHER["backbone_args"], folder / f"teacher-{os.getpid()}",
+                                (3, IMAGE_SIZE, IMAGE_SIZE), mean, std)
 
 
 def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
@@ -81,7 +111,8 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     strategy = create_strategy(cfg, model, rt)
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
-    num_views, uses_labels = method_class(method).num_views, getattr(method_class(method), "uses_labels", False)
+    num_views = method_class(method).num_views or method_class(method).min_views
+    uses_labels = getattr(method_class(method), "uses_labels", False)
     clips = getattr(method_class(method), "input_kind", "image") == "clip"
     losses, grad_norms = [], []
     for step in range(STEPS):

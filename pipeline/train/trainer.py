@@ -30,13 +30,14 @@ from timm.scheduler import CosineLRScheduler
 
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
-from ssl_foundry.models.registry import create_method
+from ssl_foundry.models.registry import create_method, takes_teacher
 from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
 from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
+from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from ssl_foundry.pipeline.train.optim import base_lr
@@ -80,9 +81,14 @@ class TrainResult:
     memory_mb: dict[str, list[float]] = field(default_factory=dict)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config, teacher: Teacher | None = None) -> torch.nn.Module:
+    """The method around a new timm backbone; a distillation method also gets its frozen teacher
+    (``teacher``, or ``model.teacher`` loaded here)."""
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-    model = create_method(cfg.model.method, backbone, **cfg.model.method_args)
+    if takes_teacher(cfg.model.method) and teacher is None:
+        teacher = load_teacher(cfg)
+    model = create_method(cfg.model.method, backbone, teacher=teacher.module if teacher else None,
+                          **cfg.model.method_args)
     if cfg.train.global_batchnorm:
         convert_to_global_batchnorm(model)
     if cfg.train.activation_checkpointing:
@@ -101,7 +107,18 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
+class WarmupCosineSchedule(CosineLRScheduler):
+    """timm's warmup + cosine (with each group's ``lr_scale``), except for the param groups marked
+    ``fixed_lr`` (SimSiam's predictor), which keep the base lr throughout."""
+
+    def update_groups(self, values) -> None:
+        super().update_groups(values)
+        for group in self.optimizer.param_groups:
+            if group.get("fixed_lr"):
+                group["lr"] = group["initial_lr"]
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> WarmupCosineSchedule:
     """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
 
     The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
@@ -113,10 +130,15 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRSchedul
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
         group["initial_lr"] = lr
-    return CosineLRScheduler(
+    return WarmupCosineSchedule(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
+
+
+def scheduled_lr(optimizer) -> float:
+    """The lr the schedule gives the weights now (not a group's multiple or fixed lr)."""
+    return next(g["lr"] for g in optimizer.param_groups if "lr_scale" not in g and not g.get("fixed_lr"))
 
 
 def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
@@ -186,7 +208,8 @@ class Trainer:
         self.rt = init_runtime(cfg.launch, cfg.train)
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg).to(self.rt.device)
+        self.teacher = load_teacher(cfg) if takes_teacher(cfg.model.method) else None
+        self.model = build_model(cfg, self.teacher).to(self.rt.device)
         if cfg.train.channels_last and cfg.train.strategy == "ddp":
             # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
             # ones); there only the inputs are channels_last, which is what selects the conv kernels.
@@ -219,6 +242,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
         if self.tracker is not None:
+            if self.run_id is None and self.teacher is not None:  # a new run: the teacher's lineage
+                self.tracker.set_tags({f"lineage.teacher.{k}": v for k, v in self.teacher.lineage().items()})
             self.run_id = self.tracker.run_id
             save_config(cfg, self.out / "config.yaml")
             self.tracker.log_artifact(str(self.out / "config.yaml"))
@@ -294,7 +319,7 @@ class Trainer:
         train_start = time.perf_counter()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
-            step_lr = self.optimizer.param_groups[0]["lr"]  # logged: what this step trains with
+            step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
             for micro in range(t.grad_accum_steps):
@@ -476,7 +501,8 @@ class Trainer:
         backbone_dir = export_timm_backbone(
             backbone, m.backbone, m.backbone_args, self.out / "backbone",
             input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
-            extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id},
+            extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id,
+                   **({"teacher": self.teacher.lineage()} if self.teacher else {})},
         )
         result.backbone_dir = str(backbone_dir)
         if self.cfg.mlflow.registered_model:
