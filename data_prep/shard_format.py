@@ -218,7 +218,7 @@ def open_location(url: str, policy: RetryPolicy = RetryPolicy()):
     return fs.open(path, "rb", block_size=READ_BLOCK_BYTES, cache_type="readahead")
 
 
-def _retrying(url: str, policy: RetryPolicy, action: Callable[[], Result], what: str = "") -> Result:
+def retrying(url: str, policy: RetryPolicy, action: Callable[[], Result], what: str = "") -> Result:
     """``action()``; once more after each failure that may pass (remote locations only), up to
     ``policy.retries`` times. Then StoreError naming ``url`` (credentials cut out) and the last error."""
     transient = _store(url, policy)[2]
@@ -249,12 +249,47 @@ def read_location(url: str, policy: RetryPolicy = RetryPolicy()) -> bytes | None
         except FileNotFoundError:
             return None
 
-    return _retrying(url, policy, read)
+    return retrying(url, policy, read)
 
 
 def location_size(url: str, policy: RetryPolicy = RetryPolicy()) -> int:
     fs, path, _ = _store(url, policy)
-    return _retrying(url, policy, lambda: fs.size(path), "finding the size of")
+    return retrying(url, policy, lambda: fs.size(path), "finding the size of")
+
+
+def list_location(folder: str, policy: RetryPolicy = RetryPolicy()) -> dict[str, int]:
+    """Name -> size of the files in a folder (local or s3://; an HTTP server has no listing)."""
+    fs, path, _ = _store(folder, policy)
+
+    def listing() -> dict[str, int]:
+        try:
+            entries = fs.ls(path, detail=True, refresh=True) if is_remote(folder) else fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(e["name"]): e["size"] for e in entries if e["type"] == "file"}
+
+    return retrying(folder, policy, listing, "listing")
+
+
+def put_location(url: str, data: bytes | os.PathLike, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Writes ``data`` (bytes, or a local file to upload) to ``url``; in an object store the object
+    appears whole or not at all."""
+    fs, path, _ = _store(url, policy)
+    put = (lambda: fs.pipe_file(path, data)) if isinstance(data, bytes) else (lambda: fs.put_file(str(data), path))
+    retrying(url, policy, put, "writing")
+
+
+def remove_location(url: str, policy: RetryPolicy = RetryPolicy()) -> None:
+    """Deletes ``url`` if it exists."""
+    fs, path, _ = _store(url, policy)
+
+    def remove() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+
+    retrying(url, policy, remove, "deleting")
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -311,13 +346,12 @@ def manifest_sha256(location: str | os.PathLike) -> str | None:
     return hashlib.sha256(data).hexdigest() if data else None
 
 
-def manifest_shards(location: str | os.PathLike, manifest: dict,
-                    allow_incomplete: bool = False) -> list[tuple[str, dict]]:
+def manifest_shards(location: str | os.PathLike, manifest: dict) -> list[tuple[str, dict]]:
     """(URL, manifest entry) of the location's shards in order: every complete shard of a folder, or the
     tars a shard list names. Raises ManifestError for a listed tar the manifest does not hold."""
     folder = manifest_folder(location)
     root = manifest.get("shard_root") or folder
-    records = [s for s in manifest["shards"] if s["complete"] or allow_incomplete]
+    records = [s for s in manifest["shards"] if s["complete"]]
     listed = shard_list(location)
     if listed is None:
         return [(join_location(root, s["name"]), s) for s in records]
@@ -352,7 +386,7 @@ def shard_paths(location: str | os.PathLike, allow_incomplete: bool = False) -> 
     """Paths (URLs) of the location's complete shards, in shard order; local ones absolute."""
     location = absolute_location(location)
     manifest = read_manifest(location, allow_incomplete)
-    return [url for url, _ in manifest_shards(location, manifest, allow_incomplete)]
+    return [url for url, _ in manifest_shards(location, manifest)]
 
 
 def remake_hint(folder: str | os.PathLike) -> str:
@@ -404,14 +438,14 @@ def file_sha256(location: str | os.PathLike, policy: RetryPolicy = RetryPolicy()
                 digest.update(chunk)
                 done += len(chunk)
 
-    _retrying(str(location), policy, read_rest, "hashing")
+    retrying(str(location), policy, read_rest, "hashing")
     return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- reading
 
 
-def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(key, ext, member) of every member that belongs to a sample, in tar order (webdataset's and DALI's
     rule: regular files; hidden files skipped)."""
     for member in tar:
@@ -427,7 +461,7 @@ def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, in
     """Every sample of a tar in order, from its headers: (key, [(ext, data offset, size, member name), ...])."""
     samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
     with open_location(str(shard)) as f, tarfile.open(fileobj=f, mode="r:") as tar:  # shards are plain tars
-        for key, ext, member in _sample_members(tar):
+        for key, ext, member in sample_members(tar):
             if not samples or samples[-1][0] != key:
                 samples.append((key, []))
             samples[-1][1].append((ext, member.offset_data, member.size, member.name))
@@ -439,7 +473,7 @@ def _samples_from(f, url: str, max_sample_bytes: int) -> Iterator[tuple[dict, in
     each member is read right after its header, so the file is read front to back."""
     with tarfile.open(fileobj=f, mode="r:") as tar:
         sample = None
-        for key, ext, member in _sample_members(tar):
+        for key, ext, member in sample_members(tar):
             if sample is not None and sample["__key__"] != key:
                 yield sample, member.offset
                 sample = None

@@ -383,8 +383,9 @@ def train_backend(backend: str, device: torch.device, location: str = "") -> tup
         raise ConfigError(f"data.backend=dali augments images only and {redact(location)} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
+    shards_at = (manifest or {}).get("shard_root") or location
     torch_only = ("clip shards" if is_clip_manifest(manifest or {}) else
-                  "http(s) shards" if location_scheme(location) in ("http", "https") else
+                  "http(s) shards" if location_scheme(shards_at) in ("http", "https") else
                   "no manifest" if manifest is None else "")
     if torch_only and backend == "dali":
         raise ConfigError(f"data.backend=dali cannot read {redact(location)} ({torch_only}: DALI's readers open local "
