@@ -172,18 +172,19 @@ def manifest_folder(location: str | os.PathLike) -> str | None:
 @dataclass(frozen=True)
 class RetryPolicy:
     """How reads from a store survive faults (local files are read once: their errors are final).
-    A request waits at most ``request_timeout_s`` for data; a failed one (an error status, a reset
-    connection, that timeout) is tried again up to ``retries`` times, after pauses doubling from
-    0.5 s. The timeout is ``timeout_s / (2 (retries + 1))``, so every attempt and pause of a read
-    ends within ``timeout_s`` (data.timeout_s, the longest a rank waits for a batch) and the error
-    that ends the run names the URL rather than a stalled loader."""
+    A request waits at most ``request_timeout_s`` for data; a failed attempt (an error status, a reset
+    connection, that timeout) is made again up to ``retries`` times, after pauses doubling from 0.5 s
+    (at most one request timeout). The timeout is ``timeout_s / (3 (retries + 1))``: an attempt to open
+    a file may take two requests (fsspec asks for its size with HEAD, then GET), so every attempt and
+    pause of a read ends within ``timeout_s`` (data.timeout_s, the longest a rank waits for a batch) and
+    the error that ends the run names the URL rather than a stalled loader."""
 
     retries: int = 3
     timeout_s: float = 300.0
 
     @property
     def request_timeout_s(self) -> float:
-        return self.timeout_s / (2 * (self.retries + 1))
+        return self.timeout_s / (3 * (self.retries + 1))
 
     def pause_s(self, retry: int) -> float:
         return min(0.5 * 2 ** (retry - 1), self.request_timeout_s)
@@ -234,9 +235,13 @@ def retrying(url: str, policy: RetryPolicy, action: Callable[[], Result], what: 
 
 
 def store_failure(url: str, err: BaseException, retries: int, seconds: float, what: str = "") -> str:
-    return (f"{what or 'reading'} {redact(url)} failed: {type(err).__name__}: {redact(err) or 'no detail'} "
-            f"({retries} retries over {seconds:.1f} s: data.retries, data.timeout_s). Check the URL, the store's "
-            f"credentials (AWS_* or ~/.aws for s3://, ~/.netrc for http(s)://) and that it is reachable")
+    causes = []
+    while err is not None:  # fsspec reports e.g. a 403 or a timeout as FileNotFoundError, caused by it
+        causes.append(f"{type(err).__name__}: {redact(err) or 'no detail'}")
+        err = err.__cause__
+    return (f"{what or 'reading'} {redact(url)} failed: {', caused by '.join(causes)} ({retries} retries over "
+            f"{seconds:.1f} s: data.retries, data.timeout_s). Check the URL, the store's credentials (AWS_* or "
+            f"~/.aws for s3://, ~/.netrc for http(s)://) and that it is reachable")
 
 
 def read_location(url: str, policy: RetryPolicy = RetryPolicy()) -> bytes | None:

@@ -66,7 +66,7 @@ class DataConfig:
     # Data faults (docs/faults-data.md). A rank that waits longer than timeout_s for one training
     # batch (a dead or stalled loader worker, a hung read) ends the run, naming the rank and the cause.
     timeout_s: float = 300.0
-    # A failed read from s3:// or http(s):// (error status, reset, no data for timeout_s / (2 (retries + 1))
+    # A failed read from s3:// or http(s):// (error status, reset, no data for timeout_s / (3 (retries + 1))
     # seconds) is tried again this many times, from the sample it broke off in, before the run ends naming it.
     retries: int = 3
     verify: str = "size"  # shards against manifest.json before training: size | sha256 | none
