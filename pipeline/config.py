@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ssl_foundry.data_prep.shard_format import is_remote, redact, shard_list
+from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
 from ssl_foundry.pipeline.config_error import ConfigError
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec, parse_views
 
@@ -501,6 +501,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     validate_eval(cfg.eval)
     if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
         validate_clip_length(cfg, check_paths)
+    for key in ("train", "eval_train", "eval_test"):
+        try:
+            location_scheme(getattr(cfg.data, key))
+        except ManifestError as err:
+            raise ConfigError(f"data.{key}: {err}") from None
     if check_paths:  # local folders; remote locations and shard lists are checked when they are read
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)

@@ -529,6 +529,7 @@ def test_data_fault_keys_are_validated(tiny_config, tmp_path):
     from ssl_foundry.pipeline.config import ConfigError
 
     for override, key in [("data.verify=md5", "data.verify"), ("data.on_bad_sample=ignore", "data.on_bad_sample"),
-                          ("data.timeout_s=0", "data.timeout_s"), ("data.max_sample_bytes=0", "data.max_sample_bytes")]:
+                          ("data.timeout_s=0", "data.timeout_s"), ("data.max_sample_bytes=0", "data.max_sample_bytes"),
+                          ("data.retries=-1", "data.retries")]:
         with pytest.raises(ConfigError, match=key):
             tiny_config(tmp_path / "run", override)

@@ -131,6 +131,12 @@ def test_dali_reads_s3_shards_bitwise_as_local_ones_and_refuses_http(fmnist, ser
         train_backend("dali", torch.device("cpu"), f"{served}/train")
 
 
+def test_a_location_of_another_scheme_is_a_config_error(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.eval_test: 'gs://bucket/x': shards are read from a local folder, "
+                                          r"s3:// or http\(s\)://, not gs://"):
+        tiny_config(tmp_path / "run", "data.eval_test=gs://bucket/x")
+
+
 # ----------------------------------------------------------------------------- faults
 
 
