@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,9 @@ class TrainConfig:
     lr_batch_ref: int = 256
     min_lr: float = 0.0
     weight_decay: float = 1e-6
+    # Set: weight decay follows a cosine from weight_decay at step 0 to this at the last step (DINO's
+    # schedule, on the decayed parameter groups). Unset (null): constant.
+    weight_decay_end: float | None = None
     momentum: float = 0.9  # lars and sgd
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
@@ -244,6 +248,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to annotation ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: an optional value, null = unset
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return _coerce(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
@@ -410,7 +419,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
     num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
+    multi_crop = getattr(method_class(cfg.model.method), "multi_crop", False)  # checked with the views' sizes below
+    if num_views is not None and not multi_crop and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
         raise ConfigError(
             f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
@@ -460,6 +470,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
+    if t.weight_decay_end is not None and (t.weight_decay_end < 0 or t.weight_decay <= 0):
+        raise ConfigError(f"train.weight_decay_end={t.weight_decay_end}: the schedule goes from train.weight_decay="
+                          f"{t.weight_decay} to it: weight_decay must be > 0 and weight_decay_end >= 0, or set "
+                          f"train.weight_decay_end=null for a constant weight decay")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:
@@ -478,6 +492,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
+    if multi_crop:
+        validate_multi_crop(cfg)
     validate_eval(cfg.eval)
     if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
         validate_clip_length(cfg, check_paths)
@@ -490,6 +506,29 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_multi_crop(cfg: Config) -> None:
+    """A multi-crop method's views (models.multicrop): its global views first, at one size, then any
+    local views; a ViT (built here on the meta device: no memory, no weights) takes views of several
+    sizes only with dynamic_img_size, and sizes that are multiples of its patches."""
+    import torch
+
+    from models.backbones import create_backbone
+    from models.multicrop import check_view_sizes
+    from models.registry import method_class
+    from pipeline.augment.spec import view_sizes
+
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_args={cfg.model.backbone_args}: {cfg.model.backbone} does not take them "
+                          f"({err})") from None
+    try:
+        check_view_sizes(view_sizes(cfg.data.views), method_class(cfg.model.method).num_views, backbone)
+    except ValueError as err:
+        raise ConfigError(f"model.method={cfg.model.method}: {err}") from None
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:

@@ -52,13 +52,20 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor, for logging (no gradient)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a tensor, without gradient (statistics of the global batch: DINO's centre,
+    Sinkhorn-Knopp's row sums)."""
     if not is_distributed():
         return x
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor, without gradient (logging)."""
+    return all_reduce_sum(x) / world_size()
 
 
 @torch.no_grad()

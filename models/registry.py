@@ -4,6 +4,12 @@ A method module registers its class with ``@register_method("name")``. The class
 backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
 ``method_args`` from the config are checked against that signature so a mistyped key is an
 error that lists the valid ones, before any process starts.
+
+What the trainer relies on, besides ``forward(views) -> {"loss": ...}``: the class attributes
+``num_views`` (and ``multi_crop``, see models/multicrop.py), ``input_kind`` ("image" or "clip"),
+``uses_labels``, ``exported_backbone`` (the dotted name of the submodule exported as the trained
+backbone; "backbone" unless the class says otherwise, e.g. DINO's teacher) and the optional hook
+``on_step_end(step, total_steps)``.
 """
 from __future__ import annotations
 
@@ -62,3 +68,9 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
 def create_method(name: str, backbone: nn.Module, **method_args: Any) -> nn.Module:
     check_method_args(name, method_args)
     return method_class(name)(backbone, **method_args)
+
+
+def exported_backbone_name(method: nn.Module) -> str:
+    """The dotted name, within ``method``, of the backbone it exports (its ``exported_backbone``;
+    default ``"backbone"``, the trained one)."""
+    return getattr(method, "exported_backbone", "backbone")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from launch.config import Config
+from models.registry import exported_backbone_name
 from pipeline.augment import eval_transform
 from pipeline.loader import ShardStream, make_loader
 from pipeline.runtime import autocast, cpu_has_fast_bf16
@@ -125,7 +126,7 @@ def attach_knn_monitor(trainer) -> None:
     def monitor(step: int) -> None:
         if step % every or not trainer.rt.is_main:
             return
-        backbone = trainer.model.backbone
+        backbone = trainer.model.get_submodule(exported_backbone_name(trainer.model))
         modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
         top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
         for module, training in modes.items():

@@ -34,7 +34,7 @@ from models.registry import create_method
 from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from pipeline.labelled_subset import labelled_keys, mask_unlabelled
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
-from pipeline.optim import base_lr
+from pipeline.optim import WeightDecaySchedule, base_lr
 from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
 from pipeline.strategy import create_strategy
 
@@ -96,10 +96,24 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
-    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
+class StepSchedule:
+    """What the optimizer's param groups follow step by step: the lr, and the weight decay when
+    ``train.weight_decay_end`` is set. ``step_update(k)`` sets the values of step k (0-based)."""
 
-    The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
+    def __init__(self, lr: CosineLRScheduler, weight_decay: WeightDecaySchedule | None = None):
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def step_update(self, step: int) -> None:
+        self.lr.step_update(step)
+        if self.weight_decay is not None:
+            self.weight_decay.step_update(step)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> StepSchedule:
+    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``;
+    with ``train.weight_decay_end``, the weight decay's cosine over the ``total_steps`` too.
+
+    Both are pure functions of the step, so rebuilding the scheduler (time budgets, resume)
     changes nothing but the horizon.
     """
     t = cfg.train
@@ -108,10 +122,13 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRSchedul
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
         group["initial_lr"] = lr
-    return CosineLRScheduler(
+    lr_schedule = CosineLRScheduler(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
+    if t.weight_decay_end is None:
+        return StepSchedule(lr_schedule)
+    return StepSchedule(lr_schedule, WeightDecaySchedule(optimizer, t.weight_decay, t.weight_decay_end, total_steps))
 
 
 def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
@@ -287,6 +304,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = self.optimizer.param_groups[0]["lr"]  # logged: what this step trains with
+            step_wd = max(group["weight_decay"] for group in self.optimizer.param_groups)
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
             for micro in range(t.grad_accum_steps):
@@ -320,6 +338,7 @@ class Trainer:
                 metrics = {
                     "loss": loss_value,
                     "lr": step_lr,
+                    "weight_decay": step_wd,
                     "grad_norm": grad_norm,
                     "images_per_s": window_steps * t.batch_size / elapsed,
                     "step_time_s": elapsed / window_steps,

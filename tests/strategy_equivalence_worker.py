@@ -43,8 +43,21 @@ METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 ste
     "shuffle_and_learn": {"classifier_hidden_dim": 32, "positive_fraction": 0.5},
     "cpc": {"embed_dim": 16, "context_dim": 16, "prediction_steps": 2},
     "video_mae": {"decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "mask_ratio": 0.75},
+    # multi-crop (2 global views, LOCAL_VIEWS local ones at LOCAL_SIZE); the last layer frozen for step 1,
+    # the weight decay on its cosine (train.weight_decay_end), the teacher temperature warming up
+    "dino": {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 16, "momentum": 0.5, "freeze_last_layer_steps": 1,
+             "teacher_temp": 0.07, "warmup_teacher_temp_steps": 2},
+    # every masked patch in 2 x 2 grids: blocks of one patch; KoLeo and Sinkhorn-Knopp on
+    "ibot": {"out_dim": 32, "patch_out_dim": 16, "separate_head": True, "hidden_dim": 32, "bottleneck_dim": 16,
+             "momentum": 0.5, "freeze_last_layer_steps": 1, "mask_min_patches": 1, "koleo_weight": 0.1,
+             "centering": "sinkhorn_knopp"},
 }
 CLIP_FRAMES = 4
+LOCAL_VIEWS, LOCAL_SIZE = 2, IMAGE_SIZE // 2
+
+
+def is_multi_crop(method: str) -> bool:
+    return getattr(method_class(method), "multi_crop", False)
 
 
 def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
@@ -54,6 +67,10 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
     tree["train"].update(strategy=strategy, optimizer="adamw", lr=1e-3, batch_size=GLOBAL_BATCH,
                          grad_accum_steps=GRAD_ACCUM, warmup_steps=1, max_steps=STEPS, grad_clip=1.0)
     tree["data"]["views"][0]["count"] = method_class(method).num_views
+    if is_multi_crop(method):
+        tree["model"]["backbone_args"]["dynamic_img_size"] = True
+        tree["train"].update(weight_decay=0.04, weight_decay_end=0.4)
+        tree["data"]["views"].append({"count": LOCAL_VIEWS, "ops": [{"op": "resize", "args": {"size": LOCAL_SIZE}}]})
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump(tree))
@@ -61,13 +78,15 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
 
 
 def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
-                clips: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                clips: bool = False, local_views: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
     """This rank's part of micro-batch ``micro`` of the global batch of ``step`` (same on any
     strategy): views and labels (-1: unlabelled, as outside data.labelled_fraction); ``clips``:
-    (B, CLIP_FRAMES, 3, H, W) clips for the video methods instead of (B, 3, H, W) images."""
+    (B, CLIP_FRAMES, 3, H, W) clips for the video methods instead of (B, 3, H, W) images;
+    ``local_views`` multi-crop views of LOCAL_SIZE after the ``num_views`` ones."""
     g = torch.Generator().manual_seed(1000 + step)
     shape = (GLOBAL_BATCH, *((CLIP_FRAMES,) if clips else ()), 3, IMAGE_SIZE, IMAGE_SIZE)
     views = [torch.randn(*shape, generator=g) for _ in range(num_views)]
+    views += [torch.randn(GLOBAL_BATCH, 3, LOCAL_SIZE, LOCAL_SIZE, generator=g) for _ in range(local_views)]
     labels = torch.randint(-1, 10, (GLOBAL_BATCH,), generator=g)
     per_micro, per_rank = GLOBAL_BATCH // GRAD_ACCUM, GLOBAL_BATCH // GRAD_ACCUM // world
     start = micro * per_micro + rank * per_rank
@@ -90,7 +109,8 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
             torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle, frame sampling
-            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips)
+            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips,
+                                        LOCAL_VIEWS if is_multi_crop(method) else 0)
             loss = strategy.forward_backward(views, sync=micro == GRAD_ACCUM - 1,
                                              labels=labels if uses_labels else None)
             step_loss += loss / GRAD_ACCUM

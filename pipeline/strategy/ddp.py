@@ -14,6 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launch.config import Config
+from models.registry import exported_backbone_name
 from pipeline.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
 from pipeline.optim import build_optimizer
 from pipeline.runtime import Runtime, autocast, autocast_dtype
@@ -68,5 +69,6 @@ class DDPStrategy:
         return state
 
     def consolidated_backbone(self, checkpoint: Path | None) -> torch.nn.Module:
-        """The trained backbone, whole, on this rank (every rank holds it under DDP)."""
-        return self.model.backbone
+        """The trained backbone (the method's ``exported_backbone``), whole, on this rank (every rank
+        holds it under DDP)."""
+        return self.model.get_submodule(exported_backbone_name(self.model))
