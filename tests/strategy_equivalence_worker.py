@@ -26,6 +26,10 @@ from pipeline.strategy import create_strategy  # noqa: E402
 from pipeline.trainer import build_model, build_scheduler  # noqa: E402
 
 STEPS = 3
+# ZeRO-3 swaps torch.nn.functional.linear for its memory-efficient version process-wide ("this will persist
+# unless manually reset", DeepSpeed says): every case starts from the original, so no case inherits it from
+# an earlier ZeRO-3 case (a DDP reference would otherwise be compared with another linear's rounding).
+TORCH_LINEAR = torch.nn.functional.linear
 GLOBAL_BATCH, GRAD_ACCUM = 8, 2  # 2 micro-batches of 2 samples per rank and step
 
 METHOD_ARGS = {  # tiny heads; momentum 0.5 so the targets move visibly in 3 steps
@@ -94,6 +98,7 @@ def micro_batch(step: int, micro: int, rank: int, world: int, num_views: int,
 
 
 def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
+    torch.nn.functional.linear = TORCH_LINEAR
     cfg = case_config(method, strategy_name, overrides)
     rt = init_runtime(cfg.launch, cfg.train)
     torch.manual_seed(cfg.train.seed)

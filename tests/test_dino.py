@@ -333,7 +333,7 @@ def test_dino_teacher_is_an_ema_without_stochastic_depth_and_is_exported():
     old = [p.clone() for p in model.teacher.parameters()]
     optimizer.step()
     model.on_step_end(1, 10)
-    student = list(model._student().parameters())
+    student = list(model.student().parameters())
     for before, after, theta in zip(old, model.teacher.parameters(), student):
         torch.testing.assert_close(after, 0.9 * before + 0.1 * theta)
     assert int(model.steps_done) == 1
@@ -349,7 +349,7 @@ def test_dino_schedules_run_on_the_steps_done():
     update = model.teacher.update
     model.teacher.update = lambda online, m: (seen.append(m), update(online, m))
     for step in range(4):
-        assert model.teacher_temperature() == pytest.approx(teacher_temperature(step, 3, 0.04, 0.07))
+        assert model.start_step() == pytest.approx(teacher_temperature(step, 3, 0.04, 0.07))
         model(multi_crop_views(batch=2))
         frozen.append(model.head.last_layer_frozen)
         model.on_step_end(step + 1, 4)

@@ -6,7 +6,6 @@ of rows whose number differs per rank (iBOT's masked patches).
 All ranks are spawned once for the module; each runs every case and saves what it saw.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -18,16 +17,11 @@ from models.backbones import create_backbone
 from models.losses import sinkhorn_knopp
 from models.methods.dino import TeacherCenter
 from models.registry import create_method
+from test_distributed_methods import free_port
 
 WORLD, LOCAL_BATCH = 2, 4
 GLOBAL_BATCH = WORLD * LOCAL_BATCH
 ROW_SLICES = (slice(0, 3), slice(3, 8))  # uneven per-rank rows: 3 and 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_dino() -> torch.nn.Module:

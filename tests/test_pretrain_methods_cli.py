@@ -34,6 +34,12 @@ TINY = {  # per recipe: overrides that make the model tiny
     "s4l_resnet18_fmnist": ["model.backbone=resnet10t"],
     "mae_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.decoder_embed_dim=32",
                             "model.method_args.decoder_depth=1", "model.method_args.decoder_num_heads=2"],
+    # multi-crop: 2 global views of 32 px and 6 local views of 16 px per image, the centre over both ranks
+    "dino_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.hidden_dim=32", "model.method_args.bottleneck_dim=16"],
+    "ibot_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.patch_out_dim=64", "model.method_args.hidden_dim=32",
+                             "model.method_args.bottleneck_dim=16"],
 }
 
 

@@ -59,8 +59,51 @@ class TeacherCenter(nn.Module):
         self.center.copy_(torch.where(count > 0, ema, self.center))  # no rows anywhere: keep c
 
 
+class SelfDistillation(nn.Module):
+    """What DINO, iBOT and DINOv2 share: a student (:meth:`student`: the backbone and its heads), a
+    teacher that is its EMA without stochastic depth, and their schedules on the optimizer steps
+    done (a buffer, so checkpoints carry it): the teacher momentum, cosine from ``momentum`` to 1
+    (BYOL's schedule, DINO sec. 3.1); the teacher temperature, warmed up linearly from
+    ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_steps``; the heads' last
+    layer, frozen for the first ``freeze_last_layer_steps``. Multi-crop views (models.multicrop): 2
+    global, then any local ones. The exported backbone is the teacher's, which these papers
+    evaluate (DINO sec. 5.2: the teacher outperforms the student throughout training)."""
+
+    num_views = 2  # global views; then any number of local views
+    multi_crop = True
+    exported_backbone = "teacher.module.backbone"
+
+    def __init__(self, momentum: float, teacher_temp: float, warmup_teacher_temp: float,
+                 warmup_teacher_temp_steps: int, freeze_last_layer_steps: int):
+        super().__init__()
+        self.base_momentum, self.teacher_temp, self.warmup_teacher_temp = momentum, teacher_temp, warmup_teacher_temp
+        self.warmup_teacher_temp_steps, self.freeze_last_layer_steps = warmup_teacher_temp_steps, freeze_last_layer_steps
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    def student(self) -> nn.ModuleDict:
+        """The networks the teacher averages: ``backbone`` and the heads, by name."""
+        raise NotImplementedError
+
+    def make_teacher(self) -> None:
+        """The teacher: a copy of the student, then its EMA (call once the student is built)."""
+        self.teacher = without_stochastic_depth(MomentumEncoder(self.student()))
+
+    def start_step(self) -> float:
+        """Sets the heads' last-layer freezing for this step; returns its teacher temperature."""
+        step = int(self.steps_done)
+        for module in self.student().values():
+            if isinstance(module, DINOHead):
+                module.last_layer_frozen = step < self.freeze_last_layer_steps
+        return teacher_temperature(step, self.warmup_teacher_temp_steps, self.warmup_teacher_temp, self.teacher_temp)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """``step`` optimizer steps are done; the update after step k (0-based) uses m(k)."""
+        self.teacher.update(self.student(), cosine_momentum(step - 1, total_steps, self.base_momentum))
+        self.steps_done.fill_(step)
+
+
 @register_method("dino")
-class DINO(nn.Module):
+class DINO(SelfDistillation):
     """Student g_s = head(backbone) and teacher g_t, an EMA of the student (Algorithm 1):
 
         for x in loader:                                  # a batch of images
@@ -73,57 +116,35 @@ class DINO(nn.Module):
 
     The head is :class:`models.heads.DINOHead` (``head_layers`` linears, GELU, ``bottleneck_dim``,
     L2 norm, weight-normalised last layer to ``out_dim``; ``norm_last_layer`` freezes its norm). The
-    teacher temperature warms up linearly from ``warmup_teacher_temp`` to ``teacher_temp`` over
-    ``warmup_teacher_temp_steps``; the last layer's gradient is zeroed for the first
-    ``freeze_last_layer_steps`` (the paper's first epoch). The teacher has no stochastic depth.
-
-    The exported backbone is the teacher's, which the paper evaluates (sec. 5.2: it outperforms
-    the student throughout training). The weight-decay schedule is the trainer's
-    (``train.weight_decay`` -> ``train.weight_decay_end``, cosine).
+    student sees every view, one backbone call per resolution; the teacher the global views. The
+    schedules are :class:`SelfDistillation`'s; the weight decay's is the trainer's
+    (``train.weight_decay`` -> ``train.weight_decay_end``, cosine). Any timm backbone (ViT or CNN).
     """
-
-    num_views = 2  # global views; then any number of local views (models.multicrop)
-    multi_crop = True
-    exported_backbone = "teacher.module.backbone"
 
     def __init__(self, backbone: nn.Module, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  head_layers: int = 3, head_batch_norm: bool = False, norm_last_layer: bool = True,
                  momentum: float = 0.996, student_temp: float = 0.1, teacher_temp: float = 0.04,
                  warmup_teacher_temp: float = 0.04, warmup_teacher_temp_steps: int = 0, center_momentum: float = 0.9,
                  freeze_last_layer_steps: int = 0):
-        super().__init__()
+        super().__init__(momentum, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, freeze_last_layer_steps)
         self.backbone = backbone
         self.head = DINOHead(backbone.num_features, out_dim, hidden_dim, bottleneck_dim, head_layers, head_batch_norm,
                              norm_last_layer)
-        self.teacher = MomentumEncoder(self._student())
-        without_stochastic_depth(self.teacher)
+        self.make_teacher()
         self.center = TeacherCenter(out_dim, center_momentum)
-        self.base_momentum, self.student_temp = momentum, student_temp
-        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
-        self.warmup_teacher_temp_steps, self.freeze_last_layer_steps = warmup_teacher_temp_steps, freeze_last_layer_steps
-        # Optimizer steps done: the schedules' clock, checkpointed with the model.
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self.student_temp = student_temp
 
-    def _student(self) -> nn.ModuleDict:
+    def student(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
-
-    def teacher_temperature(self) -> float:
-        return teacher_temperature(int(self.steps_done), self.warmup_teacher_temp_steps, self.warmup_teacher_temp,
-                                   self.teacher_temp)
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         global_views, _ = split_views(views, self.num_views, "dino")
-        self.head.last_layer_frozen = int(self.steps_done) < self.freeze_last_layer_steps
+        temperature = self.start_step()
         student = self.head(forward_by_resolution(self.backbone, views)).chunk(len(views))
         teacher = self.teacher.module
         with torch.no_grad():
             teacher_logits = teacher.head(forward_by_resolution(teacher.backbone, global_views))
-        teacher_probs = self.center.probs(teacher_logits, self.teacher_temperature()).chunk(self.num_views)
+        teacher_probs = self.center.probs(teacher_logits, temperature).chunk(self.num_views)
         loss = dino_loss(list(student), list(teacher_probs), self.student_temp)
         self.center.update(teacher_logits)
         return {"loss": loss}
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """``step`` optimizer steps are done; the update after step k (0-based) uses m(k)."""
-        self.teacher.update(self._student(), cosine_momentum(step - 1, total_steps, self.base_momentum))
-        self.steps_done.fill_(step)

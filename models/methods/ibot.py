@@ -22,8 +22,7 @@ import torch.nn as nn
 from models.backbones import is_vit, vit_tokens
 from models.heads import DINOHead
 from models.losses import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
-from models.methods.dino import TeacherCenter, teacher_temperature
-from models.momentum import MomentumEncoder, cosine_momentum, without_stochastic_depth
+from models.methods.dino import SelfDistillation, TeacherCenter
 from models.multicrop import forward_by_resolution, split_views
 from models.registry import register_method
 
@@ -87,8 +86,9 @@ def sample_masks(num_views: int, masking: BlockMasking, probability: float, rati
 
 
 @register_method("ibot")
-class IBOT(nn.Module):
-    """Student (ViT, DINO head, a learned mask token) and teacher (EMA, no stochastic depth):
+class IBOT(SelfDistillation):
+    """Student (ViT, DINO head, a learned mask token) and teacher (EMA, no stochastic depth; the
+    schedules are :class:`models.methods.dino.SelfDistillation`'s):
 
         u = global views, m = blockwise masks (a share ``mask_probability`` of the global views,
             ratios in ``mask_ratio``), v = local views
@@ -112,10 +112,6 @@ class IBOT(nn.Module):
     token pooling (the [CLS] token is DINO's output); its exported weights are the teacher's.
     """
 
-    num_views = 2  # global views; then any number of local views (models.multicrop)
-    multi_crop = True
-    exported_backbone = "teacher.module.backbone"
-
     def __init__(self, backbone: nn.Module, out_dim: int = 8192, patch_out_dim: int = 8192, separate_head: bool = False,
                  hidden_dim: int = 2048, bottleneck_dim: int = 256, head_layers: int = 3, norm_last_layer: bool = False,
                  momentum: float = 0.996, student_temp: float = 0.1, teacher_temp: float = 0.07,
@@ -123,7 +119,7 @@ class IBOT(nn.Module):
                  centering: str = "centering", sinkhorn_iterations: int = 3, freeze_last_layer_steps: int = 0,
                  mask_probability: float = 0.5, mask_ratio: tuple[float, float] = (0.1, 0.5),
                  mask_min_patches: int = 4, patch_loss_weight: float = 1.0, koleo_weight: float = 0.0):
-        super().__init__()
+        super().__init__(momentum, teacher_temp, warmup_teacher_temp, warmup_teacher_temp_steps, freeze_last_layer_steps)
         if not is_vit(backbone) or backbone.cls_token is None or backbone.global_pool != "token":
             raise ValueError("ibot: the backbone must be a timm VisionTransformer with a class token and token "
                              f"pooling (global_pool='token'), got {type(backbone).__name__}")
@@ -141,19 +137,14 @@ class IBOT(nn.Module):
         # iBOT's shared_head (DINOv2's default): the class-token head also maps the patch tokens
         self.patch_head = DINOHead(backbone.num_features, patch_out_dim, *head_args) if separate_head else None
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
-        self.teacher = MomentumEncoder(self._student())
-        without_stochastic_depth(self.teacher)
+        self.make_teacher()
         self.center = TeacherCenter(out_dim, center_momentum)
         self.patch_center = TeacherCenter(patch_out_dim, center_momentum)
-        self.base_momentum, self.student_temp, self.centering = momentum, student_temp, centering
-        self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
-        self.warmup_teacher_temp_steps, self.freeze_last_layer_steps = warmup_teacher_temp_steps, freeze_last_layer_steps
-        self.sinkhorn_iterations = sinkhorn_iterations
+        self.student_temp, self.centering, self.sinkhorn_iterations = student_temp, centering, sinkhorn_iterations
         self.mask_probability, self.mask_ratio, self.mask_min_patches = mask_probability, tuple(mask_ratio), mask_min_patches
         self.patch_loss_weight, self.koleo_weight = patch_loss_weight, koleo_weight
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
-    def _student(self) -> nn.ModuleDict:
+    def student(self) -> nn.ModuleDict:
         heads = {"head": self.head, **({"patch_head": self.patch_head} if self.patch_head is not None else {})}
         return nn.ModuleDict({"backbone": self.backbone, **heads})
 
@@ -180,11 +171,7 @@ class IBOT(nn.Module):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         global_views, local_views = split_views(views, self.num_views, "ibot")
-        step = int(self.steps_done)
-        temperature = teacher_temperature(step, self.warmup_teacher_temp_steps, self.warmup_teacher_temp,
-                                          self.teacher_temp)
-        for head in (self.head, self._patch_head(self)):
-            head.last_layer_frozen = step < self.freeze_last_layer_steps
+        temperature = self.start_step()
         images = torch.cat(global_views)
         masks = self.sample_masks(images).to(images.device)
         prefix = self.backbone.num_prefix_tokens
@@ -213,8 +200,3 @@ class IBOT(nn.Module):
             loss = loss + self.koleo_weight * koleo
             out["koleo_loss"] = koleo.detach()
         return {"loss": loss, **out}
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """``step`` optimizer steps are done; the update after step k (0-based) uses m(k)."""
-        self.teacher.update(self._student(), cosine_momentum(step - 1, total_steps, self.base_momentum))
-        self.steps_done.fill_(step)
