@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_foundry.models.backbones import create_backbone, forward_by_resolution
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.multicrop import forward_by_resolution
 from ssl_foundry.models.losses import (negative_cosine_loss, nnclr_loss, sinkhorn_knopp, smooth_l1_distillation_loss,
                                        swapped_prediction_loss, vicreg_loss)
 from ssl_foundry.models.registry import create_method, method_arg_names, takes_teacher
