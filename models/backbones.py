@@ -2,13 +2,13 @@
 from ``(architecture, model_args)``."""
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -19,14 +19,6 @@ def create_backbone(name: str, **model_args: Any) -> nn.Module:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise KeyError(f"model.backbone: '{name}' is not a timm model. Similar: {', '.join(close)}")
     return timm.create_model(name, pretrained=False, num_classes=0, **model_args)
-
-
-def forward_by_resolution(backbone: nn.Module, views: list[torch.Tensor]) -> torch.Tensor:
-    """Pooled features of every view, (sum of their batches, D), in view order. Consecutive views of
-    one size go through the backbone in one call: multi-crop's batching per resolution (2 global
-    views in one forward, the local ones in another), as the SwAV and DINO reference code does."""
-    return torch.cat([backbone(torch.cat(list(group)))
-                      for _, group in itertools.groupby(views, key=lambda view: view.shape[-2:])])
 
 
 def is_vit(backbone: nn.Module) -> bool:
@@ -52,6 +44,21 @@ def freeze_sincos_pos_embed(vit: VisionTransformer) -> None:
     with torch.no_grad():
         vit.pos_embed.copy_(fixed.to(vit.pos_embed))
     vit.pos_embed.requires_grad_(False)
+
+
+def vit_tokens(vit: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Every output token of a timm ViT, ``(N, num_prefix_tokens + L, D)`` after its final norm
+    (class and register tokens first), as ``forward_features``; with ``mask`` ((N, L) bool, True =
+    masked) the embeddings of the masked patches are replaced by ``mask_token`` (D,) before the
+    position embedding is added, as BEiT, iBOT and DINOv2 mask their student's input."""
+    x = vit.patch_embed(x)  # (N, L, D), or (N, h, w, D) with dynamic_img_size
+    if mask is not None:
+        x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    # train.activation_checkpointing: recompute the blocks in backward, as timm's forward_features does
+    x = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing and torch.is_grad_enabled() else vit.blocks(x)
+    return vit.norm(x)
 
 
 def feature_map_reduction(backbone: nn.Module, method: str) -> int:

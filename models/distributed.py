@@ -56,7 +56,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks of a tensor, without gradient (Sinkhorn-Knopp's normalisers, counts)."""
+    """Sum over ranks of a tensor, without gradient (statistics of the global batch: DINO's centre,
+    Sinkhorn-Knopp's normalisers, counts)."""
     if not is_distributed():
         return x
     x = x.detach().clone()
@@ -66,7 +67,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor, for logging (no gradient)."""
+    """Mean over ranks of a tensor, without gradient (logging)."""
     return all_reduce_sum(x) / world_size()
 
 

@@ -347,8 +347,9 @@ def nnclr_loss(nearest: torch.Tensor, p: torch.Tensor, temperature: float = 0.1)
 @torch.no_grad()
 def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
                    shared_scores: torch.Tensor | None = None) -> torch.Tensor:
-    """SwAV's codes (Caron et al. 2020, sec. 3.1, eq. 3 and its solution eq. 5): the soft assignment Q (K x B) of the
-    B samples of the *global* batch to K prototypes that maximises
+    """Soft assignments of the samples of the *global* batch to K prototypes (SwAV, Caron et al.
+    2020, sec. 3.1, eq. 3 and its solution eq. 5; DINOv2's optional centering of the teacher, Oquab
+    et al. 2023, sec. 4): the Q (K x B) that maximises
 
         Tr(Q^T C^T Z) + eps H(Q)   subject to   Q 1_B = 1_K / K,   Q^T 1_K = 1_B / B
 
@@ -357,16 +358,17 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     ``iterations`` times its rows (to 1/K each, sums over every rank) and its columns (to 1/B);
     returned times B, so each sample's code sums to 1.
 
-    ``scores`` (B_local, K): this rank's samples against the prototypes, C^T Z. ``shared_scores``
-    (S, K): SwAV's queue of past embeddings, identical on every rank: its S columns take part in
-    the normalisation once (not once per rank), so B = B_local * world_size + S, exactly as the
-    official per-rank queues of S / world_size embeddings each. Returns (B_local, K), this rank's
-    codes. Local batches must have equal size.
+    ``scores`` (N, K): this rank's samples against the prototypes, C^T Z (ranks may hold different
+    N). ``shared_scores`` (S, K): SwAV's queue of past embeddings, identical on every rank: its S
+    columns take part in the normalisation once (not once per rank), so B = sum of N over ranks + S,
+    exactly as the official per-rank queues of S / world_size embeddings each. Returns (N, K), this
+    rank's codes.
     """
     q = torch.exp(scores.float() / epsilon).T
     shared = (torch.exp(shared_scores.float() / epsilon).T if shared_scores is not None
               else q.new_zeros(q.shape[0], 0))
-    prototypes, samples = q.shape[0], q.shape[1] * world_size() + shared.shape[1]
+    prototypes = q.shape[0]
+    samples = all_reduce_sum(q.new_tensor(float(q.shape[1]))) + shared.shape[1]
     total = all_reduce_sum(q.sum()) + shared.sum()
     q, shared = q / total, shared / total
     for _ in range(iterations):
@@ -409,3 +411,62 @@ def smooth_l1_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, be
     layer norm (zero mean, unit variance over its channels, eps 1e-5), averaged over batch and channels."""
     target = F.layer_norm(teacher.detach().float(), teacher.shape[-1:])
     return F.smooth_l1_loss(student.float(), target, beta=beta)
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
+              student_temp: float = 0.1) -> torch.Tensor:
+    """DINO's self-distillation loss over multi-crop views (Caron et al. 2021, sec. 3.1, eq. 3):
+
+        P_s(x) = softmax(g_s(x) / t_s)
+        L = mean over pairs (x in {x_1^g, x_2^g}, x' in V, x' != x) of  H(P_t(x), P_s(x')),
+        H(a, b) = -sum_k a_k log b_k
+
+    each pair's cross entropy averaged over the batch, then averaged over the pairs (DINO's
+    ``total_loss / n_loss_terms``). ``student_logits``: one (B, K) batch per view, the global views
+    first; ``teacher_probs``: P_t of the global views, (B, K) each, already centred and sharpened
+    (:class:`models.methods.dino.TeacherCenter` or :func:`sinkhorn_knopp`), no gradient. The pair
+    of a global view with itself is skipped.
+    """
+    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    pairs = [(t, lp) for i, t in enumerate(teacher_probs) for v, lp in enumerate(log_probs) if v != i]
+    if not pairs:
+        raise ValueError("dino_loss: no (teacher view, other student view) pair: give at least 2 views")
+    return torch.stack([-(t.detach() * lp).sum(dim=-1).mean() for t, lp in pairs]).mean()
+
+
+def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
+                    student_temp: float = 0.1) -> torch.Tensor:
+    """iBOT's masked image modelling loss (Zhou et al. 2022, sec. 3.2, eq. 2), a patch-level DINO
+    loss: the student's output at each *masked* patch of a view predicts the teacher's output at
+    that patch of the unmasked view,
+
+        L_MIM = - sum_i m_i P_t(u_i)^T log P_s(u^_i),   P_s = softmax(g_s / t_s)
+
+    averaged over the masked patches of each view, then over every view of the batch (a view
+    without a masked patch counts 0), as iBOT's and DINOv2's code normalise it. ``masks``: (N, L)
+    bool, True = masked; ``student_logits`` and ``teacher_probs``: (M, K), one row per masked patch
+    in ``masks.nonzero()`` order (view by view, row-major), M = ``masks.sum()``.
+    """
+    per_patch = -(teacher_probs.detach() * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
+    masked_per_view = masks.sum(dim=1, keepdim=True).clamp(min=1)
+    weights = (1.0 / masked_per_view).expand_as(masks)[masks]  # 1 / (masked patches of its view)
+    return (per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko differential entropy estimator as a regulariser (Sablayrolles et al.
+    2019, "Spreading vectors for similarity search", sec. 4), DINOv2's KoLeo (Oquab et al. 2023,
+    sec. 4): on L2-normalised x, with d_i the distance of x_i to its nearest other sample,
+
+        L_koleo = -(1/n) sum_i log(d_i),   d_i = min_{j != i} ||x_i - x_j||
+
+    which pushes the batch's features apart uniformly. ``x``: (n, D), n >= 2; computed in fp32. As in
+    DINOv2 the neighbours are searched within this rank's batch only.
+    """
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-1.0)  # never its own neighbour (cosines are >= -1)
+        nearest = dots.argmax(dim=1)
+    distances = F.pairwise_distance(x, x[nearest], eps=eps)
+    return -torch.log(distances + eps).mean()

@@ -6,6 +6,12 @@ backbone as its first argument and its hyper-parameters as keyword arguments wit
 error that lists the valid ones, before any process starts. A method whose signature has a
 ``teacher`` argument (distillation) is handed a frozen ``nn.Module`` there by the pipeline, which
 resolves ``model.teacher``; it is not a method argument of the config.
+
+What the trainer relies on, besides ``forward(views) -> {"loss": ...}``: the class attributes
+``num_views`` (and ``multi_crop``, see models/multicrop.py), ``input_kind`` ("image" or "clip"),
+``uses_labels``, ``exported_backbone`` (the dotted name of the submodule exported as the trained
+backbone; "backbone" unless the class says otherwise, e.g. DINO's teacher) and the optional hook
+``on_step_end(step, total_steps)``.
 """
 from __future__ import annotations
 
@@ -74,3 +80,9 @@ def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = No
     if takes_teacher(name) != (teacher is not None):
         raise ValueError(f"method '{name}' {'needs a' if takes_teacher(name) else 'takes no'} teacher network")
     return method_class(name)(backbone, **({"teacher": teacher} if teacher is not None else {}), **method_args)
+
+
+def exported_backbone_name(method: nn.Module) -> str:
+    """The dotted name, within ``method``, of the backbone it exports (its ``exported_backbone``;
+    default ``"backbone"``, the trained one)."""
+    return getattr(method, "exported_backbone", "backbone")

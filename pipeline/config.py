@@ -12,6 +12,7 @@ import difflib
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,9 @@ class TrainConfig:
     lr_batch_ref: int = 256
     min_lr: float = 0.0
     weight_decay: float = 1e-6
+    # Set: weight decay follows a cosine from weight_decay at step 0 to this at the last step (DINO's
+    # schedule, on the decayed parameter groups). Unset (null): constant.
+    weight_decay_end: float | None = None
     momentum: float = 0.9  # lars and sgd
     nesterov: bool = False  # sgd: Nesterov momentum (RotNet's); false: plain momentum (MoCo v2, most papers)
     # Biases and norm parameters: weight decay on them too (MoCo v3's AdamW, SimSiam's SGD decay every
@@ -252,6 +256,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to annotation ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: an optional value, null = unset
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return _coerce(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
@@ -413,13 +422,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
     num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    min_views = getattr(method_class(cfg.model.method), "min_views", 1)
-    made = sum(v.count for v in cfg.data.views)
-    if cfg.data.views and (made != num_views if num_views is not None else made < min_views):
-        wanted = num_views if num_views is not None else f"at least {min_views}"
+    multi_crop = getattr(method_class(cfg.model.method), "multi_crop", False)  # checked with the views' sizes below
+    if num_views is not None and not multi_crop and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
         raise ConfigError(
-            f"data.views: method '{cfg.model.method}' takes {wanted} view(s) per image, the recipe "
-            f"makes {made} (the sum of the views' count)"
+            f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
+            f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
     validate_teacher(cfg.model)
     if not 0 < cfg.data.labelled_fraction <= 1:
@@ -482,6 +489,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.bias_and_norm_lr_scale <= 0:
         raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got "
                           f"{t.bias_and_norm_lr_scale}")
+    if t.weight_decay_end is not None and (t.weight_decay_end < 0 or t.weight_decay <= 0):
+        raise ConfigError(f"train.weight_decay_end={t.weight_decay_end}: the schedule goes from train.weight_decay="
+                          f"{t.weight_decay} to it: weight_decay must be > 0 and weight_decay_end >= 0, or set "
+                          f"train.weight_decay_end=null for a constant weight decay")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:
@@ -498,6 +509,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
+    if multi_crop:
+        validate_multi_crop(cfg)
     validate_eval(cfg.eval)
     if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
         validate_clip_length(cfg, check_paths)
@@ -530,6 +543,29 @@ def validate_teacher(model: ModelConfig) -> None:
         distillers = [m for m in method_names() if takes_teacher(m)]
         raise ConfigError(f"model.teacher={model.teacher}: method '{model.method}' takes no teacher (those that do: "
                           f"{', '.join(distillers)}); drop the key")
+
+
+def validate_multi_crop(cfg: Config) -> None:
+    """A multi-crop method's views (models.multicrop): its global views first, at one size, then any
+    local views; a ViT (built here on the meta device: no memory, no weights) takes views of several
+    sizes only with dynamic_img_size, and sizes that are multiples of its patches."""
+    import torch
+
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.models.multicrop import check_view_sizes
+    from ssl_foundry.models.registry import method_class
+    from ssl_foundry.pipeline.data.augment.spec import view_sizes
+
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_args={cfg.model.backbone_args}: {cfg.model.backbone} does not take them "
+                          f"({err})") from None
+    try:
+        check_view_sizes(view_sizes(cfg.data.views), method_class(cfg.model.method).num_views, backbone)
+    except ValueError as err:
+        raise ConfigError(f"model.method={cfg.model.method}: {err}") from None
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:

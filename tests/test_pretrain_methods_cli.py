@@ -45,6 +45,12 @@ TINY = {  # per recipe: overrides that make the model tiny
                                 "model.method_args.proj_out_dim=32", "model.method_args.pred_hidden_dim=8"],
     "nnclr_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
                               "model.method_args.pred_hidden_dim=32", "model.method_args.queue_size=32"],
+    # multi-crop: 2 global views of 32 px and 6 local views of 16 px per image, the centre over both ranks
+    "dino_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.hidden_dim=32", "model.method_args.bottleneck_dim=16"],
+    "ibot_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.patch_out_dim=64", "model.method_args.hidden_dim=32",
+                             "model.method_args.bottleneck_dim=16"],
 }
 ONE_PROCESS = ("swav_resnet18_fmnist", "vicreg_resnet18_fmnist", "simsiam_resnet18_fmnist", "nnclr_resnet18_fmnist")
 

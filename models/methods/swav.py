@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_foundry.models.backbones import forward_by_resolution
 from ssl_foundry.models.distributed import gather_no_grad, set_parameter_
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import sinkhorn_knopp, swapped_prediction_loss
+from ssl_foundry.models.multicrop import forward_by_resolution, split_views
 from ssl_foundry.models.queues import KeyQueue
 from ssl_foundry.models.registry import register_method
 
@@ -46,7 +46,7 @@ class SwAV(nn.Module):
 
     as the official ``main_swav.py``: projector 2048 (BN, ReLU) -> 128, 3000 prototypes, tau = 0.1,
     eps = 0.05, 3 Sinkhorn iterations over the global batch; views of the same size go through
-    the backbone together (:func:`models.backbones.forward_by_resolution`), the projector once
+    the backbone together (:func:`models.multicrop.forward_by_resolution`), the projector once
     on all. ``views`` is a list of (B, 3, h, w) tensors, the ``assign_views`` (the 2 global views,
     first) and any number of local views, possibly smaller.
 
@@ -61,8 +61,8 @@ class SwAV(nn.Module):
       which the renormalisation removes.
     """
 
-    num_views = None  # 2 global views and any number of local views (multi-crop)
-    min_views = 2
+    num_views = 2  # global views, then any number of local views (models/multicrop.py)
+    multi_crop = True
 
     def __init__(self, backbone: nn.Module, proj_hidden_dim: int = 2048, proj_out_dim: int = 128,
                  num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
@@ -72,6 +72,8 @@ class SwAV(nn.Module):
         self.backbone = backbone
         self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, num_layers=2)
         self.prototypes = Prototypes(proj_out_dim, num_prototypes)
+        if not set(assign_views) <= set(range(self.num_views)):
+            raise ValueError(f"SwAV's assign_views {list(assign_views)} must be global views (0 .. {self.num_views - 1})")
         self.assign_views = list(assign_views)
         self.queues = (nn.ModuleList(KeyQueue(queue_size, proj_out_dim, random_init=False) for _ in self.assign_views)
                        if queue_size else None)
@@ -80,9 +82,7 @@ class SwAV(nn.Module):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # checkpointed: exact resume
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) < max(self.min_views, max(self.assign_views) + 1):
-            raise ValueError(f"SwAV takes at least {self.min_views} views, its assignment views {self.assign_views} "
-                             f"first, got {len(views)}: check data.views in the recipe")
+        split_views(views, self.num_views, "SwAV")
         batch, steps_done = views[0].shape[0], int(self.steps_done)
         z = F.normalize(self.projector(forward_by_resolution(self.backbone, views)), dim=1)
         scores = self.prototypes(z, frozen=steps_done < self.freeze_prototypes_steps).split(batch)

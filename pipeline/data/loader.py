@@ -327,6 +327,10 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
         num_workers=stream.loader_workers,
         prefetch_factor=prefetch_batches if stream.loader_workers else None,
         pin_memory=pin_memory and not joined,  # parts are joined first, then pinned once
+        # The workers' base seed from a generator of its own: drawn from the global one, it would shift
+        # the model's random draws (MAE's and iBOT's masks) on resume, when the iterator is made anew.
+        # Augmentations do not use it: they are seeded per micro-batch (see ShardStream).
+        generator=torch.Generator(),
     )
     return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
 

@@ -2,6 +2,7 @@
 Adam when ZeRO-Offload steps the optimizer in CPU memory."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,3 +69,29 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, cpu_offload: bool = Fal
     kwargs: dict[str, Any] = {"adamw": {"betas": tuple(t.adam_betas)}, "lars": {"momentum": t.momentum},
                               "sgd": {"momentum": t.momentum, "nesterov": t.nesterov}}[t.optimizer]
     return create_optimizer_v2(groups, opt=t.optimizer, lr=base_lr(cfg), weight_decay=t.weight_decay, **kwargs)
+
+
+def cosine_weight_decay(step: int, total_steps: int, start: float, end: float) -> float:
+    """DINO's weight-decay schedule (``utils.cosine_scheduler``, no warmup): ``start`` at step 0,
+    cosine to ``end`` at step ``total_steps``,
+
+        wd(k) = end + (start - end) (1 + cos(pi k / K)) / 2
+    """
+    k = min(max(step, 0), total_steps)
+    return end + (start - end) * (1 + math.cos(math.pi * k / max(total_steps, 1))) / 2
+
+
+class WeightDecaySchedule:
+    """``train.weight_decay`` -> ``train.weight_decay_end`` by :func:`cosine_weight_decay`, on every
+    param group as a factor of its initial weight decay (groups without decay, timm's biases and
+    norms, stay at 0). A pure function of the step, like the lr: resuming changes nothing."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, start: float, end: float, total_steps: int):
+        self.optimizer, self.start, self.end, self.total_steps = optimizer, start, end, total_steps
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+
+    def step_update(self, step: int) -> None:
+        factor = cosine_weight_decay(step, self.total_steps, self.start, self.end) / self.start
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = group["initial_weight_decay"] * factor

@@ -40,7 +40,7 @@ from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
-from ssl_foundry.pipeline.train.optim import base_lr
+from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
@@ -118,10 +118,24 @@ class WarmupCosineSchedule(CosineLRScheduler):
                 group["lr"] = group["initial_lr"]
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> WarmupCosineSchedule:
-    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
+class StepSchedule:
+    """What the optimizer's param groups follow step by step: the lr, and the weight decay when
+    ``train.weight_decay_end`` is set. ``step_update(k)`` sets the values of step k (0-based)."""
 
-    The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
+    def __init__(self, lr: CosineLRScheduler, weight_decay: WeightDecaySchedule | None = None):
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def step_update(self, step: int) -> None:
+        self.lr.step_update(step)
+        if self.weight_decay is not None:
+            self.weight_decay.step_update(step)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> StepSchedule:
+    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``;
+    with ``train.weight_decay_end``, the weight decay's cosine over the ``total_steps`` too.
+
+    Both are pure functions of the step, so rebuilding the scheduler (time budgets, resume)
     changes nothing but the horizon.
     """
     t = cfg.train
@@ -130,10 +144,13 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> WarmupCosineSch
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
         group["initial_lr"] = lr
-    return WarmupCosineSchedule(
+    lr_schedule = WarmupCosineSchedule(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
+    if t.weight_decay_end is None:
+        return StepSchedule(lr_schedule)
+    return StepSchedule(lr_schedule, WeightDecaySchedule(optimizer, t.weight_decay, t.weight_decay_end, total_steps))
 
 
 def scheduled_lr(optimizer) -> float:
@@ -320,6 +337,7 @@ class Trainer:
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
+            step_wd = max(group["weight_decay"] for group in self.optimizer.param_groups)
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
             for micro in range(t.grad_accum_steps):
@@ -356,6 +374,7 @@ class Trainer:
                 metrics = {
                     "loss": loss_value,
                     "lr": step_lr,
+                    "weight_decay": step_wd,
                     "grad_norm": grad_norm,
                     "images_per_s": window_steps * t.batch_size / elapsed,
                     "step_time_s": elapsed / window_steps,
