@@ -137,6 +137,26 @@ def test_a_location_of_another_scheme_is_a_config_error(tiny_config, tmp_path):
         tiny_config(tmp_path / "run", "data.eval_test=gs://bucket/x")
 
 
+def test_bench_loader_measures_local_http_and_s3_side_by_side(fmnist, served, s3_endpoint, tmp_path):
+    """`foundry bench loader --data LOCAL URL S3`: a row per location and backend that reads it (DALI not
+    over HTTP), the URLs as given with their credentials cut out (numbers only: no speed is asserted)."""
+    make_bucket("bench").put(str(fmnist / "train"), "bench/train", recursive=True)
+    secret_url = served.replace("//", "//foundry:bench-url-secret@") + "/train"
+    out = tmp_path / "loader.json"
+    done = run_cli(["bench", "loader", str(REPO / "configs" / "simclr_resnet18_fmnist.yaml"), "--data",
+                    str(fmnist / "train"), secret_url, "s3://bench/train", "--batch-size", "4", "--batches", "2",
+                    "--warmup", "1", "--workers", "1", "--no-breakdown", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    shown = served.replace("//", "//***@") + "/train"
+    assert report["data"] == [str(fmnist / "train"), shown, "s3://bench/train"]
+    assert [(r["data"], r["backend"]) for r in report["runs"]] == [
+        (str(fmnist / "train"), "dali-cpu"), (str(fmnist / "train"), "torch"), (shown, "torch"),
+        ("s3://bench/train", "dali-cpu"), ("s3://bench/train", "torch")]
+    assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in report["runs"])
+    assert "bench-url-secret" not in done.stdout + done.stderr + out.read_text()
+
+
 # ----------------------------------------------------------------------------- faults
 
 
