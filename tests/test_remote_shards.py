@@ -166,8 +166,8 @@ def sample_starts(shard: Path) -> set[int]:
 
 
 def test_a_reset_mid_shard_is_retried_from_the_sample_it_broke_off_in(fmnist, served, proxy):
-    """The 4th request for a shard is cut after 1000 bytes by a TCP reset, after samples of it were read:
-    the read resumes with a request from the first header of the sample it was in (not from the start),
+    """The shard is read in requests of one block (plus what a sample needs), never whole. The 4th request
+    is cut after 1000 bytes by a TCP reset, after samples of it were read: the read resumes with a request from the first header of the sample it was in (not from the start),
     and the shard's samples arrive each once, none lost, byte for byte."""
     name = "shard-000001.tar"
     proxy.fail(name, None, None, None, ("reset", 1000))  # HEAD, 2 reads, then the reset
@@ -175,7 +175,10 @@ def test_a_reset_mid_shard_is_retried_from_the_sample_it_broke_off_in(fmnist, se
     first = len(proxy.requests)
     got = list(shard_samples(url, FMNIST_SHARD_SIZE, DataConfig.max_sample_bytes, FAST))
     assert_same_samples(got, local_samples(fmnist / "train" / name))
-    ranges = [int(r.removeprefix("bytes=").split("-")[0]) for method, _, r in proxy.requests[first:] if method == "GET"]
+    spans = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for method, _, r in proxy.requests[first:]
+             if method == "GET"]
+    assert all(end - start < 2 * 4096 for start, end in spans)  # streamed in blocks, never fetched whole
+    ranges = [start for start, _ in spans]
     resumed_at = ranges[3]  # the request after the reset one
     assert 0 < resumed_at <= ranges[2] and resumed_at in sample_starts(fmnist / "train" / name)
 
