@@ -206,7 +206,7 @@ def test_404_and_403_are_retried_then_end_naming_the_url_without_its_credentials
 
 
 def test_a_stalled_server_is_retried_then_ends_naming_the_url(fmnist, served, proxy):
-    """A response that does not come within the request timeout (data.timeout_s / (2 (retries + 1)))
+    """A response that does not come within the request timeout (data.timeout_s / (3 (retries + 1)))
     is asked for again; one that never comes ends the read inside data.timeout_s, naming the URL."""
     name = "shard-000003.tar"
     proxy.fail(name, None, ("stall", 5))
