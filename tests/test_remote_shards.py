@@ -183,6 +183,17 @@ def test_a_reset_mid_shard_is_retried_from_the_sample_it_broke_off_in(fmnist, se
     assert 0 < resumed_at <= ranges[2] and resumed_at in sample_starts(fmnist / "train" / name)
 
 
+def test_loader_epochs_across_resets_are_the_local_epochs(fmnist, served, proxy):
+    """Resets mid-shard in the reads of 2 loader workers: the batches across an epoch boundary are the
+    local folder's, every sample once per epoch."""
+    struck = ("shard-000004.tar", "shard-000006.tar")
+    for name in struck:
+        proxy.fail(name, None, None, None, ("reset", 1000))
+    got = take(stream(f"{proxy.url}/fmnist/train", fmnist, num_workers=2), 18)
+    assert all(proxy.plan[name] == [] for name in struck)  # every reset was used
+    assert_same_batches(got, take(stream(fmnist / "train", fmnist, num_workers=2), 18))
+
+
 def test_404_and_403_are_retried_then_end_naming_the_url_without_its_credentials(fmnist, served, proxy):
     name = "shard-000002.tar"
     proxy.fail(name, 404, 403)  # twice: then the file
