@@ -157,6 +157,19 @@ def test_bench_loader_measures_local_http_and_s3_side_by_side(fmnist, served, s3
     assert "bench-url-secret" not in done.stdout + done.stderr + out.read_text()
 
 
+def test_a_slurm_job_gets_urls_as_given_and_local_paths_absolute(tiny_config, tmp_path, monkeypatch):
+    """`foundry submit` makes local data paths absolute for jobs that start elsewhere; URLs stay as given."""
+    from ssl_foundry.launch.slurm import _absolute
+
+    cfg = tiny_config(tmp_path / "run", "data.train=s3://bucket/shards",
+                      "data.eval_train=https://host/x/shard-{000000..000003}.tar")
+    cfg.data.eval_test = "shards/test"
+    monkeypatch.chdir(tmp_path)
+    job = _absolute(cfg)
+    assert (job.data.train, job.data.eval_train, job.data.eval_test) == (
+        "s3://bucket/shards", "https://host/x/shard-{000000..000003}.tar", str(tmp_path / "shards" / "test"))
+
+
 # ----------------------------------------------------------------------------- faults
 
 
