@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -194,6 +195,10 @@ class MlflowConfig:
     experiment: str = "ssl-foundry"
     registered_model: str = ""  # empty: don't register
     run_name: str = ""
+    # A server that stops answering mid-run does not stop training: metrics wait in memory (and in
+    # <output_dir>/mlflow-unsent.jsonl) and are sent when it answers again. The end of the run waits
+    # this long for it, then exits (1) with the metrics kept; rerunning the command sends them.
+    outage_minutes: float = 10.0
 
 
 @dataclass
@@ -232,6 +237,98 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: ``low <= x`` (``low < x`` when ``low_open``), likewise ``high``."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what the bounds or 0 mean
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+OFF_AT_0 = Range(0, note="0: off")
+PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, low_open=True)
+
+# Every numeric key's range (list keys: each element's), checked before anything starts: a value
+# outside is a ConfigError naming the key, the value and the range. Keys with a rule of their own
+# (train.adam_betas, eval.linear.lrs, eval.finetune.crop_scale, deepspeed.zero_stage) are checked
+# by it.
+NUMBER_RANGES: dict[type, dict[str, Range]] = {
+    AugmentOp: {"p": PROBABILITY},
+    ViewSpec: {"count": AT_LEAST_1},
+    DataConfig: {
+        "num_workers": Range(0, note="0: load in the training process"), "prefetch_batches": AT_LEAST_1,
+        "shuffle_buffer": Range(0, note="0 or 1: no shuffle buffer"),
+        "readers": Range(0, note="0: one per rank x loader worker"),
+        "clip_frames": Range(0, note="0: every frame of a stored clip"), "frame_stride": AT_LEAST_1,
+        "eval_image_size": AT_LEAST_1, "mean": PROBABILITY, "std": POSITIVE,
+        "labelled_fraction": Range(0, 1, low_open=True, note="e.g. 0.1 for 10 % of the labels"),
+    },
+    TrainConfig: {
+        "max_steps": AT_LEAST_1, "budget_minutes": Range(0, note="0: no time budget"), "batch_size": AT_LEAST_1,
+        "grad_accum_steps": AT_LEAST_1, "lr": Range(0, low_open=True, note="the base lr for train.lr_batch_ref samples"),
+        "lr_batch_ref": AT_LEAST_1, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "momentum": Range(0, 1, high_open=True), "warmup_steps": NON_NEGATIVE, "grad_clip": OFF_AT_0,
+        "seed": NON_NEGATIVE, "log_every": Range(1, note="steps between logged metrics"),
+        "checkpoint_every": Range(1, note="steps between checkpoints"),
+        "keep_checkpoints": Range(0, note="0: keep every checkpoint"),
+        "threads": Range(0, note="0: cores / ranks"),
+    },
+    EvalConfig: {
+        "knn_k": AT_LEAST_1, "knn_temperature": POSITIVE, "batch_size": AT_LEAST_1,
+        "knn_every": Range(0, note="0: no online kNN monitor"), "embedding_map_points": Range(0, note="0: no plot"),
+        "temporal_order_frames": Range(2, note="an order needs two frames"),
+    },
+    LinearProbeConfig: {
+        "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "momentum": Range(0, 1, high_open=True),
+        "weight_decay": NON_NEGATIVE, "val_fraction": Range(0, 1, low_open=True, high_open=True), "seed": NON_NEGATIVE,
+    },
+    FinetuneConfig: {
+        "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "layer_decay": Range(0, 1, low_open=True, note="1: off"), "warmup_steps": NON_NEGATIVE,
+        "label_smoothing": Range(0, 1, high_open=True), "mixup_alpha": OFF_AT_0, "cutmix_alpha": OFF_AT_0,
+        "log_every": AT_LEAST_1,
+    },
+    GateConfig: {"threshold": Range(0, 1, note="a top-1 accuracy")},
+    MlflowConfig: {"outage_minutes": NON_NEGATIVE},
+    LaunchConfig: {
+        "nproc_per_node": AT_LEAST_1, "nnodes": AT_LEAST_1, "nodes": AT_LEAST_1,
+        "gpus_per_node": Range(0, note="0: no GPUs"), "tasks_per_node": Range(0, note="0: one per GPU, or 1"),
+        "cpus_per_task": Range(0, note="0: the partition's default"), "signal_delay_s": NON_NEGATIVE,
+        "max_requeues": NON_NEGATIVE,
+    },
+}
+
+
+def check_ranges(node: Any, prefix: str = "") -> None:
+    """Every key of ``node`` (a config dataclass) and of the dataclasses below it within its range."""
+    ranges = NUMBER_RANGES.get(type(node), {})
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, f"{key}[{i}]")
+        elif f.name in ranges and not all(x in ranges[f.name] for x in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{key} must be {ranges[f.name]}, got {value}")
 
 
 # --------------------------------------------------------------------------- building
@@ -276,8 +373,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
         try:
             converted = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if not math.isfinite(converted):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if tp is int and isinstance(value, (float, str)) and float(value) != converted:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return converted
@@ -367,8 +466,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Recipe YAML (or defaults when ``path`` is None) + overrides -> validated ``Config``."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True,
+                launcher: str = "local") -> Config:
+    """Recipe YAML (or defaults when ``path`` is None) + overrides -> validated ``Config`` (``launcher``:
+    see ``world_size``)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -385,7 +486,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"override '{key}={raw}': the value is not valid YAML ({problem})") from None
     cfg = build(Config, tree)
-    validate(cfg, check_paths=check_paths)
+    validate(cfg, check_paths=check_paths, launcher=launcher)
     return cfg
 
 
@@ -394,11 +495,78 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return build(Config, tree)
 
 
-def validate(cfg: Config, check_paths: bool = True) -> None:
+def tasks_per_node(cfg: Config) -> int:
+    """Slurm tasks (ranks) per node: one per GPU, else launch.tasks_per_node, else 1."""
+    launch = cfg.launch
+    return launch.gpus_per_node or launch.tasks_per_node or 1
+
+
+def world_size(cfg: Config, launcher: str = "local") -> int:
+    """The ranks of the run: WORLD_SIZE inside a rank torchrun or submitit started; else what
+    `foundry pretrain` starts (``launcher="local"``: launch.nproc_per_node x launch.nnodes) or
+    `foundry submit` asks Slurm for (``"slurm"``: launch.nodes x tasks_per_node)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm":
+        return cfg.launch.nodes * tasks_per_node(cfg)
+    return cfg.launch.nproc_per_node * cfg.launch.nnodes
+
+
+def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, readers: int | None = None,
+                num_workers: int = 0, batch_key: str = "train.batch_size") -> int:
+    """Samples per rank in one forward pass: ``batch_size`` (the global batch of ``batch_key``) over
+    ranks x accumulation steps; with the torch loader's ``readers`` (data.readers, 0: one per rank x
+    loader worker) also split evenly over the rank's readers, each of which makes an equal part of
+    every batch. Anything else is a ConfigError naming the keys, their values and the fix."""
+    per_pass = world_size * grad_accum_steps
+    if batch_size % per_pass:
+        over = f"{world_size} rank(s)" + (f" x train.grad_accum_steps={grad_accum_steps}" if grad_accum_steps > 1 else "")
+        below, above = batch_size // per_pass * per_pass, (batch_size // per_pass + 1) * per_pass
+        raise ConfigError(f"{batch_key}={batch_size} does not split over {over}: make it a multiple of {per_pass} "
+                          f"(e.g. {below or above} or {above}){_RANKS_HINT}")
+    local = batch_size // per_pass
+    if readers is None:
+        return local
+    workers = max(1, num_workers)
+    if readers % (world_size * workers):
+        raise ConfigError(f"data.readers={readers} is not a multiple of {world_size} rank(s) x {workers} loader "
+                          f"worker(s) (data.num_workers): set it to a multiple of {world_size * workers}")
+    if local % ((readers or world_size * workers) // world_size):
+        if readers:
+            raise ConfigError(f"data.readers={readers} does not divide the {local * world_size} samples of a forward "
+                              f"pass ({batch_key} / train.grad_accum_steps), of which every reader makes an equal "
+                              f"part: set data.readers to a divisor of {local * world_size}")
+        raise ConfigError(f"{batch_key}={batch_size} gives each rank {local} samples per forward pass, which do not "
+                          f"split over data.num_workers={num_workers} loader workers (each makes an equal part of "
+                          f"every batch): make {batch_key} a multiple of {per_pass * workers} or change "
+                          f"data.num_workers")
+    return local
+
+
+_RANKS_HINT = " (ranks: launch.nproc_per_node x launch.nnodes, or launch.nodes x tasks per node under Slurm)"
+
+
+def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, instead: str = "") -> None:
+    """The shards of ``data.<key>`` are labelled, as their manifest says, since ``needed_by`` reads
+    their labels (``instead``: the other way out, e.g. turning that evaluation off)."""
+    from data_prep.shards import read_manifest
+
+    for key in keys:
+        folder = getattr(data, key)
+        if folder and (Path(folder) / "manifest.json").is_file() and read_manifest(folder).get("labelled") is False:
+            raise ConfigError(
+                f"data.{key}={folder} holds unlabelled shards (made from a folder without one sub-folder per "
+                f"class, e.g. ImageNet's flat val/) but {needed_by} needs labels: prep them from SRC/<class>/ "
+                f"folders{', or ' + instead if instead else ''}")
+
+
+def validate(cfg: Config, check_paths: bool = True, launcher: str = "local") -> None:
+    """Every rule of a run's config, checked before any rank starts (``launcher``: see ``world_size``)."""
     import timm  # late: models and timm import torch
 
     from models.registry import method_arg_names, method_class, method_names
 
+    check_ranges(cfg)
     t = cfg.train
     if cfg.model.method not in method_names():
         raise ConfigError(
@@ -415,9 +583,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
-    if not 0 < cfg.data.labelled_fraction <= 1:
-        raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
-                          f"got {cfg.data.labelled_fraction}")
     if cfg.data.labelled_fraction < 1 and not getattr(method_class(cfg.model.method), "uses_labels", False):
         takes_labels = [m for m in method_names() if getattr(method_class(m), "uses_labels", False)]
         raise ConfigError(f"data.labelled_fraction={cfg.data.labelled_fraction}: method '{cfg.model.method}' takes "
@@ -430,12 +595,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         close = difflib.get_close_matches(cfg.model.backbone, timm.list_models(), n=5)
         raise ConfigError(f"model.backbone: '{cfg.model.backbone}' is not a timm model"
                           f"{'. Did you mean ' + ', '.join(close) + '?' if close else ''}")
-    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("launch.nproc_per_node", cfg.launch.nproc_per_node),
-                       ("launch.nodes", cfg.launch.nodes)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
     validate_slurm(cfg.launch)
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
@@ -449,21 +608,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    step_batch = t.batch_size // max(1, t.grad_accum_steps)  # global samples per forward pass
-    if cfg.data.readers < 0 or (cfg.data.readers and step_batch % cfg.data.readers):
-        raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
-                          f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
-                          f"(each reader gives every batch an equal part)")
-    if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
-        raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
-                          f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
-    if t.budget_minutes < 0:
-        raise ConfigError(f"train.budget_minutes must be >= 0 (0: no time budget), got {t.budget_minutes}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if t.strategy == "deepspeed":
@@ -490,6 +639,59 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+    validate_batch(cfg, world_size(cfg, launcher), check_paths)
+    validate_labels(cfg, check_paths)
+
+
+def validate_batch(cfg: Config, ranks: int, check_paths: bool) -> None:
+    """train.batch_size over ``ranks``, the accumulation steps and, for the torch loader, its readers;
+    and enough shards in data.train for those readers."""
+    import torch
+
+    from data_prep.shards import read_manifest
+    from pipeline.loader import check_shard_count, train_backend
+    from pipeline.runtime import uses_cuda
+
+    d, t = cfg.data, cfg.train
+    folder = d.train if check_paths else ""
+    device = torch.device("cuda" if uses_cuda(cfg.launch) else "cpu")
+    torch_loader = train_backend(d.backend, device, folder) == "torch"
+    split_batch(t.batch_size, ranks, t.grad_accum_steps, d.readers if torch_loader else None, d.num_workers)
+    if torch_loader and folder:
+        check_shard_count(folder, len(read_manifest(folder)["shards"]), d.readers or ranks * max(1, d.num_workers))
+
+
+def validate_finetune(cfg: Config, ranks: int) -> None:
+    """`foundry eval finetune` on ``ranks``: eval.finetune.batch_size splits over them (and the loader
+    workers), mixup/cutmix have pairs in every rank's batch, and its shards are labelled."""
+    ft = cfg.eval.finetune
+    local = split_batch(ft.batch_size, ranks, readers=0, num_workers=cfg.data.num_workers,
+                        batch_key="eval.finetune.batch_size")
+    if (ft.mixup_alpha or ft.cutmix_alpha) and local % 2:
+        raise ConfigError(f"eval.finetune.batch_size={ft.batch_size} gives {ranks} rank(s) {local} samples each, "
+                          f"but mixup/cutmix pair the samples of a batch: make the per-rank batch even")
+    require_labels(cfg.data, ("eval_train", "eval_test"), "foundry eval finetune")
+
+
+def validate_labels(cfg: Config, check_paths: bool) -> None:
+    """The evaluations a pretraining run makes (the kNN monitor, the kNN at its end) have their
+    labelled shards, and a method that trains on labels (S4L, SLA) has labelled training shards."""
+    from models.registry import method_class
+
+    e, d = cfg.eval, cfg.data
+    if e.knn_every and not (d.eval_train and d.eval_test):
+        raise ConfigError(f"eval.knn_every={e.knn_every} (the online kNN monitor) needs data.eval_train and "
+                          f"data.eval_test (labelled shards): set them, or eval.knn_every=0")
+    if not check_paths:
+        return
+    if e.knn_every:
+        require_labels(d, ("eval_train", "eval_test"), f"the online kNN monitor (eval.knn_every={e.knn_every})",
+                       "set eval.knn_every=0")
+    if e.after_pretrain:
+        require_labels(d, ("eval_train", "eval_test"), "the kNN at the end of pretraining (eval.after_pretrain)",
+                       "set eval.after_pretrain=false")
+    if getattr(method_class(cfg.model.method), "uses_labels", False):
+        require_labels(d, ("train",), f"model.method={cfg.model.method} (it trains on labels)")
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
@@ -514,33 +716,16 @@ def validate_clip_length(cfg: Config, check_paths: bool) -> None:
 
 
 def validate_eval(e: EvalConfig) -> None:
-    """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
-    if e.temporal_order_frames < 2:
-        raise ConfigError(f"eval.temporal_order_frames must be >= 2 (an order needs two frames), got "
-                          f"{e.temporal_order_frames}")
-    if e.knn_every < 0 or e.embedding_map_points < 0:
-        raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
-                          f"{e.knn_every}, {e.embedding_map_points}")
+    """The linear probe's sweep, the fine-tuning recipe's crop scale, and the gate's metric (the
+    other eval.* numbers: NUMBER_RANGES)."""
     lp = e.linear
     if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
         raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")
     if lp.optimizer not in ("sgd", "lars"):
         raise ConfigError(f"eval.linear.optimizer: '{lp.optimizer}' is not one of sgd, lars")
-    if lp.epochs < 1 or lp.batch_size < 1:
-        raise ConfigError(f"eval.linear.epochs and eval.linear.batch_size must be >= 1, got {lp.epochs}, "
-                          f"{lp.batch_size}")
-    if not 0 < lp.val_fraction < 1:
-        raise ConfigError(f"eval.linear.val_fraction must be in (0, 1), got {lp.val_fraction}")
     ft = e.finetune
     if ft.optimizer not in ("adamw", "sgd", "lars"):
         raise ConfigError(f"eval.finetune.optimizer: '{ft.optimizer}' is not one of adamw, sgd, lars")
-    if ft.steps < 1 or ft.batch_size < 1 or ft.log_every < 1:
-        raise ConfigError(f"eval.finetune.steps, batch_size and log_every must be >= 1, got {ft.steps}, "
-                          f"{ft.batch_size}, {ft.log_every}")
-    if not 0 < ft.layer_decay <= 1:
-        raise ConfigError(f"eval.finetune.layer_decay must be in (0, 1] (1: off), got {ft.layer_decay}")
-    if not 0 <= ft.label_smoothing < 1 or ft.mixup_alpha < 0 or ft.cutmix_alpha < 0:
-        raise ConfigError("eval.finetune.label_smoothing must be in [0, 1) and mixup_alpha, cutmix_alpha >= 0")
     if len(ft.crop_scale) != 2 or not 0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1:
         raise ConfigError(f"eval.finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}")
     if e.gate.metric and e.gate.metric not in GATE_METRICS:
@@ -593,12 +778,10 @@ def slurm_time_minutes(value: str) -> int:
 
 
 def validate_slurm(launch: LaunchConfig) -> None:
-    """The launch.* keys of `foundry submit`: counts, the time limit, the memory size."""
+    """The launch.* keys of `foundry submit`: GPUs vs tasks, the time limit, the memory size (the
+    counts: NUMBER_RANGES)."""
     import re
 
-    for key in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
-        if getattr(launch, key) < 0:
-            raise ConfigError(f"launch.{key} must be >= 0, got {getattr(launch, key)}")
     if launch.gpus_per_node and launch.tasks_per_node not in (0, launch.gpus_per_node):
         raise ConfigError(
             f"launch.tasks_per_node={launch.tasks_per_node} with launch.gpus_per_node={launch.gpus_per_node}: "

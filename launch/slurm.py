@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
+from launch.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, tasks_per_node,
+                           to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,11 +192,6 @@ class PretrainJob:
 # --------------------------------------------------------------------------- submission
 
 
-def tasks_per_node(cfg: Config) -> int:
-    launch = cfg.launch
-    return launch.gpus_per_node or launch.tasks_per_node or 1
-
-
 def make_executor(cfg: Config, folder: Path):
     """submitit's AutoExecutor on Slurm with the launch.* keys as sbatch options."""
     import submitit
@@ -247,7 +243,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
     """Validate and submit; returns ``(jobs, configs, folder)``: one job, or one per sweep combination
     (a Slurm job array)."""
     overrides = list(overrides)
-    base = _absolute(load_config(config_path, overrides))
+    base = _absolute(load_config(config_path, overrides, launcher="slurm"))
     folder = Path(base.launch.submit_dir or Path(base.output_dir) / "slurm").absolute()
     combos = parse_sweeps(list(sweeps))
     executor = make_executor(base, folder)
@@ -256,7 +252,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
         return jobs, [base], folder
     configs, callables = [], []
     for index, combo in enumerate(combos):
-        cfg = _absolute(load_config(config_path, overrides + combo))
+        cfg = _absolute(load_config(config_path, overrides + combo, launcher="slurm"))
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
         if not cfg.mlflow.run_name:
             cfg.mlflow.run_name = " ".join(combo)

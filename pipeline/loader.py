@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from data_prep.shards import read_manifest
-from launch.config import ConfigError
+from launch.config import ConfigError, split_batch
 from pipeline.augment import MultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
@@ -65,6 +65,14 @@ def decode_image(sample: dict) -> torch.Tensor:
 def is_clip_manifest(manifest: dict) -> bool:
     """Whether a shard folder holds video clips (`foundry prep video`) rather than images."""
     return manifest.get("settings", {}).get("kind") == "clips"
+
+
+def check_shard_count(folder: str, shards: int, readers: int) -> None:
+    """Every reader (data.readers, or one per rank x loader worker) streams shards of its own."""
+    if shards < readers:
+        raise ConfigError(f"{folder} has {shards} shards but {readers} readers (ranks x data.num_workers, or "
+                          f"data.readers) need at least that many: re-shard with a smaller --shard-size or lower "
+                          f"data.readers / data.num_workers")
 
 
 def _seed(*parts: int) -> int:
@@ -97,21 +105,11 @@ class ShardStream(IterableDataset):
         workers = self.world_size * self.num_workers
         # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
         self.readers = workers if finite or readers <= 0 else readers
-        if self.readers % workers:
-            raise ValueError(f"data.readers={self.readers} is not a multiple of {self.world_size} ranks x "
-                             f"{self.num_workers} loader workers: set data.readers to a multiple of {workers}")
+        if not finite:  # the rule of launch.config, checked there before any rank starts
+            split_batch(batch_size * world_size, world_size, readers=max(readers, 0), num_workers=num_workers)
         self.rank_readers = self.readers // self.world_size
-        if not finite and batch_size % self.rank_readers:
-            raise ValueError(f"the local batch of {batch_size} does not split over this rank's {self.rank_readers} "
-                             f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
-                             f"global batch a multiple of data.readers")
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
-        if len(self.shards) < self.readers:
-            raise ValueError(
-                f"{folder} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} ranks x "
-                f"{self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
-                f"smaller --shard-size or lower data.readers / data.num_workers"
-            )
+        check_shard_count(folder, len(self.shards), self.readers)
 
     # ---------------------------------------------------------------- epoch plan
     def reader_shards(self, epoch: int) -> list[list[tuple[str, int]]]:

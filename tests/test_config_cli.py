@@ -100,3 +100,77 @@ def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
     with pytest.raises(ConfigError, match="shuffling BN"):
         load_config(REPO / "configs" / "moco_v2_resnet18_fmnist.yaml", ["train.global_batchnorm=true"],
                     check_paths=False)
+
+
+# ----------------------------------------------------------------------------- every numeric key
+
+# Keys where 0 is a valid value (it means "off", "auto" or is simply in range); anywhere else 0 is
+# refused. A negative number, a word and NaN are refused for every numeric key.
+ZERO_IS_VALID = {
+    "data.num_workers", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
+    "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.momentum", "train.adam_betas",
+    "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
+    "eval.knn_every", "eval.embedding_map_points", "eval.linear.momentum", "eval.linear.weight_decay",
+    "eval.linear.seed", "eval.finetune.weight_decay", "eval.finetune.warmup_steps", "eval.finetune.label_smoothing",
+    "eval.finetune.mixup_alpha", "eval.finetune.cutmix_alpha", "eval.gate.threshold", "mlflow.outage_minutes",
+    "launch.gpus_per_node", "launch.tasks_per_node", "launch.cpus_per_task", "launch.signal_delay_s",
+    "launch.max_requeues",
+}
+# Keys that only mean something beside others: the context a value is tried in.
+CONTEXT = {"deepspeed.zero_stage": ["train.strategy=deepspeed", "train.optimizer=adamw"]}
+
+
+def numeric_keys(cls=None, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted key, int or float) of every number and list of numbers in the config dataclasses; the
+    views' keys as data.views.count and data.views.ops.p."""
+    import dataclasses
+    import typing
+
+    from launch.config import AugmentOp, Config, ViewSpec
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls or Config).items():
+        key = f"{prefix}{name}"
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        if dataclasses.is_dataclass(item):
+            keys += numeric_keys(item, f"{key}.")
+        elif item in (int, float):
+            keys.append((key, item))
+    assert cls is not None or {"data.views.count", "data.views.ops.p"} <= {k for k, _ in keys}, (ViewSpec, AugmentOp)
+    return keys
+
+
+def override(key: str, value: str) -> tuple[str, str]:
+    """The override that sets ``key`` to ``value`` (every element of a list), and the key the error names."""
+    import typing
+
+    from launch.config import Config
+
+    if key == "data.views.count":
+        return f"data.views=[{{count: {value}, ops: [{{op: horizontal_flip}}]}}]", "data.views[0].count"
+    if key == "data.views.ops.p":
+        return f"data.views=[{{count: 2, ops: [{{op: horizontal_flip, p: {value}}}]}}]", "data.views[0].ops[0].p"
+    node = Config
+    for part in key.split("."):
+        tp = typing.get_type_hints(node)[part]
+        node = tp
+    length = 2 if key in ("train.adam_betas", "eval.finetune.crop_scale") else 3
+    return (f"{key}=[{', '.join([value] * length)}]" if typing.get_origin(node) is list else f"{key}={value}"), key
+
+
+@pytest.mark.parametrize("key,kind", numeric_keys(), ids=[k for k, _ in numeric_keys()])
+def test_every_numeric_key_refuses_values_out_of_its_range(key, kind, tmp_path, capsys, fmnist):
+    """0 (where it is not a valid value), -1, a word and NaN (floats): exit 2 and one line naming the
+    key and the value, through the CLI's own entry point, before anything is written."""
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "run")
+    bad = ["-1", "ten"] + (["nan"] if kind is float else []) + ([] if key in ZERO_IS_VALID else ["0"])
+    for value in bad:
+        setting, named = override(key, value)
+        code = main(["pretrain", str(recipe), *CONTEXT.get(key, []), setting])
+        captured = capsys.readouterr()
+        assert_config_error(code, captured.out, captured.err, named, value)
+    if key in ZERO_IS_VALID:
+        load_config(recipe, [*CONTEXT.get(key, []), override(key, "0")[0]])
+    assert not (tmp_path / "run").exists()
