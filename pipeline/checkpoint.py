@@ -48,8 +48,13 @@ def _mib(n: float) -> str:
 
 def write_error(path: Path, err: BaseException, needed: int | None = None) -> CheckpointWriteError:
     """The one-line report of a failed checkpoint write: the path, the cause, the free space."""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
     free = shutil.disk_usage(path.parent).free
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    elif needed and free < needed:  # torch's zip writer reports ENOSPC as a short write ("unexpected pos")
+        reason = "no space left on device"
+    else:
+        reason = str(err).splitlines()[0]
     need = f", the checkpoint needs ~{_mib(needed)}" if needed else ""
     return CheckpointWriteError(
         f"checkpoint {path} not written ({reason}): {_mib(free)} free in {path.parent}{need}; the previous "

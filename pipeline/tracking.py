@@ -171,7 +171,9 @@ class RunLogQueue:
 
     def __init__(self, client: MlflowClient, uri: str, spool: Path | None = None):
         self._client, self._uri, self.spool = client, uri, spool
-        self._items = deque(self._unsent(spool) if spool is not None and spool.is_file() else [])
+        # What the spool held, queued first (the sender may have sent it by the time anyone asks).
+        self.replayed: list[RunData] = self._unsent(spool) if spool is not None and spool.is_file() else []
+        self._items = deque(self.replayed)
         self._failures = 0  # consecutive failed calls
         self._stop = False
         self._cond = threading.Condition()
@@ -190,11 +192,6 @@ class RunLogQueue:
                 if item.run_id == run_id:
                     item.metrics = [m for m in item.metrics if m.step > last.get(m.key, -1)]
         return [item for item in items if item.metrics or item.params or item.tags]
-
-    def replayed(self) -> list[RunData]:
-        """What the spool held when this queue started (queued first)."""
-        with self._cond:
-            return list(self._items)
 
     def put(self, item: RunData) -> None:
         with self._cond:
@@ -355,7 +352,7 @@ class RunTracker:
         self._queue = RunLogQueue(self._client, tracking_uri, spool)
         # The last step of every metric key: the run's own history, then what the spool still sends.
         self._last_step = logged_steps(self._client, self._run_id) if run_id else {}
-        for item in self._queue.replayed():
+        for item in self._queue.replayed:
             if item.run_id == self._run_id:
                 self._params.update({p.key: p.value for p in item.params})
                 for m in item.metrics:

@@ -260,10 +260,9 @@ class Trainer:
             "loss": self.loss,
             "config": to_dict(self.cfg),
         }
-        path = self.strategy.save(self.out / "checkpoints", self.step, state)
         if self.tracker is not None:
-            self.tracker.persist()  # steps up to this one are not trained again: keep their metrics
-        return path
+            self.tracker.persist()  # the steps up to this one are not trained again: their metrics, on disk first
+        return self.strategy.save(self.out / "checkpoints", self.step, state)
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
