@@ -264,7 +264,7 @@ class Range:
 
 AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
 OFF_AT_0 = Range(0, note="0: off")
-PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, low_open=True)
+PROBABILITY = Range(0, 1)
 
 # Every numeric key's range (list keys: each element's), checked before anything starts: a value
 # outside is a ConfigError naming the key, the value and the range. Keys with a rule of their own
@@ -512,6 +512,9 @@ def world_size(cfg: Config, launcher: str = "local") -> int:
     return cfg.launch.nproc_per_node * cfg.launch.nnodes
 
 
+_RANKS_HINT = " (ranks: launch.nproc_per_node x launch.nnodes; under Slurm launch.nodes x tasks per node)"
+
+
 def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, readers: int | None = None,
                 num_workers: int = 0, batch_key: str = "train.batch_size") -> int:
     """Samples per rank in one forward pass: ``batch_size`` (the global batch of ``batch_key``) over
@@ -541,9 +544,6 @@ def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, rea
                           f"every batch): make {batch_key} a multiple of {per_pass * workers} or change "
                           f"data.num_workers")
     return local
-
-
-_RANKS_HINT = " (ranks: launch.nproc_per_node x launch.nnodes, or launch.nodes x tasks per node under Slurm)"
 
 
 def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, instead: str = "") -> None:
@@ -687,7 +687,7 @@ def validate_labels(cfg: Config, check_paths: bool) -> None:
     if e.knn_every:
         require_labels(d, ("eval_train", "eval_test"), f"the online kNN monitor (eval.knn_every={e.knn_every})",
                        "set eval.knn_every=0")
-    if e.after_pretrain:
+    if e.after_pretrain and d.eval_train and d.eval_test:
         require_labels(d, ("eval_train", "eval_test"), "the kNN at the end of pretraining (eval.after_pretrain)",
                        "set eval.after_pretrain=false")
     if getattr(method_class(cfg.model.method), "uses_labels", False):

@@ -147,7 +147,9 @@ def _short_reason(err: Exception) -> str:
     text = str(err)
     found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(r"(Read timed out|Connection aborted|"
                                                                      r"Max retries exceeded|\d{3} Server Error)", text)
-    return found.group(1).strip() if found else text.splitlines()[0][:120] if text else type(err).__name__
+    if found:
+        return found.group(1).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
 
 
 def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
@@ -201,7 +203,7 @@ class RunLogQueue:
             self._cond.notify_all()
 
     def persist(self) -> None:
-        """Mirror what is not sent yet to the spool (the trainer calls it after each checkpoint)."""
+        """Mirror what is not sent yet to the spool (the trainer calls it before each checkpoint)."""
         with self._cond:
             if self._items:
                 self._write_spool()
@@ -226,8 +228,14 @@ class RunLogQueue:
         return sent
 
     def pending(self) -> int:
+        """Params, tags and metric values not sent yet."""
         with self._cond:
-            return len(self._items)
+            return sum(len(item.metrics) + len(item.params) + len(item.tags) for item in self._items)
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last call failed (the store did not answer)."""
+        return self._failures > 0
 
     def _write_spool(self) -> None:
         if self.spool is None:
@@ -241,7 +249,8 @@ class RunLogQueue:
                            err.strerror)
 
     def _next_call(self) -> list[RunData]:
-        """The front item; consecutive metric-only items of its run join it (up to MLflow's 1000 a call)."""
+        """The front item; consecutive metric-only items of its run join it, up to the 1000 values MLflow
+        sends in one request (so that a call fails or succeeds whole, and a retry duplicates nothing)."""
         first = self._items[0]
         call, count = [first], len(first.metrics)
         if first.params or first.tags:
@@ -287,8 +296,8 @@ class RunLogQueue:
                     self._failures += 1
                     delay = min(self.MAX_BACKOFF_S, 2.0 ** self._failures)
                     self._write_spool()
-                    logger.warning("MLflow: %s unreachable (%s): %d item(s) kept%s, retrying in %.0f s", self._uri,
-                                   _short_reason(error), len(self._items),
+                    logger.warning("MLflow: %s unreachable (%s): %d logged values kept%s, retrying in %.0f s",
+                                   self._uri, _short_reason(error), self.pending(),
                                    f" in {self.spool}" if self.spool else "", delay)
                 self._cond.notify_all()
                 if error is not None and _retryable(error):  # back off; new items do not cut it short
@@ -416,15 +425,18 @@ class RunTracker:
             self._queue.put(RunData(self._run_id, metrics=batch))
 
     def persist(self) -> None:
-        """Mirror what is not sent yet to the spool file (after a checkpoint: those steps are not retrained)."""
+        """Mirror what is not sent yet to the spool file (before a checkpoint: those steps are not retrained)."""
         self._queue.persist()
 
     def _drain(self) -> None:
         """Before a synchronous call: everything queued is sent, or TrackingError after ``outage_s``."""
+        if self._queue.failing:
+            logger.warning("MLflow: waiting up to %g min (mlflow.outage_minutes) for %s to take the %d kept values",
+                           self.outage_s / 60, self.tracking_uri, self._queue.pending())
         if not self._queue.flush(self.outage_s):
             raise TrackingUnavailable(
                 f"MLflow tracking server {self.tracking_uri} has not answered for {self.outage_s / 60:g} min "
-                f"(mlflow.outage_minutes): {self._queue.pending()} logged item(s) of run {self._run_id} are kept"
+                f"(mlflow.outage_minutes): {self._queue.pending()} logged values of run {self._run_id} are kept"
                 f"{' in ' + str(self._queue.spool) if self._queue.spool else ''}; the run stays RUNNING. "
                 f"Rerun the same command once the server answers: it sends them and finishes the run.")
 

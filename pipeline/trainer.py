@@ -9,10 +9,11 @@ cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
 model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id, all
 as tensors and plain values (it is loaded with ``weights_only=True``).
 
-Tracking never stops or delays a step: metrics are queued in memory (``pipeline.tracking``), the
-checkpoint is written, and only then is what the server has not received yet mirrored to disk; all
-network I/O runs in the tracker's sender thread. ``train`` holds the output_dir's lock
-(``pipeline.output_lock``) and removes what killed checkpoint writers left behind.
+Tracking never stops or delays a step: metrics are queued in memory and sent by the tracker's own
+thread (``pipeline.tracking``), so no network call stands between a step and its checkpoint; before
+each checkpoint, what the server has not received yet is written beside it, so that a kill loses no
+logged step. ``train`` holds the output_dir's lock (``pipeline.output_lock``) and removes what
+killed checkpoint writers left behind.
 """
 from __future__ import annotations
 
@@ -340,7 +341,7 @@ class Trainer:
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                     "epoch": float(self.position.epoch),
                 }
-                self._log(metrics)  # queued: sent by the tracker's thread, after the checkpoint below
+                self._log(metrics)  # queued, no I/O: the tracker's thread sends it
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save()
@@ -498,31 +499,22 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
     Rank 0 holds the output_dir's lock for the run (or its launcher does)."""
     rank_zero = int(os.environ.get("RANK", "0")) == 0
     with OutputDirLock(cfg.output_dir) if rank_zero else nullcontext():
-        if rank_zero:
-            _remove_stale_temps(Path(cfg.output_dir) / "checkpoints")
-        return _train(cfg, setup)
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    stale = remove_stale_temps(folder)
-    if stale:
-        print(f"removed what killed checkpoint writers left in {folder}: {', '.join(p.name for p in stale)}",
-              flush=True)
-
-
-def _train(cfg: Config, setup: Callable[[Trainer], None] | None) -> TrainResult:
-    trainer = Trainer(cfg)
-    try:
-        if setup is not None:
-            setup(trainer)
-        result = trainer.completed_result() or trainer.train()
-    except BaseException as err:
-        if trainer.tracker is not None:
-            trainer.end_failed(err)
-        raise
-    finally:
-        if dist.is_initialized():
-            shutdown_runtime()
-    if trainer.rt.is_main:
-        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
-    return result
+        folder = Path(cfg.output_dir) / "checkpoints"
+        if rank_zero and (stale := remove_stale_temps(folder)):
+            print(f"removed what killed checkpoint writers left in {folder}: {', '.join(p.name for p in stale)}",
+                  flush=True)
+        trainer = Trainer(cfg)
+        try:
+            if setup is not None:
+                setup(trainer)
+            result = trainer.completed_result() or trainer.train()
+        except BaseException as err:
+            if trainer.tracker is not None:
+                trainer.end_failed(err)
+            raise
+        finally:
+            if dist.is_initialized():
+                shutdown_runtime()
+        if trainer.rt.is_main:
+            (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+        return result

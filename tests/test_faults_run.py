@@ -347,9 +347,9 @@ def test_checkpoint_that_would_run_code_is_refused(recipe, tmp_path):
     assert not marker.exists()
 
 
-def test_deepspeed_checkpoints_load_weights_only(tmp_path):
-    """The engine DeepSpeed loads the project's checkpoints with refuses the same file (its own
-    engine unpickles with weights_only=False)."""
+def test_deepspeed_checkpoints_load_weights_only(recipe, tmp_path):
+    """DeepSpeed's own engine unpickles with weights_only=False; the strategy's refuses the planted
+    file, and a real ZeRO-2 checkpoint (which holds DeepSpeed's fragment addresses) still resumes."""
     from types import SimpleNamespace
 
     from pipeline.strategy.deepspeed import load_weights_only, select_accelerator
@@ -364,5 +364,11 @@ def test_deepspeed_checkpoints_load_weights_only(tmp_path):
     with pytest.raises(CheckpointError, match="posix.system"):
         engine.checkpoint_engine.load(str(planted), map_location=torch.device("cpu"))
     assert not marker.exists()
-    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "0.19.8"}, planted)
-    assert torch.equal(engine.checkpoint_engine.load(str(planted))["module"]["w"], torch.ones(2))
+
+    zero2 = ["train.strategy=deepspeed", "deepspeed.zero_stage=2", "train.optimizer=adamw", "train.lr=0.05",
+             "train.checkpoint_every=1", f"mlflow.tracking_uri={local_store(tmp_path)}"]
+    first = pretrain(tmp_path, recipe, *zero2, "train.max_steps=1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    resumed = pretrain(tmp_path, recipe, *zero2, "train.max_steps=2")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-00000001'} at step 1" in resumed.stdout

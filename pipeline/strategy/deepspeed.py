@@ -16,7 +16,7 @@ Checkpoints are DeepSpeed's sharded ones (every rank writes its partition), made
 directory level: all ranks write into ``.step-XXXXXXXX.tmp/``, rank 0 renames it to
 ``step-XXXXXXXX/`` after a barrier (so the checkpoint folder must be shared by all nodes, as
 DeepSpeed assumes). DeepSpeed loads them with ``weights_only=True`` here (its own engine unpickles
-anything), allowing exactly the two DeepSpeed classes its files hold. The exported backbone is
+anything), allowing exactly the three DeepSpeed classes its files hold. The exported backbone is
 consolidated from the fp32 master weights of the checkpoint this run has just written (DeepSpeed's
 ``zero_to_fp32``).
 """
@@ -211,15 +211,17 @@ _KNOWN_SECTIONS = ["zero_optimization", "activation_checkpointing", "flops_profi
 
 def load_weights_only(engine) -> None:
     """DeepSpeed's torch checkpoint engine unpickles anything (``weights_only=False``): give ``engine``
-    one that loads tensors, plain values and the two DeepSpeed classes its files hold (the ZeRO stage,
-    the loss scaler's settings). DeepSpeed's other engines already load with torch's default, weights only."""
+    one that loads tensors, plain values and the three DeepSpeed classes its files hold (ZeRO-1/2/3,
+    with and without offload: the ZeRO stage, the loss scaler's settings, ZeRO-1/2's parameter
+    fragment addresses). DeepSpeed's other engines load with torch's default, weights only, already."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            return safe_load(path, [ZeroStageEnum, LossScaler], map_location=map_location)
+            return safe_load(path, [ZeroStageEnum, LossScaler, fragment_address], map_location=map_location)
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
