@@ -639,23 +639,26 @@ def validate(cfg: Config, check_paths: bool = True, launcher: str = "local") -> 
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
-    validate_batch(cfg, world_size(cfg, launcher), check_paths)
+    validate_batch(cfg, launcher, check_paths)
     validate_labels(cfg, check_paths)
 
 
-def validate_batch(cfg: Config, ranks: int, check_paths: bool) -> None:
-    """train.batch_size over ``ranks``, the accumulation steps and, for the torch loader, its readers;
-    and enough shards in data.train for those readers."""
+def validate_batch(cfg: Config, launcher: str, check_paths: bool) -> None:
+    """train.batch_size over the run's ranks (``world_size``), the accumulation steps and, for the
+    torch loader, its readers; and enough shards in data.train for those readers."""
     import torch
 
     from data_prep.shards import read_manifest
     from pipeline.loader import check_shard_count, train_backend
     from pipeline.runtime import uses_cuda
 
-    d, t = cfg.data, cfg.train
+    d, t, launch = cfg.data, cfg.train, cfg.launch
     folder = d.train if check_paths else ""
-    device = torch.device("cuda" if uses_cuda(cfg.launch) else "cpu")
-    torch_loader = train_backend(d.backend, device, folder) == "torch"
+    # The ranks' device decides data.backend=auto: this machine's for a local launch, the job's under Slurm.
+    cuda = uses_cuda(launch) if launcher == "local" else launch.device == "cuda" or (
+        launch.device == "auto" and launch.gpus_per_node > 0)
+    torch_loader = train_backend(d.backend, torch.device("cuda" if cuda else "cpu"), folder) == "torch"
+    ranks = world_size(cfg, launcher)
     split_batch(t.batch_size, ranks, t.grad_accum_steps, d.readers if torch_loader else None, d.num_workers)
     if torch_loader and folder:
         check_shard_count(folder, len(read_manifest(folder)["shards"]), d.readers or ranks * max(1, d.num_workers))
