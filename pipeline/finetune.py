@@ -85,7 +85,8 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
 
 def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int) -> FinetuneResult | None:
     """Fine-tune on this rank; rank 0 returns the result (the others None). The caller has checked
-    that the backbone takes data.eval_image_size px images (``pipeline.export.check_input_size``)."""
+    that the backbone takes data.eval_image_size px images (``pipeline.export.check_input_size``) and
+    the eval.finetune.* rules for this world size (``launch.config.validate_finetune``)."""
     ft, d = cfg.eval.finetune, cfg.data
     local_batch = split_batch(ft.batch_size, rt.world_size, readers=0, num_workers=d.num_workers,
                               batch_key="eval.finetune.batch_size")

@@ -31,6 +31,8 @@ from mlflow_server import MlflowServer, free_port
 from pipeline.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint
 from pipeline.trainer import train
 
+pytestmark = pytest.mark.slow  # real processes: runs, servers, torchrun
+
 STEPS = 8
 RUN = [f"train.max_steps={STEPS}", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.log_every=1"]
 
