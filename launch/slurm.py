@@ -4,7 +4,7 @@
 
 One Slurm task per rank (per GPU with ``launch.gpus_per_node``), ``launch.nodes`` nodes; each task
 exports the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs
-``pipeline.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
+``pipeline.train.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
 ``--sweep`` values, each in its own ``<output_dir>/<index>-<override>`` with its override logged to
 MLflow as the param ``sweep.override``.
 
@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, tasks_per_node,
-                           to_dict)
+from ssl_foundry.pipeline.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes,
+                                         tasks_per_node, to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ class PretrainJob:
         self.params = params or {}
 
     def __call__(self):
-        from pipeline.trainer import TrainingInterrupted, train
+        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted, train
 
         dist_env = export_torch_distributed_env()
         rank = int(dist_env["RANK"])
@@ -239,11 +239,20 @@ def _absolute(cfg: Config) -> Config:
     return cfg
 
 
+def _load_job_config(config_path: str | None, overrides: list[str]) -> Config:
+    """The job's config, validated with its batch split over the ranks it asks Slurm for."""
+    from ssl_foundry.pipeline.data.loader import validate_batch  # late: torch
+
+    cfg = load_config(config_path, overrides)
+    validate_batch(cfg, launcher="slurm")
+    return _absolute(cfg)
+
+
 def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str] = ()):
     """Validate and submit; returns ``(jobs, configs, folder)``: one job, or one per sweep combination
     (a Slurm job array)."""
     overrides = list(overrides)
-    base = _absolute(load_config(config_path, overrides, launcher="slurm"))
+    base = _load_job_config(config_path, overrides)
     folder = Path(base.launch.submit_dir or Path(base.output_dir) / "slurm").absolute()
     combos = parse_sweeps(list(sweeps))
     executor = make_executor(base, folder)
@@ -252,7 +261,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
         return jobs, [base], folder
     configs, callables = [], []
     for index, combo in enumerate(combos):
-        cfg = _absolute(load_config(config_path, overrides + combo, launcher="slurm"))
+        cfg = _load_job_config(config_path, overrides + combo)
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
         if not cfg.mlflow.run_name:
             cfg.mlflow.run_name = " ".join(combo)
@@ -268,7 +277,7 @@ def task_result(job):
 
 
 def describe(jobs, configs, folder: Path) -> str:
-    from pipeline.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = configs[0]
     first = jobs[0].job_id
@@ -298,7 +307,7 @@ def submit_command(args: argparse.Namespace) -> int:
     print(describe(jobs, configs, folder), flush=True)
     if not args.wait:
         return 0
-    from launch.commands import print_summary
+    from ssl_foundry.launch.commands import print_summary
 
     status = 0
     for job, cfg in zip(jobs, configs):

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import RECIPE, REPO, run_cli
-from launch.cli import main
-from launch.config import ConfigError, load_config
+from ssl_foundry.launch.cli import main
+from ssl_foundry.pipeline.config import ConfigError, load_config
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
 
@@ -20,7 +20,7 @@ def assert_config_error(code: int, stdout: str, stderr: str, *expected: str) -> 
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
 
 
-# Through `python -m launch` in a child process: what a user sees, exit code included.
+# Through `python -m ssl_foundry.launch` in a child process: what a user sees, exit code included.
 CLI_CASES = {
     "unknown-key": (["train.max_stepz=3"],
                     ["'train.max_stepz'", "Did you mean 'max_steps'?", "Valid keys under train: ",
@@ -126,7 +126,8 @@ def numeric_keys(cls=None, prefix: str = "") -> list[tuple[str, type]]:
     import dataclasses
     import typing
 
-    from launch.config import AugmentOp, Config, ViewSpec
+    from ssl_foundry.pipeline.config import Config
+    from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 
     keys = []
     for name, tp in typing.get_type_hints(cls or Config).items():
@@ -144,7 +145,7 @@ def override(key: str, value: str) -> tuple[str, str]:
     """The override that sets ``key`` to ``value`` (every element of a list), and the key the error names."""
     import typing
 
-    from launch.config import Config
+    from ssl_foundry.pipeline.config import Config
 
     if key == "data.views.count":
         return f"data.views=[{{count: {value}, ops: [{{op: horizontal_flip}}]}}]", "data.views[0].count"

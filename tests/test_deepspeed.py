@@ -23,8 +23,9 @@ from strategy_equivalence_worker import METHOD_ARGS
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from launch.config import ConfigError
-from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, latest_checkpoint, list_checkpoints
+from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.train.checkpoint import (checkpoint_dir, commit_checkpoint_dir, latest_checkpoint,
+                                                   list_checkpoints)
 
 STAGES = (1, 2, 3)
 EQUIVALENCE_METHODS = list(METHOD_ARGS)  # joint-embedding methods, MAE, S4L (the labels path), video methods
@@ -61,9 +62,12 @@ def equivalence(tmp_path_factory):
 
 
 def assert_same_training(ddp: dict, other: dict, loss_rtol: float, state_rtol: float, state_atol: float) -> None:
-    """Tolerances (fp32): measured worst cases were loss 1.6e-5, grad norm 1.6e-3 (Barlow Twins and
-    MoCo v3 at step 3: their BatchNorm heads over 2-sample micro-batches amplify rounding), every
-    state tensor within 1e-3 relative + 3e-5 absolute; most methods agree to ~1e-6."""
+    """Tolerances (fp32). The strategies differ only in reduction order, so step 1 agrees to a few
+    ulps (~1e-7); later steps see that rounding amplified by the training dynamics. Micro-batches
+    have 4 samples per rank: with 2, a BatchNorm head (MoCo v3, Barlow Twins, BYOL) maps any pair to
+    +-1 and its gradient scales as 1 / |x1 - x2|, which amplified rounding to 0.8 % in the grad norm
+    on an AVX512 CPU (other kernels, other rounding than AVX2). At 4 the measured worst cases are
+    loss 7e-7 and grad norm 3e-5 (AVX512-BF16), leaving these bounds 70x and 170x of margin."""
     assert other["losses"][0] == pytest.approx(ddp["losses"][0], rel=1e-6)  # same weights, same forward
     torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(ddp["losses"]), rtol=loss_rtol, atol=0)
     torch.testing.assert_close(torch.tensor(other["grad_norms"]), torch.tensor(ddp["grad_norms"]),
@@ -285,7 +289,7 @@ def test_bad_user_deepspeed_json_is_a_config_error(tiny_config, tmp_path, user_j
 
 
 def test_generated_deepspeed_config(tiny_config, tmp_path):
-    from pipeline.strategy.deepspeed import deepspeed_config
+    from ssl_foundry.pipeline.config import deepspeed_config
 
     user = write_json(tmp_path / "ds.json", {"zero_optimization": {"overlap_comm": False,
                                                                    "stage3_prefetch_bucket_size": 1000},
@@ -314,7 +318,7 @@ def test_bad_config_fails_before_any_rank_starts(fmnist, tmp_path):
 
 
 def test_shipped_deepspeed_json_is_valid(tiny_config, tmp_path):
-    from pipeline.strategy.deepspeed import deepspeed_config
+    from ssl_foundry.pipeline.config import deepspeed_config
 
     shipped = REPO / "configs" / "deepspeed" / "small_buckets.json"
     cfg = tiny_config(tmp_path / "run", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "train.optimizer=adamw",

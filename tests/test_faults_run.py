@@ -7,7 +7,7 @@ the table; the rows are issue 16's:
 6  an unreachable tracking server          9  two runs on one output_dir
 7  a tracking server that dies mid-run     11 a checkpoint that would run code when loaded
 
-Real processes throughout: `foundry pretrain` (``python -m launch``), torchrun, a real ``mlflow
+Real processes throughout: `foundry pretrain` (``python -m ssl_foundry.launch``), torchrun, a real ``mlflow
 server`` killed with SIGKILL and restarted, a real tmpfs filled up, SIGSTOP / SIGKILL of a run.
 """
 import os
@@ -28,8 +28,8 @@ from PIL import Image
 
 from conftest import run_cli, subprocess_env, write_recipe
 from mlflow_server import MlflowServer, free_port
-from pipeline.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint
-from pipeline.trainer import train
+from ssl_foundry.pipeline.train.checkpoint import CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint
+from ssl_foundry.pipeline.train.trainer import train
 
 pytestmark = pytest.mark.slow  # real processes: runs, servers, torchrun
 
@@ -84,7 +84,7 @@ class Background:
     """`foundry pretrain` in the background, its stdout and stderr collected line by line."""
 
     def __init__(self, tmp_path: Path, recipe: Path, *overrides: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "launch", "pretrain", str(recipe), *overrides],
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssl_foundry.launch", "pretrain", str(recipe), *overrides],
                                      cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=subprocess_env(tmp_path))
         self.out: list[str] = []
@@ -115,7 +115,7 @@ class Background:
 @pytest.fixture(scope="module")
 def unlabelled_shards(tmp_path_factory) -> Path:
     """Shards of a flat folder of images (no class sub-folders), the way ImageNet's val/ arrives."""
-    from data_prep.images import prep_images
+    from ssl_foundry.data_prep.images import prep_images
 
     root = tmp_path_factory.mktemp("flat")
     rng = np.random.default_rng(0)
@@ -149,7 +149,7 @@ def test_each_rank_of_a_bare_torchrun_checks_before_the_process_group(recipe, tm
     """Under torchrun every rank validates its config first: each exits 2 with the one line before
     any collective (what torchrun then reports about its failed ranks is its own)."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "launch", "pretrain", str(recipe), "train.batch_size=7"], cwd=tmp_path,
+                           "-m", "ssl_foundry.launch", "pretrain", str(recipe), "train.batch_size=7"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env=subprocess_env(tmp_path))
     assert done.returncode != 0
     assert done.stderr.count("foundry: config error: train.batch_size=7 does not split over 2 rank(s)") == 2
@@ -354,7 +354,8 @@ def test_deepspeed_checkpoints_load_weights_only(recipe, tmp_path):
     file, and a real ZeRO-2 checkpoint (which holds DeepSpeed's fragment addresses) still resumes."""
     from types import SimpleNamespace
 
-    from pipeline.strategy.deepspeed import load_weights_only, select_accelerator
+    from ssl_foundry.pipeline.config import select_accelerator
+    from ssl_foundry.pipeline.train.strategy.deepspeed import load_weights_only
 
     select_accelerator("cpu")
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
