@@ -108,8 +108,8 @@ def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
 # refused. A negative number, a word and NaN are refused for every numeric key.
 ZERO_IS_VALID = {
     "data.num_workers", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
-    "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.momentum", "train.adam_betas",
-    "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
+    "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.weight_decay_end", "train.momentum",
+    "train.adam_betas", "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
     "eval.knn_every", "eval.embedding_map_points", "eval.linear.momentum", "eval.linear.weight_decay",
     "eval.linear.seed", "eval.finetune.weight_decay", "eval.finetune.warmup_steps", "eval.finetune.label_smoothing",
     "eval.finetune.mixup_alpha", "eval.finetune.cutmix_alpha", "eval.gate.threshold", "mlflow.outage_minutes",
@@ -121,9 +121,10 @@ CONTEXT = {"deepspeed.zero_stage": ["train.strategy=deepspeed", "train.optimizer
 
 
 def numeric_keys(cls=None, prefix: str = "") -> list[tuple[str, type]]:
-    """(dotted key, int or float) of every number and list of numbers in the config dataclasses; the
-    views' keys as data.views.count and data.views.ops.p."""
+    """(dotted key, int or float) of every number, optional number and list of numbers in the config
+    dataclasses; the views' keys as data.views.count and data.views.ops.p."""
     import dataclasses
+    import types
     import typing
 
     from ssl_foundry.pipeline.config import Config
@@ -132,7 +133,7 @@ def numeric_keys(cls=None, prefix: str = "") -> list[tuple[str, type]]:
     keys = []
     for name, tp in typing.get_type_hints(cls or Config).items():
         key = f"{prefix}{name}"
-        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, types.UnionType) else tp  # X | None: X
         if dataclasses.is_dataclass(item):
             keys += numeric_keys(item, f"{key}.")
         elif item in (int, float):
