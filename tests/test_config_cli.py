@@ -1,6 +1,8 @@
 """Config mistakes through the real CLI: a one-line message on stderr that names the key (and the
 valid keys, the close match, the expected type, the missing path and the `foundry prep` command),
 exit code 2, no traceback, and nothing started or written."""
+import re
+
 import pytest
 import yaml
 
@@ -176,3 +178,26 @@ def test_every_numeric_key_refuses_values_out_of_its_range(key, kind, tmp_path, 
     if key in ZERO_IS_VALID:
         load_config(recipe, [*CONTEXT.get(key, []), override(key, "0")[0]])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    # 2 nodes x 4 GPUs = 8 ranks, whatever launch.nproc_per_node says (torchrun's key)
+    (["launch.nodes=2", "launch.gpus_per_node=4", "train.batch_size=12"],
+     "train.batch_size=12 does not split over 8 rank(s): make it a multiple of 8 (e.g. 8 or 16)"),
+    # CPU tasks: the torch loader, so each rank's 4 samples must split over its 3 loader workers
+    (["launch.nodes=1", "launch.tasks_per_node=2", "train.batch_size=8", "data.num_workers=3"],
+     "train.batch_size=8 gives each rank 4 samples per forward pass, which do not split over data.num_workers=3"),
+    # GPUs with data.backend=auto: the job's node picks the loader, so only the split over ranks is checked
+    (["launch.nodes=1", "launch.gpus_per_node=2", "train.batch_size=8", "data.num_workers=3"], None),
+], ids=["gpus-over-nodes", "cpu-tasks-and-workers", "gpu-job-auto-backend"])
+def test_foundry_submit_splits_the_batch_over_the_ranks_it_asks_slurm_for(fmnist, tmp_path, overrides, expected):
+    from conftest import write_recipe
+    from ssl_foundry.pipeline.data.loader import validate_batch
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "run")
+    cfg = load_config(recipe, overrides)
+    if expected is None:
+        validate_batch(cfg, launcher="slurm")
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            validate_batch(cfg, launcher="slurm")
