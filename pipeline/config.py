@@ -563,7 +563,7 @@ def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, inst
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Every rule of a run's config but the batch's split over ranks and loader readers, which needs
     the loader (``pipeline.data.loader.validate_batch``): the launchers check both before any rank starts."""
-    import timm  # late: models and timm import torch
+    import timm  # late, as the models below: they import torch, which loading a config does not wait for
 
     from ssl_foundry.models.registry import method_arg_names, method_class, method_names
 
