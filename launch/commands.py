@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ssl_foundry.data_prep.shard_format import redact
-from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.config import ConfigError, load_config, require_labels, validate_finetune, world_size
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -19,14 +19,31 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from ssl_foundry.launch.local import launch_pretrain
+    """Before any rank starts: the config (with the batch's split over the ranks), the teacher of a
+    multi-rank distillation, the tracking server, the output_dir's lock (held by this process for the
+    run; under torchrun by rank 0)."""
     from ssl_foundry.models.registry import takes_teacher
+    from ssl_foundry.pipeline.data.loader import validate_batch
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.tracking_server import check_reachable
+    from ssl_foundry.pipeline.train.output_lock import OutputDirLock
 
     cfg = load_config(args.config, args.overrides)
+    validate_batch(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _pretrain(cfg)
     if takes_teacher(cfg.model.method) and cfg.launch.nproc_per_node * cfg.launch.nnodes > 1:
         from ssl_foundry.pipeline.registry.teacher import load_teacher
 
         load_teacher(cfg)  # a teacher that does not resolve or fit fails here once, not in every rank
+    check_reachable(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+    with OutputDirLock(cfg.output_dir):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg) -> int:
+    from ssl_foundry.launch.local import launch_pretrain
+
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
         _log_pretraining_plots(result, cfg)
@@ -94,20 +111,56 @@ def print_summary(result, cfg) -> None:
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
 
 
+def _user_error_types() -> tuple[type[Exception], ...]:
+    """Errors whose message says what happened and what to do: a backbone reference that does not
+    resolve, a backbone that refuses the image size, an unreachable store, a refused registry
+    operation, a locked output_dir, a refused or unwritable checkpoint, a non-finite loss."""
+    from ssl_foundry.pipeline.registry.downstream import RegistryError
+    from ssl_foundry.pipeline.registry.export import BackboneInputError
+    from ssl_foundry.pipeline.registry.tracking_server import TrackingError
+    from ssl_foundry.pipeline.train.checkpoint import CheckpointError
+    from ssl_foundry.pipeline.train.output_lock import OutputDirLocked
+    from ssl_foundry.pipeline.train.trainer import NonFiniteLossError
+
+    return (FileNotFoundError, BackboneInputError, TrackingError, RegistryError, OutputDirLocked, CheckpointError,
+            NonFiniteLossError)
+
+
+def _raised_in_a_rank(err, known: tuple[type[Exception], ...]) -> Exception | None:
+    """The exception a rank raised (``launch.local.RanksFailed``), rebuilt from its type's name and
+    message when it is one of ``known`` (or a subclass); None for any other."""
+    by_name, todo = {}, list(known)
+    while todo:
+        cls = todo.pop()
+        by_name[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    cls = by_name.get(err.error_type)
+    return cls(err.message) if cls is not None else None
+
+
 def _user_errors(command):
-    """A backbone reference that does not resolve, a backbone that refuses the configured image
-    size, an unreachable store or a refused registry operation: the message, exit status 2."""
+    """The errors of ``_user_error_types`` (and config errors) as one line, no traceback, also when
+    a rank of a multi-process run raised them; exit status 2 for what stops a command before it
+    starts, 1 for a run that failed on the way (a full disk, a non-finite loss, a store that went
+    away). Any other failure of a rank: torch elastic's report with its traceback, exit status 1."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
-        from ssl_foundry.pipeline.registry.downstream import RegistryError
-        from ssl_foundry.pipeline.registry.export import BackboneInputError
-        from ssl_foundry.pipeline.registry.tracking_server import TrackingError
+        from ssl_foundry.launch.local import RanksFailed
 
+        known = _user_error_types()
         try:
             return command(args)
-        except (FileNotFoundError, BackboneInputError, TrackingError, RegistryError) as err:
-            print(f"foundry: error: {err}", file=sys.stderr)
-            return 2
+        except RanksFailed as failed:
+            err = _raised_in_a_rank(failed, (*known, ConfigError))
+            if err is None:
+                print(failed.details, file=sys.stderr)
+                return 1
+            if isinstance(err, ConfigError):
+                raise err from None
+        except known as raised:
+            err = raised
+        print(f"foundry: error: {err}", file=sys.stderr)
+        return getattr(err, "exit_status", 2)
     return run
 
 
@@ -172,6 +225,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
+    if args.kind in ("knn", "linear"):
+        require_labels(cfg.data, ("eval_train", "eval_test"), f"foundry eval {args.kind}")
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
@@ -226,7 +281,7 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
 def add_pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining from shards")
     _add_config_args(p)
-    p.set_defaults(func=pretrain)
+    p.set_defaults(func=_user_errors(pretrain))
 
 
 def _finetune_rank(config: dict, source, log: bool) -> dict | None:
@@ -275,6 +330,7 @@ def eval_finetune(args: argparse.Namespace) -> int:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
+    validate_finetune(cfg, world_size(cfg))
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)

@@ -3,14 +3,51 @@
 pretrain cfg`` start the same ranks with the same environment."""
 from __future__ import annotations
 
+import logging
 import os
 import uuid
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
 from ssl_foundry.pipeline.config import Config, config_from_dict, to_dict
+
+
+class RanksFailed(Exception):
+    """A rank raised ``error_type``(``message``). ``details`` is torch elastic's report of the
+    failure (the root cause's traceback), for errors the CLI does not explain in one line."""
+
+    def __init__(self, error_type: str, message: str, details: str):
+        super().__init__(f"{error_type}: {message}")
+        self.error_type, self.message, self.details = error_type, message, details
+
+
+def _ranks_failed(err: ChildFailedError) -> RanksFailed:
+    """The failure of the rank that failed first, preferring one that raised an exception (a rank
+    killed by the launcher after another failed has no exception of its own)."""
+    failures = sorted(err.failures.values(), key=lambda f: (not isinstance(f.message, dict), f.timestamp))
+    text = failures[0].message["message"] if isinstance(failures[0].message, dict) else str(failures[0].message)
+    error_type, _, message = text.partition(": ")
+    return RanksFailed(error_type, message, str(err))
+
+
+@contextmanager
+def _quiet_elastic_logs() -> Iterator[None]:
+    """torch elastic logs a failed rank's traceback and the SIGTERMs it sends the others: the CLI
+    reports the failure itself (one line for the errors it can explain, the traceback otherwise)."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed.elastic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def under_launcher() -> bool:
@@ -28,7 +65,7 @@ def _rank_entry(config: dict[str, Any]):
 
 def launch_ranks(cfg: Config, entry: Callable, *args: Any):
     """``entry(*args)`` in this process, or in ``launch.nproc_per_node`` ranks per node (``entry``
-    and ``args`` must pickle); returns rank 0's result."""
+    and ``args`` must pickle); returns rank 0's result. A failed rank: ``RanksFailed``."""
     if cfg.launch.nproc_per_node == 1 and cfg.launch.nnodes == 1 or under_launcher():
         return entry(*args)
     single_node = cfg.launch.nnodes == 1
@@ -43,7 +80,11 @@ def launch_ranks(cfg: Config, entry: Callable, *args: Any):
         max_restarts=0,
         monitor_interval=1,
     )
-    results = elastic_launch(elastic, entry)(*args)
+    try:
+        with _quiet_elastic_logs():
+            results = elastic_launch(elastic, entry)(*args)
+    except ChildFailedError as err:
+        raise _ranks_failed(err) from None
     return results[0]
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ssl_foundry.data_prep.shard_format import is_remote, redact
-from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
+from ssl_foundry.pipeline.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes,
+                                         tasks_per_node, to_dict)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,11 +193,6 @@ class PretrainJob:
 # --------------------------------------------------------------------------- submission
 
 
-def tasks_per_node(cfg: Config) -> int:
-    launch = cfg.launch
-    return launch.gpus_per_node or launch.tasks_per_node or 1
-
-
 def make_executor(cfg: Config, folder: Path):
     """submitit's AutoExecutor on Slurm with the launch.* keys as sbatch options."""
     import submitit
@@ -244,11 +240,20 @@ def _absolute(cfg: Config) -> Config:
     return cfg
 
 
+def _load_job_config(config_path: str | None, overrides: list[str]) -> Config:
+    """The job's config, validated with its batch split over the ranks it asks Slurm for."""
+    from ssl_foundry.pipeline.data.loader import validate_batch  # late: torch
+
+    cfg = load_config(config_path, overrides)
+    validate_batch(cfg, launcher="slurm")
+    return _absolute(cfg)
+
+
 def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str] = ()):
     """Validate and submit; returns ``(jobs, configs, folder)``: one job, or one per sweep combination
     (a Slurm job array)."""
     overrides = list(overrides)
-    base = _absolute(load_config(config_path, overrides))
+    base = _load_job_config(config_path, overrides)
     folder = Path(base.launch.submit_dir or Path(base.output_dir) / "slurm").absolute()
     combos = parse_sweeps(list(sweeps))
     executor = make_executor(base, folder)
@@ -257,7 +262,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
         return jobs, [base], folder
     configs, callables = [], []
     for index, combo in enumerate(combos):
-        cfg = _absolute(load_config(config_path, overrides + combo))
+        cfg = _load_job_config(config_path, overrides + combo)
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
         swept = redact(" ".join(combo))  # a data location's credentials stay out of MLflow
         if not cfg.mlflow.run_name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -22,7 +23,7 @@ import yaml
 
 from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
 from ssl_foundry.pipeline.config_error import ConfigError
-from ssl_foundry.pipeline.data.augment.spec import ViewSpec, parse_views
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec, parse_views
 
 if TYPE_CHECKING:
     import torch
@@ -206,6 +207,10 @@ class MlflowConfig:
     experiment: str = "ssl-foundry"
     registered_model: str = ""  # empty: don't register
     run_name: str = ""
+    # A server that stops answering mid-run does not stop training: metrics wait in memory (and in
+    # <output_dir>/mlflow-unsent.jsonl) and are sent when it answers again. The end of the run waits
+    # this long for it, then exits (1) with the metrics kept; rerunning the command sends them.
+    outage_minutes: float = 10.0
 
 
 @dataclass
@@ -244,6 +249,104 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: ``low <= x`` (``low < x`` when ``low_open``), likewise ``high``."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # what the bounds or 0 mean
+
+    def __contains__(self, x: float) -> bool:
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+OFF_AT_0 = Range(0, note="0: off")
+PROBABILITY = Range(0, 1)
+
+# Every numeric key's range (list keys: each element's), checked before anything starts: a value
+# outside is a ConfigError naming the key, the value and the range. Keys with a rule of their own
+# (train.adam_betas, eval.linear.lrs, eval.finetune.crop_scale, deepspeed.zero_stage) are checked
+# by it.
+NUMBER_RANGES: dict[type, dict[str, Range]] = {
+    AugmentOp: {"p": PROBABILITY},
+    ViewSpec: {"count": AT_LEAST_1},
+    DataConfig: {
+        "num_workers": Range(0, note="0: load in the training process"), "prefetch_batches": AT_LEAST_1,
+        "shuffle_buffer": Range(0, note="0 or 1: no shuffle buffer"),
+        "readers": Range(0, note="0: one per rank x loader worker"),
+        "clip_frames": Range(0, note="0: every frame of a stored clip"), "frame_stride": AT_LEAST_1,
+        "eval_image_size": AT_LEAST_1, "mean": PROBABILITY, "std": POSITIVE,
+        "labelled_fraction": Range(0, 1, low_open=True, note="e.g. 0.1 for 10 % of the labels"),
+        "timeout_s": Range(0, low_open=True, note="the seconds a rank waits for one batch"),
+        "max_sample_bytes": Range(1, note="the bytes of the largest tar member read"),
+        "retries": Range(0, note="0: a failed read from a store ends the run"),
+    },
+    TrainConfig: {
+        "max_steps": AT_LEAST_1, "budget_minutes": Range(0, note="0: no time budget"), "batch_size": AT_LEAST_1,
+        "grad_accum_steps": AT_LEAST_1, "lr": Range(0, low_open=True, note="the base lr for train.lr_batch_ref samples"),
+        "lr_batch_ref": AT_LEAST_1, "min_lr": NON_NEGATIVE, "weight_decay": NON_NEGATIVE,
+        "weight_decay_end": Range(0, note="unset (null): constant weight decay"),
+        "bias_and_norm_lr_scale": Range(0, low_open=True, note="1: the weights' lr"),
+        "momentum": Range(0, 1, high_open=True), "warmup_steps": NON_NEGATIVE, "grad_clip": OFF_AT_0,
+        "seed": NON_NEGATIVE, "log_every": Range(1, note="steps between logged metrics"),
+        "checkpoint_every": Range(1, note="steps between checkpoints"),
+        "keep_checkpoints": Range(0, note="0: keep every checkpoint"),
+        "threads": Range(0, note="0: cores / ranks"),
+    },
+    EvalConfig: {
+        "knn_k": AT_LEAST_1, "knn_temperature": POSITIVE, "batch_size": AT_LEAST_1,
+        "knn_every": Range(0, note="0: no online kNN monitor"), "embedding_map_points": Range(0, note="0: no plot"),
+        "temporal_order_frames": Range(2, note="an order needs two frames"),
+    },
+    LinearProbeConfig: {
+        "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "momentum": Range(0, 1, high_open=True),
+        "weight_decay": NON_NEGATIVE, "val_fraction": Range(0, 1, low_open=True, high_open=True), "seed": NON_NEGATIVE,
+    },
+    FinetuneConfig: {
+        "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "layer_decay": Range(0, 1, low_open=True, note="1: off"), "warmup_steps": NON_NEGATIVE,
+        "label_smoothing": Range(0, 1, high_open=True), "mixup_alpha": OFF_AT_0, "cutmix_alpha": OFF_AT_0,
+        "log_every": AT_LEAST_1,
+    },
+    GateConfig: {"threshold": Range(0, 1, note="a top-1 accuracy")},
+    MlflowConfig: {"outage_minutes": NON_NEGATIVE},
+    LaunchConfig: {
+        "nproc_per_node": AT_LEAST_1, "nnodes": AT_LEAST_1, "nodes": AT_LEAST_1,
+        "gpus_per_node": Range(0, note="0: no GPUs"), "tasks_per_node": Range(0, note="0: one per GPU, or 1"),
+        "cpus_per_task": Range(0, note="0: the partition's default"), "signal_delay_s": NON_NEGATIVE,
+        "max_requeues": NON_NEGATIVE,
+    },
+}
+
+
+def check_ranges(node: Any, prefix: str = "") -> None:
+    """Every key of ``node`` (a config dataclass) and of the dataclasses below it within its range."""
+    ranges = NUMBER_RANGES.get(type(node), {})
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, f"{key}[{i}]")
+        elif f.name in ranges and value is not None:  # None: an optional key left unset
+            if not all(x in ranges[f.name] for x in (value if isinstance(value, list) else [value])):
+                raise ConfigError(f"{key} must be {ranges[f.name]}, got {value}")
 
 
 # --------------------------------------------------------------------------- building
@@ -293,8 +396,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
         try:
             converted = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if not math.isfinite(converted):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         if tp is int and isinstance(value, (float, str)) and float(value) != converted:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return converted
@@ -406,11 +511,79 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return build(Config, tree)
 
 
+def tasks_per_node(cfg: Config) -> int:
+    """Slurm tasks (ranks) per node: one per GPU, else launch.tasks_per_node, else 1."""
+    launch = cfg.launch
+    return launch.gpus_per_node or launch.tasks_per_node or 1
+
+
+def world_size(cfg: Config, launcher: str = "local") -> int:
+    """The ranks of the run: WORLD_SIZE inside a rank torchrun or submitit started; else what
+    `foundry pretrain` starts (``launcher="local"``: launch.nproc_per_node x launch.nnodes) or
+    `foundry submit` asks Slurm for (``"slurm"``: launch.nodes x tasks_per_node)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "slurm":
+        return cfg.launch.nodes * tasks_per_node(cfg)
+    return cfg.launch.nproc_per_node * cfg.launch.nnodes
+
+
+_RANKS_HINT = " (ranks: launch.nproc_per_node x launch.nnodes; under Slurm launch.nodes x tasks per node)"
+
+
+def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, readers: int | None = None,
+                num_workers: int = 0, batch_key: str = "train.batch_size") -> int:
+    """Samples per rank in one forward pass: ``batch_size`` (the global batch of ``batch_key``) over
+    ranks x accumulation steps; with the torch loader's ``readers`` (data.readers, 0: one per rank x
+    loader worker) also split evenly over the rank's readers, each of which makes an equal part of
+    every batch. Anything else is a ConfigError naming the keys, their values and the fix."""
+    per_pass = world_size * grad_accum_steps
+    if batch_size % per_pass:
+        over = f"{world_size} rank(s)" + (f" x train.grad_accum_steps={grad_accum_steps}" if grad_accum_steps > 1 else "")
+        below, above = batch_size // per_pass * per_pass, (batch_size // per_pass + 1) * per_pass
+        raise ConfigError(f"{batch_key}={batch_size} does not split over {over}: make it a multiple of {per_pass} "
+                          f"(e.g. {below or above} or {above}){_RANKS_HINT}")
+    local = batch_size // per_pass
+    if readers is None:
+        return local
+    workers = max(1, num_workers)
+    if readers % (world_size * workers):
+        raise ConfigError(f"data.readers={readers} is not a multiple of {world_size} rank(s) x {workers} loader "
+                          f"worker(s) (data.num_workers): set it to a multiple of {world_size * workers}")
+    if local % ((readers or world_size * workers) // world_size):
+        if readers:
+            raise ConfigError(f"data.readers={readers} does not divide the {local * world_size} samples of a forward "
+                              f"pass ({batch_key} / train.grad_accum_steps), of which every reader makes an equal "
+                              f"part: set data.readers to a divisor of {local * world_size}")
+        raise ConfigError(f"{batch_key}={batch_size} gives each rank {local} samples per forward pass, which do not "
+                          f"split over data.num_workers={num_workers} loader workers (each makes an equal part of "
+                          f"every batch): make {batch_key} a multiple of {per_pass * workers} or change "
+                          f"data.num_workers")
+    return local
+
+
+def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, instead: str = "") -> None:
+    """The shards of ``data.<key>`` are labelled, as their manifest says, since ``needed_by`` reads
+    their labels (``instead``: the other way out, e.g. turning that evaluation off)."""
+    from ssl_foundry.data_prep.shard_format import read_manifest
+
+    for key in keys:
+        folder = getattr(data, key)
+        if folder and (Path(folder) / "manifest.json").is_file() and read_manifest(folder).get("labelled") is False:
+            raise ConfigError(
+                f"data.{key}={folder} holds unlabelled shards (made from a folder without one sub-folder per "
+                f"class, e.g. ImageNet's flat val/) but {needed_by} needs labels: prep them from SRC/<class>/ "
+                f"folders{', or ' + instead if instead else ''}")
+
+
 def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Every rule of a run's config but the batch's split over ranks and loader readers, which needs
+    the loader (``pipeline.data.loader.validate_batch``): the launchers check both before any rank starts."""
     import timm  # late, as the models below: they import torch, which loading a config does not wait for
 
     from ssl_foundry.models.registry import method_arg_names, method_class, method_names
 
+    check_ranges(cfg)
     t = cfg.train
     if cfg.model.method not in method_names():
         raise ConfigError(
@@ -429,9 +602,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
     validate_teacher(cfg.model)
-    if not 0 < cfg.data.labelled_fraction <= 1:
-        raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
-                          f"got {cfg.data.labelled_fraction}")
     if cfg.data.labelled_fraction < 1 and not getattr(method_class(cfg.model.method), "uses_labels", False):
         takes_labels = [m for m in method_names() if getattr(method_class(m), "uses_labels", False)]
         raise ConfigError(f"data.labelled_fraction={cfg.data.labelled_fraction}: method '{cfg.model.method}' takes "
@@ -444,12 +614,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         close = difflib.get_close_matches(cfg.model.backbone, timm.list_models(), n=5)
         raise ConfigError(f"model.backbone: '{cfg.model.backbone}' is not a timm model"
                           f"{'. Did you mean ' + ', '.join(close) + '?' if close else ''}")
-    for key, value in (("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps),
-                       ("launch.nproc_per_node", cfg.launch.nproc_per_node),
-                       ("launch.nodes", cfg.launch.nodes)):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
     validate_slurm(cfg.launch)
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
@@ -465,38 +629,18 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    step_batch = t.batch_size // max(1, t.grad_accum_steps)  # global samples per forward pass
-    if cfg.data.readers < 0 or (cfg.data.readers and step_batch % cfg.data.readers):
-        raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
-                          f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
-                          f"(each reader gives every batch an equal part)")
-    if not 0 < cfg.data.timeout_s < float("inf") or cfg.data.max_sample_bytes < 1:
-        raise ConfigError(f"data.timeout_s and data.max_sample_bytes must be positive and finite (the seconds a rank "
-                          f"waits for a batch; the bytes of the largest tar member read), got {cfg.data.timeout_s}, "
-                          f"{cfg.data.max_sample_bytes}")
-    if cfg.data.retries < 0:
-        raise ConfigError(f"data.retries must be >= 0 (0: a failed read from a store ends the run), got "
-                          f"{cfg.data.retries}")
-    if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
-        raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
-                          f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
     if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):
         raise ConfigError(f"train.nesterov=true is Nesterov momentum for train.optimizer=sgd with train.momentum > 0 "
                           f"(got optimizer {t.optimizer}, momentum {t.momentum}); set train.nesterov=false")
-    if t.bias_and_norm_lr_scale <= 0:
-        raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got "
-                          f"{t.bias_and_norm_lr_scale}")
-    if t.weight_decay_end is not None and (t.weight_decay_end < 0 or t.weight_decay <= 0):
+    if t.weight_decay_end is not None and t.weight_decay <= 0:
         raise ConfigError(f"train.weight_decay_end={t.weight_decay_end}: the schedule goes from train.weight_decay="
-                          f"{t.weight_decay} to it: weight_decay must be > 0 and weight_decay_end >= 0, or set "
-                          f"train.weight_decay_end=null for a constant weight decay")
+                          f"{t.weight_decay} to it: weight_decay must be > 0, or set train.weight_decay_end=null "
+                          f"for a constant weight decay")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
-    if t.budget_minutes < 0:
-        raise ConfigError(f"train.budget_minutes must be >= 0 (0: no time budget), got {t.budget_minutes}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
     if t.strategy == "deepspeed":
@@ -529,6 +673,40 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+    validate_labels(cfg, check_paths)
+
+
+def validate_finetune(cfg: Config, ranks: int) -> None:
+    """`foundry eval finetune` on ``ranks``: eval.finetune.batch_size splits over them (and the loader
+    workers), mixup/cutmix have pairs in every rank's batch, and its shards are labelled."""
+    ft = cfg.eval.finetune
+    local = split_batch(ft.batch_size, ranks, readers=0, num_workers=cfg.data.num_workers,
+                        batch_key="eval.finetune.batch_size")
+    if (ft.mixup_alpha or ft.cutmix_alpha) and local % 2:
+        raise ConfigError(f"eval.finetune.batch_size={ft.batch_size} gives {ranks} rank(s) {local} samples each, "
+                          f"but mixup/cutmix pair the samples of a batch: make the per-rank batch even")
+    require_labels(cfg.data, ("eval_train", "eval_test"), "foundry eval finetune")
+
+
+def validate_labels(cfg: Config, check_paths: bool) -> None:
+    """The evaluations a pretraining run makes (the kNN monitor, the kNN at its end) have their
+    labelled shards, and a method that trains on labels (S4L, SLA) has labelled training shards."""
+    from ssl_foundry.models.registry import method_class
+
+    e, d = cfg.eval, cfg.data
+    if e.knn_every and not (d.eval_train and d.eval_test):
+        raise ConfigError(f"eval.knn_every={e.knn_every} (the online kNN monitor) needs data.eval_train and "
+                          f"data.eval_test (labelled shards): set them, or eval.knn_every=0")
+    if not check_paths:
+        return
+    if e.knn_every:
+        require_labels(d, ("eval_train", "eval_test"), f"the online kNN monitor (eval.knn_every={e.knn_every})",
+                       "set eval.knn_every=0")
+    if e.after_pretrain and d.eval_train and d.eval_test:
+        require_labels(d, ("eval_train", "eval_test"), "the kNN at the end of pretraining (eval.after_pretrain)",
+                       "set eval.after_pretrain=false")
+    if getattr(method_class(cfg.model.method), "uses_labels", False):
+        require_labels(d, ("train",), f"model.method={cfg.model.method} (it trains on labels)")
 
 
 def validate_teacher(model: ModelConfig) -> None:
@@ -588,33 +766,16 @@ def validate_clip_length(cfg: Config, check_paths: bool) -> None:
 
 
 def validate_eval(e: EvalConfig) -> None:
-    """The linear probe's sweep and split, the fine-tuning recipe, and the gate's metric."""
-    if e.temporal_order_frames < 2:
-        raise ConfigError(f"eval.temporal_order_frames must be >= 2 (an order needs two frames), got "
-                          f"{e.temporal_order_frames}")
-    if e.knn_every < 0 or e.embedding_map_points < 0:
-        raise ConfigError(f"eval.knn_every and eval.embedding_map_points must be >= 0 (0: off), got "
-                          f"{e.knn_every}, {e.embedding_map_points}")
+    """The linear probe's sweep, the fine-tuning recipe's crop scale, and the gate's metric (the
+    other eval.* numbers: NUMBER_RANGES)."""
     lp = e.linear
     if not lp.lrs or any(lr <= 0 for lr in lp.lrs):
         raise ConfigError(f"eval.linear.lrs must be a non-empty list of positive learning rates, got {lp.lrs}")
     if lp.optimizer not in ("sgd", "lars"):
         raise ConfigError(f"eval.linear.optimizer: '{lp.optimizer}' is not one of sgd, lars")
-    if lp.epochs < 1 or lp.batch_size < 1:
-        raise ConfigError(f"eval.linear.epochs and eval.linear.batch_size must be >= 1, got {lp.epochs}, "
-                          f"{lp.batch_size}")
-    if not 0 < lp.val_fraction < 1:
-        raise ConfigError(f"eval.linear.val_fraction must be in (0, 1), got {lp.val_fraction}")
     ft = e.finetune
     if ft.optimizer not in ("adamw", "sgd", "lars"):
         raise ConfigError(f"eval.finetune.optimizer: '{ft.optimizer}' is not one of adamw, sgd, lars")
-    if ft.steps < 1 or ft.batch_size < 1 or ft.log_every < 1:
-        raise ConfigError(f"eval.finetune.steps, batch_size and log_every must be >= 1, got {ft.steps}, "
-                          f"{ft.batch_size}, {ft.log_every}")
-    if not 0 < ft.layer_decay <= 1:
-        raise ConfigError(f"eval.finetune.layer_decay must be in (0, 1] (1: off), got {ft.layer_decay}")
-    if not 0 <= ft.label_smoothing < 1 or ft.mixup_alpha < 0 or ft.cutmix_alpha < 0:
-        raise ConfigError("eval.finetune.label_smoothing must be in [0, 1) and mixup_alpha, cutmix_alpha >= 0")
     if len(ft.crop_scale) != 2 or not 0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1:
         raise ConfigError(f"eval.finetune.crop_scale must be [min, max] with 0 < min <= max <= 1, got {ft.crop_scale}")
     if e.gate.metric and e.gate.metric not in GATE_METRICS:
@@ -665,10 +826,8 @@ def slurm_time_minutes(value: str) -> int:
 
 
 def validate_slurm(launch: LaunchConfig) -> None:
-    """The launch.* keys of `foundry submit`: counts, the time limit, the memory size."""
-    for key in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s", "max_requeues"):
-        if getattr(launch, key) < 0:
-            raise ConfigError(f"launch.{key} must be >= 0, got {getattr(launch, key)}")
+    """The launch.* keys of `foundry submit`: GPUs vs tasks, the time limit, the memory size (the
+    counts: NUMBER_RANGES)."""
     if launch.gpus_per_node and launch.tasks_per_node not in (0, launch.gpus_per_node):
         raise ConfigError(
             f"launch.tasks_per_node={launch.tasks_per_node} with launch.gpus_per_node={launch.gpus_per_node}: "

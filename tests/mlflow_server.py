@@ -61,11 +61,12 @@ class MlflowServer:
     root ``root/artifacts`` that clients write to directly (same host only).
     """
 
-    def __init__(self, root: str | Path, serve_artifacts: bool = True, startup_timeout_s: float = 90.0):
+    def __init__(self, root: str | Path, serve_artifacts: bool = True, startup_timeout_s: float = 90.0,
+                 port: int | None = None):
         self.root = Path(root)
         self.serve_artifacts = serve_artifacts
         self.startup_timeout_s = startup_timeout_s
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: the same server again (same root), e.g. after a crash
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend_store_uri = f"sqlite:///{self.root.absolute() / 'mlflow.db'}"
         self.artifact_dir = self.root.absolute() / "artifacts"
@@ -130,6 +131,13 @@ class MlflowServer:
         if _group_alive(group, process):
             _signal_group(group, signal.SIGKILL)
         process.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server at once, as a crash would (no graceful shutdown)."""
+        if self._process is not None:
+            _signal_group(self._process.pid, signal.SIGKILL)
+            self._process.wait(timeout=30)
+            self._process = None
 
     def __enter__(self) -> MlflowServer:
         return self.start()

@@ -1,6 +1,8 @@
 """Config mistakes through the real CLI: a one-line message on stderr that names the key (and the
 valid keys, the close match, the expected type, the missing path and the `foundry prep` command),
 exit code 2, no traceback, and nothing started or written."""
+import re
+
 import pytest
 import yaml
 
@@ -100,3 +102,102 @@ def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
     with pytest.raises(ConfigError, match="shuffling BN"):
         load_config(REPO / "configs" / "moco_v2_resnet18_fmnist.yaml", ["train.global_batchnorm=true"],
                     check_paths=False)
+
+
+# ----------------------------------------------------------------------------- every numeric key
+
+# Keys where 0 is a valid value (it means "off", "auto" or is simply in range); anywhere else 0 is
+# refused. A negative number, a word and NaN are refused for every numeric key.
+ZERO_IS_VALID = {
+    "data.num_workers", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
+    "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.weight_decay_end", "train.momentum",
+    "train.adam_betas", "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
+    "eval.knn_every", "eval.embedding_map_points", "eval.linear.momentum", "eval.linear.weight_decay",
+    "eval.linear.seed", "eval.finetune.weight_decay", "eval.finetune.warmup_steps", "eval.finetune.label_smoothing",
+    "eval.finetune.mixup_alpha", "eval.finetune.cutmix_alpha", "eval.gate.threshold", "mlflow.outage_minutes",
+    "launch.gpus_per_node", "launch.tasks_per_node", "launch.cpus_per_task", "launch.signal_delay_s",
+    "launch.max_requeues",
+}
+# Keys that only mean something beside others: the context a value is tried in.
+CONTEXT = {"deepspeed.zero_stage": ["train.strategy=deepspeed", "train.optimizer=adamw"]}
+
+
+def numeric_keys(cls=None, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted key, int or float) of every number, optional number and list of numbers in the config
+    dataclasses; the views' keys as data.views.count and data.views.ops.p."""
+    import dataclasses
+    import types
+    import typing
+
+    from ssl_foundry.pipeline.config import Config
+    from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls or Config).items():
+        key = f"{prefix}{name}"
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) in (list, types.UnionType) else tp  # X | None: X
+        if dataclasses.is_dataclass(item):
+            keys += numeric_keys(item, f"{key}.")
+        elif item in (int, float):
+            keys.append((key, item))
+    assert cls is not None or {"data.views.count", "data.views.ops.p"} <= {k for k, _ in keys}, (ViewSpec, AugmentOp)
+    return keys
+
+
+def override(key: str, value: str) -> tuple[str, str]:
+    """The override that sets ``key`` to ``value`` (every element of a list), and the key the error names."""
+    import typing
+
+    from ssl_foundry.pipeline.config import Config
+
+    if key == "data.views.count":
+        return f"data.views=[{{count: {value}, ops: [{{op: horizontal_flip}}]}}]", "data.views[0].count"
+    if key == "data.views.ops.p":
+        return f"data.views=[{{count: 2, ops: [{{op: horizontal_flip, p: {value}}}]}}]", "data.views[0].ops[0].p"
+    node = Config
+    for part in key.split("."):
+        tp = typing.get_type_hints(node)[part]
+        node = tp
+    length = 2 if key in ("train.adam_betas", "eval.finetune.crop_scale") else 3
+    return (f"{key}=[{', '.join([value] * length)}]" if typing.get_origin(node) is list else f"{key}={value}"), key
+
+
+@pytest.mark.parametrize("key,kind", numeric_keys(), ids=[k for k, _ in numeric_keys()])
+def test_every_numeric_key_refuses_values_out_of_its_range(key, kind, tmp_path, capsys, fmnist):
+    """0 (where it is not a valid value), -1, a word and NaN (floats): exit 2 and one line naming the
+    key and the value, through the CLI's own entry point, before anything is written."""
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "run")
+    bad = ["-1", "ten"] + (["nan"] if kind is float else []) + ([] if key in ZERO_IS_VALID else ["0"])
+    for value in bad:
+        setting, named = override(key, value)
+        code = main(["pretrain", str(recipe), *CONTEXT.get(key, []), setting])
+        captured = capsys.readouterr()
+        assert_config_error(code, captured.out, captured.err, named, value)
+    if key in ZERO_IS_VALID:
+        load_config(recipe, [*CONTEXT.get(key, []), override(key, "0")[0]])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    # 2 nodes x 4 GPUs = 8 ranks, whatever launch.nproc_per_node says (torchrun's key)
+    (["launch.nodes=2", "launch.gpus_per_node=4", "train.batch_size=12"],
+     "train.batch_size=12 does not split over 8 rank(s): make it a multiple of 8 (e.g. 8 or 16)"),
+    # CPU tasks: the torch loader, so each rank's 4 samples must split over its 3 loader workers
+    (["launch.nodes=1", "launch.tasks_per_node=2", "train.batch_size=8", "data.num_workers=3"],
+     "train.batch_size=8 gives each rank 4 samples per forward pass, which do not split over data.num_workers=3"),
+    # GPUs with data.backend=auto: the job's node picks the loader, so only the split over ranks is checked
+    (["launch.nodes=1", "launch.gpus_per_node=2", "train.batch_size=8", "data.num_workers=3"], None),
+], ids=["gpus-over-nodes", "cpu-tasks-and-workers", "gpu-job-auto-backend"])
+def test_foundry_submit_splits_the_batch_over_the_ranks_it_asks_slurm_for(fmnist, tmp_path, overrides, expected):
+    from conftest import write_recipe
+    from ssl_foundry.pipeline.data.loader import validate_batch
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "run")
+    cfg = load_config(recipe, overrides)
+    if expected is None:
+        validate_batch(cfg, launcher="slurm")
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            validate_batch(cfg, launcher="slurm")

@@ -116,8 +116,9 @@ def test_too_few_samples_for_a_batch_is_an_error_not_a_hang(fmnist, transform):
 
 
 @pytest.mark.parametrize("readers,world,workers,batch,match", [
-    (4, 3, 1, 4, "not a multiple of 3 ranks x 1 loader workers"),
-    (4, 2, 1, 3, "local batch of 3 does not split over this rank's 2 readers"),
+    (4, 3, 1, 4, r"data.readers=4 is not a multiple of 3 rank\(s\) x 1 loader worker"),
+    (4, 2, 1, 3, "data.readers=4 does not divide the 6 samples of a forward pass"),
+    (0, 1, 3, 4, "gives each rank 4 samples per forward pass, which do not split over data.num_workers=3"),
     (16, 1, 0, 16, "8 shards but 16 readers"),
 ])
 def test_reader_layouts_that_cannot_work_are_errors(fmnist, transform, readers, world, workers, batch, match):

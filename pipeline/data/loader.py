@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ssl_foundry.data_prep.shard_format import (RetryPolicy, find_manifest, locate_shards, location_scheme, redact,
                                                 remake_hint, shard_samples, verify_shards)
 from ssl_foundry.models.registry import method_class
-from ssl_foundry.pipeline.config import ConfigError, DataConfig
+from ssl_foundry.pipeline.config import Config, ConfigError, DataConfig, split_batch, uses_cuda, world_size
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
 from ssl_foundry.pipeline.data.position import LoaderPosition
@@ -78,6 +78,14 @@ def decode_image(sample: dict) -> torch.Tensor:
 def is_clip_manifest(manifest: dict) -> bool:
     """Whether a shard folder holds video clips (`foundry prep video`) rather than images."""
     return manifest.get("settings", {}).get("kind") == "clips"
+
+
+def check_shard_count(folder: str, shards: int, readers: int) -> None:
+    """Every reader (data.readers, or one per rank x loader worker) streams shards of its own."""
+    if shards < readers:
+        raise ConfigError(f"{folder} has {shards} shards but {readers} readers (ranks x data.num_workers, or "
+                          f"data.readers) need at least that many: re-shard with a smaller --shard-size or lower "
+                          f"data.readers / data.num_workers")
 
 
 def _seed(*parts: int) -> int:
@@ -118,21 +126,11 @@ class ShardStream(IterableDataset):
         workers = self.world_size * self.num_workers
         # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
         self.readers = workers if finite or readers <= 0 else readers
-        if self.readers % workers:
-            raise ValueError(f"data.readers={self.readers} is not a multiple of {self.world_size} ranks x "
-                             f"{self.num_workers} loader workers: set data.readers to a multiple of {workers}")
+        if not finite:  # the rule of validate_batch, which the launchers check before any rank starts
+            split_batch(batch_size * world_size, world_size, readers=max(readers, 0), num_workers=num_workers)
         self.rank_readers = self.readers // self.world_size
-        if not finite and batch_size % self.rank_readers:
-            raise ValueError(f"the local batch of {batch_size} does not split over this rank's {self.rank_readers} "
-                             f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
-                             f"global batch a multiple of data.readers")
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
-        if len(self.shards) < self.readers:
-            raise ValueError(
-                f"{redact(location)} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} "
-                f"ranks x {self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
-                f"smaller --shard-size or lower data.readers / data.num_workers"
-            )
+        check_shard_count(redact(location), len(self.shards), self.readers)
 
     # ---------------------------------------------------------------- epoch plan
     def reader_shards(self, epoch: int) -> list[list[tuple[str, int | None]]]:
@@ -404,6 +402,26 @@ def train_backend(backend: str, device: torch.device, location: str = "") -> tup
     from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
 
     return auto_backend_on_gpu(torch.cuda.get_device_name(device))
+
+
+def validate_batch(cfg: Config, launcher: str = "local", check_paths: bool = True) -> None:
+    """train.batch_size over the run's ranks (``pipeline.config.world_size``), the accumulation steps
+    and, for the torch loader, its readers; and enough shards in data.train for those readers. The
+    launchers call it before any rank starts, after ``load_config``."""
+    d, t, launch = cfg.data, cfg.train, cfg.launch
+    folder = d.train if check_paths else ""
+    ranks = world_size(cfg, launcher)
+    # data.backend=auto picks the loader by the ranks' device: this machine's for a local launch; a Slurm
+    # job's GPU decides on its node, so there only the rule every loader has is checked here.
+    job_gpus = launcher == "slurm" and (launch.device == "cuda" or launch.device == "auto" and launch.gpus_per_node > 0)
+    if job_gpus and d.backend == "auto":
+        torch_loader = False
+    else:
+        device = torch.device("cuda" if launcher == "local" and uses_cuda(launch) else "cpu")
+        torch_loader = train_backend(d.backend, device, folder)[0] == "torch"
+    split_batch(t.batch_size, ranks, t.grad_accum_steps, d.readers if torch_loader else None, d.num_workers)
+    if torch_loader and folder:
+        check_shard_count(redact(folder), len(locate_shards(folder)[1]), d.readers or ranks * max(1, d.num_workers))
 
 
 def method_input_kind(method: str) -> str:

@@ -13,6 +13,19 @@ Tracking URIs:
 - anything else MLflow accepts (``sqlite:///...``, ``postgresql://...``) is used as is.
 
 The registry URI is always the tracking URI.
+
+Tracking never costs training. Params, tags and metrics go into a queue that a background thread
+sends in order (``RunLogQueue``), so a step never waits for the server. A call that fails because
+the server is unreachable is one warning line; what it carried stays queued, is mirrored to a spool
+file (``<output_dir>/mlflow-unsent.jsonl``) and is sent when the server answers again, or by the
+next run of the same output_dir (which replays the spool first). MLflow's own asynchronous logging
+(``log_batch(synchronous=False)``) is not used: it drops a batch whose request failed (and runs
+batches in a thread pool, unordered). Uploads and the registry are synchronous and wait (up to
+``outage_s``) for the queue to drain first.
+
+A metric is logged once per step: a resumed run skips the (key, step) points its run already has,
+i.e. the steps trained after the last checkpoint by the attempt that died keep that attempt's values.
+After an exact resume those are the very values the resumed run computes again.
 """
 
 from __future__ import annotations
@@ -21,9 +34,13 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +69,12 @@ _RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+class TrackingUnavailable(TrackingError):
+    """The store stopped answering and did not come back in time; what was logged is kept."""
+
+    exit_status = 1
+
+
 def resolve_tracking_uri(uri: str, output_dir: str) -> str:
     """``""`` -> ``sqlite:///<abs output_dir>/mlflow.db`` (no server needed); anything else unchanged."""
     if uri:
@@ -68,6 +91,192 @@ def default_artifact_location(uri: str, output_dir: str) -> str | None:
     if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
         return str(Path(uri[len(prefix):]).absolute().parent / "mlartifacts")
     return None
+
+
+@dataclass
+class RunData:
+    """One ``log_batch`` call's worth of a run's params, tags and metrics."""
+
+    run_id: str
+    metrics: list[Metric] = field(default_factory=list)
+    params: list[Param] = field(default_factory=list)
+    tags: list[RunTag] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps({"run_id": self.run_id,
+                           "metrics": [[m.key, m.value, m.timestamp, m.step] for m in self.metrics],
+                           "params": [[p.key, p.value] for p in self.params],
+                           "tags": [[t.key, t.value] for t in self.tags]})
+
+    @classmethod
+    def from_json(cls, line: str) -> RunData:
+        d = json.loads(line)
+        return cls(d["run_id"], [Metric(*m) for m in d["metrics"]], [Param(*p) for p in d["params"]],
+                   [RunTag(*t) for t in d["tags"]])
+
+
+def _short_reason(err: Exception) -> str:
+    """The gist of a failed MLflow call in a few words (its messages nest whole urllib3 reprs)."""
+    text = str(err)
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(r"(Read timed out|Connection aborted|"
+                                                                     r"Max retries exceeded|\d{3} Server Error)", text)
+    if found:
+        return found.group(1).strip()
+    return text.splitlines()[0][:120] if text else type(err).__name__
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step the run has of each of its metric keys."""
+    run = client.get_run(run_id)
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+
+
+def _retryable(err: Exception) -> bool:
+    """A failure the server's return can cure: connection errors, timeouts, 5xx. A 4xx (a refused
+    value) would fail again."""
+    return not isinstance(err, MlflowException) or err.get_http_status_code() >= 500
+
+
+class RunLogQueue:
+    """Params, tags and metrics sent in order by a background thread; kept while the tracking store
+    does not answer (a warning per failed call, retried with backoff up to 30 s) and mirrored to
+    ``spool`` so that a run killed meanwhile loses nothing: the next queue on that spool sends them."""
+
+    MAX_BACKOFF_S = 30.0
+
+    def __init__(self, client: MlflowClient, uri: str, spool: Path | None = None):
+        self._client, self._uri, self.spool = client, uri, spool
+        # What the spool held, queued first (the sender may have sent it by the time anyone asks).
+        self.replayed: list[RunData] = self._unsent(spool) if spool is not None and spool.is_file() else []
+        self._items = deque(self.replayed)
+        self._failures = 0  # consecutive failed calls
+        self._stop = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._send_forever, name="mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def _unsent(self, spool: Path) -> list[RunData]:
+        """The spool's items, less the points their runs already have (sent just before a kill)."""
+        items = [RunData.from_json(line) for line in spool.read_text().splitlines() if line.strip()]
+        for run_id in {item.run_id for item in items}:
+            try:
+                last = logged_steps(self._client, run_id)
+            except MlflowException:  # not in this store: sending says so, once
+                continue
+            for item in items:
+                if item.run_id == run_id:
+                    item.metrics = [m for m in item.metrics if m.step > last.get(m.key, -1)]
+        return [item for item in items if item.metrics or item.params or item.tags]
+
+    def put(self, item: RunData) -> None:
+        with self._cond:
+            self._items.append(item)
+            if self._failures:
+                self._write_spool()
+            self._cond.notify_all()
+
+    def persist(self) -> None:
+        """Mirror what is not sent yet to the spool (the trainer calls it before each checkpoint)."""
+        with self._cond:
+            if self._items:
+                self._write_spool()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything is sent (True) or ``timeout_s`` has passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._items and not self._stop and time.monotonic() < deadline:
+                self._cond.wait(timeout=deadline - time.monotonic())
+            return not self._items
+
+    def close(self, timeout_s: float) -> bool:
+        """``flush``, then stop the thread; what is left stays in the spool. True if all was sent."""
+        sent = self.flush(timeout_s)
+        with self._cond:
+            self._stop = True
+            if self._items:
+                self._write_spool()
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        return sent
+
+    def pending(self) -> int:
+        """Params, tags and metric values not sent yet."""
+        with self._cond:
+            return sum(len(item.metrics) + len(item.params) + len(item.tags) for item in self._items)
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last call failed (the store did not answer)."""
+        return self._failures > 0
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        try:
+            tmp = self.spool.with_name(self.spool.name + ".tmp")
+            tmp.write_text("".join(item.to_json() + "\n" for item in self._items))
+            os.replace(tmp, self.spool)
+        except OSError as err:
+            logger.warning("MLflow: cannot keep the %d unsent items in %s (%s)", len(self._items), self.spool,
+                           err.strerror)
+
+    def _next_call(self) -> list[RunData]:
+        """The front item; consecutive metric-only items of its run join it, up to the 1000 values MLflow
+        sends in one request (so that a call fails or succeeds whole, and a retry duplicates nothing)."""
+        first = self._items[0]
+        call, count = [first], len(first.metrics)
+        if first.params or first.tags:
+            return call
+        for item in list(self._items)[1:]:
+            if item.run_id != first.run_id or item.params or item.tags or count + len(item.metrics) > 1000:
+                break
+            call.append(item)
+            count += len(item.metrics)
+        return call
+
+    def _send_forever(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                call = self._next_call()
+            try:
+                self._client.log_batch(call[0].run_id, metrics=[m for item in call for m in item.metrics],
+                                       params=[p for item in call for p in item.params],
+                                       tags=[t for item in call for t in item.tags], synchronous=True)
+                error = None
+            except Exception as err:  # a dead server, a refused value: never the training's problem
+                error = err
+            with self._cond:
+                if error is None or not _retryable(error):
+                    for _ in call:
+                        self._items.popleft()
+                    if error is not None:
+                        logger.warning("MLflow: %s refused %d logged value(s) of run %s, dropped: %s", self._uri,
+                                       sum(len(i.metrics) + len(i.params) + len(i.tags) for i in call),
+                                       call[0].run_id, _short_reason(error))
+                    elif self._failures:
+                        logger.warning("MLflow: %s answers again, sending what was kept", self._uri)
+                        self._failures = 0
+                    if self.spool is not None and self.spool.exists() and not self._items:
+                        self.spool.unlink(missing_ok=True)
+                    elif self.spool is not None and self.spool.exists():
+                        self._write_spool()
+                else:
+                    self._failures += 1
+                    delay = min(self.MAX_BACKOFF_S, 2.0 ** self._failures)
+                    self._write_spool()
+                    logger.warning("MLflow: %s unreachable (%s): %d logged values kept%s, retrying in %.0f s",
+                                   self._uri, _short_reason(error), self.pending(),
+                                   f" in {self.spool}" if self.spool else "", delay)
+                self._cond.notify_all()
+                if error is not None and _retryable(error):  # back off; new items do not cut it short
+                    resume_at = time.monotonic() + delay
+                    while not self._stop and time.monotonic() < resume_at:
+                        self._cond.wait(timeout=resume_at - time.monotonic())
 
 
 def _param_value(value: Any) -> str:
@@ -99,16 +308,21 @@ class RunTracker:
     Params on a resumed run: a key already logged with the same value is skipped; a key whose
     value changed (e.g. a longer schedule on resume) keeps its original param (MLflow params are
     immutable) and the new value is recorded as the tag ``param_changed.<key>``, with a warning.
+    Metrics on a resumed run: a (key, step) the run already has is skipped (see the module doc).
+
+    Params, tags and metrics are queued (``RunLogQueue``, spooled to ``spool``); uploads, the
+    registry and ``end`` first wait up to ``outage_s`` for the queue to drain.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, spool: Path | None = None, outage_s: float = 60.0):
         check_reachable(tracking_uri)
         for name, value in _HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
+        self.outage_s = outage_s
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if run_id:
             run = self._resume_run(run_id)
@@ -117,6 +331,14 @@ class RunTracker:
             run = self._client.create_run(experiment_id, run_name=run_name or None)
         self._run_id = run.info.run_id
         self._params: dict[str, str] = dict(run.data.params)
+        self._queue = RunLogQueue(self._client, tracking_uri, spool)
+        # The last step of every metric key: the run's own history, then what the spool still sends.
+        self._last_step = logged_steps(self._client, self._run_id) if run_id else {}
+        for item in self._queue.replayed:
+            if item.run_id == self._run_id:
+                self._params.update({p.key: p.value for p in item.params})
+                for m in item.metrics:
+                    self._last_step[m.key] = max(m.step, self._last_step.get(m.key, m.step))
 
     @property
     def run_id(self) -> str:
@@ -163,19 +385,40 @@ class RunTracker:
         if changed:
             logger.warning("run %s: params changed since first logged (kept the originals, new values "
                            "as tags): %s", self._run_id, ", ".join(changed))
-        self._client.log_batch(self._run_id, params=new, tags=self._tag_list(changed), synchronous=True)
+        if new or changed:
+            self._queue.put(RunData(self._run_id, params=new, tags=self._tag_list(changed)))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue ``metrics`` at ``step``, leaving out the keys the run already has at ``step`` or later."""
         timestamp_ms = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()]
-        self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+        batch = [Metric(key, float(value), timestamp_ms, int(step)) for key, value in metrics.items()
+                 if step > self._last_step.get(key, -1)]
+        self._last_step.update({m.key: m.step for m in batch})
+        if batch:
+            self._queue.put(RunData(self._run_id, metrics=batch))
+
+    def persist(self) -> None:
+        """Mirror what is not sent yet to the spool file (before a checkpoint: those steps are not retrained)."""
+        self._queue.persist()
+
+    def _drain(self) -> None:
+        """Before a synchronous call: everything queued is sent, or TrackingError after ``outage_s``."""
+        if self._queue.failing:
+            logger.warning("MLflow: waiting up to %g min (mlflow.outage_minutes) for %s to take the %d kept values",
+                           self.outage_s / 60, self.tracking_uri, self._queue.pending())
+        if not self._queue.flush(self.outage_s):
+            raise TrackingUnavailable(
+                f"MLflow tracking server {self.tracking_uri} has not answered for {self.outage_s / 60:g} min "
+                f"(mlflow.outage_minutes): {self._queue.pending()} logged values of run {self._run_id} are kept"
+                f"{' in ' + str(self._queue.spool) if self._queue.spool else ''}; the run stays RUNNING. "
+                f"Rerun the same command once the server answers: it sends them and finishes the run.")
 
     @staticmethod
     def _tag_list(tags: dict[str, Any]) -> list[RunTag]:
         return [RunTag(key, str(value)[:MAX_TAG_VAL_LENGTH]) for key, value in tags.items()]
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._client.log_batch(self._run_id, tags=self._tag_list(tags), synchronous=True)
+        self._queue.put(RunData(self._run_id, tags=self._tag_list(tags)))
 
     def log_environment(self) -> None:
         """Tags ``env.*``: library versions, hardware, host, git commit and world size."""
@@ -199,6 +442,7 @@ class RunTracker:
         """Upload a file to ``<artifact_path>/<name>``, or a directory's contents to
         ``<artifact_path>/`` (default: the directory's own name, like a file)."""
         path = Path(local_path)
+        self._drain()
         if path.is_dir():
             self._client.log_artifacts(self._run_id, str(path), artifact_path or path.name)
         elif path.is_file():
@@ -230,6 +474,7 @@ class RunTracker:
         if missing:
             raise FileNotFoundError(f"register_model: {local_dir} lacks {', '.join(missing)}; "
                                     f"write it with pipeline.registry.export.export_timm_backbone.")
+        self._drain()
         artifact_path = self._free_artifact_path(artifact_path)
         self.log_artifact(str(folder), artifact_path)
         try:
@@ -243,8 +488,19 @@ class RunTracker:
         write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)
 
-    def end(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED, FAILED or KILLED (may be called again to correct the status)."""
+    def end(self, status: str = "FINISHED", wait_s: float | None = None) -> None:
+        """Send what is queued (waiting up to ``wait_s``, default ``outage_s``), then mark the run
+        FINISHED, FAILED or KILLED. An unreachable server: TrackingError, what was queued kept in the
+        spool, the run left RUNNING (a rerun finishes it)."""
         if status not in _RUN_END_STATUSES:
             raise ValueError(f"RunTracker.end: status must be one of {_RUN_END_STATUSES}, got {status!r}")
-        self._client.set_terminated(self._run_id, status=status)
+        if wait_s is not None:
+            self.outage_s = wait_s
+        try:
+            self._drain()
+            self._client.set_terminated(self._run_id, status=status)
+        except MlflowException as err:
+            raise TrackingUnavailable(f"MLflow tracking server {self.tracking_uri}: run {self._run_id} not marked "
+                                f"{status} ({_short_reason(err)}); it stays RUNNING") from None
+        finally:
+            self._queue.close(timeout_s=0)

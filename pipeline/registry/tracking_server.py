@@ -10,6 +10,8 @@ import urllib.request
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI and how to fix it."""
 
+    exit_status = 2  # found before anything started
+
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with the fix in the message, if an http(s) tracking server does not answer.

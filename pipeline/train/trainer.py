@@ -6,7 +6,14 @@ Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on th
 autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +
 cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
 ``checkpoint_every`` steps an atomic checkpoint holds everything needed to continue bitwise:
-model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id.
+model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id, all
+as tensors and plain values (it is loaded with ``weights_only=True``).
+
+Tracking never stops or delays a step: metrics are queued in memory and sent by the tracker's own
+thread (``pipeline.registry.tracking``), so no network call stands between a step and its checkpoint; before
+each checkpoint, what the server has not received yet is written beside it, so that a kill loses no
+logged step. ``train`` holds the output_dir's lock (``pipeline.train.output_lock``) and removes what
+killed checkpoint writers left behind.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,19 +39,26 @@ from timm.scheduler import CosineLRScheduler
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from ssl_foundry.models.registry import create_method, takes_teacher
-from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_config
+from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_config, split_batch
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
 from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
-from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
-from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+from ssl_foundry.pipeline.registry.tracking import (RunTracker, TrackingUnavailable, default_artifact_location,
+                                                    resolve_tracking_uri)
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError
+from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
+                                                   remove_stale_temps)
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
+from ssl_foundry.pipeline.train.output_lock import OutputDirLock
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
+
+# How long a failing run waits for an unreachable tracking server to record the failure.
+FAILURE_REPORT_WAIT_S = 30.0
 
 # Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
 # ran ~30% slower than the steady state in the demo), then steps whose median is the estimate.
@@ -51,7 +66,9 @@ BUDGET_SKIP_STEPS, BUDGET_PROBE_STEPS = 5, 10
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The loss went NaN/inf; the message names the step, the last good checkpoint and what to change."""
+
+    exit_status = 1
 
 
 class TrainingInterrupted(Exception):
@@ -95,16 +112,6 @@ def build_model(cfg: Config, teacher: Teacher | None = None) -> torch.nn.Module:
         # After the method is built: its momentum target (a copy) runs without gradients anyway.
         model.backbone.set_grad_checkpointing(True)
     return model
-
-
-def local_batch_size(cfg: Config, world_size: int) -> int:
-    per_step = world_size * cfg.train.grad_accum_steps
-    if cfg.train.batch_size % per_step:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by ranks x grad_accum_steps "
-            f"= {world_size} x {cfg.train.grad_accum_steps}"
-        )
-    return cfg.train.batch_size // per_step
 
 
 class WarmupCosineSchedule(CosineLRScheduler):
@@ -166,7 +173,11 @@ def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain values (numpy's MT19937 key as a tensor)."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -174,7 +185,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -212,7 +224,8 @@ def _find_resume(cfg: Config) -> Path | None:
 def _open_tracker(cfg: Config, run_id: str | None):
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+                         artifact_location=default_artifact_location(uri, cfg.output_dir),
+                         spool=Path(cfg.output_dir) / "mlflow-unsent.jsonl", outage_s=60 * cfg.mlflow.outage_minutes)
     if run_id is None:
         tracker.log_params(flatten(public_dict(cfg)))
         tracker.log_environment()
@@ -236,7 +249,7 @@ class Trainer:
         # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
         self.total_steps = cfg.train.max_steps
         self.budget_decided = cfg.train.budget_minutes <= 0
-        self.local_batch = local_batch_size(cfg, self.rt.world_size)
+        self.local_batch = split_batch(cfg.train.batch_size, self.rt.world_size, cfg.train.grad_accum_steps)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
         self.uses_labels = getattr(self.model, "uses_labels", False)
         self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
@@ -252,6 +265,7 @@ class Trainer:
         # rank 0 also holds every rank's count from before the checkpoint).
         self.skipped_samples = 0
         self.run_id: str | None = None
+        self.loss = float("nan")  # of the last step trained (or restored)
         resume = _find_resume(cfg)
         if resume is not None:
             self._restore(resume)
@@ -279,6 +293,7 @@ class Trainer:
             self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
             self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
+        self.loss = state.get("loss", float("nan"))
         self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
@@ -295,8 +310,11 @@ class Trainer:
             "rng": rng,
             "world_size": self.rt.world_size,
             "mlflow_run_id": self.run_id,
+            "loss": self.loss,
             "config": public_dict(self.cfg),
         }
+        if self.tracker is not None:
+            self.tracker.persist()  # the steps up to this one are not trained again: their metrics, on disk first
         return self.strategy.save(self.out / "checkpoints", self.step, state)
 
     # ------------------------------------------------------------------ loop
@@ -332,7 +350,6 @@ class Trainer:
         batches = self._loader()
         data_wait = 0.0
         window_start, window_steps = time.perf_counter(), 0
-        loss_value = float("nan")
         train_start = time.perf_counter()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
@@ -354,9 +371,9 @@ class Trainer:
                 step_loss += loss / t.grad_accum_steps
                 step_compute += time.perf_counter() - toc
             tic = time.perf_counter()
-            loss_value = float(all_reduce_mean(step_loss))
-            if not math.isfinite(loss_value):
-                self._fail_non_finite(loss_value)
+            self.loss = float(all_reduce_mean(step_loss))
+            if not math.isfinite(self.loss):
+                self._fail_non_finite(self.loss)
             grad_norm = self.strategy.step()
             self.step += 1
             if hasattr(self.model, "on_step_end"):
@@ -372,7 +389,7 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
                 metrics = {
-                    "loss": loss_value,
+                    "loss": self.loss,
                     "lr": step_lr,
                     "weight_decay": step_wd,
                     "grad_norm": grad_norm,
@@ -381,7 +398,7 @@ class Trainer:
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                     "epoch": float(self.position.epoch),
                 }
-                self._log(metrics)
+                self._log(metrics)  # queued, no I/O: the tracker's thread sends it
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save()
@@ -394,7 +411,7 @@ class Trainer:
         self._report_skipped_samples()
         memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
-        return self._finish(last, loss_value, memory)
+        return self._finish(last, memory)
 
     def _note_skipped(self, skipped: list[str]) -> None:
         """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
@@ -474,6 +491,20 @@ class Trainer:
         ``images_per_s`` then counts clips)."""
         return "clips" if getattr(self.model, "input_kind", "image") == "clip" else "img"
 
+    def end_failed(self, err: BaseException) -> None:
+        """Mark the MLflow run KILLED (interrupted) or FAILED, with a one-line reason as the tag
+        ``failure`` for the errors that have one; a server that does not answer within
+        FAILURE_REPORT_WAIT_S is warned about, not waited for (the error itself is what matters)."""
+        if isinstance(err, (NonFiniteLossError, TrackingError)):
+            return  # already FAILED with its reason / the store is not answering
+        interrupted = isinstance(err, (KeyboardInterrupt, TrainingInterrupted))
+        try:
+            if isinstance(err, CheckpointError):
+                self.tracker.set_tags({"failure": str(err)})
+            self.tracker.end("KILLED" if interrupted else "FAILED", wait_s=FAILURE_REPORT_WAIT_S)
+        except TrackingUnavailable as unreachable:
+            print(f"warning: {unreachable}", file=sys.stderr, flush=True)
+
     def _fail_non_finite(self, loss_value: float) -> None:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming
         # from it fails again. Move it out of train.resume=auto's way (kept for debugging).
@@ -504,8 +535,8 @@ class Trainer:
         return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
-    def _finish(self, last_checkpoint: Path | None, loss_value: float, memory: list[dict[str, float]]) -> TrainResult:
-        result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
+    def _finish(self, last_checkpoint: Path | None, memory: list[dict[str, float]]) -> TrainResult:
+        result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=self.loss)
         if not self.rt.is_main:
             return result
         d, m = self.cfg.data, self.cfg.model
@@ -514,8 +545,6 @@ class Trainer:
         result.memory_mb = {key: [rank[key] for rank in memory] for key in memory[0]}
         self.tracker.log_metrics({f"{key}_mb_rank{r}": value for key, values in result.memory_mb.items()
                                   for r, value in enumerate(values)}, step=self.step)
-        self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
-                                  if last_checkpoint.is_dir() else "checkpoints")
         backbone = self.strategy.consolidated_backbone(last_checkpoint)
         backbone_dir = export_timm_backbone(
             backbone, m.backbone, m.backbone_args, self.out / "backbone",
@@ -524,6 +553,9 @@ class Trainer:
                    **({"teacher": self.teacher.lineage()} if self.teacher else {})},
         )
         result.backbone_dir = str(backbone_dir)
+        # Uploads wait for an unreachable server (mlflow.outage_minutes); the export is on disk already.
+        self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
+                                  if last_checkpoint.is_dir() else "checkpoints")
         if self.cfg.mlflow.registered_model:
             result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
         else:
@@ -540,22 +572,28 @@ class Trainer:
 
 def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainResult:
     """Entry point of every rank (direct, torchrun, elastic launch or submitit). ``setup`` is
-    called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``)."""
-    trainer = Trainer(cfg)
-    try:
-        if setup is not None:
-            setup(trainer)
-        result = trainer.completed_result() or trainer.train()
-    except BaseException as err:
-        rt = trainer.rt
-        err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
-        # A NonFiniteLossError has already marked the run FAILED with the reason.
-        if trainer.tracker is not None and not isinstance(err, NonFiniteLossError):
-            trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
-        # An interruption or a non-finite loss stops every rank at the same step: they leave together.
-        shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
-        raise
-    shutdown_runtime()
-    if trainer.rt.is_main:
-        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
-    return result
+    called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``).
+    Rank 0 holds the output_dir's lock for the run (or its launcher does)."""
+    rank_zero = int(os.environ.get("RANK", "0")) == 0
+    with OutputDirLock(cfg.output_dir) if rank_zero else nullcontext():
+        folder = Path(cfg.output_dir) / "checkpoints"
+        if rank_zero and (stale := remove_stale_temps(folder)):
+            print(f"removed what killed checkpoint writers left in {folder}: {', '.join(p.name for p in stale)}",
+                  flush=True)
+        trainer = Trainer(cfg)
+        try:
+            if setup is not None:
+                setup(trainer)
+            result = trainer.completed_result() or trainer.train()
+        except BaseException as err:
+            rt = trainer.rt
+            err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
+            if trainer.tracker is not None:
+                trainer.end_failed(err)
+            # An interruption or a non-finite loss stops every rank at the same step: they leave together.
+            shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
+            raise
+        shutdown_runtime()
+        if trainer.rt.is_main:
+            (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+        return result

@@ -15,8 +15,10 @@ CPU accelerator with gloo (``DS_ACCELERATOR`` follows ``launch.device``).
 Checkpoints are DeepSpeed's sharded ones (every rank writes its partition), made atomic at the
 directory level: all ranks write into ``.step-XXXXXXXX.tmp/``, rank 0 renames it to
 ``step-XXXXXXXX/`` after a barrier (so the checkpoint folder must be shared by all nodes, as
-DeepSpeed assumes). The exported backbone is consolidated from the fp32 master weights of that
-checkpoint (DeepSpeed's ``zero_to_fp32``).
+DeepSpeed assumes). DeepSpeed loads them with ``weights_only=True`` here (its own engine unpickles
+anything), allowing exactly the three DeepSpeed classes its files hold. The exported backbone is
+consolidated from the fp32 master weights of the checkpoint this run has just written (DeepSpeed's
+``zero_to_fp32``).
 """
 from __future__ import annotations
 
@@ -32,9 +34,28 @@ import torch.distributed as dist
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config, deepspeed_config, offloads_optimizer, select_accelerator
-from ssl_foundry.pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
+from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_dir, commit_checkpoint_dir, safe_load,
+                                                   world_size_mismatch, write_error)
 from ssl_foundry.pipeline.train.optim import build_optimizer
 from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype
+
+
+def load_weights_only(engine) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles anything (``weights_only=False``): give ``engine``
+    one that loads tensors, plain values and the three DeepSpeed classes its files hold (ZeRO-1/2/3,
+    with and without offload: the ZeRO stage, the loss scaler's settings, ZeRO-1/2's parameter
+    fragment addresses). DeepSpeed's other engines load with torch's default, weights only, already."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, [ZeroStageEnum, LossScaler, fragment_address], map_location=map_location)
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
 class DeepSpeedStrategy:
@@ -58,6 +79,7 @@ class DeepSpeedStrategy:
                                           cuda=rt.device.type == "cuda")
         self.optimizer = build_optimizer(cfg, model, cpu_offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        load_weights_only(self.engine)
 
     def forward_backward(self, views: list[torch.Tensor], sync: bool, labels: torch.Tensor | None = None
                          ) -> torch.Tensor:
@@ -83,8 +105,11 @@ class DeepSpeedStrategy:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
             folder.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.engine.save_checkpoint(str(folder), tag=tmp.name, client_state={"trainer": trainer_state},
-                                    save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(folder), tag=tmp.name, client_state={"trainer": trainer_state},
+                                        save_latest=False)
+        except (OSError, RuntimeError) as err:  # a full disk; the next run's start removes the partial tmp
+            raise write_error(final, err) from None
         dist.barrier()  # every rank's shard is written
         path = commit_checkpoint_dir(tmp, final, keep=self.cfg.train.keep_checkpoints) if self.rt.is_main else None
         dist.barrier()  # nobody reads or rewrites the folder before the rename
@@ -92,16 +117,16 @@ class DeepSpeedStrategy:
 
     def load(self, path: Path) -> dict[str, Any]:
         if not path.is_dir():
-            raise RuntimeError(f"checkpoint {path} is a single file written by train.strategy=ddp: resume it with "
-                               f"train.strategy=ddp, or start fresh with train.resume=never")
+            raise CheckpointError(f"checkpoint {path} is a single file written by train.strategy=ddp: resume it "
+                                  f"with train.strategy=ddp, or start fresh with train.resume=never")
         saved_ranks = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
         if saved_ranks != self.rt.world_size:  # each rank owns its shard of the optimizer state
             raise world_size_mismatch(path, saved_ranks, self.rt.world_size)
         loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None or "trainer" not in (client_state or {}):
-            raise RuntimeError(f"checkpoint {path} is not a complete ssl-foundry DeepSpeed checkpoint; delete it to "
-                               f"resume from the previous one, or set train.resume=never")
+            raise CheckpointError(f"checkpoint {path} is not a complete ssl-foundry DeepSpeed checkpoint; delete it "
+                                  f"to resume from the previous one, or set train.resume=never")
         return client_state["trainer"]
 
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
