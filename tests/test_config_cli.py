@@ -109,7 +109,7 @@ def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
 # Keys where 0 is a valid value (it means "off", "auto" or is simply in range); anywhere else 0 is
 # refused. A negative number, a word and NaN are refused for every numeric key.
 ZERO_IS_VALID = {
-    "data.num_workers", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
+    "data.num_workers", "data.retries", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
     "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.weight_decay_end", "train.momentum",
     "train.adam_betas", "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
     "eval.knn_every", "eval.embedding_map_points", "eval.linear.momentum", "eval.linear.weight_decay",
