@@ -1,6 +1,7 @@
 """Method registry: ``create_method(name, backbone, **method_args)``, like timm's ``create_model``.
 
-A method module registers its class with ``@register_method("name")``. The class takes the
+A method module registers its class, a ``models.method.Method`` (whose docstring says what a
+method declares and implements), with ``@register_method("name")``. The class takes the
 backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
 ``method_args`` from the config are checked against that signature so a mistyped key is an
 error that lists the valid ones, before any process starts.
@@ -15,14 +16,22 @@ from typing import Any, Callable
 import torch.nn as nn
 
 import ssl_foundry.models.methods as methods
+from ssl_foundry.models.method import INPUT_SHAPES, Method
 
-_METHODS: dict[str, type[nn.Module]] = {}
+_METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: registers ``cls`` as method ``name`` after checking its declaration."""
+    def add(cls: type[Method]) -> type[Method]:
         if name in _METHODS:
             raise ValueError(f"method '{name}' registered twice ({_METHODS[name]} and {cls})")
+        if not issubclass(cls, Method):
+            raise TypeError(f"method '{name}': {cls.__name__} must derive from models.method.Method")
+        if not isinstance(getattr(cls, "num_views", None), int) or cls.num_views < 1:
+            raise TypeError(f"method '{name}': {cls.__name__} must declare num_views, an int >= 1")
+        if cls.input_kind not in INPUT_SHAPES:
+            raise TypeError(f"method '{name}': input_kind '{cls.input_kind}' is not one of {', '.join(INPUT_SHAPES)}")
         cls.method_name = name
         _METHODS[name] = cls
         return cls
@@ -40,7 +49,7 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_class(name: str) -> type[nn.Module]:
+def method_class(name: str) -> type[Method]:
     _import_all_methods()
     if name not in _METHODS:
         raise KeyError(f"unknown method '{name}'. Registered: {', '.join(sorted(_METHODS))}")
@@ -59,6 +68,6 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
             raise KeyError(f"model.method_args.{key}: '{name}' has no such argument. Valid: {', '.join(valid)}")
 
 
-def create_method(name: str, backbone: nn.Module, **method_args: Any) -> nn.Module:
+def create_method(name: str, backbone: nn.Module, **method_args: Any) -> Method:
     check_method_args(name, method_args)
     return method_class(name)(backbone, **method_args)

@@ -381,17 +381,17 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if key not in valid_args:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
-    num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
-        raise ConfigError(
-            f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
-            f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
-        )
+    method = method_class(cfg.model.method)
+    if cfg.data.views:
+        try:
+            method.check_view_count(sum(v.count for v in cfg.data.views))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if not 0 < cfg.data.labelled_fraction <= 1:
         raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
                           f"got {cfg.data.labelled_fraction}")
-    if cfg.data.labelled_fraction < 1 and not getattr(method_class(cfg.model.method), "uses_labels", False):
-        takes_labels = [m for m in method_names() if getattr(method_class(m), "uses_labels", False)]
+    if cfg.data.labelled_fraction < 1 and not method.uses_labels:
+        takes_labels = [m for m in method_names() if method_class(m).uses_labels]
         raise ConfigError(f"data.labelled_fraction={cfg.data.labelled_fraction}: method '{cfg.model.method}' takes "
                           f"no labels (those that do: {', '.join(takes_labels)}); drop the key")
     for key, data_value in (("pixel_mean", cfg.data.mean), ("pixel_std", cfg.data.std)):
@@ -449,7 +449,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
     validate_eval(cfg.eval)
-    if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
+    if method.input_kind == "clip":
         validate_clip_length(cfg, check_paths)
     if check_paths:
         for key in ("train", "eval_train", "eval_test"):

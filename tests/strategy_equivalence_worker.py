@@ -81,22 +81,20 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     strategy = create_strategy(cfg, model, rt)
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
-    num_views, uses_labels = method_class(method).num_views, getattr(method_class(method), "uses_labels", False)
-    clips = getattr(method_class(method), "input_kind", "image") == "clip"
+    clips = model.input_kind == "clip"
     losses, grad_norms = [], []
     for step in range(STEPS):
         scheduler.step_update(step)
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
             torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle, frame sampling
-            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips)
+            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, model.num_views, clips)
             loss = strategy.forward_backward(views, sync=micro == GRAD_ACCUM - 1,
-                                             labels=labels if uses_labels else None)
+                                             labels=labels if model.uses_labels else None)
             step_loss += loss / GRAD_ACCUM
         losses.append(float(all_reduce_mean(step_loss)))
         grad_norms.append(strategy.step())
-        if hasattr(model, "on_step_end"):
-            model.on_step_end(step + 1, STEPS)
+        model.on_step_end(step + 1, STEPS)
     with zero3_gathered(list(model.parameters())):
         state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     return {"losses": losses, "grad_norms": grad_norms, "state": state, "initial": initial}

@@ -277,7 +277,7 @@ def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
 
 def method_input_kind(method: str) -> str:
     """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    return getattr(method_class(method), "input_kind", "image")
+    return method_class(method).input_kind
 
 
 def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:

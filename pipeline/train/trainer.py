@@ -29,6 +29,7 @@ from timm.scheduler import CosineLRScheduler
 
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import create_method
 from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
@@ -79,7 +80,7 @@ class TrainResult:
     memory_mb: dict[str, list[float]] = field(default_factory=dict)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config) -> Method:
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
     model = create_method(cfg.model.method, backbone, **cfg.model.method_args)
     if cfg.train.global_batchnorm:
@@ -197,9 +198,8 @@ class Trainer:
         self.budget_decided = cfg.train.budget_minutes <= 0
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
-        self.uses_labels = getattr(self.model, "uses_labels", False)
         self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
-                              if self.uses_labels and cfg.data.labelled_fraction < 1 else None)
+                              if self.model.uses_labels and cfg.data.labelled_fraction < 1 else None)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
         self.train_seconds = 0.0  # wall time of this process's training loop
@@ -269,7 +269,7 @@ class Trainer:
                 for v in views]
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
-        if not self.uses_labels:
+        if not self.model.uses_labels:
             return None
         labels = batch["label"]
         if self.labelled_keys is not None:
@@ -307,8 +307,7 @@ class Trainer:
                 self._fail_non_finite(loss_value)
             grad_norm = self.strategy.step()
             self.step += 1
-            if hasattr(self.model, "on_step_end"):
-                self.model.on_step_end(self.step, self.total_steps)
+            self.model.on_step_end(self.step, self.total_steps)
             step_compute += time.perf_counter() - tic
             self.step_times.append((step_wait, step_compute))
             for callback in self.step_callbacks:
@@ -394,7 +393,7 @@ class Trainer:
     def _sample_unit(self) -> str:
         """What a sample of the batch is: an image, or a clip for the video methods (whose metric
         ``images_per_s`` then counts clips)."""
-        return "clips" if getattr(self.model, "input_kind", "image") == "clip" else "img"
+        return "clips" if self.model.input_kind == "clip" else "img"
 
     def _fail_non_finite(self, loss_value: float) -> None:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming

@@ -33,12 +33,12 @@ class DDPStrategy:
                          ) -> torch.Tensor:
         """One micro-batch: the method's loss (returned detached), its gradient accumulated into
         ``.grad`` scaled by 1 / grad_accum_steps; ranks all-reduce only when ``sync``. ``labels``
-        go to methods that take them (``uses_labels``)."""
+        go to methods that take them (``uses_labels``), None to the others."""
         module = self.ddp or self.model
         no_sync = module.no_sync() if self.ddp is not None and not sync else nullcontext()
         with no_sync:
             with autocast(self.rt.device, self.amp_dtype):
-                loss = (module(views) if labels is None else module(views, labels))["loss"]
+                loss = module(views, labels)["loss"]
             (loss / self.cfg.train.grad_accum_steps).backward()
         return loss.detach()
 

@@ -60,9 +60,9 @@ class DeepSpeedStrategy:
                          ) -> torch.Tensor:
         """One micro-batch; the engine scales the gradient by 1 / grad_accum_steps and (stage 2/3)
         reduce-scatters it into the owners' partitions, only at the accumulation boundary.
-        ``labels`` go to methods that take them (``uses_labels``)."""
+        ``labels`` go to methods that take them (``uses_labels``), None to the others."""
         self.engine.set_gradient_accumulation_boundary(sync)
-        loss = (self.engine(views) if labels is None else self.engine(views, labels))["loss"]
+        loss = self.engine(views, labels)["loss"]
         self.engine.backward(loss)
         return loss.detach()
 
