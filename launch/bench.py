@@ -275,11 +275,13 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
 
     import torch
 
+    from ssl_foundry.models.registry import method_class
     from ssl_foundry.pipeline.data.loader import build_train_loader
     from ssl_foundry.pipeline.data.position import LoaderPosition
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, num_workers=workers))
-    loader = build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), torch.device("cpu"))
+    loader = build_train_loader(cfg.data, cfg.train.batch_size, method_class(cfg.model.method).input_kind,
+                                cfg.train.seed, 0, 1, LoaderPosition(), torch.device("cpu"))
     for _ in range(warmup):  # worker start-up, shuffle-buffer fill, allocator warm-up
         next(loader)
     cpu, start = _cpu_seconds(), time.perf_counter()
@@ -328,7 +330,7 @@ def bench_loader(args: argparse.Namespace) -> int:
     from ssl_foundry.data_prep.images import prep_images
     from ssl_foundry.data_prep.photos import write_photo_folder
     from ssl_foundry.data_prep.shard_format import read_manifest
-    from ssl_foundry.pipeline.data.augment.spec import parse_views
+    from ssl_foundry.pipeline.data.augment.spec import view_sizes
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
@@ -354,8 +356,7 @@ def bench_loader(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "batches_measured": args.batches,
         "warmup_batches": args.warmup,
-        "view_sizes": [next((list(s.params.size) for s in steps if hasattr(s.params, "size")), None)
-                       for steps in parse_views(cfg.data.views)],
+        "view_sizes": [list(size) if size else None for size in view_sizes(cfg.data.views)],
         "runs": runs,
         "cpu_breakdown_1_thread": breakdown,
         "machine": _machine(),

@@ -2,9 +2,10 @@
 pretext task raises, and the check of data.clip_frames against the frames a method needs.
 
 A video method sets ``input_kind = "clip"`` (``models.method.Method``); its ``views`` are
-``num_views`` tensors of shape ``(B, T, 3, H, W)``: B clips of T frames, evenly spaced in time and in time order, augmented
-consistently across the frames of a clip. The backbone is a plain 2-D timm image model applied
-to every frame, so the exported backbone works on images and on frames alike.
+``num_views`` tensors of shape ``(B, T, 3, H, W)``: B clips of T frames, evenly spaced in time
+and in time order, augmented consistently across the frames of a clip. The backbone is a plain
+2-D timm image model applied to every frame, so the exported backbone works on images and on
+frames alike.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ssl_foundry.pipeline.config_error import ConfigError
-from ssl_foundry.pipeline.data.augment.spec import ViewSpec, parse_views
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
 
 if TYPE_CHECKING:
     import torch
@@ -275,7 +275,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a nested dict, naming any unknown key."""
+    """Instantiate dataclass ``cls`` from a nested dict, naming any unknown key. A class that checks
+    itself on construction (the augmentation spec's ops and views) has its error prefixed with the key."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -284,7 +285,10 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(_unknown_key(dotted, key, names, prefix))
         kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
 
 
 def _unknown_key(dotted: str, key: str, names: list[str], prefix: str) -> str:
@@ -421,11 +425,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    step_batch = t.batch_size // max(1, t.grad_accum_steps)  # global samples per forward pass
-    if cfg.data.readers < 0 or (cfg.data.readers and step_batch % cfg.data.readers):
-        raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
-                          f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
-                          f"(each reader gives every batch an equal part)")
+    if cfg.data.readers < 0:
+        raise ConfigError(f"data.readers must be >= 0 (0: one per rank x loader worker), got {cfg.data.readers}")
+    # The ranks are not known yet (torchrun, Slurm): what holds at any world size. Each rank checks
+    # its own split with the same function when it starts (pipeline.train.trainer).
+    split_batch(t.batch_size, 1, t.grad_accum_steps, readers=cfg.data.readers)
     if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
         raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
                           f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
@@ -463,8 +467,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
-    """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
-    shards exist) hold at least the frames its pretext task needs with these method_args."""
+    """A video method's training shards hold clips (when they exist), and its clips (data.clip_frames,
+    or the stored clips' length when 0) hold at least the frames its pretext task needs with these
+    method_args."""
     from ssl_foundry.models.registry import method_class  # late: torch (see validate)
     from ssl_foundry.models.video import min_clip_frames
 
@@ -472,13 +477,44 @@ def validate_clip_length(cfg: Config, check_paths: bool) -> None:
     needed = min_clip_frames(method_class(method), cfg.model.method_args)
     frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
     manifest = Path(cfg.data.train) / "manifest.json"
-    if not frames and check_paths and manifest.is_file():
-        frames = json.loads(manifest.read_text()).get("settings", {}).get("clip_frames", 0)
+    settings = json.loads(manifest.read_text()).get("settings", {}) if check_paths and manifest.is_file() else {}
+    if check_paths and manifest.is_file() and settings.get("kind") != "clips":
+        raise ConfigError(f"model.method={method} trains on video clips but data.train={cfg.data.train} holds images: "
+                          f"make clip shards with `foundry prep video SRC OUT`")
+    if not frames and settings:
+        frames = settings.get("clip_frames", 0)
         source = f"the clips of {cfg.data.train} ({frames} frames, data.clip_frames=0 takes them whole)"
     if frames and frames < needed:
         raise ConfigError(f"model.method={method} needs clips of at least {needed} frames with these "
                           f"model.method_args; {source} gives {frames}: raise data.clip_frames (re-prep with a "
                           f"larger --clip-frames if the shards' clips are shorter) or lower the method's frame needs")
+
+
+def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, readers: int | None = None,
+                num_workers: int = 0, batch_key: str = "train.batch_size") -> int:
+    """The samples each rank takes per forward pass: ``batch_size`` (the global batch of ``batch_key``)
+    over ``world_size`` ranks x ``grad_accum_steps`` micro-batches. With the torch loader (``readers``
+    not None: data.readers, 0 for one reader per rank x loader worker), every reader also makes an
+    equal part of every pass, so the batch must split into that many parts as well; and fixed readers
+    must share out evenly over ranks x loader workers (``num_workers``, 0 counts as 1). A split that
+    does not work is a ConfigError naming the keys, their values and the multiple to use."""
+    workers = max(1, num_workers)
+    if readers and readers % (world_size * workers):
+        raise ConfigError(f"data.readers={readers} does not share out over {world_size} rank(s) x {workers} loader "
+                          f"worker(s) (data.num_workers): set it to a multiple of {world_size * workers}, or 0")
+    factors = [f"{world_size} rank(s)"]
+    parts = world_size
+    if readers:
+        factors, parts = [f"data.readers={readers}"], readers
+    elif readers is not None and workers > 1:
+        factors.append(f"{workers} loader workers (data.num_workers)")
+        parts *= workers
+    if grad_accum_steps > 1:
+        factors.append(f"train.grad_accum_steps={grad_accum_steps}")
+    if batch_size % (parts * grad_accum_steps):
+        raise ConfigError(f"{batch_key}={batch_size} does not split into equal parts over {' x '.join(factors)}: "
+                          f"make it a multiple of {parts * grad_accum_steps}")
+    return batch_size // (world_size * grad_accum_steps)
 
 
 def validate_eval(e: EvalConfig) -> None:
@@ -517,10 +553,9 @@ def validate_eval(e: EvalConfig) -> None:
 
 
 def validate_views(data: DataConfig) -> None:
-    """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
-    Whether a backend has every op is checked when its loader is built (``data.backend=auto``
-    picks it by device)."""
-    parse_views(data.views)
+    """The loader features the chosen backend lacks (the augmentation spec itself was checked when
+    it was built, op by op; whether a backend has every op, when its loader is built:
+    ``data.backend=auto`` picks it by device)."""
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
             if value:
@@ -632,10 +667,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON of this run: generated from deepspeed.* and train.*, then the user's
+def deepspeed_config(d: DeepSpeedConfig, t: TrainConfig, micro_batch: int, amp_dtype: torch.dtype | None,
+                     cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON of a run whose ranks take ``micro_batch`` samples per forward pass
+    (``split_batch``): generated from deepspeed.* and train.*, then the user's
     ``deepspeed.config_json`` merged over it."""
-    t, d = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": cuda}
@@ -643,7 +679,7 @@ def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None
         zero["offload_param"] = {"device": d.offload_params, "pin_memory": cuda}
     generated = {
         # DeepSpeed derives train_batch_size = micro x accumulation x world size (= train.batch_size).
-        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum_steps),
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
@@ -719,7 +755,7 @@ def validate_deepspeed(cfg: Config) -> None:
                           "shards, so LARS' layer-wise trust ratio would be computed over whole shards; use "
                           "train.optimizer=adamw or sgd, or train.strategy=ddp")
     select_accelerator("cuda" if uses_cuda(cfg.launch) else "cpu")
-    ds_config = deepspeed_config(cfg, world_size=1, amp_dtype=None, cuda=False)
+    ds_config = deepspeed_config(d, t, split_batch(t.batch_size, 1, t.grad_accum_steps), amp_dtype=None, cuda=False)
     source = f" (deepspeed.* and train.*{', merged with ' + d.config_json if d.config_json else ''})"
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)

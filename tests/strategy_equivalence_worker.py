@@ -19,7 +19,7 @@ from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe
 
 from ssl_foundry.models.distributed import all_reduce_mean, zero3_gathered
 from ssl_foundry.models.registry import method_class
-from ssl_foundry.pipeline.config import Config, load_config
+from ssl_foundry.pipeline.config import Config, load_config, split_batch
 from ssl_foundry.pipeline.train.runtime import init_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 from ssl_foundry.pipeline.train.trainer import build_model, build_scheduler
@@ -79,7 +79,7 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(rt.device).train()
     initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    strategy = create_strategy(cfg, model, rt)
+    strategy = create_strategy(cfg, model, rt, split_batch(GLOBAL_BATCH, rt.world_size, GRAD_ACCUM))
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
     clips = model.input_kind == "clip"
     losses, grad_norms = [], []

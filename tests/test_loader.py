@@ -116,8 +116,8 @@ def test_too_few_samples_for_a_batch_is_an_error_not_a_hang(fmnist, transform):
 
 
 @pytest.mark.parametrize("readers,world,workers,batch,match", [
-    (4, 3, 1, 4, "not a multiple of 3 ranks x 1 loader workers"),
-    (4, 2, 1, 3, "local batch of 3 does not split over this rank's 2 readers"),
+    (4, 3, 1, 4, "data.readers=4 does not share out over 3 rank"),
+    (4, 2, 1, 3, "batch_size x world_size=6 does not split into equal parts over data.readers=4"),
     (16, 1, 0, 16, "8 shards but 16 readers"),
 ])
 def test_reader_layouts_that_cannot_work_are_errors(fmnist, transform, readers, world, workers, batch, match):

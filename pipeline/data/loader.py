@@ -36,8 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from ssl_foundry.data_prep.shard_format import read_manifest
-from ssl_foundry.models.registry import method_class
-from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.config import ConfigError, DataConfig, split_batch
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
@@ -86,17 +85,12 @@ class ShardStream(IterableDataset):
         self.loader_workers, self.num_workers = num_workers, max(1, num_workers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.finite, self.resampled, self.start = finite, resampled, start
-        workers = self.world_size * self.num_workers
         # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
-        self.readers = workers if finite or readers <= 0 else readers
-        if self.readers % workers:
-            raise ValueError(f"data.readers={self.readers} is not a multiple of {self.world_size} ranks x "
-                             f"{self.num_workers} loader workers: set data.readers to a multiple of {workers}")
+        self.readers = self.world_size * self.num_workers if finite or readers <= 0 else readers
+        if not finite:  # every reader makes an equal part of every batch (the trainer checked train.batch_size)
+            split_batch(batch_size * world_size, world_size, readers=max(readers, 0), num_workers=num_workers,
+                        batch_key="batch_size x world_size")
         self.rank_readers = self.readers // self.world_size
-        if not finite and batch_size % self.rank_readers:
-            raise ValueError(f"the local batch of {batch_size} does not split over this rank's {self.rank_readers} "
-                             f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
-                             f"global batch a multiple of data.readers")
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
         if len(self.shards) < self.readers:
             raise ValueError(
@@ -275,23 +269,13 @@ def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
     return backend
 
 
-def method_input_kind(method: str) -> str:
-    """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    return method_class(method).input_kind
-
-
-def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
+def train_transform(d: DataConfig, input_kind: str) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
-    image views for image shards; for clip shards, clips (video methods) or one frame of each clip
-    (image methods), see pipeline.data.video.ClipTransform."""
-    d = cfg.data
+    image views for image shards; for clip shards, clips (a method whose ``input_kind`` is "clip")
+    or one frame of each clip (image methods), see pipeline.data.video.ClipTransform."""
     views = MultiViewTransform(d.views, d.mean, d.std)
-    kind = method_input_kind(cfg.model.method)
     settings = read_manifest(d.train).get("settings", {})
     if settings.get("kind") != "clips":
-        if kind == "clip":
-            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
-                              f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
     from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
 
@@ -302,24 +286,24 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
                           f"re-prep with `foundry prep video --clip-frames {span}`")
     # The torch loader decodes in its CPU worker processes, whatever the training device.
     decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
-    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=kind == "clip"), decoder
+    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=input_kind == "clip"), decoder
 
 
-def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, position: LoaderPosition,
-                       device: torch.device) -> Iterator[dict]:
+def build_train_loader(d: DataConfig, batch_size: int, input_kind: str, seed: int, rank: int, world_size: int,
+                       position: LoaderPosition, device: torch.device) -> Iterator[dict]:
     """The one place the training loader's backend is chosen (``data.backend``): an iterator of
-    batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
+    batch dicts (see ShardStream) for this rank, ``batch_size`` samples each, starting at
+    ``position``; ``input_kind`` is the method's ("image" or "clip"). DALI's views arrive on
     ``device``; the torch loader's on the CPU (pinned for a GPU)."""
-    d = cfg.data
-    transform, video_decoder = train_transform(cfg, device)
     if train_backend(d.backend, device, d.train) == "dali":
         from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
-                               num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                               num_threads=d.num_workers, seed=seed, shuffle_buffer=d.shuffle_buffer,
                                start=position, device=device, prefetch_batches=d.prefetch_batches))
+    transform, video_decoder = train_transform(d, input_kind)
     stream = ShardStream(d.train, transform, batch_size, rank=rank,
-                         world_size=world_size, num_workers=d.num_workers, seed=cfg.train.seed,
+                         world_size=world_size, num_workers=d.num_workers, seed=seed,
                          shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers,
                          video_decoder=video_decoder)
     return iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))

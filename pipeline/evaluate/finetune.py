@@ -27,7 +27,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.config import Config, split_batch
 from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
@@ -88,9 +88,8 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
     """Fine-tune on this rank; rank 0 returns the result (the others None). The caller has checked
     that the backbone takes data.eval_image_size px images (``pipeline.registry.export.check_input_size``)."""
     ft, d = cfg.eval.finetune, cfg.data
-    if ft.batch_size % rt.world_size:
-        raise ValueError(f"eval.finetune.batch_size={ft.batch_size} does not split over {rt.world_size} ranks")
-    local_batch = ft.batch_size // rt.world_size
+    local_batch = split_batch(ft.batch_size, rt.world_size, readers=0, num_workers=d.num_workers,
+                              batch_key="eval.finetune.batch_size")
     if (ft.mixup_alpha or ft.cutmix_alpha) and local_batch % 2:
         raise ValueError(f"mixup/cutmix pair the samples of a batch: the per-rank batch ({local_batch}) must be even")
     torch.manual_seed(cfg.train.seed)  # the same head on every rank (DDP also broadcasts rank 0's)

@@ -31,7 +31,7 @@ from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import create_method
-from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
+from ssl_foundry.pipeline.config import Config, flatten, save_config, split_batch, to_dict
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
@@ -89,16 +89,6 @@ def build_model(cfg: Config) -> Method:
         # After the method is built: its momentum target (a copy) runs without gradients anyway.
         model.backbone.set_grad_checkpointing(True)
     return model
-
-
-def local_batch_size(cfg: Config, world_size: int) -> int:
-    per_step = world_size * cfg.train.grad_accum_steps
-    if cfg.train.batch_size % per_step:
-        raise ValueError(
-            f"train.batch_size={cfg.train.batch_size} is not divisible by ranks x grad_accum_steps "
-            f"= {world_size} x {cfg.train.grad_accum_steps}"
-        )
-    return cfg.train.batch_size // per_step
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
@@ -191,12 +181,17 @@ class Trainer:
             # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
             # ones); there only the inputs are channels_last, which is what selects the conv kernels.
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.strategy = create_strategy(cfg, self.model, self.rt)
+        d = cfg.data
+        self.backend = train_backend(d.backend, self.rt.device, d.train)
+        # This rank's samples per forward pass; the torch loader's readers each make an equal part of it.
+        self.local_batch = split_batch(cfg.train.batch_size, self.rt.world_size, cfg.train.grad_accum_steps,
+                                       readers=d.readers if self.backend == "torch" else None,
+                                       num_workers=d.num_workers)
+        self.strategy = create_strategy(cfg, self.model, self.rt, self.local_batch)
         self.optimizer = self.strategy.optimizer
         # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
         self.total_steps = cfg.train.max_steps
         self.budget_decided = cfg.train.budget_minutes <= 0
-        self.local_batch = local_batch_size(cfg, self.rt.world_size)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
         self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
                               if self.model.uses_labels and cfg.data.labelled_fraction < 1 else None)
@@ -254,10 +249,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         if self.rt.is_main:
-            backend = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
-            print(f"training loader: {backend} on {self.rt.device.type}", flush=True)
-        return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
-                                  self.rt.device)
+            print(f"training loader: {self.backend} on {self.rt.device.type}", flush=True)
+        return build_train_loader(self.cfg.data, self.local_batch, self.model.input_kind, self.cfg.train.seed,
+                                  self.rt.rank, self.rt.world_size, self.position, self.rt.device)
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images (B, 3, H, W) channels_last when asked; clips (B, T, 3, H, W) then in (B, T, H, W, 3)

@@ -39,7 +39,7 @@ from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype
 class DeepSpeedStrategy:
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime):
+    def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime, micro_batch: int):
         select_accelerator(rt.device.type)
         import deepspeed  # optional, and it must see DS_ACCELERATOR (set just above) when first imported
 
@@ -51,7 +51,7 @@ class DeepSpeedStrategy:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         for key, value in (("RANK", rt.rank), ("LOCAL_RANK", rt.local_rank), ("WORLD_SIZE", rt.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them (a launcher has set them already)
-        self.ds_config = deepspeed_config(cfg, rt.world_size, autocast_dtype(cfg.train, rt.device),
+        self.ds_config = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch, autocast_dtype(cfg.train, rt.device),
                                           cuda=rt.device.type == "cuda")
         self.optimizer = build_optimizer(cfg, model, cpu_offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
