@@ -14,7 +14,7 @@ from ssl_foundry.pipeline.config import ConfigError
 
 def build_parser() -> argparse.ArgumentParser:
     from ssl_foundry.data_prep.cli import add_parser as add_prep
-    from ssl_foundry.launch.bench import add_parser as add_bench
+    from ssl_foundry.launch.bench.cli import add_parser as add_bench
     from ssl_foundry.launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from ssl_foundry.launch.slurm import add_parser as add_submit
 
