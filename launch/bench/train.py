@@ -17,11 +17,14 @@ from ssl_foundry.pipeline.config import load_config, to_dict
 
 
 def _step_profiler(trainer, warmup: int, steps: int):
-    """torch.profiler over the measured steps only (the trainer calls ``step`` after each step)."""
+    """torch.profiler over the measured steps only (the trainer calls ``step`` after each step). One
+    cycle (``repeat=1``): with a repeating schedule and no wait, the step after the last one would
+    start a new cycle and drop the measured one."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.rt.device.type == "cuda" else [])
-    profiler = profile(activities=activities, schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps))
+    profiler = profile(activities=activities,
+                       schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps, repeat=1))
     trainer.step_callbacks.append(lambda step: profiler.step())
     return profiler
 
