@@ -21,6 +21,7 @@ import yaml
 
 from ssl_foundry.pipeline.config_error import ConfigError
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -464,6 +465,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+        manifest = Path(cfg.data.train) / "manifest.json"
+        if cfg.data.train and json.loads(manifest.read_text()).get("settings", {}).get("kind") == "clips":
+            require("av", f"data.train={cfg.data.train} (video clips: the loaders decode them)")
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
@@ -556,6 +560,9 @@ def validate_views(data: DataConfig) -> None:
     """The loader features the chosen backend lacks (the augmentation spec itself was checked when
     it was built, op by op; whether a backend has every op, when its loader is built:
     ``data.backend=auto`` picks it by device)."""
+    for key, value in (("data.backend", data.backend), ("data.video_decoder", data.video_decoder)):
+        if value == "dali":
+            require("nvidia.dali", f"{key}=dali")
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
             if value:
@@ -741,6 +748,7 @@ def validate_deepspeed(cfg: Config) -> None:
     """Everything about ``train.strategy=deepspeed`` that can be wrong, before any rank starts:
     our keys, the user JSON, and the merged config through DeepSpeed's own parser."""
     t, d = cfg.train, cfg.deepspeed
+    require("deepspeed", "train.strategy=deepspeed")
     if d.zero_stage == 0:
         raise ConfigError("deepspeed.zero_stage=0 is plain data parallelism: use train.strategy=ddp")
     if d.zero_stage not in (1, 2, 3):

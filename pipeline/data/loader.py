@@ -37,6 +37,7 @@ from webdataset.tariterators import tarfile_samples
 
 from ssl_foundry.data_prep.shard_format import read_manifest
 from ssl_foundry.pipeline.config import ConfigError, DataConfig, split_batch
+from ssl_foundry.pipeline.extras import installed
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
@@ -256,16 +257,17 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
 
 
 def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
-    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU. Clip shards always take the
-    torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by DALI
-    there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
+    """``data.backend`` resolved: auto is dali on a GPU where DALI is installed, else torch. Clip shards
+    always take the torch loader (DALI's augmentation graph is written for images, HWC; clips are
+    decoded by DALI there anyway where it can, see data.video_decoder); data.backend=dali with them
+    is a ConfigError."""
     clips = bool(folder) and is_clip_manifest(read_manifest(folder))
     if clips and backend == "dali":
         raise ConfigError(f"data.backend=dali augments images only and {folder} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
     if backend == "auto":
-        return "dali" if device.type == "cuda" and not clips else "torch"
+        return "dali" if device.type == "cuda" and not clips and installed("nvidia.dali") else "torch"
     return backend
 
 
