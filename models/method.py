@@ -57,6 +57,8 @@ class Method(nn.Module):
 
     @staticmethod
     def frames_needed(method_args: dict[str, Any]) -> int:
+        """The fewest frames per clip the method needs with ``method_args`` (its signature's defaults
+        filled in, ``models.video.min_clip_frames``): 1 unless a clip method's task needs more."""
         return 1
 
     def check_input(self, views: list[torch.Tensor], labels: torch.Tensor | None) -> None:
