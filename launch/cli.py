@@ -17,6 +17,7 @@ from ssl_foundry.pipeline.extras import install_hint
 def build_parser() -> argparse.ArgumentParser:
     from ssl_foundry.data_prep.cli import add_parser as add_prep
     from ssl_foundry.launch.bench.cli import add_parser as add_bench
+    from ssl_foundry.launch.check_gpu import add_parser as add_check
     from ssl_foundry.launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from ssl_foundry.launch.slurm import add_parser as add_submit
 
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
     add_submit(sub)
     add_bench(sub)
+    add_check(sub)
     return parser
 
 

@@ -12,6 +12,13 @@ known outside ``models/``):
   ``(B, T, C, H, W)`` batch of clips, the video methods).
 - ``uses_labels``: it also takes the batch's class labels ``(B,)``, -1 where a label is hidden
   (``data.labelled_fraction``; S4L, SLA).
+- ``fixed_lr_modules``: names of submodules whose parameters keep the base lr while the rest
+  follow the schedule (``pipeline.train.optim``; SimSiam's predictor); none by default.
+- ``exported_backbone``: the dotted name of the submodule exported as the trained backbone;
+  ``"backbone"`` unless the method says otherwise (DINO exports its teacher's).
+
+A distillation method takes a ``teacher`` argument after the backbone: the pipeline hands it the
+frozen network named by ``model.teacher`` (``models.registry.takes_teacher``).
 
 What it implements:
 
@@ -42,6 +49,8 @@ class Method(nn.Module):
     multi_crop: ClassVar[bool] = False
     input_kind: ClassVar[str] = "image"
     uses_labels: ClassVar[bool] = False
+    exported_backbone: ClassVar[str] = "backbone"
+    fixed_lr_modules: tuple[str, ...] = ()
     method_name: ClassVar[str]  # set by @register_method
 
     @classmethod

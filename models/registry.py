@@ -4,7 +4,9 @@ A method module registers its class, a ``models.method.Method`` (whose docstring
 method declares and implements), with ``@register_method("name")``. The class takes the
 backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
 ``method_args`` from the config are checked against that signature so a mistyped key is an
-error that lists the valid ones, before any process starts.
+error that lists the valid ones, before any process starts. A method whose signature has a
+``teacher`` argument (distillation) is handed a frozen ``nn.Module`` there by the pipeline, which
+resolves ``model.teacher``; it is not a method argument of the config.
 """
 from __future__ import annotations
 
@@ -56,9 +58,17 @@ def method_class(name: str) -> type[Method]:
     return _METHODS[name]
 
 
+_BUILT_BY_THE_PIPELINE = ("self", "backbone", "teacher")
+
+
 def method_arg_names(name: str) -> list[str]:
     params = inspect.signature(method_class(name).__init__).parameters
-    return [p for p in params if p not in ("self", "backbone")]
+    return [p for p in params if p not in _BUILT_BY_THE_PIPELINE]
+
+
+def takes_teacher(name: str) -> bool:
+    """The method distils a frozen teacher network (``model.teacher``)."""
+    return "teacher" in inspect.signature(method_class(name).__init__).parameters
 
 
 def check_method_args(name: str, method_args: dict[str, Any]) -> None:
@@ -68,6 +78,8 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
             raise KeyError(f"model.method_args.{key}: '{name}' has no such argument. Valid: {', '.join(valid)}")
 
 
-def create_method(name: str, backbone: nn.Module, **method_args: Any) -> Method:
+def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = None, **method_args: Any) -> Method:
     check_method_args(name, method_args)
-    return method_class(name)(backbone, **method_args)
+    if takes_teacher(name) != (teacher is not None):
+        raise ValueError(f"method '{name}' {'needs a' if takes_teacher(name) else 'takes no'} teacher network")
+    return method_class(name)(backbone, **({"teacher": teacher} if teacher is not None else {}), **method_args)

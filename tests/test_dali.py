@@ -20,7 +20,7 @@ from conftest import REPO, run_cli, write_recipe
 from ssl_foundry.data_prep.images import prep_images
 from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
 from ssl_foundry.pipeline.config import ConfigError, DataConfig, build, load_config
-from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment import parity, spec
 from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
 from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
 from ssl_foundry.pipeline.data.dali_loader import DaliStream
@@ -69,8 +69,7 @@ def keys_of(batches: list[dict]) -> list[str]:
 
 
 def to_pixels(view: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """Normalised (B, 3, h, w) -> 0..255 floats."""
-    return 255 * (view * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])
+    return parity.to_pixels(view, mean, std)
 
 
 def tar_labels(folder) -> dict[str, int]:
@@ -205,22 +204,6 @@ def within(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
     return bool((a.mean() - b.mean()).abs() <= 4 * se + allowance)
 
 
-def per_photo(keys: list[str], values: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` (one per view) per photo, in key order."""
-    order = sorted(set(keys))
-    groups = {k: [] for k in order}
-    for key, value in zip(keys, values):
-        groups[key].append(value)
-    return torch.stack([torch.stack(groups[k]).mean() for k in order])
-
-
-def paired_within(d_keys, d_values, t_keys, t_values, allowance: float) -> bool:
-    """Per photo, the backends' mean statistic differs by d; the mean of d is within 4 standard
-    errors (+ allowance) of 0. Pairing by photo takes the (large) photo-to-photo variance out."""
-    diff = per_photo(d_keys, d_values) - per_photo(t_keys, t_values)
-    return bool(diff.mean().abs() <= 4 * diff.std() / len(diff) ** 0.5 + allowance)
-
-
 def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     """The full SimCLR/BYOL-style op chain on real photos, 12 epochs (960 views) per backend:
     per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both.
@@ -231,8 +214,8 @@ def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     assert len(dali_views) == len(torch_views) == 2 * 40 * epochs
     for channel in range(3):
         d, t = dali_views[:, channel].flatten(1), torch_views[:, channel].flatten(1)
-        assert paired_within(d_keys, d.mean(1), t_keys, t.mean(1), allowance=2.0), channel
-        assert paired_within(d_keys, d.std(1), t_keys, t.std(1), allowance=2.0), channel
+        assert parity.paired_within(d_keys, d.mean(1), t_keys, t.mean(1), parity.ROUNDING_ALLOWANCE), channel
+        assert parity.paired_within(d_keys, d.std(1), t_keys, t.std(1), parity.ROUNDING_ALLOWANCE), channel
     for name, rendered in (("dali", dali_views), ("torch", torch_views)):
         grey = (rendered.amax(1) - rendered.amin(1)).flatten(1).amax(1) < 0.01
         rate, se = grey.float().mean(), (0.2 * 0.8 / len(grey)) ** 0.5

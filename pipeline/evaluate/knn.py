@@ -51,7 +51,7 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
         similarity = queries @ train_features.T  # (q, N) cosine similarities
         top_sim, top_idx = similarity.topk(k, dim=1)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes)
+        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
@@ -124,7 +124,7 @@ def attach_knn_monitor(trainer) -> None:
     def monitor(step: int) -> None:
         if step % every or not trainer.rt.is_main:
             return
-        backbone = trainer.model.backbone
+        backbone = trainer.model.get_submodule(trainer.model.exported_backbone)
         modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
         top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
         for module, training in modes.items():

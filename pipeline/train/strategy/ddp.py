@@ -68,5 +68,6 @@ class DDPStrategy:
         return state
 
     def consolidated_backbone(self, checkpoint: Path | None) -> torch.nn.Module:
-        """The trained backbone, whole, on this rank (every rank holds it under DDP)."""
-        return self.model.backbone
+        """The trained backbone (the method's ``exported_backbone``), whole, on this rank (every rank
+        holds it under DDP)."""
+        return self.model.get_submodule(self.model.exported_backbone)

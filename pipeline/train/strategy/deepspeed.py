@@ -47,8 +47,10 @@ class DeepSpeedStrategy:
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
         self.cfg, self.model, self.rt = cfg, model, rt
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group; NCCL for
+            cuda = rt.device.type == "cuda"  # CUDA tensors, as init_runtime and DeepSpeed itself would pick
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=rt.device if cuda else None)
         for key, value in (("RANK", rt.rank), ("LOCAL_RANK", rt.local_rank), ("WORLD_SIZE", rt.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them (a launcher has set them already)
         self.ds_config = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch, autocast_dtype(cfg.train, rt.device),
@@ -102,13 +104,14 @@ class DeepSpeedStrategy:
         return client_state["trainer"]
 
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
-        """The backbone with the full fp32 master weights of ``checkpoint``, gathered from every
-        rank's shard (DeepSpeed's zero_to_fp32), as a plain timm model on the CPU. Rank 0 only."""
+        """The backbone (the method's ``exported_backbone``) with the full fp32 master weights of
+        ``checkpoint``, gathered from every rank's shard (DeepSpeed's zero_to_fp32; frozen parameters,
+        such as a teacher's, come from the shards too), as a plain timm model on the CPU. Rank 0 only."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         m = self.cfg.model
         backbone = create_backbone(m.backbone, **m.backbone_args)
-        prefix = "backbone."
+        prefix = self.model.exported_backbone + "."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return backbone
