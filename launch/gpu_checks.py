@@ -309,7 +309,7 @@ def check_dali_loader(ctx: Context) -> dict:
     torch loader on the same shards and spec (BYOL's views: every op of the spec): images/s of each, and
     for the spec cut after each op, every channel's mean and std of the views paired by photo, within
     the tolerance of the CPU parity tests (pipeline.data.augment.parity)."""
-    from ssl_foundry.launch.bench import _truncated_views
+    from ssl_foundry.launch.bench.loader import truncated_views
     from ssl_foundry.pipeline.data.dali_acceptance import dali_build
 
     s = ctx.scale
@@ -323,7 +323,7 @@ def check_dali_loader(ctx: Context) -> dict:
     per_op = []
     longest = max(len(v.ops) for v in cfg.data.views)
     for k in range(1, longest + 1) if s.cut_after_each_op else [longest]:
-        prefix = replace(cfg, data=replace(cfg.data, views=_truncated_views(cfg.data.views, k)))
+        prefix = replace(cfg, data=replace(cfg.data, views=truncated_views(cfg.data.views, k)))
         (d_keys, d_mean, d_std), (t_keys, t_mean, t_std) = (
             _view_statistics(prefix, b, device, s.stat_batches) for b in ("dali", "torch"))
         statistics_ = [{"channel": c, "statistic": name, **parity.paired_comparison(

@@ -52,7 +52,7 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
             "images_per_s": images / wall, "cpu_ms_per_image": 1000 * cpu / images, "wall_s": wall, "cpu_s": cpu}
 
 
-def _truncated_views(views: list, ops: int) -> list:
+def truncated_views(views: list, ops: int) -> list:
     """The recipe with only the first ``ops`` ops of every view."""
     return [dataclasses.replace(v, ops=v.ops[:ops]) for v in views]
 
@@ -65,7 +65,7 @@ def _cpu_breakdown(cfg, backend: str, batches: int, warmup: int, repeats: int = 
     the least CPU time kept: interference from other processes only ever adds time."""
     rows, previous = [], 0.0
     for k in range(1, max(len(v.ops) for v in cfg.data.views) + 1):
-        prefix = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=_truncated_views(cfg.data.views, k)))
+        prefix = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, views=truncated_views(cfg.data.views, k)))
         cpu_ms = min(_time_loader(prefix, backend, 1 if backend == "dali" else 0, batches, warmup)["cpu_ms_per_image"]
                      for _ in range(repeats))
         names = " / ".join(sorted({v.ops[k - 1].op for v in cfg.data.views if len(v.ops) >= k}))
