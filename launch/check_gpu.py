@@ -33,7 +33,7 @@ def _machine() -> dict:
 
     import torch
 
-    from ssl_foundry.launch.bench import _machine as cpu_machine
+    from ssl_foundry.launch.bench.report import machine as cpu_machine
 
     def version(package: str) -> str | None:
         try:

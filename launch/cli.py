@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.extras import install_hint
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ssl_foundry.data_prep.cli import add_parser as add_prep
-    from ssl_foundry.launch.bench import add_parser as add_bench
+    from ssl_foundry.launch.bench.cli import add_parser as add_bench
     from ssl_foundry.launch.check_gpu import add_parser as add_check
     from ssl_foundry.launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
     from ssl_foundry.launch.slurm import add_parser as add_submit
 
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('ssl-foundry')}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prep(sub)
     add_pretrain_parser(sub)
@@ -45,3 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"foundry: config error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # an optional part that is not installed: say which extra has it
+        hint = install_hint(err.name)
+        if hint is None:
+            raise
+        print(f"foundry {args.command}: {err.name} is not installed: {hint}", file=sys.stderr)
+        return 1

@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_foundry.launch.isolated_items import Item
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import zero3_gathered
-from ssl_foundry.models.registry import create_method
-from ssl_foundry.pipeline.config import Config, LaunchConfig, TrainConfig, load_config
+from ssl_foundry.models.registry import create_method, method_class
+from ssl_foundry.pipeline.config import Config, LaunchConfig, TrainConfig, load_config, split_batch
 from ssl_foundry.pipeline.data.augment import parity, spec
 from ssl_foundry.pipeline.data.loader import build_train_loader
 from ssl_foundry.pipeline.data.position import LoaderPosition
@@ -201,17 +201,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _view_sizes(cfg: Config) -> list[tuple[int, int]]:
-    """(h, w) of each output view: the size of the last op that sets one."""
-    return [[step.params.size for step in steps if hasattr(step.params, "size")][-1]
-            for steps in spec.parse_views(cfg.data.views)]
-
-
 def _synthetic_views(cfg: Config, batch: int, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
     """Normal noise in the shape of the recipe's views, in the memory format the trainer uses."""
     g = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return [torch.randn(batch, 3, h, w, generator=g).to(device, memory_format=fmt) for h, w in _view_sizes(cfg)]
+    return [torch.randn(batch, 3, h, w, generator=g).to(device, memory_format=fmt) for h, w in spec.view_sizes(cfg.data.views)]
 
 
 def _run_steps(strategy, model: torch.nn.Module, views_of_step: Callable[[int], list[torch.Tensor]], steps: int,
@@ -226,8 +220,7 @@ def _run_steps(strategy, model: torch.nn.Module, views_of_step: Callable[[int], 
             scheduler.step_update(step)
         losses.append(float(strategy.forward_backward(views, sync=True)))
         strategy.step()
-        if hasattr(model, "on_step_end"):
-            model.on_step_end(step + 1, steps)
+        model.on_step_end(step + 1, steps)
         _synchronize(device)
         times.append(time.perf_counter() - tic)
     return losses, times
@@ -276,8 +269,8 @@ def _crop_size(views: list, size: int) -> list:
 
 
 def _train_loader(cfg: Config, backend: str, device: torch.device):
-    cfg = replace(cfg, data=replace(cfg.data, backend=backend))
-    return build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), device)
+    return build_train_loader(replace(cfg.data, backend=backend), cfg.train.batch_size,
+                              method_class(cfg.model.method).input_kind, cfg.train.seed, 0, 1, LoaderPosition(), device)
 
 
 def _loader_images_per_s(cfg: Config, backend: str, device: torch.device, batches: int) -> float:
@@ -316,7 +309,7 @@ def check_dali_loader(ctx: Context) -> dict:
     torch loader on the same shards and spec (BYOL's views: every op of the spec): images/s of each, and
     for the spec cut after each op, every channel's mean and std of the views paired by photo, within
     the tolerance of the CPU parity tests (pipeline.data.augment.parity)."""
-    from ssl_foundry.launch.bench import _truncated_views
+    from ssl_foundry.launch.bench.loader import truncated_views
     from ssl_foundry.pipeline.data.dali_acceptance import dali_build
 
     s = ctx.scale
@@ -330,7 +323,7 @@ def check_dali_loader(ctx: Context) -> dict:
     per_op = []
     longest = max(len(v.ops) for v in cfg.data.views)
     for k in range(1, longest + 1) if s.cut_after_each_op else [longest]:
-        prefix = replace(cfg, data=replace(cfg.data, views=_truncated_views(cfg.data.views, k)))
+        prefix = replace(cfg, data=replace(cfg.data, views=truncated_views(cfg.data.views, k)))
         (d_keys, d_mean, d_std), (t_keys, t_mean, t_std) = (
             _view_statistics(prefix, b, device, s.stat_batches) for b in ("dali", "torch"))
         statistics_ = [{"channel": c, "statistic": name, **parity.paired_comparison(
@@ -341,7 +334,7 @@ def check_dali_loader(ctx: Context) -> dict:
                        "statistics": statistics_})
     agreeing = sum(p["agree"] for p in per_op)
     return {"recipe": "byol_resnet50_imagenet", "dali": dali_build(), "decode": "mixed" if device.type == "cuda"
-            else "cpu", "batch_size": s.loader_batch, "workers": s.workers, "view_sizes": _view_sizes(cfg),
+            else "cpu", "batch_size": s.loader_batch, "workers": s.workers, "view_sizes": spec.view_sizes(cfg.data.views),
             "images_per_s": images_per_s, "dali_over_torch": images_per_s["dali"] / images_per_s["torch"],
             "per_op": per_op, "checks": {f"statistics_agree_through_op{p['ops']}_{p['through']}": p["agree"]
                                          for p in per_op},
@@ -372,7 +365,7 @@ def check_training(ctx: Context, recipe: str, eager_item: str | None = None) -> 
     model = build_model(cfg).to(rt.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    strategy = create_strategy(cfg, model, rt)
+    strategy = create_strategy(cfg, model, rt, batch)
     views = _synthetic_views(cfg, batch, rt.device)
     flops = _step_flops(strategy, views)
     if eager_item:
@@ -385,7 +378,7 @@ def check_training(ctx: Context, recipe: str, eager_item: str | None = None) -> 
     peak = ctx.peak_tflops or peak_bf16_tflops(name)
     achieved = flops / step_s / 1e12
     result = {"recipe": recipe, "method": cfg.model.method, "backbone": cfg.model.backbone, "device": name,
-              "batch_size": batch, "view_sizes": _view_sizes(cfg), "precision": cfg.train.precision,
+              "batch_size": batch, "view_sizes": spec.view_sizes(cfg.data.views), "precision": cfg.train.precision,
               "autocast": str(strategy.amp_dtype or "off").removeprefix("torch."),
               "channels_last": cfg.train.channels_last, "steps": s.train_steps,
               "timed_steps": len(times) - s.warmup_steps,
@@ -505,7 +498,8 @@ def _strategy_run(cfg: Config, steps: int) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(rt.device).train()
     initial = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-    strategy = create_strategy(cfg, model, rt)
+    strategy = create_strategy(cfg, model, rt, split_batch(cfg.train.batch_size, rt.world_size,
+                                                           cfg.train.grad_accum_steps))
     scheduler = build_scheduler(cfg, strategy.optimizer, steps)
     losses, times = _run_steps(strategy, model, lambda step: _synthetic_views(cfg, cfg.train.batch_size, rt.device,
                                                                               seed=1000 + step),

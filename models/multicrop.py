@@ -4,14 +4,15 @@ at full resolution and any number of *local* views at a lower one, so that a mod
 
 The contract between a method and the rest of the pipeline:
 
-- The method class sets ``num_views`` to its number of global views (e.g. 2) and
-  ``multi_crop = True``: it then takes ``views = [global_1, ..., global_G, local_1, ..., local_L]``
+- The method class (a ``models.method.Method``) sets ``num_views`` to its number of global views
+  (e.g. 2) and ``multi_crop = True``: it then takes ``views = [global_1, ..., global_G, local_1, ..., local_L]``
   for any L >= 0, each a (B, C, h, w) batch; the global views share one size, a local view may have
   any size. ``data.views`` lists the global views first (e.g. ``count: 2`` at 224 px, then
-  ``count: 8`` at 96 px); ``pipeline.config`` checks that before training (``check_view_sizes``).
+  ``count: 8`` at 96 px); ``pipeline.config`` checks that before training (``check_view_sizes``),
+  and ``Method.forward`` checks every batch (the count, the global views' one shape).
 - The loaders (torch and DALI) and the trainer pass such a list through untouched: one tensor per
   view, each stacked over the batch at its own size.
-- Inside the method, :func:`split_views` separates the global from the local views and
+- Inside the method, ``views[:num_views]`` are the global views and
   :func:`forward_by_resolution` runs an encoder once per run of consecutive same-size views (the
   globals in one call, the locals in another), as DINO's ``MultiCropWrapper``: 2 + L views cost 2
   backbone calls, not 2 + L, and BatchNorm statistics are those of each resolution group.
@@ -28,21 +29,6 @@ import torch
 import torch.nn as nn
 
 from ssl_foundry.models.backbones import is_vit
-
-
-def split_views(views: list[torch.Tensor], num_global: int, method: str) -> tuple[list[torch.Tensor],
-                                                                                    list[torch.Tensor]]:
-    """``(global views, local views)`` of a multi-crop batch: the first ``num_global`` views, which
-    must share one shape, and the rest. Fewer views is a ValueError naming ``data.views``."""
-    if len(views) < num_global:
-        raise ValueError(f"{method} takes {num_global} global views (then any number of local views), got "
-                         f"{len(views)}: check data.views in the recipe")
-    global_views, local_views = views[:num_global], views[num_global:]
-    shapes = {tuple(v.shape) for v in global_views}
-    if len(shapes) > 1:
-        raise ValueError(f"{method}: the {num_global} global views must have one shape, got {sorted(shapes)}: "
-                         f"list them first in data.views, at one size")
-    return global_views, local_views
 
 
 def resolution_groups(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -65,12 +51,9 @@ def forward_by_resolution(encoder: Callable[[torch.Tensor], torch.Tensor], views
 
 def check_view_sizes(sizes: list[tuple[int, int] | None], num_global: int, backbone: nn.Module) -> None:
     """What a multi-crop method needs of ``data.views``, given each view's output size (``None``:
-    the view keeps the image's size): at least ``num_global`` views, the global ones first and of one
-    size; with a ViT, views of several sizes need ``dynamic_img_size`` and every size a multiple of
-    the patch size. Raises ValueError naming the key and the fix."""
-    if len(sizes) < num_global:
-        raise ValueError(f"data.views makes {len(sizes)} view(s); the method takes {num_global} global views "
-                         f"first (then any number of local views)")
+    the view keeps the image's size): the global ones first and of one size; with a ViT, views of
+    several sizes need ``dynamic_img_size`` and every size a multiple of the patch size (the view
+    count is the method's ``check_view_count``). Raises ValueError naming the key and the fix."""
     if len({sizes[i] for i in range(num_global)}) > 1:
         raise ValueError(f"data.views: the first {num_global} views are the global ones and must have one size, "
                          f"got {', '.join(map(str, sizes[:num_global]))}: list the global views first, at one size")

@@ -12,13 +12,6 @@ import torch
 NUM_ROTATIONS = 4
 
 
-def single_view(views: list[torch.Tensor], method: str) -> torch.Tensor:
-    """The one view of a single-view pretext method; more or fewer is a ValueError naming the key."""
-    if len(views) != 1:
-        raise ValueError(f"{method} takes 1 view, got {len(views)}: check data.views in the recipe")
-    return views[0]
-
-
 def rotate_all(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All four rotations of every image (Gidaris et al. 2018): (B, C, H, W) ->
     ((4B, C, H, W), labels (4B,)). Block ``r`` of B rows is every image rotated by ``r * 90``
@@ -31,11 +24,10 @@ def rotate_all(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated, labels
 
 
-def encode_rotations(backbone: torch.nn.Module, views: list[torch.Tensor], method: str
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's features of all four rotations of a single-view batch (RotNet, S4L, SLA):
-    ((4B, D) features, (4B,) rotation labels); rows [:B] are the upright images (``rotate_all``)."""
-    rotated, rotation = rotate_all(single_view(views, method))
+def encode_rotations(backbone: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's features of all four rotations of a batch (RotNet, S4L, SLA): ((4B, D)
+    features, (4B,) rotation labels); rows [:B] are the upright images (``rotate_all``)."""
+    rotated, rotation = rotate_all(images)
     return backbone(rotated), rotation
 
 

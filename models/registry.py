@@ -1,17 +1,12 @@
 """Method registry: ``create_method(name, backbone, **method_args)``, like timm's ``create_model``.
 
-A method module registers its class with ``@register_method("name")``. The class takes the
+A method module registers its class, a ``models.method.Method`` (whose docstring says what a
+method declares and implements), with ``@register_method("name")``. The class takes the
 backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
 ``method_args`` from the config are checked against that signature so a mistyped key is an
 error that lists the valid ones, before any process starts. A method whose signature has a
 ``teacher`` argument (distillation) is handed a frozen ``nn.Module`` there by the pipeline, which
 resolves ``model.teacher``; it is not a method argument of the config.
-
-What the trainer relies on, besides ``forward(views) -> {"loss": ...}``: the class attributes
-``num_views`` (and ``multi_crop``, see models/multicrop.py), ``input_kind`` ("image" or "clip"),
-``uses_labels``, ``exported_backbone`` (the dotted name of the submodule exported as the trained
-backbone; "backbone" unless the class says otherwise, e.g. DINO's teacher) and the optional hook
-``on_step_end(step, total_steps)``.
 """
 from __future__ import annotations
 
@@ -23,14 +18,22 @@ from typing import Any, Callable
 import torch.nn as nn
 
 import ssl_foundry.models.methods as methods
+from ssl_foundry.models.method import INPUT_SHAPES, Method
 
-_METHODS: dict[str, type[nn.Module]] = {}
+_METHODS: dict[str, type[Method]] = {}
 
 
-def register_method(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: registers ``cls`` as method ``name`` after checking its declaration."""
+    def add(cls: type[Method]) -> type[Method]:
         if name in _METHODS:
             raise ValueError(f"method '{name}' registered twice ({_METHODS[name]} and {cls})")
+        if not issubclass(cls, Method):
+            raise TypeError(f"method '{name}': {cls.__name__} must derive from models.method.Method")
+        if not isinstance(getattr(cls, "num_views", None), int) or cls.num_views < 1:
+            raise TypeError(f"method '{name}': {cls.__name__} must declare num_views, an int >= 1")
+        if cls.input_kind not in INPUT_SHAPES:
+            raise TypeError(f"method '{name}': input_kind '{cls.input_kind}' is not one of {', '.join(INPUT_SHAPES)}")
         cls.method_name = name
         _METHODS[name] = cls
         return cls
@@ -48,7 +51,7 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_class(name: str) -> type[nn.Module]:
+def method_class(name: str) -> type[Method]:
     _import_all_methods()
     if name not in _METHODS:
         raise KeyError(f"unknown method '{name}'. Registered: {', '.join(sorted(_METHODS))}")
@@ -75,14 +78,8 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
             raise KeyError(f"model.method_args.{key}: '{name}' has no such argument. Valid: {', '.join(valid)}")
 
 
-def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = None, **method_args: Any) -> nn.Module:
+def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = None, **method_args: Any) -> Method:
     check_method_args(name, method_args)
     if takes_teacher(name) != (teacher is not None):
         raise ValueError(f"method '{name}' {'needs a' if takes_teacher(name) else 'takes no'} teacher network")
     return method_class(name)(backbone, **({"teacher": teacher} if teacher is not None else {}), **method_args)
-
-
-def exported_backbone_name(method: nn.Module) -> str:
-    """The dotted name, within ``method``, of the backbone it exports (its ``exported_backbone``;
-    default ``"backbone"``, the trained one)."""
-    return getattr(method, "exported_backbone", "backbone")

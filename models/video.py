@@ -1,10 +1,11 @@
-"""What every video method shares: the clip batch it is given, the per-frame backbone call, and
-the error a clip too short for a pretext task raises.
+"""What every video method shares: the per-frame backbone call, the error a clip too short for a
+pretext task raises, and the check of data.clip_frames against the frames a method needs.
 
-A video method sets ``input_kind = "clip"``; its ``views`` are ``num_views`` tensors of shape
-``(B, T, 3, H, W)``: B clips of T frames, evenly spaced in time and in time order, augmented
-consistently across the frames of a clip. The backbone is a plain 2-D timm image model applied
-to every frame, so the exported backbone works on images and on frames alike.
+A video method sets ``input_kind = "clip"`` (``models.method.Method``); its ``views`` are
+``num_views`` tensors of shape ``(B, T, 3, H, W)``: B clips of T frames, evenly spaced in time
+and in time order, augmented consistently across the frames of a clip. The backbone is a plain
+2-D timm image model applied to every frame, so the exported backbone works on images and on
+frames alike.
 """
 from __future__ import annotations
 
@@ -14,17 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-
-def clip_batch(views: list[torch.Tensor], method: str, num_views: int = 1) -> list[torch.Tensor]:
-    """Check that ``views`` holds ``num_views`` clip tensors ``(B, T, C, H, W)`` of the same shape."""
-    if len(views) != num_views:
-        raise ValueError(f"{method} takes {num_views} view(s) of clips, got {len(views)}: "
-                         f"check data.views in the recipe")
-    for v in views:
-        if v.dim() != 5:
-            raise ValueError(f"{method} takes clips of shape (B, T, C, H, W), got a tensor of shape {tuple(v.shape)}: "
-                             f"it is a video method (input_kind='clip'); feed it a clip dataset")
-    return views
+from ssl_foundry.models.method import Method
 
 
 def require_frames(method: str, frames: int, needed: int, why: str, args: str) -> None:
@@ -34,12 +25,10 @@ def require_frames(method: str, frames: int, needed: int, why: str, args: str) -
                          f"raise data.clip_frames to {needed} or more, or lower {args}")
 
 
-def min_clip_frames(method_cls: type[nn.Module], method_args: dict[str, Any]) -> int:
+def min_clip_frames(method_cls: type[Method], method_args: dict[str, Any]) -> int:
     """The fewest frames per clip that video method ``method_cls`` needs with ``method_args`` (its
-    signature's defaults filled in), from its ``frames_needed(args)``; 1 for a method without one.
-    For a config check of data.clip_frames before any process starts."""
-    if not hasattr(method_cls, "frames_needed"):
-        return 1
+    signature's defaults filled in), from its ``frames_needed(args)``. For a config check of
+    data.clip_frames before any process starts."""
     params = inspect.signature(method_cls.__init__).parameters
     args = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
     return method_cls.frames_needed({**args, **method_args})

@@ -23,7 +23,8 @@ import yaml
 
 from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
 from ssl_foundry.pipeline.config_error import ConfigError
-from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec, parse_views
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.extras import require
 
 if TYPE_CHECKING:
     import torch
@@ -411,7 +412,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate dataclass ``cls`` from a nested dict, naming any unknown key."""
+    """Instantiate dataclass ``cls`` from a nested dict, naming any unknown key. A class that checks
+    itself on construction (the augmentation spec's ops and views) has its error prefixed with the key."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -420,7 +422,10 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(_unknown_key(dotted, key, names, prefix))
         kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}: {err}" if prefix else str(err)) from None
 
 
 def _unknown_key(dotted: str, key: str, names: list[str], prefix: str) -> str:
@@ -594,16 +599,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if key not in valid_args:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
-    num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    multi_crop = getattr(method_class(cfg.model.method), "multi_crop", False)  # checked with the views' sizes below
-    if num_views is not None and not multi_crop and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
-        raise ConfigError(
-            f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
-            f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
-        )
+    method = method_class(cfg.model.method)
+    if cfg.data.views:
+        try:
+            method.check_view_count(sum(v.count for v in cfg.data.views))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     validate_teacher(cfg.model)
-    if cfg.data.labelled_fraction < 1 and not getattr(method_class(cfg.model.method), "uses_labels", False):
-        takes_labels = [m for m in method_names() if getattr(method_class(m), "uses_labels", False)]
+    if cfg.data.labelled_fraction < 1 and not method.uses_labels:
+        takes_labels = [m for m in method_names() if method_class(m).uses_labels]
         raise ConfigError(f"data.labelled_fraction={cfg.data.labelled_fraction}: method '{cfg.model.method}' takes "
                           f"no labels (those that do: {', '.join(takes_labels)}); drop the key")
     for key, data_value in (("pixel_mean", cfg.data.mean), ("pixel_std", cfg.data.std)):
@@ -653,10 +657,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
-    if multi_crop:
+    if method.multi_crop:
         validate_multi_crop(cfg)
     validate_eval(cfg.eval)
-    if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
+    if method.input_kind == "clip":
         validate_clip_length(cfg, check_paths)
     for key in ("train", "eval_train", "eval_test"):
         try:
@@ -673,6 +677,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+        manifest = Path(cfg.data.train) / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()).get("settings", {}).get("kind") == "clips":
+            require("av", f"data.train={cfg.data.train} (video clips: the loaders decode them)")
     validate_labels(cfg, check_paths)
 
 
@@ -705,7 +712,7 @@ def validate_labels(cfg: Config, check_paths: bool) -> None:
     if e.after_pretrain and d.eval_train and d.eval_test:
         require_labels(d, ("eval_train", "eval_test"), "the kNN at the end of pretraining (eval.after_pretrain)",
                        "set eval.after_pretrain=false")
-    if getattr(method_class(cfg.model.method), "uses_labels", False):
+    if method_class(cfg.model.method).uses_labels:
         require_labels(d, ("train",), f"model.method={cfg.model.method} (it trains on labels)")
 
 
@@ -747,8 +754,9 @@ def validate_multi_crop(cfg: Config) -> None:
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:
-    """A video method's training clips (data.clip_frames, or the stored clips' length when 0 and the
-    shards exist) hold at least the frames its pretext task needs with these method_args."""
+    """A video method's training shards hold clips (when they exist), and its clips (data.clip_frames,
+    or the stored clips' length when 0) hold at least the frames its pretext task needs with these
+    method_args."""
     from ssl_foundry.models.registry import method_class  # late: torch (see validate)
     from ssl_foundry.models.video import min_clip_frames
 
@@ -756,8 +764,12 @@ def validate_clip_length(cfg: Config, check_paths: bool) -> None:
     needed = min_clip_frames(method_class(method), cfg.model.method_args)
     frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
     manifest = Path(cfg.data.train) / "manifest.json"
-    if not frames and check_paths and manifest.is_file():
-        frames = json.loads(manifest.read_text()).get("settings", {}).get("clip_frames", 0)
+    settings = json.loads(manifest.read_text()).get("settings", {}) if check_paths and manifest.is_file() else {}
+    if check_paths and manifest.is_file() and settings.get("kind") != "clips":
+        raise ConfigError(f"model.method={method} trains on video clips but data.train={cfg.data.train} holds images: "
+                          f"make clip shards with `foundry prep video SRC OUT`")
+    if not frames and settings:
+        frames = settings.get("clip_frames", 0)
         source = f"the clips of {cfg.data.train} ({frames} frames, data.clip_frames=0 takes them whole)"
     if frames and frames < needed:
         raise ConfigError(f"model.method={method} needs clips of at least {needed} frames with these "
@@ -784,10 +796,12 @@ def validate_eval(e: EvalConfig) -> None:
 
 
 def validate_views(data: DataConfig) -> None:
-    """The augmentation spec (op names, args, p), and the loader features the chosen backend lacks.
-    Whether a backend has every op is checked when its loader is built (``data.backend=auto``
-    picks it by device)."""
-    parse_views(data.views)
+    """The loader features the chosen backend lacks (the augmentation spec itself was checked when
+    it was built, op by op; whether a backend has every op, when its loader is built:
+    ``data.backend=auto`` picks it by device)."""
+    for key, value in (("data.backend", data.backend), ("data.video_decoder", data.video_decoder)):
+        if value == "dali":
+            require("nvidia.dali", f"{key}=dali")
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
             if value:
@@ -897,10 +911,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON of this run: generated from deepspeed.* and train.*, then the user's
+def deepspeed_config(d: DeepSpeedConfig, t: TrainConfig, micro_batch: int, amp_dtype: torch.dtype | None,
+                     cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON of a run whose ranks take ``micro_batch`` samples per forward pass
+    (``split_batch``): generated from deepspeed.* and train.*, then the user's
     ``deepspeed.config_json`` merged over it."""
-    t, d = cfg.train, cfg.deepspeed
     zero: dict[str, Any] = {"stage": d.zero_stage}
     if d.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": cuda}
@@ -908,7 +923,7 @@ def deepspeed_config(cfg: Config, world_size: int, amp_dtype: torch.dtype | None
         zero["offload_param"] = {"device": d.offload_params, "pin_memory": cuda}
     generated = {
         # DeepSpeed derives train_batch_size = micro x accumulation x world size (= train.batch_size).
-        "train_micro_batch_size_per_gpu": t.batch_size // (world_size * t.grad_accum_steps),
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
@@ -970,6 +985,7 @@ def validate_deepspeed(cfg: Config) -> None:
     """Everything about ``train.strategy=deepspeed`` that can be wrong, before any rank starts:
     our keys, the user JSON, and the merged config through DeepSpeed's own parser."""
     t, d = cfg.train, cfg.deepspeed
+    require("deepspeed", "train.strategy=deepspeed")
     if d.zero_stage == 0:
         raise ConfigError("deepspeed.zero_stage=0 is plain data parallelism: use train.strategy=ddp")
     if d.zero_stage not in (1, 2, 3):
@@ -984,7 +1000,7 @@ def validate_deepspeed(cfg: Config) -> None:
                           "shards, so LARS' layer-wise trust ratio would be computed over whole shards; use "
                           "train.optimizer=adamw or sgd, or train.strategy=ddp")
     select_accelerator("cuda" if uses_cuda(cfg.launch) else "cpu")
-    ds_config = deepspeed_config(cfg, world_size=1, amp_dtype=None, cuda=False)
+    ds_config = deepspeed_config(d, t, split_batch(t.batch_size, 1, t.grad_accum_steps), amp_dtype=None, cuda=False)
     source = f" (deepspeed.* and train.*{', merged with ' + d.config_json if d.config_json else ''})"
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)

@@ -1,37 +1,49 @@
 #!/usr/bin/env bash
-# Sets up everything `make demo` and `make test` need: Debian packages (when root on Debian)
-# and a .venv with the pinned Python dependencies. Idempotent: a second run only checks.
+# Sets up everything `make demo` and `make test` need: Debian packages (as root on Debian) and a .venv
+# with the pinned Python dependencies and this project. Idempotent: a second run only checks.
+# Without root the venv is made all the same; only the Debian packages need root, and the one
+# apt-get command that installs them is printed, with what does not work until then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-# Fashion-MNIST (recipes, tests); OpenCV's sample photos (DALI loader tests, `foundry prep photos`);
-# a C++ toolchain for DeepSpeed's CPU ops (built below).
-APT_PACKAGES=(dataset-fashion-mnist opencv-doc g++ ninja-build)
 DEEPSPEED_VERSION=0.19.8
+# Debian package -> what needs it.
+declare -A NEEDED_BY=(
+  [dataset-fashion-mnist]="the Fashion-MNIST recipes, make demo, foundry prep fashion-mnist and most tests"
+  [opencv-doc]="foundry prep photos / sample-videos, the DALI loader, video and benchmark tests"
+  [g++]="DeepSpeed's C++ ops (train.strategy=deepspeed)"
+  [ninja-build]="DeepSpeed's C++ ops (train.strategy=deepspeed)"
+)
+APT_PACKAGES=(dataset-fashion-mnist opencv-doc g++ ninja-build)
 
+installed_deb() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing_apt+=("$pkg")
+  installed_deb "$pkg" || missing_apt+=("$pkg")
 done
-if ((${#missing_apt[@]})); then
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    echo "setup: installing Debian packages: ${missing_apt[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq -o DPkg::Lock::Timeout=300
-    apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing_apt[@]}"
-  else
-    echo "setup: missing system packages: ${missing_apt[*]}" >&2
-    echo "  on Debian/Ubuntu run as root: apt-get install --no-install-recommends ${missing_apt[*]}" >&2
-    echo "  elsewhere: Fashion-MNIST's idx files must be in /usr/share/datasets/fashion-mnist/ and OpenCV's" >&2
-    echo "  sample photos in /usr/share/doc/opencv-doc/examples/data/" >&2
-    exit 1
-  fi
+if ((${#missing_apt[@]})) && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  echo "setup: installing Debian packages: ${missing_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq -o DPkg::Lock::Timeout=300
+  apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${missing_apt[@]}"
+  missing_apt=()
 fi
+
+report_missing_apt() {
+  ((${#missing_apt[@]})) || return 0
+  echo "setup: missing Debian packages; as root run:" >&2
+  echo "  apt-get install --no-install-recommends ${missing_apt[*]}" >&2
+  echo "  until then these do not work:" >&2
+  for pkg in "${missing_apt[@]}"; do echo "    $pkg: ${NEEDED_BY[$pkg]}" >&2; done
+  echo "  (elsewhere than Debian: Fashion-MNIST's idx files belong in /usr/share/datasets/fashion-mnist/," >&2
+  echo "   OpenCV's sample photos and videos in /usr/share/doc/opencv-doc/)" >&2
+}
 
 stamp="$VENV/.installed"
 if [[ -f $stamp && $stamp -nt requirements.txt && $stamp -nt pyproject.toml && $stamp -nt scripts/setup.sh ]]; then
+  report_missing_apt
   exit 0
 fi
 if [[ ! -x $VENV/bin/python ]]; then
@@ -51,16 +63,22 @@ done
 # CPU accelerator uses compiled now: CPU Adam (ZeRO-Offload) and the shared-memory collectives.
 # Otherwise the first run (or test) JIT-compiles them for ~90 s. --no-build-isolation: its build
 # imports the torch installed above; --no-cache-dir: a cached op-less wheel must not be reused. On a
-# GPU machine DeepSpeed JIT-compiles its CUDA ops on first use instead (README "DeepSpeed ZeRO").
+# GPU machine DeepSpeed JIT-compiles its CUDA ops on first use instead (docs/deepspeed.md). Without a
+# C++ toolchain it is installed without its ops (train.strategy=deepspeed then needs g++ and ninja).
 deepspeed_ready() {
   DS_ACCELERATOR=cpu "$VENV/bin/python" -c "import sys, deepspeed.git_version_info as ds; ops = ds.installed_ops
 sys.exit(not (ds.version == '$DEEPSPEED_VERSION' and ops.get('cpu_adam') and ops.get('deepspeed_shm_comm')))" 2>/dev/null
 }
-if ! deepspeed_ready; then
-  "$VENV/bin/pip" uninstall --quiet --yes deepspeed 2>/dev/null || true  # an op-less build would count as installed
-  DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
-    "$VENV/bin/pip" install --quiet --no-build-isolation --no-cache-dir "deepspeed==$DEEPSPEED_VERSION"
+if command -v g++ >/dev/null && command -v ninja >/dev/null; then
+  if ! deepspeed_ready; then
+    "$VENV/bin/pip" uninstall --quiet --yes deepspeed 2>/dev/null || true  # an op-less build would count as installed
+    DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 \
+      "$VENV/bin/pip" install --quiet --no-build-isolation --no-cache-dir "deepspeed==$DEEPSPEED_VERSION"
+  fi
+else
+  DS_BUILD_OPS=0 "$VENV/bin/pip" install --quiet --no-build-isolation "deepspeed==$DEEPSPEED_VERSION"
 fi
 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e .
 touch "$stamp"
-echo "setup: $VENV ready ($(DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'import torch, timm, mlflow, nvidia.dali, deepspeed.git_version_info as ds; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__, "dali", nvidia.dali.__version__, "deepspeed", ds.version, "ops", ",".join(k for k, v in ds.installed_ops.items() if v))'))"
+echo "setup: $VENV ready ($(DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'import torch, timm, mlflow, nvidia.dali, deepspeed.git_version_info as ds; print("torch", torch.__version__, "timm", timm.__version__, "mlflow", mlflow.__version__, "dali", nvidia.dali.__version__, "deepspeed", ds.version, "ops", ",".join(k for k, v in ds.installed_ops.items() if v) or "none")'))"
+report_missing_apt

@@ -20,7 +20,7 @@ from conftest import IMAGE_SIZE, VIT_ARGS, tiny_recipe
 
 from ssl_foundry.models.distributed import all_reduce_mean, zero3_gathered
 from ssl_foundry.models.registry import method_class, takes_teacher
-from ssl_foundry.pipeline.config import Config, load_config
+from ssl_foundry.pipeline.config import Config, load_config, split_batch
 from ssl_foundry.pipeline.train.runtime import init_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 from ssl_foundry.pipeline.train.trainer import build_model, build_scheduler
@@ -74,10 +74,6 @@ CLIP_FRAMES = 4
 LOCAL_VIEWS, LOCAL_SIZE = 2, IMAGE_SIZE // 2
 
 
-def is_multi_crop(method: str) -> bool:
-    return getattr(method_class(method), "multi_crop", False)
-
-
 def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
     tree = tiny_recipe(Path("unused"), Path("unused"))
     tree["model"] = {"method": method, "backbone": "vit_tiny_patch16_224", "backbone_args": dict(VIT_ARGS),
@@ -89,7 +85,7 @@ def case_config(method: str, strategy: str, overrides: list[str]) -> Config:
     if takes_teacher(method):
         tree["model"]["teacher"] = str(teacher_export(Path(tempfile.gettempdir()), tree["data"]["mean"],
                                                       tree["data"]["std"]))
-    if is_multi_crop(method):
+    if method_class(method).multi_crop:
         tree["model"]["backbone_args"]["dynamic_img_size"] = True
         tree["train"].update(weight_decay=0.04, weight_decay_end=0.4)
         tree["data"]["views"].append({"count": LOCAL_VIEWS, "ops": [{"op": "resize", "args": {"size": LOCAL_SIZE}}]})
@@ -133,26 +129,23 @@ def run_case(method: str, strategy_name: str, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(rt.device).train()
     initial = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-    strategy = create_strategy(cfg, model, rt)
+    strategy = create_strategy(cfg, model, rt, split_batch(GLOBAL_BATCH, rt.world_size, GRAD_ACCUM))
     scheduler = build_scheduler(cfg, strategy.optimizer, STEPS)
-    num_views = method_class(method).num_views
-    uses_labels = getattr(method_class(method), "uses_labels", False)
-    clips = getattr(method_class(method), "input_kind", "image") == "clip"
+    clips = model.input_kind == "clip"
     losses, grad_norms = [], []
     for step in range(STEPS):
         scheduler.step_update(step)
         step_loss = torch.zeros(())
         for micro in range(GRAD_ACCUM):
             torch.manual_seed(10 * step + micro + 100 * rt.rank)  # MAE's masks, MoCo v2's shuffle, frame sampling
-            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, num_views, clips,
-                                        LOCAL_VIEWS if is_multi_crop(method) else 0)
+            views, labels = micro_batch(step, micro, rt.rank, rt.world_size, model.num_views, clips,
+                                        LOCAL_VIEWS if model.multi_crop else 0)
             loss = strategy.forward_backward(views, sync=micro == GRAD_ACCUM - 1,
-                                             labels=labels if uses_labels else None)
+                                             labels=labels if model.uses_labels else None)
             step_loss += loss / GRAD_ACCUM
         losses.append(float(all_reduce_mean(step_loss)))
         grad_norms.append(strategy.step())
-        if hasattr(model, "on_step_end"):
-            model.on_step_end(step + 1, STEPS)
+        model.on_step_end(step + 1, STEPS)
     with zero3_gathered(list(model.parameters())):
         state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     return {"losses": losses, "grad_norms": grad_norms, "state": state, "initial": initial}

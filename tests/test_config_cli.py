@@ -8,7 +8,7 @@ import yaml
 
 from conftest import RECIPE, REPO, run_cli
 from ssl_foundry.launch.cli import main
-from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.config import ConfigError, load_config, split_batch
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
 
@@ -59,6 +59,12 @@ MORE_CASES = {
     "train.max_steps=2.5": ["train.max_steps", "expected an integer, got 2.5"],
     "train.optimizer=adam": ["train.optimizer", "'adam' is not one of lars, adamw, sgd"],
     "train.adam_betas=[0.9,1.5]": ["train.adam_betas", "two numbers in [0, 1)"],
+    "train.grad_accum_steps=3": ["train.batch_size=256 does not split into equal parts over 1 rank(s) x "
+                                 "train.grad_accum_steps=3: make it a multiple of 3"],
+    "data.readers=3": ["train.batch_size=256 does not split into equal parts over data.readers=3"],
+    "data.views=[{count: 2, ops: [{op: resize, args: {size: -4}}]}]": [
+        "data.views[0].ops[0]: augmentation op 'resize': bad args {'size': -4} (size must be positive"],
+    "data.views=[{count: 0, ops: []}]": ["data.views[0]: count=0: a view makes at least 1 output"],
     "=3": ["override '=3'", "not a dotted key"],
     "train..lr=0.1": ["override 'train..lr=0.1'", "not a dotted key"],
 }
@@ -201,3 +207,45 @@ def test_foundry_submit_splits_the_batch_over_the_ranks_it_asks_slurm_for(fmnist
     else:
         with pytest.raises(ConfigError, match=re.escape(expected)):
             validate_batch(cfg, launcher="slurm")
+
+
+@pytest.mark.parametrize("args, local", [
+    ((256, 4, 2), 32),  # batch, ranks, accumulation
+    ((256, 4, 2, 0, 2), 32),  # + the torch loader's readers (one per rank x worker: 8), 2 workers
+    ((256, 2, 1, 8, 2), 128),  # 8 fixed readers over 2 ranks x 2 workers
+    ((24, 2, 1, None, 4), 12),  # DALI (readers None): its threads do not split the batch
+])
+def test_split_batch_gives_each_rank_its_share(args, local):
+    assert split_batch(*args) == local
+
+
+@pytest.mark.parametrize("args, message", [
+    ((30, 4, 1), "train.batch_size=30 does not split over 4 rank(s): make it a multiple of 4"),
+    ((32, 4, 3), "train.batch_size=32 does not split over 4 rank(s) x train.grad_accum_steps=3: make it a multiple of 12"),
+    ((20, 2, 1, 0, 4), "gives each rank 10 samples per forward pass, which do not split over data.num_workers=4 loader workers"),
+    ((40, 2, 1, 16), "data.readers=16 does not divide the 40 samples of a forward pass"),
+    ((64, 3, 1, 4), "data.readers=4 is not a multiple of 3 rank(s) x 1 loader worker(s)"),
+])
+def test_split_batch_names_the_keys_and_the_multiple(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        split_batch(*args)
+
+
+def test_the_view_spec_is_parsed_once_into_typed_ops_and_saved_as_written(tmp_path):
+    from ssl_foundry.pipeline.config import config_from_dict, save_config, to_dict
+    from ssl_foundry.pipeline.data.augment.spec import ColorJitter, HorizontalFlip, RandomResizedCrop
+
+    cfg = load_config(RECIPE, check_paths=False)
+    crop, flip, jitter = cfg.data.views[0].ops
+    assert crop.params == RandomResizedCrop(size=(32, 32), scale=(0.2, 1.0)) and crop.p == 1.0
+    assert flip.params == HorizontalFlip() and flip.p == 0.5
+    assert jitter.params == ColorJitter(brightness=0.4, contrast=0.4)
+    saved = to_dict(cfg)["data"]["views"]
+    assert saved == [{"count": 2, "ops": [
+        {"op": "random_resized_crop", "p": 1.0, "args": {"size": 32, "scale": [0.2, 1.0]}},
+        {"op": "horizontal_flip", "p": 0.5, "args": {}},
+        {"op": "color_jitter", "p": 0.8, "args": {"brightness": 0.4, "contrast": 0.4}}]}]
+    save_config(cfg, tmp_path / "config.yaml")  # plain YAML (the typed params are not saved)
+    again = load_config(tmp_path / "config.yaml", check_paths=False)
+    assert again.data.views == cfg.data.views == config_from_dict(to_dict(cfg)).data.views
+    assert again.data.views[0].ops[0].params == crop.params

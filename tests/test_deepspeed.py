@@ -297,7 +297,7 @@ def test_generated_deepspeed_config(tiny_config, tmp_path):
     cfg = tiny_config(tmp_path / "run", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "train.optimizer=adamw",
                       "deepspeed.offload_params=cpu", "train.batch_size=32", "train.grad_accum_steps=2",
                       "train.grad_clip=1.5", f"deepspeed.config_json={user}")
-    ds = deepspeed_config(cfg, world_size=4, amp_dtype=torch.bfloat16, cuda=True)
+    ds = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch=4, amp_dtype=torch.bfloat16, cuda=True)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 1.5
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
@@ -323,5 +323,5 @@ def test_shipped_deepspeed_json_is_valid(tiny_config, tmp_path):
     shipped = REPO / "configs" / "deepspeed" / "small_buckets.json"
     cfg = tiny_config(tmp_path / "run", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "train.optimizer=adamw",
                       f"deepspeed.config_json={shipped}")
-    zero = deepspeed_config(cfg, world_size=2, amp_dtype=None, cuda=False)["zero_optimization"]
+    zero = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch=4, amp_dtype=None, cuda=False)["zero_optimization"]
     assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 5_000_000

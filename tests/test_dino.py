@@ -17,8 +17,8 @@ from ssl_foundry.models.losses import dino_loss, ibot_patch_loss, koleo_loss, si
 from ssl_foundry.models.methods.dino import TeacherCenter, teacher_temperature
 from ssl_foundry.models.methods.ibot import BlockMasking, sample_masks
 from ssl_foundry.models.momentum import cosine_momentum
-from ssl_foundry.models.multicrop import forward_by_resolution, resolution_groups, split_views
-from ssl_foundry.models.registry import create_method, exported_backbone_name
+from ssl_foundry.models.multicrop import forward_by_resolution, resolution_groups
+from ssl_foundry.models.registry import create_method
 from ssl_foundry.pipeline.config import Config, ConfigError, DataConfig, build, load_config
 from ssl_foundry.pipeline.data.augment.spec import view_sizes
 from ssl_foundry.pipeline.train.optim import build_optimizer, cosine_weight_decay
@@ -68,15 +68,6 @@ def test_forward_by_resolution_is_one_call_per_group_with_outputs_in_view_order(
     torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
 
 
-def test_split_views_names_data_views_when_the_globals_are_wrong():
-    views = multi_crop_views()
-    assert [v.shape[-1] for v in split_views(views, 2, "dino")[1]] == [8, 8]
-    with pytest.raises(ValueError, match="takes 2 global views.*data.views"):
-        split_views(views[:1], 2, "dino")
-    with pytest.raises(ValueError, match="global views must have one shape"):
-        split_views([views[0], views[2]], 2, "dino")
-
-
 def test_view_sizes_are_those_of_the_last_resizing_op():
     cfg = load_config(DINO_RECIPE, check_paths=False)
     assert view_sizes(cfg.data.views) == [(32, 32)] * 2 + [(16, 16)] * 6
@@ -91,7 +82,7 @@ def test_view_sizes_are_those_of_the_last_resizing_op():
      "views of several sizes \\(16x16, 32x32\\) but the ViT takes one: set model.backbone_args.dynamic_img_size=true"),
     (["model.backbone_args={img_size: 32, patch_size: 5, dynamic_img_size: true}"],
      "16x16, 32x32 are not multiples of the ViT's 5x5 patches"),
-    (["data.views=[{count: 1, ops: [{op: resize, args: {size: 32}}]}]"], "makes 1 view\\(s\\); the method takes 2 global"),
+    (["data.views=[{count: 1, ops: [{op: resize, args: {size: 32}}]}]"], "data.views: method 'dino' takes 2 global view\\(s\\) first.*makes 1"),
     (["data.views=[{count: 1, ops: [{op: resize, args: {size: 32}}]}, {count: 1, ops: [{op: resize, args: {size: 16}}]}]"],
      "the first 2 views are the global ones and must have one size"),
     (["train.weight_decay=0"], "train.weight_decay_end=0.4: .*weight_decay must be > 0"),
@@ -319,7 +310,7 @@ def test_dino_forward_is_the_papers_loss_with_one_backbone_call_per_resolution()
 
 def test_dino_teacher_is_an_ema_without_stochastic_depth_and_is_exported():
     model = tiny("dino", backbone=vit(drop_path_rate=0.2), momentum=0.9)
-    assert exported_backbone_name(model) == "teacher.module.backbone"
+    assert model.exported_backbone == "teacher.module.backbone"
     assert model.get_submodule("teacher.module.backbone") is model.teacher.module.backbone
     assert {m.drop_prob for m in model.teacher.modules() if hasattr(m, "drop_prob")} == {0.0}
     assert max(m.drop_prob for m in model.backbone.modules() if hasattr(m, "drop_prob")) > 0

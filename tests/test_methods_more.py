@@ -63,7 +63,7 @@ def test_swav_loss_is_the_swapped_prediction_of_sinkhorn_codes_over_all_crops():
     torch.testing.assert_close(out["loss"], swapped_prediction_loss(scores, codes, [0, 1], 0.1))
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert torch.equal(model.steps_done, torch.tensor(0)) and "steps_done" in model.state_dict()
-    with pytest.raises(ValueError, match="SwAV takes 2 global views.*got 1.*data.views"):
+    with pytest.raises(ValueError, match="data.views: method 'swav' takes 2 global view.*makes 1"):
         model(views[:1])
 
 

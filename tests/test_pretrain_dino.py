@@ -35,7 +35,7 @@ SHAPES = [(4, 3, IMAGE_SIZE, IMAGE_SIZE)] * 2 + [(4, 3, LOCAL_SIZE, LOCAL_SIZE)]
 def test_both_loaders_deliver_global_and_local_views_at_their_sizes(tiny_config, tmp_path, one_thread, backend,
                                                                     workers):
     cfg = tiny_config(tmp_path / "run", *DINO, f"data.backend={backend}", f"data.num_workers={workers}")
-    batches = build_train_loader(cfg, 4, 0, 1, LoaderPosition(), torch.device("cpu"))
+    batches = build_train_loader(cfg.data, 4, "image", cfg.train.seed, 0, 1, LoaderPosition(), torch.device("cpu"))
     for _ in range(2):
         batch = next(batches)
         assert [tuple(v.shape) for v in batch["views"]] == SHAPES

@@ -30,7 +30,7 @@ def test_recipe_loads_and_matches_its_method(path):
     method, m = cfg.model.method, cfg.model
     assert path.stem.startswith(method + "_"), f"{path.name}: file name should start with the method ({method})"
     check_method_args(method, m.method_args)
-    num_views, multi_crop = method_class(method).num_views, getattr(method_class(method), "multi_crop", False)
+    num_views, multi_crop = method_class(method).num_views, method_class(method).multi_crop
     made = sum(v.count for v in cfg.data.views)
     assert made >= num_views if multi_crop else made == num_views
 
@@ -68,10 +68,9 @@ def test_cpu_recipe_model_takes_a_training_step(path):
             model.queue = type(model.queue)(4 * 4, cfg.model.method_args["proj_out_dim"])  # a batch of 4 here
         views = [torch.randn(4, 3, *size) for size in view_sizes(cfg.data.views)]  # multi-crop: globals and locals
         labels = torch.tensor([3, -1, 0, 9])  # S4L / SLA: a batch with one unlabelled image
-        loss = (model(views, labels) if getattr(model, "uses_labels", False) else model(views))["loss"]
+        loss = model(views, labels if model.uses_labels else None)["loss"]
         loss.backward()
-        if hasattr(model, "on_step_end"):
-            model.on_step_end(1, cfg.train.max_steps)
+        model.on_step_end(1, cfg.train.max_steps)
         assert torch.isfinite(loss)
         assert model.backbone.num_features > 0
     finally:

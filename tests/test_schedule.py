@@ -104,9 +104,9 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
 
 def test_adamw_takes_the_recipes_betas():
     from ssl_foundry.pipeline.train.optim import build_optimizer
+    from ssl_foundry.pipeline.train.trainer import build_model
 
-    model = torch.nn.Linear(4, 2)
     cfg = load_config("configs/mae_vit_tiny_fmnist.yaml", [], check_paths=False)
-    assert build_optimizer(cfg, model).param_groups[0]["betas"] == (0.9, 0.95)
-    cfg = load_config(RECIPE, ["train.optimizer=adamw"], check_paths=False)
-    assert build_optimizer(cfg, model).param_groups[0]["betas"] == (0.9, 0.999)
+    assert build_optimizer(cfg, build_model(cfg)).param_groups[0]["betas"] == (0.9, 0.95)
+    cfg = load_config(RECIPE, ["train.optimizer=adamw", "model.backbone=resnet10t"], check_paths=False)
+    assert build_optimizer(cfg, build_model(cfg)).param_groups[0]["betas"] == (0.9, 0.999)

@@ -55,8 +55,8 @@ def test_video_methods_are_registered_as_clip_methods():
     assert set(VIDEO_METHODS) <= set(method_names())
     for name in VIDEO_METHODS:
         assert method_class(name).input_kind == "clip" and method_class(name).num_views == 1
-    for name in ("simclr", "mae"):  # image methods have no input_kind: the loader treats it as "image"
-        assert getattr(method_class(name), "input_kind", "image") == "image"
+    for name in ("simclr", "mae"):
+        assert method_class(name).input_kind == "image"
 
 
 def test_encode_frames_is_the_image_backbone_per_frame():

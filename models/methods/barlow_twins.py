@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import barlow_twins_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("barlow_twins")
-class BarlowTwins(nn.Module):
+class BarlowTwins(Method):
     """Two distorted views -> backbone -> projector (3 layers of 8192, BN + ReLU between) ->
     embeddings zA, zB; the loss drives their cross-correlation matrix over the *global* batch to
     the identity (eq. 1, 2):
@@ -36,9 +37,7 @@ class BarlowTwins(nn.Module):
         self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
         self.lambd, self.loss_scale = lambd, loss_scale
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"Barlow Twins takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1 = self.projector(self.backbone(views[0]))
         z2 = self.projector(self.backbone(views[1]))
         return {"loss": self.loss_scale * barlow_twins_loss(z1, z2, self.lambd)}

@@ -7,12 +7,13 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import byol_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("byol")
-class BYOL(nn.Module):
+class BYOL(Method):
     """Online network (backbone f_theta, projector g_theta, predictor q_theta) and a target network
     (f_xi, g_xi) that is an EMA of the online one (sec. 3.1):
 
@@ -40,9 +41,7 @@ class BYOL(nn.Module):
     def _online_encoder(self) -> nn.Module:
         return nn.Sequential(self.backbone, self.projector)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"BYOL takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         p1, p2 = self.predictor(self.projector(self.backbone(torch.cat(views)))).chunk(2)
         z1, z2 = self.target(torch.cat(views)).chunk(2)  # no gradient: the paper's sg(z')
         return {"loss": byol_loss(p1, z2) + byol_loss(p2, z1)}

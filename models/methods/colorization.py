@@ -13,14 +13,14 @@ from ssl_foundry.models.distributed import all_reduce_sum
 from ssl_foundry.models.heads import UpsamplingDecoder
 from ssl_foundry.models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
 from ssl_foundry.models.losses import rebalanced_soft_cross_entropy
-from ssl_foundry.models.pretext import single_view
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 OUTPUT_REDUCTION = 4  # the paper predicts ab at a quarter of the input resolution (56 of 224)
 
 
 @register_method("colorization")
-class Colorization(nn.Module):
+class Colorization(Method):
     """Predict the ab channels of an image from its lightness L. The view is converted to
     CIE Lab; its L, as the sRGB grey image of that lightness (a = b = 0) normalised like the data
     (a grey view passes unchanged, so the exported backbone sees what it is evaluated on), goes
@@ -66,8 +66,8 @@ class Colorization(nn.Module):
         grey_rgb = lab_to_rgb(torch.cat([lab[:, :1], torch.zeros_like(lab[:, 1:])], dim=1)).clamp(0, 1)
         return (grey_rgb - self.pixel_mean) / self.pixel_std, lab[:, 1:]
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "colorization")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         grey, ab = self.lightness_and_ab(images)
         prediction = self.decoder(self.backbone.forward_features(grey))
         ab = F.adaptive_avg_pool2d(ab, prediction.shape[-2:])

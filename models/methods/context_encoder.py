@@ -11,7 +11,8 @@ from torch.func import functional_call
 
 from ssl_foundry.models.backbones import feature_map_reduction
 from ssl_foundry.models.heads import UpsamplingDecoder
-from ssl_foundry.models.pretext import central_mask, random_block_mask, single_view
+from ssl_foundry.models.method import Method
+from ssl_foundry.models.pretext import central_mask, random_block_mask
 from ssl_foundry.models.registry import register_method
 
 RGB = 3  # the loaders' views are RGB: the decoder reconstructs 3 channels
@@ -42,7 +43,7 @@ def patch_discriminator(in_chans: int, width: int = 64) -> nn.Sequential:
 
 
 @register_method("context_encoder")
-class ContextEncoder(nn.Module):
+class ContextEncoder(Method):
     """Inpainting: a region M of the image is removed (set to 0, the dataset mean in
     normalised pixels), the encoder (the backbone's feature map) and a channel-wise FC + up-
     convolutional decoder F reconstruct the image, and the loss is the L2 error on the removed
@@ -83,8 +84,8 @@ class ContextEncoder(nn.Module):
             return central_mask(images.shape[0], self.image_size, device=images.device)
         return random_block_mask(images.shape[0], self.image_size, device=images.device)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "context_encoder")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(f"context_encoder: views are {tuple(images.shape[-2:])} px but "
                              f"model.method_args.image_size={self.image_size}; make them equal")

@@ -22,12 +22,13 @@ import torch
 import torch.nn as nn
 
 from ssl_foundry.models.losses import cpc_info_nce_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
-from ssl_foundry.models.video import clip_batch, encode_frames, require_frames
+from ssl_foundry.models.video import encode_frames, require_frames
 
 
 @register_method("cpc")
-class CPC(nn.Module):
+class CPC(Method):
     """CPC over frame sequences: g_enc = backbone + linear, g_ar = one-layer GRU, one linear W_k
     per prediction step (log-bilinear scores, no normalisation or temperature, as eq. 3)."""
 
@@ -51,8 +52,8 @@ class CPC(nn.Module):
         """t = 0 predicts t + K, so T >= K + 1."""
         return args["prediction_steps"] + 1
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        clips = clip_batch(views, "cpc")[0]
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        clips = views[0]
         require_frames("cpc", clips.shape[1], self.min_frames,
                        f"predicting prediction_steps={self.prediction_steps} frames ahead",
                        "model.method_args.prediction_steps")

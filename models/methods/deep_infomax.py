@@ -8,14 +8,14 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import dim_infonce_loss, dim_jsd_loss
-from ssl_foundry.models.pretext import single_view
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 ESTIMATORS = {"jsd": dim_jsd_loss, "infonce": dim_infonce_loss}
 
 
 @register_method("deep_infomax")
-class DeepInfoMax(nn.Module):
+class DeepInfoMax(Method):
     """Local DIM: maximise the mutual information between the global feature
     E(x) (the backbone's pooled features) and every local feature C(x)_l (the backbone's feature
     map at ``local_stage``, a timm ``forward_intermediates`` index, e.g. -3: ResNet's layer2),
@@ -44,8 +44,8 @@ class DeepInfoMax(nn.Module):
                                           nn.Conv2d(critic_dim, critic_dim, 1))
         self.global_critic = MLPHead(backbone.num_features, critic_dim, critic_dim, 2)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "deep_infomax")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         final, (local_map,) = self.backbone.forward_intermediates(images, indices=[self.local_stage])
         global_features = self.global_critic(self.backbone.forward_head(final))
         local_features = self.local_critic(local_map).flatten(2).transpose(1, 2)  # (N, h*w, D)

@@ -16,7 +16,8 @@ from ssl_foundry.models.distributed import all_reduce_sum
 from ssl_foundry.models.heads import DINOHead
 from ssl_foundry.models.losses import dino_loss
 from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum, without_stochastic_depth
-from ssl_foundry.models.multicrop import forward_by_resolution, split_views
+from ssl_foundry.models.method import Method
+from ssl_foundry.models.multicrop import forward_by_resolution
 from ssl_foundry.models.registry import register_method
 
 
@@ -59,7 +60,7 @@ class TeacherCenter(nn.Module):
         self.center.copy_(torch.where(count > 0, ema, self.center))  # no rows anywhere: keep c
 
 
-class SelfDistillation(nn.Module):
+class SelfDistillation(Method):
     """What DINO, iBOT and DINOv2 share: a student (:meth:`student`: the backbone and its heads), a
     teacher that is its EMA without stochastic depth, and their schedules on the optimizer steps
     done (a buffer, so checkpoints carry it): the teacher momentum, cosine from ``momentum`` to 1
@@ -137,8 +138,8 @@ class DINO(SelfDistillation):
     def student(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        global_views, _ = split_views(views, self.num_views, "dino")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        global_views = views[:self.num_views]
         temperature = self.start_step()
         student = self.head(forward_by_resolution(self.backbone, views)).chunk(len(views))
         teacher = self.teacher.module

@@ -11,14 +11,14 @@ import torch
 import torch.nn as nn
 
 from ssl_foundry.models.losses import cosine_distillation_loss, smooth_l1_distillation_loss
-from ssl_foundry.models.pretext import single_view
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 LOSSES = ("cosine", "smooth_l1")
 
 
 @register_method("distill")
-class Distill(nn.Module):
+class Distill(Method):
     """The student backbone s (trained, exported) regresses the pooled feature of a frozen teacher t
     on the same view:
 
@@ -51,8 +51,8 @@ class Distill(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "distill")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         with torch.no_grad():
             target = self.teacher(images)
         prediction = self.projector(self.backbone(images))

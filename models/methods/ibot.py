@@ -23,7 +23,7 @@ from ssl_foundry.models.backbones import is_vit, vit_tokens
 from ssl_foundry.models.heads import DINOHead
 from ssl_foundry.models.losses import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from ssl_foundry.models.methods.dino import SelfDistillation, TeacherCenter
-from ssl_foundry.models.multicrop import forward_by_resolution, split_views
+from ssl_foundry.models.multicrop import forward_by_resolution
 from ssl_foundry.models.registry import register_method
 
 CENTERINGS = ("centering", "sinkhorn_knopp")
@@ -169,8 +169,8 @@ class IBOT(SelfDistillation):
         center.update(logits)
         return probs
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        global_views, local_views = split_views(views, self.num_views, "ibot")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        global_views, local_views = views[:self.num_views], views[self.num_views:]
         temperature = self.start_step()
         images = torch.cat(global_views)
         masks = self.sample_masks(images).to(images.device)

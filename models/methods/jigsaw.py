@@ -7,15 +7,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.pretext import (crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set,
-                                        normalize_tiles, single_view)
+                                        normalize_tiles)
 from ssl_foundry.models.registry import register_method
 
 GRID = 3
 
 
 @register_method("jigsaw")
-class Jigsaw(nn.Module):
+class Jigsaw(Method):
     """The context-free network: the image is split into a 3x3 grid of cells and one tile
     of ``tile_ratio`` of the cell side (the paper: 64 of 75 px) is cropped at a random position in
     each cell, which leaves random gaps between tiles (no shortcut across tile edges);
@@ -39,8 +40,8 @@ class Jigsaw(nn.Module):
         self.tile_embed = nn.Sequential(nn.Linear(backbone.num_features, tile_dim), nn.ReLU(inplace=True))  # fc6
         self.classifier = MLPHead(GRID * GRID * tile_dim, hidden_dim, num_permutations, 2)  # fc7, fc8
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "Jigsaw")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         batch, image_size = images.shape[0], images.shape[-1]
         size = grid_tile_size(image_size, GRID, self.tile_ratio, "jigsaw", "tile_ratio")
         offsets = grid_tile_offsets(batch, image_size, GRID, size, max_jitter=None, device=images.device)

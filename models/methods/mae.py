@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ssl_foundry.models.backbones import freeze_sincos_pos_embed, is_vit, sincos_pos_embed
 from ssl_foundry.models.losses import mae_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
@@ -156,7 +157,7 @@ def run_decoder(blocks: nn.ModuleList, norm: nn.Module, pred: nn.Module, x: torc
 
 
 @register_method("mae")
-class MAE(nn.Module):
+class MAE(Method):
     """Masked autoencoder (sec. 3): mask ``mask_ratio`` of the patches at random, encode the
     visible ones with the ViT, decode the full set (encoded tokens + a shared learned mask token,
     plus fixed 2-D sin-cos position embeddings) with a lightweight Transformer, and regress the
@@ -203,9 +204,7 @@ class MAE(nn.Module):
         x = x + self.decoder_pos_embed
         return run_decoder(self.decoder_blocks, self.decoder_norm, self.decoder_pred, x, self.num_prefix)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 1:
-            raise ValueError(f"MAE takes 1 view, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         imgs = views[0]
         latent, mask, ids_restore = self.forward_encoder(imgs, self.mask_ratio)
         pred = self.forward_decoder(latent, ids_restore)

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from ssl_foundry.models.distributed import batch_shuffle, batch_unshuffle, gather_no_grad, is_distributed
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import info_nce_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.momentum import MomentumEncoder
 from ssl_foundry.models.queues import KeyQueue
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("moco_v2")
-class MoCoV2(nn.Module):
+class MoCoV2(Method):
     """Query encoder f_q = projector(backbone), key encoder f_k = its momentum copy, a queue of K
     negative keys and InfoNCE (eq. 1), as in Algorithm 1 of the MoCo paper:
 
@@ -67,9 +68,7 @@ class MoCoV2(nn.Module):
         k = torch.cat([self.key_encoder(part) for part in shuffled.tensor_split(splits)])
         return batch_unshuffle(F.normalize(k.float(), dim=1), unshuffle)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"MoCo v2 takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x_q, x_k = views
         q = self.projector(self.backbone(x_q))
         k = self.encode_keys(x_k)

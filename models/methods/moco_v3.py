@@ -10,6 +10,7 @@ import torch.nn as nn
 from ssl_foundry.models.backbones import freeze_sincos_pos_embed, is_vit
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import moco_v3_contrastive_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum
 from ssl_foundry.models.registry import register_method
 
@@ -35,7 +36,7 @@ def moco_v3_vit_init(vit: nn.Module) -> None:
 
 
 @register_method("moco_v3")
-class MoCoV3(nn.Module):
+class MoCoV3(Method):
     """Algorithm 1 of the paper: no queue; keys of the global batch are the negatives.
 
         q1, q2 = f_q(x1), f_q(x2)            f_q = predictor(projector(backbone))
@@ -86,9 +87,7 @@ class MoCoV3(nn.Module):
     def _base_encoder(self) -> nn.Module:
         return nn.Sequential(self.backbone, self.projector)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"MoCo v3 takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x1, x2 = views
         q1 = self.predictor(self.projector(self.backbone(x1)))
         q2 = self.predictor(self.projector(self.backbone(x2)))

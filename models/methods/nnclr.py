@@ -11,11 +11,12 @@ from ssl_foundry.models.distributed import gather_no_grad
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import nnclr_loss
 from ssl_foundry.models.queues import KeyQueue
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("nnclr")
-class NNCLR(nn.Module):
+class NNCLR(Method):
     """Contrastive learning whose positive is the nearest neighbour of an embedding in a support
     set Q of past embeddings, not the embedding itself:
 
@@ -48,9 +49,7 @@ class NNCLR(nn.Module):
         support = self.support_set.keys
         return support[(z.float() @ support.T).argmax(dim=1)]
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"NNCLR takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(view)) for view in views)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)

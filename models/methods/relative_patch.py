@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_foundry.models.heads import MLPHead
-from ssl_foundry.models.pretext import (crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour,
-                                        single_view)
+from ssl_foundry.models.method import Method
+from ssl_foundry.models.pretext import (crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour)
 from ssl_foundry.models.registry import register_method
 
 GRID = 3
@@ -17,7 +17,7 @@ NEIGHBOURS = [k for k in range(GRID * GRID) if k != CENTRE]  # label l <-> cell 
 
 
 @register_method("relative_patch")
-class RelativePatchLocation(nn.Module):
+class RelativePatchLocation(Method):
     """Context prediction: the image is split into a 3x3 grid of cells; the centre cell's
     patch and one of its 8 neighbours' (uniform) are cropped with a gap between them (patch side
     ``patch_ratio`` of the cell side: the paper's 96 px patches with 48 px gaps give 2/3) and a
@@ -56,8 +56,8 @@ class RelativePatchLocation(nn.Module):
         pairs = crop_tiles(images, pair_offsets, size)
         return pairs[:, 0], pairs[:, 1], label
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = single_view(views, "relative_patch")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = views[0]
         centre, neighbour, label = self.sample_pairs(images)
         patches = torch.cat([centre, neighbour])
         if self.colour == "drop":

@@ -7,12 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("rotnet")
-class RotNet(nn.Module):
+class RotNet(Method):
     """Every image of the batch is fed in all four rotations g(x, y), y in {0, 90, 180, 270}
     degrees (the paper finds this better than one random rotation per image), and a
     classifier F on the backbone's features predicts y:
@@ -30,8 +31,8 @@ class RotNet(nn.Module):
         self.backbone = backbone
         self.rotation_head = MLPHead(backbone.num_features, head_hidden_dim, NUM_ROTATIONS, head_layers)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        features, rotation = encode_rotations(self.backbone, views, "RotNet")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        features, rotation = encode_rotations(self.backbone, views[0])
         logits = self.rotation_head(features)
         accuracy = (logits.argmax(dim=1) == rotation).float().mean()
         return {"loss": F.cross_entropy(logits.float(), rotation), "rotation_accuracy": accuracy.detach()}

@@ -7,12 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_foundry.models.losses import labelled_cross_entropy
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("s4l")
-class S4L(nn.Module):
+class S4L(Method):
     """S4L-Rotation: one network, two linear heads on its features,
 
         L = L_l(D_l) + w * L_u(D_u u D_l)
@@ -34,8 +35,8 @@ class S4L(nn.Module):
         self.class_head = nn.Linear(backbone.num_features, num_classes)
         self.rotation_weight = rotation_weight
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, rotation = encode_rotations(self.backbone, views, "S4L")
+    def compute_loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, rotation = encode_rotations(self.backbone, views[0])
         batch = len(features) // NUM_ROTATIONS
         rotation_loss = F.cross_entropy(self.rotation_head(features).float(), rotation)
         supervised_loss = labelled_cross_entropy(self.class_head(features[:batch]), labels)  # block 0: upright

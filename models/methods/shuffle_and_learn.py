@@ -37,8 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
-from ssl_foundry.models.video import clip_batch, encode_frames, require_frames, select_frames
+from ssl_foundry.models.video import encode_frames, require_frames, select_frames
 
 
 def order_tuple_candidates(frames: int, max_gap: int, min_gap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,7 @@ def sample_order_tuples(batch: int, frames: int, positive_fraction: float = 0.25
 
 
 @register_method("shuffle_and_learn")
-class ShuffleAndLearn(nn.Module):
+class ShuffleAndLearn(Method):
     """Temporal order verification: 3 frames -> backbone (shared) -> concatenated features ->
     classifier -> 2 logits, cross-entropy against the tuple's label.
 
@@ -122,8 +123,8 @@ class ShuffleAndLearn(nn.Module):
         """The shortest clip with a negative tuple: x = 0, b = min_gap, d = b + 2."""
         return args["min_gap"] + 3
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        clips = clip_batch(views, "shuffle_and_learn")[0]
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        clips = views[0]
         batch, frames = clips.shape[:2]
         require_frames("shuffle_and_learn", frames, self.min_frames,
                        f"a negative tuple (a middle frame min_gap={self.min_gap} outside b < c < d)",

@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import nt_xent_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("simclr")
-class SimCLR(nn.Module):
+class SimCLR(Method):
     """Two augmented views -> backbone f -> projector g -> NT-Xent over the global batch.
 
     Both views go through the backbone in one call, as in the paper's implementation, so
@@ -27,9 +28,7 @@ class SimCLR(nn.Module):
         self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
         self.temperature = temperature
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"SimCLR takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z = self.projector(self.backbone(torch.cat(views)))
         z1, z2 = z.chunk(2)
         return {"loss": nt_xent_loss(z1, z2, self.temperature)}

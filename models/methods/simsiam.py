@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import negative_cosine_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("simsiam")
-class SimSiam(nn.Module):
+class SimSiam(Method):
     """Encoder f (backbone + projector), predictor h, no negatives, no momentum encoder (Algorithm 1):
 
         z1, z2 = f(x1), f(x2);   p1, p2 = h(z1), h(z2)
@@ -23,8 +24,7 @@ class SimSiam(nn.Module):
 
     ``fix_predictor_lr`` (the official ``--fix-pred-lr``, which its README's recipe uses; sec. 4.2:
     a predictor at a constant lr, without decay, works well): the predictor's parameters keep the
-    base lr while the rest follows the schedule. The trainer's optimizer reads
-    ``fixed_lr_modules`` for this.
+    base lr while the rest follows the schedule (the method's ``fixed_lr_modules``).
     """
 
     num_views = 2
@@ -38,9 +38,7 @@ class SimSiam(nn.Module):
         self.predictor = MLPHead(proj_out_dim, pred_hidden_dim, proj_out_dim, num_layers=2)
         self.fixed_lr_modules = ("predictor",) if fix_predictor_lr else ()
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"SimSiam takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(view)) for view in views)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         return {"loss": (negative_cosine_loss(p1, z2) + negative_cosine_loss(p2, z1)) / 2}

@@ -8,12 +8,13 @@ import torch.nn as nn
 
 from ssl_foundry.models.losses import (aggregated_class_logits, joint_rotation_labels, labelled_cross_entropy,
                                        self_distillation_loss)
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("sla")
-class SLA(nn.Module):
+class SLA(Method):
     """SLA+SD with rotations, for labelled data: one classifier over the N * M
     joint labels (class i, rotation j), M = 4, trained on all four rotations of every image,
 
@@ -38,8 +39,8 @@ class SLA(nn.Module):
         self.class_head = nn.Linear(backbone.num_features, num_classes)
         self.distillation_ce_weight = distillation_ce_weight
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        features, rotation = encode_rotations(self.backbone, views, "SLA")
+    def compute_loss(self, views: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, rotation = encode_rotations(self.backbone, views[0])
         batch = len(features) // NUM_ROTATIONS
         joint_logits = self.joint_head(features)
         sla_loss = labelled_cross_entropy(joint_logits, joint_rotation_labels(labels.repeat(NUM_ROTATIONS), rotation))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from ssl_foundry.models.distributed import gather_no_grad, set_parameter_
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import sinkhorn_knopp, swapped_prediction_loss
-from ssl_foundry.models.multicrop import forward_by_resolution, split_views
+from ssl_foundry.models.method import Method
+from ssl_foundry.models.multicrop import forward_by_resolution
 from ssl_foundry.models.queues import KeyQueue
 from ssl_foundry.models.registry import register_method
 
@@ -35,7 +36,7 @@ class Prototypes(nn.Linear):
 
 
 @register_method("swav")
-class SwAV(nn.Module):
+class SwAV(Method):
     """Swapped prediction of online cluster assignments (sec. 3), with multi-crop (sec. 3.2):
 
         z_t = normalize(g(f(x_t)))                    for every view t (2 global + V local)
@@ -81,8 +82,7 @@ class SwAV(nn.Module):
         self.queue_start_step, self.freeze_prototypes_steps = queue_start_step, freeze_prototypes_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # checkpointed: exact resume
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        split_views(views, self.num_views, "SwAV")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         batch, steps_done = views[0].shape[0], int(self.steps_done)
         z = F.normalize(self.projector(forward_by_resolution(self.backbone, views)), dim=1)
         scores = self.prototypes(z, frozen=steps_done < self.freeze_prototypes_steps).split(batch)

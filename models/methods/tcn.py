@@ -22,8 +22,9 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import tcn_info_nce_loss, tcn_triplet_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
-from ssl_foundry.models.video import clip_batch, encode_frames, require_frames, select_frames
+from ssl_foundry.models.video import encode_frames, require_frames, select_frames
 
 LOSSES = ("infonce", "triplet")
 
@@ -48,7 +49,7 @@ def sample_tcn_frames(batch: int, frames: int, positive_window: int, negative_ma
 
 
 @register_method("tcn")
-class TCN(nn.Module):
+class TCN(Method):
     """Single-view TCN: backbone -> embedding head -> L2-normalised embedding (the paper's
     embedding lives on the unit hypersphere), trained with
 
@@ -103,8 +104,8 @@ class TCN(nn.Module):
         """(B, K, C, H, W) frames -> (B, K, embed_dim) embeddings (normalised by the losses)."""
         return self.projector(encode_frames(self.backbone, clips).flatten(0, 1)).unflatten(0, clips.shape[:2])
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        clips = clip_batch(views, "tcn")[0]
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        clips = views[0]
         batch, frames = clips.shape[:2]
         require_frames("tcn", frames, self.min_frames,
                        f"a negative at least negative_margin={self.negative_margin} frames from the anchor",

@@ -7,11 +7,12 @@ import torch.nn as nn
 
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import vicreg_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import register_method
 
 
 @register_method("vicreg")
-class VICReg(nn.Module):
+class VICReg(Method):
     """Two views -> backbone -> expander (3 layers of 8192, BN + ReLU after the first two) ->
     embeddings Z, Z'; the loss (sec. 3, :func:`models.losses.vicreg_loss`)
 
@@ -32,8 +33,6 @@ class VICReg(nn.Module):
         self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(views) != 2:
-            raise ValueError(f"VICReg takes 2 views, got {len(views)}: check data.views in the recipe")
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z1, z2 = (self.projector(self.backbone(view)) for view in views)
         return {"loss": vicreg_loss(z1, z2, self.sim_coeff, self.std_coeff, self.cov_coeff)}

@@ -28,10 +28,10 @@ import torch.nn as nn
 
 from ssl_foundry.models.backbones import sincos_1d_pos_embed, sincos_pos_embed
 from ssl_foundry.models.losses import mae_loss
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.methods.mae import (build_decoder, check_vit_encoder, encode_visible, init_mae_weights,
                                             patchify, restore_with_mask_tokens, run_decoder, split_pos_embed)
 from ssl_foundry.models.registry import register_method
-from ssl_foundry.models.video import clip_batch
 
 TEMPORAL_POS = ("sincos", "learn")
 
@@ -65,7 +65,7 @@ def tube_masking(x: torch.Tensor, frames: int, mask_ratio: float, noise: torch.T
 
 
 @register_method("video_mae")
-class VideoMAE(nn.Module):
+class VideoMAE(Method):
     """Tube-masked autoencoder over the frames of a clip, on a timm image ViT (tubelets of 1 frame).
 
     ``temporal_pos_embed``: ``"sincos"`` (default) a fixed 1-D sin-cos embedding of the frame index
@@ -136,8 +136,8 @@ class VideoMAE(nn.Module):
         x = x + torch.cat([pos.new_zeros(self.num_prefix, pos.shape[1]), pos]).to(x.dtype)  # prefix tokens: 0
         return run_decoder(self.decoder_blocks, self.decoder_norm, self.decoder_pred, x, self.num_prefix)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        clips = clip_batch(views, "video_mae")[0]
+    def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        clips = views[0]
         batch, frames = clips.shape[:2]
         keep = round(self.num_patches * (1 - self.mask_ratio))
         if keep < 1:

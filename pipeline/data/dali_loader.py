@@ -92,8 +92,9 @@ def indexed_shards(location: str, max_sample_bytes: int) -> tuple[list[tuple[str
 
 
 @pipeline_def(enable_conditionals=True)
-def _train_pipeline(shards: list[tuple[str, str]], views: list[ViewSpec], mean: list[float], std: list[float],
-                    shard_id: int, num_shards: int, shuffle_buffer: int, reader_seed: int, decode_device: str):
+def _train_pipeline(shards: list[tuple[str, str]], views: dali_backend.CompiledViews, mean: list[float],
+                    std: list[float], shard_id: int, num_shards: int, shuffle_buffer: int, reader_seed: int,
+                    decode_device: str):
     """Outputs: one batch per view, then the ``cls`` bytes and the source info (both padded with
     NULs to the longest in the batch: the iterator needs dense tensors)."""
     encoded, cls = fn.readers.webdataset(
@@ -120,8 +121,8 @@ class DaliStream:
                  device: torch.device = torch.device("cpu"), prefetch_batches: int = 2,
                  max_sample_bytes: int = DataConfig.max_sample_bytes):
         self.folder = folder
-        self.views, self.mean, self.std = views, mean, std
-        self.view_count = len(dali_backend.compile_views(views))  # a bad recipe fails here, not in DALI
+        self.views = dali_backend.compile_views(views)  # an op DALI lacks fails here, not in the DALI graph
+        self.mean, self.std = mean, std
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_threads, self.seed, self.shuffle_buffer = max(1, num_threads), seed, shuffle_buffer
         self.start, self.device, self.prefetch_batches = start, device, max(1, prefetch_batches)
@@ -153,7 +154,7 @@ class DaliStream:
             seed=_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch_batches)
 
     def _epoch(self, epoch: int, skip: int) -> Iterator[dict]:
-        outputs = [f"view{i}" for i in range(self.view_count)] + ["cls", "source"]
+        outputs = [f"view{i}" for i in range(len(self.views))] + ["cls", "source"]
         batches = DALIGenericIterator([self.pipeline(epoch)], outputs)
         for index in range(self.steps_per_epoch()):
             out = next(batches)[0]

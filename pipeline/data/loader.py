@@ -54,7 +54,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_foundry.data_prep.shard_format import (RetryPolicy, find_manifest, locate_shards, location_scheme, redact,
                                                 remake_hint, shard_samples, verify_shards)
-from ssl_foundry.models.registry import method_class
 from ssl_foundry.pipeline.config import Config, ConfigError, DataConfig, split_batch, uses_cuda, world_size
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
@@ -123,11 +122,11 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.finite, self.resampled, self.start = finite, resampled, start
         self.on_bad_sample, self.max_sample_bytes = on_bad_sample, max_sample_bytes
-        workers = self.world_size * self.num_workers
         # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
-        self.readers = workers if finite or readers <= 0 else readers
-        if not finite:  # the rule of validate_batch, which the launchers check before any rank starts
-            split_batch(batch_size * world_size, world_size, readers=max(readers, 0), num_workers=num_workers)
+        self.readers = self.world_size * self.num_workers if finite or readers <= 0 else readers
+        if not finite:  # every reader makes an equal part of every batch (the trainer checked train.batch_size)
+            split_batch(batch_size * world_size, world_size, readers=max(readers, 0), num_workers=num_workers,
+                        batch_key="batch_size x world_size")
         self.rank_readers = self.readers // self.world_size
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
         check_shard_count(redact(location), len(self.shards), self.readers)
@@ -424,23 +423,16 @@ def validate_batch(cfg: Config, launcher: str = "local", check_paths: bool = Tru
         check_shard_count(redact(folder), len(locate_shards(folder)[1]), d.readers or ranks * max(1, d.num_workers))
 
 
-def method_input_kind(method: str) -> str:
-    """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
-    return getattr(method_class(method), "input_kind", "image")
-
-
-def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
+def train_transform(d: DataConfig, input_kind: str) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
     """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
-    image views for image shards; for clip shards, clips (video methods) or one frame of each clip
-    (image methods), see pipeline.data.video.ClipTransform."""
-    d = cfg.data
+    image views for image shards; for clip shards, clips (a method whose ``input_kind`` is "clip")
+    or one frame of each clip (image methods), see pipeline.data.video.ClipTransform."""
     views = MultiViewTransform(d.views, d.mean, d.std)
-    kind = method_input_kind(cfg.model.method)
     settings = (find_manifest(d.train, policy=RetryPolicy(d.retries, d.timeout_s)) or {}).get("settings", {})
     if settings.get("kind") != "clips":
-        if kind == "clip":
-            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={redact(d.train)} "
-                              f"holds images: make clip shards with `foundry prep video SRC OUT`")
+        if input_kind == "clip":
+            raise ConfigError(f"the method trains on video clips but data.train={redact(d.train)} holds images: "
+                              f"make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
     from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
 
@@ -451,30 +443,30 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
                           f"re-prep with `foundry prep video --clip-frames {span}`")
     # The torch loader decodes in its CPU worker processes, whatever the training device.
     decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
-    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=kind == "clip"), decoder
+    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=input_kind == "clip"), decoder
 
 
-def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, position: LoaderPosition,
-                       device: torch.device) -> Iterator[dict]:
+def build_train_loader(d: DataConfig, batch_size: int, input_kind: str, seed: int, rank: int, world_size: int,
+                       position: LoaderPosition, device: torch.device) -> Iterator[dict]:
     """The one place the training loader's backend is chosen (``data.backend``): an iterator of
-    batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
+    batch dicts (see ShardStream) for this rank, ``batch_size`` samples each, starting at
+    ``position``; ``input_kind`` is the method's ("image" or "clip"). DALI's views arrive on
     ``device``; the torch loader's on the CPU (pinned for a GPU). The shards are first checked
     against their manifest (``data.verify``; the ranks share the hashing); every wait for a batch is
     bounded by ``data.timeout_s``."""
-    d = cfg.data
-    transform, video_decoder = train_transform(cfg, device)
     verify_shards(d.train, d.verify, part=(rank, world_size), policy=RetryPolicy(d.retries, d.timeout_s))
     backend = train_backend(d.backend, device, d.train)[0]
     if backend == "dali":
         from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
         batches = iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
-                                  num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                                  num_threads=d.num_workers, seed=seed, shuffle_buffer=d.shuffle_buffer,
                                   start=position, device=device, prefetch_batches=d.prefetch_batches,
                                   max_sample_bytes=d.max_sample_bytes))
     else:
+        transform, video_decoder = train_transform(d, input_kind)
         stream = ShardStream(d.train, transform, batch_size, rank=rank, world_size=world_size,
-                             num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                             num_workers=d.num_workers, seed=seed, shuffle_buffer=d.shuffle_buffer,
                              resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
                              on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes, retries=d.retries,
                              timeout_s=d.timeout_s)

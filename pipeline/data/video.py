@@ -8,7 +8,7 @@ that give the same layout (frames in time order, RGB):
   it decodes VP8, VP9 and MJPEG only.
 - ``pyav``: PyAV (FFmpeg's software decoders), any codec, one clip at a time.
 
-``data.video_decoder=auto`` takes DALI where it decodes the shards' codec (the manifest records
+``data.video_decoder=auto`` takes DALI where it is installed and decodes the shards' codec (the manifest records
 it: ``settings.codec``) and PyAV otherwise. The two differ only in YUV -> RGB rounding (mean
 absolute difference ~1.5 grey levels). DALI's GPU decoder (NVDEC, ``device="mixed"``) is not used:
 the loader's augmentation of clips is torchvision's, on the CPU (README "Video").
@@ -24,6 +24,7 @@ import torch
 
 from ssl_foundry.data_prep.shard_format import CLIP_CODECS, CLIP_KEYS
 from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.extras import installed
 
 VIDEO_DECODERS = ("auto", "dali", "pyav")
 
@@ -77,13 +78,14 @@ class DaliClipDecoder:
 
 
 def resolve_video_decoder(requested: str, codec: str) -> str:
-    """``data.video_decoder`` for shards of ``codec``: auto is DALI where its CPU backend decodes the
-    codec, else PyAV; DALI asked for a codec it cannot decode is a ConfigError naming the fixes."""
+    """``data.video_decoder`` for shards of ``codec``: auto is DALI where it is installed and its CPU
+    backend decodes the codec, else PyAV; DALI asked for a codec it cannot decode is a ConfigError
+    naming the fixes."""
     if requested not in VIDEO_DECODERS:
         raise ConfigError(f"data.video_decoder={requested!r}: choose one of {', '.join(VIDEO_DECODERS)}")
     dali_can = CLIP_CODECS[codec].dali_cpu
     if requested == "auto":
-        return "dali" if dali_can else "pyav"
+        return "dali" if dali_can and installed("nvidia.dali") else "pyav"
     if requested == "dali" and not dali_can:
         cpu_codecs = [name for name, c in CLIP_CODECS.items() if c.dali_cpu]
         raise ConfigError(f"data.video_decoder=dali: DALI's CPU backend cannot decode {codec} clips (only "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ssl_foundry.pipeline.config import Config, ConfigError
+from ssl_foundry.pipeline.data.augment.spec import view_sizes
 from ssl_foundry.pipeline.registry.export import BackboneSource, export_digest, load_timm_backbone, locate_backbone
 
 
@@ -24,18 +25,6 @@ class Teacher:
         fields = {"ref": s.ref, "sha256": export_digest(s.folder), "model_name": s.model_name,
                   "model_version": s.model_version, "pretrain_run_id": s.pretrain_run_id}
         return {key: value for key, value in fields.items() if value}
-
-
-def view_sizes(cfg: Config) -> set[tuple[int, int]]:
-    """(h, w) of every training view: the last resize or crop of each view's ops."""
-    from ssl_foundry.pipeline.data.augment.spec import parse_views
-
-    sizes = set()
-    for steps in parse_views(cfg.data.views):
-        sized = [step.params.size for step in steps if hasattr(step.params, "size")]
-        if sized:
-            sizes.add(tuple(sized[-1]))
-    return sizes
 
 
 def load_teacher(cfg: Config) -> Teacher:
@@ -59,7 +48,7 @@ def load_teacher(cfg: Config) -> Teacher:
                               f"views use data.{key}={ours}: set data.{key}={exported}")
     with torch.random.fork_rng(devices=[]):  # the student's initial weights depend on train.seed only
         module = load_timm_backbone(source.folder)
-    for h, w in sorted(view_sizes(cfg)):
+    for h, w in sorted({size for size in view_sizes(cfg.data.views) if size}):  # those that set one
         try:
             with torch.no_grad():
                 module(torch.zeros(1, 3, h, w))

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from timm.optim import create_optimizer_v2
 
+from ssl_foundry.models.method import Method
 from ssl_foundry.pipeline.config import Config
 
 
@@ -21,7 +22,7 @@ def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
+def param_groups(cfg: Config, model: Method) -> list[dict[str, Any]]:
     """The trained parameters in groups: biases and norm parameters first, then the weights (timm's
     order, which checkpoints of earlier runs rely on), then the same for the parameters of the
     method's ``fixed_lr_modules`` (SimSiam's predictor), whose group is marked ``fixed_lr``.
@@ -31,7 +32,7 @@ def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
     ``lr_scale``, which timm's schedulers apply (Barlow Twins' separate lr for them).
     """
     t = cfg.train
-    fixed = tuple(f"{module}." for module in getattr(model, "fixed_lr_modules", ()))
+    fixed = tuple(f"{module}." for module in model.fixed_lr_modules)
     groups: dict[tuple[bool, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -49,7 +50,7 @@ def param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
     return [groups[key] for key in sorted(groups)]
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, cpu_offload: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, model: Method, cpu_offload: bool = False) -> torch.optim.Optimizer:
     """timm's optimizer ``train.optimizer`` over :func:`param_groups`; SGD with ``train.momentum``
     and ``train.nesterov`` (timm's ``sgd`` alone would be Nesterov), LARS with plain momentum.
 

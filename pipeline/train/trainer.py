@@ -38,6 +38,7 @@ from timm.scheduler import CosineLRScheduler
 
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
+from ssl_foundry.models.method import Method
 from ssl_foundry.models.registry import create_method, takes_teacher
 from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_config, split_batch
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
@@ -98,7 +99,7 @@ class TrainResult:
     memory_mb: dict[str, list[float]] = field(default_factory=dict)
 
 
-def build_model(cfg: Config, teacher: Teacher | None = None) -> torch.nn.Module:
+def build_model(cfg: Config, teacher: Teacher | None = None) -> Method:
     """The method around a new timm backbone; a distillation method also gets its frozen teacher
     (``teacher``, or ``model.teacher`` loaded here)."""
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
@@ -244,16 +245,20 @@ class Trainer:
             # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
             # ones); there only the inputs are channels_last, which is what selects the conv kernels.
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.strategy = create_strategy(cfg, self.model, self.rt)
+        d = cfg.data
+        self.backend, self.backend_why = train_backend(d.backend, self.rt.device, d.train)
+        # This rank's samples per forward pass; the torch loader's readers each make an equal part of it.
+        self.local_batch = split_batch(cfg.train.batch_size, self.rt.world_size, cfg.train.grad_accum_steps,
+                                       readers=d.readers if self.backend == "torch" else None,
+                                       num_workers=d.num_workers)
+        self.strategy = create_strategy(cfg, self.model, self.rt, self.local_batch)
         self.optimizer = self.strategy.optimizer
         # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
         self.total_steps = cfg.train.max_steps
         self.budget_decided = cfg.train.budget_minutes <= 0
-        self.local_batch = split_batch(cfg.train.batch_size, self.rt.world_size, cfg.train.grad_accum_steps)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
-        self.uses_labels = getattr(self.model, "uses_labels", False)
         self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
-                              if self.uses_labels and cfg.data.labelled_fraction < 1 else None)
+                              if self.model.uses_labels and cfg.data.labelled_fraction < 1 else None)
         self.step = 0
         self.step_times: list[tuple[float, float]] = []  # (data wait, compute) seconds per step
         self.train_seconds = 0.0  # wall time of this process's training loop
@@ -320,10 +325,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         if self.rt.is_main:
-            backend, why = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
-            print(f"training loader: {backend} on {self.rt.device.type} ({why})", flush=True)
-        return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
-                                  self.rt.device)
+            print(f"training loader: {self.backend} on {self.rt.device.type} ({self.backend_why})", flush=True)
+        return build_train_loader(self.cfg.data, self.local_batch, self.model.input_kind, self.cfg.train.seed,
+                                  self.rt.rank, self.rt.world_size, self.position, self.rt.device)
 
     def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Images (B, 3, H, W) channels_last when asked; clips (B, T, 3, H, W) then in (B, T, H, W, 3)
@@ -335,7 +339,7 @@ class Trainer:
                 for v in views]
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
-        if not self.uses_labels:
+        if not self.model.uses_labels:
             return None
         labels = batch["label"]
         if self.labelled_keys is not None:
@@ -376,8 +380,7 @@ class Trainer:
                 self._fail_non_finite(self.loss)
             grad_norm = self.strategy.step()
             self.step += 1
-            if hasattr(self.model, "on_step_end"):
-                self.model.on_step_end(self.step, self.total_steps)
+            self.model.on_step_end(self.step, self.total_steps)
             step_compute += time.perf_counter() - tic
             self.step_times.append((step_wait, step_compute))
             for callback in self.step_callbacks:
@@ -489,7 +492,7 @@ class Trainer:
     def _sample_unit(self) -> str:
         """What a sample of the batch is: an image, or a clip for the video methods (whose metric
         ``images_per_s`` then counts clips)."""
-        return "clips" if getattr(self.model, "input_kind", "image") == "clip" else "img"
+        return "clips" if self.model.input_kind == "clip" else "img"
 
     def end_failed(self, err: BaseException) -> None:
         """Mark the MLflow run KILLED (interrupted) or FAILED, with a one-line reason as the tag

@@ -156,28 +156,31 @@ DALI_OPS: dict[str, Callable[[DataNode, Any], DataNode]] = {
 }
 
 
-def compile_views(views: list[ViewSpec]) -> list[list[tuple[spec.Step, Callable]]]:
-    """The recipe checked against this backend (call it before building a pipeline: a bad
-    recipe is then a ConfigError, not a DALI graph error)."""
+CompiledViews = list[list[tuple[spec.AugmentOp, Callable[[DataNode, Any], DataNode]]]]
+
+
+def compile_views(views: list[ViewSpec]) -> CompiledViews:
+    """The recipe's ops paired with their DALI graph builders (call it before building a pipeline:
+    an op this backend lacks is then a ConfigError, not a DALI graph error)."""
     return spec.compile_views(views, BACKEND, DALI_OPS)
 
 
-def _apply(images: DataNode, step: spec.Step, op: Callable[[DataNode, Any], DataNode]) -> DataNode:
-    if step.p == 1.0:
-        return op(images, step.params)
-    if fn.random.coin_flip(probability=step.p, dtype=types.BOOL):  # a DALI conditional: per sample
-        images = op(images, step.params)
+def _apply(images: DataNode, op: spec.AugmentOp, build: Callable[[DataNode, Any], DataNode]) -> DataNode:
+    if op.p == 1.0:
+        return build(images, op.params)
+    if fn.random.coin_flip(probability=op.p, dtype=types.BOOL):  # a DALI conditional: per sample
+        images = build(images, op.params)
     return images
 
 
-def augment_views(images: DataNode, views: list[ViewSpec], mean: list[float], std: list[float]) -> list[DataNode]:
-    """Decoded HWC uint8 images -> one CHW float32 normalised batch per output view (call inside
-    a ``pipeline_def(enable_conditionals=True)``)."""
+def augment_views(images: DataNode, views: CompiledViews, mean: list[float], std: list[float]) -> list[DataNode]:
+    """Decoded HWC uint8 images -> one CHW float32 normalised batch per output view of ``views``
+    (``compile_views``'s); call inside a ``pipeline_def(enable_conditionals=True)``."""
     outputs = []
-    for steps in compile_views(views):
+    for chain in views:
         view = images
-        for step, op in steps:
-            view = _apply(view, step, op)
+        for op, build in chain:
+            view = _apply(view, op, build)
         outputs.append(fn.crop_mirror_normalize(view, dtype=types.FLOAT, output_layout="CHW",
                                                 mean=[255.0 * m for m in mean], std=[255.0 * s for s in std]))
     return outputs

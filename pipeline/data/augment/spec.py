@@ -3,11 +3,13 @@
 an op's meaning is written once, here.
 
 A recipe (``data.views`` in the config) lists views; a view is ``count`` outputs made by one op
-chain; an op is ``{op, p, args}``: applied to a sample with probability ``p``. ``parse_views``
-turns that into :class:`Step` lists (one per output view, ``count`` expanded) with validated,
-normalised parameters; ``compile_views`` checks a backend has every op and hands each step its
-implementation. Every view then ends with ``to float + normalize(mean, std)``, which the backends
-add themselves (it is not part of a recipe).
+chain; an op is ``{op, p, args}``: applied to a sample with probability ``p``. The recipe is
+parsed once, when the config is built: each :class:`AugmentOp` validates its name, ``p`` and
+``args`` on construction and holds them as typed, normalised ``params`` (one of the parameter
+classes below). The backends only compile those objects: ``compile_views`` checks a backend has
+every op and pairs each op of every output view (``count`` expanded) with its implementation.
+Every view then ends with ``to float + normalize(mean, std)``, which the backends add themselves
+(it is not part of a recipe).
 """
 from __future__ import annotations
 
@@ -18,24 +20,6 @@ from typing import Any, Callable, TypeVar
 from ssl_foundry.pipeline.config_error import ConfigError
 
 Impl = TypeVar("Impl")
-
-
-@dataclass
-class AugmentOp:
-    """One augmentation step: an op name from the augmentation registry, its
-    parameters, and the probability it is applied to a sample (1.0 = always)."""
-
-    op: str = ""
-    p: float = 1.0
-    args: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ViewSpec:
-    """``count`` views built by the same op chain (e.g. SimCLR: 2 identical-recipe views)."""
-
-    count: int = 1
-    ops: list[AugmentOp] = field(default_factory=list)
 
 
 def _size(value: Any) -> tuple[int, int]:
@@ -157,52 +141,64 @@ def _set(params: Any, **values: Any) -> None:
 
 
 @dataclass(frozen=True)
-class Step:
-    """One op of a view: its name, validated parameters and probability."""
+class AugmentOp:
+    """One augmentation step as the recipe writes it: an op name of ``SPEC_OPS``, its ``args``, and
+    the probability ``p`` it is applied to a sample (1.0 = always). Checked on construction, which
+    sets ``params``: the op's parameter object (validated, normalised). ``args`` stays as written
+    (it is what the config saves)."""
 
-    op: str
-    params: Any
-    p: float
+    op: str = ""
+    p: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.op not in SPEC_OPS:
+            raise ConfigError(f"unknown augmentation op '{self.op}'. Ops: {', '.join(SPEC_OPS)}")
+        if not 0.0 <= self.p <= 1.0:
+            raise ConfigError(f"augmentation op '{self.op}': p={self.p} is not a probability")
+        cls = SPEC_OPS[self.op]
+        try:
+            params = cls(**self.args)
+        except (TypeError, ValueError) as err:
+            names = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
+            raise ConfigError(f"augmentation op '{self.op}': bad args {self.args} ({err}). Its args: {names}") from None
+        object.__setattr__(self, "params", params)
 
 
-def parse_op(op: AugmentOp) -> Step:
-    """Validates an op of the recipe: a known name, arguments its parameters accept, p in [0, 1]."""
-    if op.op not in SPEC_OPS:
-        raise ConfigError(f"unknown augmentation op '{op.op}'. Ops: {', '.join(SPEC_OPS)}")
-    if not 0.0 <= op.p <= 1.0:
-        raise ConfigError(f"augmentation op '{op.op}': p={op.p} is not a probability")
-    cls = SPEC_OPS[op.op]
-    try:
-        params = cls(**op.args)
-    except (TypeError, ValueError) as err:
-        names = ", ".join(f.name for f in dataclasses.fields(cls)) or "none"
-        raise ConfigError(f"augmentation op '{op.op}': bad args {op.args} ({err}). Its args: {names}") from None
-    return Step(op.op, params, op.p)
+@dataclass
+class ViewSpec:
+    """``count`` views built by the same op chain (e.g. SimCLR: 2 identical-recipe views)."""
+
+    count: int = 1
+    ops: list[AugmentOp] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.count < 1:
+            raise ConfigError(f"count={self.count}: a view makes at least 1 output (drop the view instead)")
 
 
-def parse_views(views: list[ViewSpec]) -> list[list[Step]]:
-    """One step list per output view, in spec order (a view with ``count: 2`` gives two);
-    steps with ``p = 0`` are dropped (they never apply)."""
-    parsed = [[s for s in map(parse_op, view.ops) if s.p > 0] for view in views]
-    return [steps for view, steps in zip(views, parsed) for _ in range(view.count)]
+def output_views(views: list[ViewSpec]) -> list[list[AugmentOp]]:
+    """The op chain of every output view, in spec order (a view with ``count: 2`` gives two);
+    ops with ``p = 0`` are left out (they never apply)."""
+    return [[op for op in view.ops if op.p > 0] for view in views for _ in range(view.count)]
 
 
 def view_sizes(views: list[ViewSpec]) -> list[tuple[int, int] | None]:
-    """The (h, w) of every output view (``count`` expanded): the size its last resizing op
-    (random_resized_crop, resize, center_crop) makes; ``None`` for a view that keeps the image's."""
-    return [next((s.params.size for s in reversed(steps) if hasattr(s.params, "size")), None)
-            for steps in parse_views(views)]
+    """The (h, w) of every output view: the size its last resizing op (random_resized_crop, resize,
+    center_crop) makes; ``None`` for a view that keeps the image's size."""
+    return [next((op.params.size for op in reversed(ops) if hasattr(op.params, "size")), None)
+            for ops in output_views(views)]
 
 
 def compile_views(views: list[ViewSpec], backend: str,
-                  ops: dict[str, Callable[..., Impl]]) -> list[list[tuple[Step, Callable[..., Impl]]]]:
-    """``parse_views`` with each step's implementation from a backend's op table; an op the
-    backend lacks is an error naming the op and the backend."""
+                  ops: dict[str, Callable[..., Impl]]) -> list[list[tuple[AugmentOp, Callable[..., Impl]]]]:
+    """Every output view's ops, each paired with its implementation from a backend's op table
+    (``ops``); an op the backend lacks is an error naming the op and the backend."""
     compiled = []
-    for steps in parse_views(views):
-        for step in steps:
-            if step.op not in ops:
-                raise ConfigError(f"augmentation op '{step.op}' is not available on the {backend} backend "
+    for chain in output_views(views):
+        for op in chain:
+            if op.op not in ops:
+                raise ConfigError(f"augmentation op '{op.op}' is not available on the {backend} backend "
                                   f"(it has: {', '.join(sorted(ops))})")
-        compiled.append([(step, ops[step.op]) for step in steps])
+        compiled.append([(op, ops[op.op]) for op in chain])
     return compiled

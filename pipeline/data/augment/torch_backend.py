@@ -32,8 +32,8 @@ def _with_probability(transform: Callable, p: float) -> Callable:
 def build_view_transforms(views: list[ViewSpec], mean: list[float], std: list[float]) -> list[Callable]:
     """One transform per output view: uint8 (3, H, W) -> float (3, h, w), normalised."""
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return [v2.Compose([_with_probability(make(step.params), step.p) for step, make in steps] + tail)
-            for steps in spec.compile_views(views, BACKEND, TORCH_OPS)]
+    return [v2.Compose([_with_probability(make(op.params), op.p) for op, make in chain] + tail)
+            for chain in spec.compile_views(views, BACKEND, TORCH_OPS)]
 
 
 class MultiViewTransform:

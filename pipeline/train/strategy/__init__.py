@@ -20,10 +20,12 @@ from ssl_foundry.pipeline.train.strategy.ddp import DDPStrategy
 from ssl_foundry.pipeline.train.strategy.deepspeed import DeepSpeedStrategy
 
 
-def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime) -> DDPStrategy | DeepSpeedStrategy:
+def create_strategy(cfg: Config, model: torch.nn.Module, rt: Runtime, micro_batch: int
+                    ) -> DDPStrategy | DeepSpeedStrategy:
     """The strategy named by ``train.strategy`` around ``model`` (already on ``rt.device``). It
     builds the optimizer: ``strategy.optimizer``, whose param groups carry the lr the trainer's
-    schedule sets."""
+    schedule sets. ``micro_batch``: this rank's samples per forward pass (``config.split_batch``),
+    which DeepSpeed's engine is configured with."""
     if cfg.train.strategy == "deepspeed":
-        return DeepSpeedStrategy(cfg, model, rt)
+        return DeepSpeedStrategy(cfg, model, rt, micro_batch)
     return DDPStrategy(cfg, model, rt)

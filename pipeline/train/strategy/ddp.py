@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.train.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
 from ssl_foundry.pipeline.train.optim import build_optimizer
@@ -34,12 +33,12 @@ class DDPStrategy:
                          ) -> torch.Tensor:
         """One micro-batch: the method's loss (returned detached), its gradient accumulated into
         ``.grad`` scaled by 1 / grad_accum_steps; ranks all-reduce only when ``sync``. ``labels``
-        go to methods that take them (``uses_labels``)."""
+        go to methods that take them (``uses_labels``), None to the others."""
         module = self.ddp or self.model
         no_sync = module.no_sync() if self.ddp is not None and not sync else nullcontext()
         with no_sync:
             with autocast(self.rt.device, self.amp_dtype):
-                loss = (module(views) if labels is None else module(views, labels))["loss"]
+                loss = module(views, labels)["loss"]
             (loss / self.cfg.train.grad_accum_steps).backward()
         return loss.detach()
 
@@ -71,4 +70,4 @@ class DDPStrategy:
     def consolidated_backbone(self, checkpoint: Path | None) -> torch.nn.Module:
         """The trained backbone (the method's ``exported_backbone``), whole, on this rank (every rank
         holds it under DDP)."""
-        return self.model.get_submodule(exported_backbone_name(self.model))
+        return self.model.get_submodule(self.model.exported_backbone)

@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 
 from ssl_foundry.models.backbones import create_backbone
-from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config, deepspeed_config, offloads_optimizer, select_accelerator
 from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_dir, commit_checkpoint_dir, safe_load,
                                                    world_size_mismatch, write_error)
@@ -61,7 +60,7 @@ def load_weights_only(engine) -> None:
 class DeepSpeedStrategy:
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime):
+    def __init__(self, cfg: Config, model: torch.nn.Module, rt: Runtime, micro_batch: int):
         select_accelerator(rt.device.type)
         import deepspeed  # optional, and it must see DS_ACCELERATOR (set just above) when first imported
 
@@ -75,7 +74,7 @@ class DeepSpeedStrategy:
                                     device_id=rt.device if cuda else None)
         for key, value in (("RANK", rt.rank), ("LOCAL_RANK", rt.local_rank), ("WORLD_SIZE", rt.world_size)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them (a launcher has set them already)
-        self.ds_config = deepspeed_config(cfg, rt.world_size, autocast_dtype(cfg.train, rt.device),
+        self.ds_config = deepspeed_config(cfg.deepspeed, cfg.train, micro_batch, autocast_dtype(cfg.train, rt.device),
                                           cuda=rt.device.type == "cuda")
         self.optimizer = build_optimizer(cfg, model, cpu_offload=offloads_optimizer(self.ds_config))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
@@ -85,9 +84,9 @@ class DeepSpeedStrategy:
                          ) -> torch.Tensor:
         """One micro-batch; the engine scales the gradient by 1 / grad_accum_steps and (stage 2/3)
         reduce-scatters it into the owners' partitions, only at the accumulation boundary.
-        ``labels`` go to methods that take them (``uses_labels``)."""
+        ``labels`` go to methods that take them (``uses_labels``), None to the others."""
         self.engine.set_gradient_accumulation_boundary(sync)
-        loss = (self.engine(views) if labels is None else self.engine(views, labels))["loss"]
+        loss = self.engine(views, labels)["loss"]
         self.engine.backward(loss)
         return loss.detach()
 
@@ -138,6 +137,6 @@ class DeepSpeedStrategy:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         m = self.cfg.model
         backbone = create_backbone(m.backbone, **m.backbone_args)
-        prefix = exported_backbone_name(self.model) + "."
+        prefix = self.model.exported_backbone + "."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return backbone
