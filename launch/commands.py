@@ -18,10 +18,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from launch.local import launch_pretrain
+    from launch.local import NodesMissingError, launch_pretrain
 
     cfg = load_config(args.config, args.overrides)
-    result = launch_pretrain(cfg)
+    try:
+        result = launch_pretrain(cfg)
+    except NodesMissingError as err:
+        print(f"foundry: error: {err}", file=sys.stderr)
+        return 1
     if result is not None and getattr(result, "run_id", None):
         _log_pretraining_plots(result, cfg)
         if result.model_version:

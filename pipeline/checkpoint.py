@@ -105,11 +105,14 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def world_size_mismatch(path: str | Path, saved: int, current: int) -> RuntimeError:
+def world_size_mismatch(path: str | Path, saved: int, current: int, readers: int) -> RuntimeError:
+    """A DDP checkpoint whose batches cannot continue at another world size (``readers``: the
+    data.readers it was written with)."""
     return RuntimeError(
-        f"checkpoint {path} was written by {saved} ranks, this run has {current}: the loader position "
-        f"(and under DeepSpeed the optimizer shards) are per rank. Resume with the same "
-        f"launch.nproc_per_node x nnodes, or start fresh with train.resume=never")
+        f"checkpoint {path} was written by {saved} ranks, this run has {current}, and its batches depend on the "
+        f"world size (data.readers={readers}; only a fixed data.readers, the same as the checkpoint's, gives the "
+        f"same batches at any). Resume with {saved} ranks (launch.nproc_per_node x nnodes), or start fresh with "
+        f"train.resume=never (and data.readers set, to change world sizes later)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

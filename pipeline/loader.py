@@ -106,7 +106,7 @@ class ShardStream(IterableDataset):
                              f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
                              f"global batch a multiple of data.readers")
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
-        if len(self.shards) < self.readers:
+        if len(self.shards) < self.readers and not finite:  # evaluation: a reader may get no shard
             raise ValueError(
                 f"{folder} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} ranks x "
                 f"{self.num_workers} workers, or data.readers) need at least that many: re-shard with a "

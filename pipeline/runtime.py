@@ -69,7 +69,7 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = launch.backend if launch.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(minutes=10),
+        dist.init_process_group(backend, timeout=timedelta(seconds=launch.collective_timeout_s),
                                 device_id=device if backend == "nccl" else None)
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -79,6 +79,7 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
 
 
 def shutdown_runtime() -> None:
+    """Leave the process group, at once: called by every rank after its last collective, so that
+    no rank waits (and times out) in a barrier while rank 0 alone exports, registers and logs."""
     if dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()

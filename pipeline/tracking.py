@@ -142,10 +142,16 @@ class RunTracker:
             run = self._client.create_run(experiment_id, run_name=run_name or None)
         self._run_id = run.info.run_id
         self._params: dict[str, str] = dict(run.data.params)
+        self._tags: dict[str, str] = dict(run.data.tags)
 
     @property
     def run_id(self) -> str:
         return self._run_id
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The run's tags: those it had when opened, and those set since."""
+        return dict(self._tags)
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         experiment = self._client.get_experiment_by_name(name)
@@ -201,6 +207,7 @@ class RunTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._client.log_batch(self._run_id, tags=self._tag_list(tags), synchronous=True)
+        self._tags.update({key: str(value) for key, value in tags.items()})
 
     def log_environment(self) -> None:
         """Tags ``env.*``: library versions, hardware, host, git commit and world size."""

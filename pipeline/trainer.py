@@ -31,7 +31,8 @@ from launch.config import Config, flatten, save_config, to_dict
 from models.backbones import create_backbone
 from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
-from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, world_size_mismatch
+from pipeline.evaluate import KnnResult, attach_knn_monitor, distributed_knn
 from pipeline.labelled_subset import labelled_keys, mask_unlabelled
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.optim import base_lr
@@ -206,6 +207,7 @@ class Trainer:
         self.stop_check: Callable[[], bool] | None = None
         self.position = LoaderPosition()
         self.run_id: str | None = None
+        self.resumed_from: Path | None = None
         resume = _find_resume(cfg)
         if resume is not None:
             self._restore(resume)
@@ -231,9 +233,18 @@ class Trainer:
             self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
             self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
-        self._rng_to_restore = state["rng"][self.rt.rank]
+        self.resumed_from = path
+        saved_ranks = state["world_size"]
+        if saved_ranks == self.rt.world_size:
+            self._rng_to_restore = state["rng"][self.rt.rank]
+        elif not state["config"]["data"]["readers"] or state["config"]["data"]["readers"] != self.cfg.data.readers:
+            raise world_size_mismatch(path, saved_ranks, self.rt.world_size, state["config"]["data"]["readers"])
+        # At another world size (a fixed data.readers: the same batches at any), each rank keeps
+        # the seed it was given: no rank's random stream continues another's.
         if self.rt.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            moved = f" (written by {saved_ranks} ranks, now {self.rt.world_size})"
+            print(f"resumed from {path} at step {self.step}{moved if saved_ranks != self.rt.world_size else ''}",
+                  flush=True)
 
     def save(self) -> Path | None:
         rng = _gather_objects(_rng_state(), self.rt)
@@ -278,6 +289,8 @@ class Trainer:
         t = self.cfg.train
         if hasattr(self, "_rng_to_restore"):
             _set_rng_state(self._rng_to_restore)
+        if self.tracker is not None:
+            self._record_start()
         self.model.train()
         batches = self._loader()
         data_wait = 0.0
@@ -338,7 +351,23 @@ class Trainer:
         self.train_seconds = time.perf_counter() - train_start
         memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
-        return self._finish(last, loss_value, memory)
+        d = self.cfg.data
+        evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
+        backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
+        knn = distributed_knn(backbone, self.cfg, self.rt) if evaluate else None
+        # The ranks' last collective is behind them: rank 0 exports, registers and logs alone, and
+        # no rank waits for it in a collective that could time out.
+        shutdown_runtime()
+        return self._finish(last, loss_value, memory, backbone, knn)
+
+    def _record_start(self) -> None:
+        """The world size each (re)start trains at, as the metric ``world_size`` at its first step;
+        a resume also counts in the tag ``restarts`` (an elastic restart, a Slurm requeue, a rerun)."""
+        self.tracker.log_metrics({"world_size": self.rt.world_size}, step=self.step)
+        if self.resumed_from is not None:
+            restarts = int(self.tracker.tags.get("restarts", "0")) + 1
+            self.tracker.set_tags({"restarts": str(restarts), f"restart.{restarts}":
+                                   f"step {self.step} from {self.resumed_from.name}, {self.rt.world_size} ranks"})
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
@@ -424,7 +453,9 @@ class Trainer:
         return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
-    def _finish(self, last_checkpoint: Path | None, loss_value: float, memory: list[dict[str, float]]) -> TrainResult:
+    def _finish(self, last_checkpoint: Path | None, loss_value: float, memory: list[dict[str, float]],
+                backbone: torch.nn.Module | None, knn: KnnResult | None) -> TrainResult:
+        """Rank 0, after the process group is gone: artifacts, export, registration, metrics."""
         from pipeline.export import export_timm_backbone
 
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
@@ -438,7 +469,6 @@ class Trainer:
                                   for r, value in enumerate(values)}, step=self.step)
         self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
                                   if last_checkpoint.is_dir() else "checkpoints")
-        backbone = self.strategy.consolidated_backbone(last_checkpoint)
         backbone_dir = export_timm_backbone(
             backbone, m.backbone, m.backbone_args, self.out / "backbone",
             input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
@@ -449,14 +479,11 @@ class Trainer:
             result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
         else:
             self.tracker.log_artifact(str(backbone_dir), "backbone")
-        if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
-            from pipeline.evaluate import knn_evaluate
-
-            backbone.eval()
-            tic = time.perf_counter()
-            result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)
-            result.timing["knn_s"] = time.perf_counter() - tic
-            self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
+        if knn is not None:
+            result.knn_top1, result.timing["knn_s"] = knn.top1, knn.seconds
+            self.tracker.log_metrics({"knn_top1": knn.top1, **{
+                f"knn_images_rank{r}": bank + queries
+                for r, (bank, queries) in enumerate(zip(knn.bank_per_rank, knn.queries_per_rank))}}, step=self.step)
         self.tracker.end("FINISHED")
         return result
 
@@ -466,6 +493,8 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
     called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``)."""
     trainer = Trainer(cfg)
     try:
+        if cfg.eval.knn_every:
+            attach_knn_monitor(trainer)
         if setup is not None:
             setup(trainer)
         result = trainer.completed_result() or trainer.train()

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from launch.config import Config, ConfigError
 from models.backbones import create_backbone
-from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
+from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir
 from pipeline.optim import build_optimizer
 from pipeline.runtime import Runtime, autocast_dtype, uses_cuda
 
@@ -181,9 +181,10 @@ def validate_deepspeed(cfg: Config) -> None:
                           f"zero_optimization.stage is {stage}{source}: set deepspeed.zero_stage=3 or "
                           f"deepspeed.offload_params=none")
     if stage == 3 and cfg.eval.knn_every:
-        raise ConfigError("eval.knn_every (the online kNN monitor) runs rank 0's backbone alone, whose parameters "
-                          "ZeRO-3 has partitioned over all ranks; use deepspeed.zero_stage=1 or 2, or eval.knn_every=0 "
-                          "(the kNN at the end of pretraining runs on the consolidated backbone)")
+        raise ConfigError("eval.knn_every (the online kNN monitor) runs each rank's backbone on its own share of the "
+                          "eval shards, whose parameters ZeRO-3 has partitioned over all ranks; use "
+                          "deepspeed.zero_stage=1 or 2, or eval.knn_every=0 (the kNN at the end of pretraining runs "
+                          "on the consolidated backbone)")
     if offloads_optimizer(ds_config) and t.optimizer != "adamw":
         raise ConfigError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got "
                           f"{t.optimizer}), or deepspeed.offload_optimizer=none{source}")
@@ -263,7 +264,11 @@ class DeepSpeedStrategy:
                                f"train.strategy=ddp, or start fresh with train.resume=never")
         saved_ranks = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
         if saved_ranks != self.rt.world_size:  # each rank owns its shard of the optimizer state
-            raise world_size_mismatch(path, saved_ranks, self.rt.world_size)
+            raise RuntimeError(
+                f"checkpoint {path} holds the ZeRO shards of {saved_ranks} ranks, this run has {self.rt.world_size}: "
+                f"DeepSpeed's optimizer state is split per rank. Resume with {saved_ranks} ranks "
+                f"(launch.nproc_per_node x nnodes). Resharding is DeepSpeed's universal checkpoint "
+                f"(python -m deepspeed.checkpoint.ds_to_universal), which ssl-foundry does not load yet")
         loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None or "trainer" not in (client_state or {}):
@@ -273,7 +278,8 @@ class DeepSpeedStrategy:
 
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
         """The backbone with the full fp32 master weights of ``checkpoint``, gathered from every
-        rank's shard (DeepSpeed's zero_to_fp32), as a plain timm model on the CPU. Rank 0 only."""
+        rank's shard (DeepSpeed's zero_to_fp32), as a plain timm model on the CPU: read from the
+        files, so any rank may call it, alone."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
