@@ -18,12 +18,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from launch.local import NodesMissingError, launch_pretrain
+    from launch.local import NodeLostError, launch_pretrain
 
     cfg = load_config(args.config, args.overrides)
     try:
         result = launch_pretrain(cfg)
-    except NodesMissingError as err:
+    except NodeLostError as err:
         print(f"foundry: error: {err}", file=sys.stderr)
         return 1
     if result is not None and getattr(result, "run_id", None):

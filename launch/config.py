@@ -503,6 +503,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                 )
 
 
+def max_restarts(launch: LaunchConfig) -> int:
+    """launch.max_restarts, its default (-1) resolved."""
+    return launch.max_restarts if launch.max_restarts >= 0 else (3 if launch.nnodes > 1 else 0)
+
+
 def validate_elastic(cfg: Config) -> None:
     """The multi-node keys, and what going on with fewer nodes (launch.min_nodes < nnodes) needs:
     a global batch that splits over every world size it may run at, and the same batches at each."""
@@ -518,6 +523,11 @@ def validate_elastic(cfg: Config) -> None:
             raise ConfigError(f"launch.{key} must be > 0 seconds, got {getattr(launch, key)}")
     if ":" not in launch.rdzv_endpoint or not launch.rdzv_endpoint.rsplit(":", 1)[1].isdigit():
         raise ConfigError(f"launch.rdzv_endpoint: '{launch.rdzv_endpoint}' is not HOST:PORT (e.g. 10.0.0.1:29500)")
+    if max_restarts(launch) and cfg.train.resume != "auto":
+        raise ConfigError(f"train.resume={cfg.train.resume} with launch.max_restarts={max_restarts(launch)}: a restart "
+                          f"after a failure would begin again from {'step 0' if cfg.train.resume == 'never' else 'it'}"
+                          f" instead of the newest checkpoint; use train.resume=auto (with a fresh output_dir to "
+                          f"start afresh), or launch.max_restarts=0")
     if not launch.min_nodes or launch.min_nodes == launch.nnodes:
         return
     fewer = f"launch.min_nodes={launch.min_nodes} < launch.nnodes={launch.nnodes} (going on without lost nodes)"

@@ -13,18 +13,21 @@ import hashlib
 import ipaddress
 import os
 import socket
+import sys
+import traceback
 from typing import Any, Callable
 
 import psutil
-from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
-from launch.config import Config, ConfigError, LaunchConfig, config_from_dict, to_dict
+from launch.config import Config, ConfigError, config_from_dict, max_restarts, to_dict
 
 
-class NodesMissingError(RuntimeError):
-    """The nodes of a multi-node job did not all meet within ``launch.join_timeout_s``."""
+class NodeLostError(RuntimeError):
+    """A multi-node job lost a node for good: it did not rejoin within ``launch.join_timeout_s``,
+    or it was the head, whose agent hosted the rendezvous store."""
 
 
 def under_launcher() -> bool:
@@ -41,10 +44,6 @@ def _rank_entry(config: dict[str, Any]):
 def rendezvous_id(cfg: Config) -> str:
     """``launch.rdzv_id``, or a name every node computes alike from the ``output_dir`` string."""
     return cfg.launch.rdzv_id or f"foundry-{hashlib.sha256(cfg.output_dir.encode()).hexdigest()[:16]}"
-
-
-def max_restarts(launch: LaunchConfig) -> int:
-    return launch.max_restarts if launch.max_restarts >= 0 else (3 if launch.nnodes > 1 else 0)
 
 
 def _endpoint_address(endpoint: str) -> tuple[str, int]:
@@ -92,21 +91,41 @@ def elastic_config(cfg: Config) -> ElasticConfig:
                          rdzv_configs=rdzv_configs, local_addr=local_addr, **common)
 
 
+def _run_rank(entry: Callable, *args: Any):
+    """``entry(*args)`` as one rank of a launched job. A rank that fails prints why and ends at once:
+    Python's teardown of torch, timm and MLflow (seconds; tens on a busy machine) would hold back
+    the agent's restart of every rank."""
+    try:
+        return entry(*args)
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
 def launch_ranks(cfg: Config, entry: Callable, *args: Any):
     """``entry(*args)`` in this process, or in ``launch.nproc_per_node`` ranks per node (``entry``
     and ``args`` must pickle); returns rank 0's result (None on the nodes without rank 0)."""
-    if cfg.launch.nproc_per_node == 1 and cfg.launch.nnodes == 1 or under_launcher():
+    if under_launcher():
+        return _run_rank(entry, *args)
+    if cfg.launch.nproc_per_node == 1 and cfg.launch.nnodes == 1:
         return entry(*args)
     elastic = elastic_config(cfg)
     try:
-        results = elastic_launch(elastic, entry)(*args)
+        results = elastic_launch(elastic, _run_rank)(entry, *args)
     except RendezvousTimeoutError as err:
         launch = cfg.launch
-        raise NodesMissingError(
+        raise NodeLostError(
             f"the nodes did not meet within launch.join_timeout_s={launch.join_timeout_s}: rendezvous "
             f"'{elastic.run_id}' at {launch.rdzv_endpoint} needs {elastic.min_nodes} of launch.nnodes="
             f"{launch.nnodes} nodes. Start the missing nodes' command (a lost node's own command, restarted, "
             f"resumes from the newest checkpoint), or set launch.min_nodes lower to go on without them") from err
+    except RendezvousConnectionError as err:
+        raise NodeLostError(
+            f"lost the rendezvous store at launch.rdzv_endpoint={cfg.launch.rdzv_endpoint}: the head node's agent "
+            f"hosts it, and the job cannot go on without it. Start every node's command again: they resume "
+            f"from the newest checkpoint") from err
     return results.get(0)
 
 
