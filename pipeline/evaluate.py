@@ -58,10 +58,10 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Te
     best_sim = queries.new_empty(queries.shape[0], 0)
     best_idx = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], block):
-        sim = queries @ bank[start:start + block].T
-        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
-        best_sim, order = torch.cat([best_sim, top_sim], dim=1).topk(min(k, best_sim.shape[1] + top_sim.shape[1]),
-                                                                       dim=1)
+        similarities = queries @ bank[start:start + block].T
+        top_sim, top_idx = similarities.topk(min(k, similarities.shape[1]), dim=1)
+        merged = torch.cat([best_sim, top_sim], dim=1)
+        best_sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
         best_idx = torch.cat([best_idx, top_idx + start], dim=1).gather(1, order)
     return best_sim, best_idx
 
@@ -75,13 +75,30 @@ def vote(similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, tem
 
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Predicted class of each test feature by similarity-weighted kNN voting."""
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024,
+                sharded: bool = False) -> torch.Tensor:
+    """Predicted class of each test feature by similarity-weighted kNN voting.
+
+    ``sharded``: the bank (train features, labels) is split over the ranks of the process group,
+    each passing its part and the same test features. For each chunk of queries every rank finds
+    the k nearest in its part, the ranks exchange these candidates, and the k nearest of them all,
+    which are the k nearest of the whole bank, vote on every rank alike."""
     bank = F.normalize(train_features, dim=1)
+    bank_size = torch.tensor(len(bank), device=bank.device)
+    if sharded:
+        dist.all_reduce(bank_size)
+    k = min(k, int(bank_size))
     predictions = []
     for queries in F.normalize(test_features, dim=1).split(chunk):
         similarities, index = nearest(queries, bank, k)
-        predictions.append(vote(similarities, train_labels[index], num_classes, temperature))
+        labels = train_labels[index]
+        if sharded:  # every rank's candidates, (q, W k); a part with fewer than k pads with -inf
+            missing = k - similarities.shape[1]
+            similarities = torch.cat(_all_gather(F.pad(similarities, (0, missing), value=-torch.inf)), dim=1)
+            labels = torch.cat(_all_gather(F.pad(labels, (0, missing))), dim=1)
+            similarities, order = similarities.topk(k, dim=1)
+            labels = labels.gather(1, order)
+        predictions.append(vote(similarities, labels, num_classes, temperature))
     return torch.cat(predictions)
 
 
@@ -187,14 +204,11 @@ def _all_ranks_max(value: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime, chunk: int = 1024) -> KnnResult:
+def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime) -> KnnResult:
     """kNN top-1 of ``backbone`` (data.eval_train the bank, data.eval_test the queries) with every
-    rank's share of the work, so that none waits in a collective while another works alone.
-
-    Each rank extracts its shards of both sets. The queries are gathered to every rank; the bank
-    stays split. For each chunk of queries every rank finds the k nearest in its part of the bank
-    (``nearest``: bounded memory), the ranks exchange these candidates, and the k nearest of all
-    of them, which are the k nearest of the whole bank, vote on every rank alike."""
+    rank's share of the work, so that none waits in a collective while another works alone: each
+    rank extracts its shards of both sets, the queries are gathered to every rank, the bank stays
+    split (``knn_predict(sharded=True)``). With one rank, the plain kNN."""
     d, e, device = cfg.data, cfg.eval, rt.device
     tic = time.perf_counter()
     common = dict(image_size=d.eval_image_size, mean=d.mean, std=d.std, batch_size=e.batch_size,
@@ -202,26 +216,15 @@ def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime, chunk: 
     bank, bank_labels = (t.to(device) for t in extract_features(backbone, d.eval_train, **common))
     local_queries, local_query_labels = (t.to(device) for t in extract_features(backbone, d.eval_test, **common))
     query_parts = _gather_rows(local_queries)
-    queries = F.normalize(torch.cat(query_parts), dim=1)
-    query_labels = torch.cat(_gather_rows(local_query_labels))
+    queries, query_labels = torch.cat(query_parts), torch.cat(_gather_rows(local_query_labels))
     bank_per_rank = [int(n) for n in torch.cat(_gather_rows(torch.tensor([len(bank_labels)], device=device)))]
     local_labels = torch.cat([bank_labels, local_query_labels])
     if _all_ranks_max(int((local_labels < 0).any()), device):
         raise ValueError(UNLABELLED)
     num_classes = _all_ranks_max(int(local_labels.max()) if len(local_labels) else 0, device) + 1
-    bank = F.normalize(bank.reshape(-1, queries.shape[1]), dim=1)
-    k = min(e.knn_k, sum(bank_per_rank))
-    predictions = []
-    for chunk_queries in queries.split(chunk):
-        similarities, index = nearest(chunk_queries, bank, k)
-        missing = k - similarities.shape[1]  # this rank's part of the bank has fewer than k
-        similarities = F.pad(similarities, (0, missing), value=-torch.inf)
-        labels = F.pad(bank_labels[index], (0, missing))
-        if rt.world_size > 1:  # every rank's candidates: (q, W k)
-            similarities, labels = (torch.cat(_all_gather(t), dim=1) for t in (similarities, labels))
-        similarities, order = similarities.topk(k, dim=1)
-        predictions.append(vote(similarities, labels.gather(1, order), num_classes, e.knn_temperature))
-    top1 = float((torch.cat(predictions) == query_labels).float().mean())
+    predicted = knn_predict(bank.reshape(-1, queries.shape[1]), bank_labels, queries, num_classes, e.knn_k,
+                            e.knn_temperature, sharded=rt.world_size > 1)
+    top1 = float((predicted == query_labels).float().mean())
     return KnnResult(top1, bank_per_rank, [len(part) for part in query_parts], time.perf_counter() - tic)
 
 

@@ -31,7 +31,7 @@ from launch.config import AugmentOp, Config, ViewSpec
 from pipeline.augment import MultiViewTransform, eval_transform
 from pipeline.export import BackboneSource, load_timm_backbone
 from pipeline.loader import ShardStream, make_loader
-from pipeline.runtime import Runtime, autocast, autocast_dtype
+from pipeline.runtime import Runtime, autocast, autocast_dtype, start_collective_timeout
 
 
 @dataclass
@@ -106,6 +106,7 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
                          seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer)
     amp = autocast_dtype(cfg.train, rt.device)
     torch.manual_seed(cfg.train.seed + rt.rank)  # mixup's draws: independent per rank
+    start_collective_timeout(cfg.launch)
     trained.train()
     losses = []
     for step, batch in zip(range(1, ft.steps + 1), make_loader(stream)):

@@ -69,13 +69,24 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = launch.backend if launch.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(seconds=launch.collective_timeout_s),
+        # Ranks come up at their own pace (imports, a node restarted after a failure): until all are
+        # ready (``start_collective_timeout``) they wait for each other as long as nodes do.
+        dist.init_process_group(backend, timeout=timedelta(seconds=launch.join_timeout_s),
                                 device_id=device if backend == "nccl" else None)
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         threads = train.threads or max(1, (os.cpu_count() or 1) // local_world)
         torch.set_num_threads(threads)
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def start_collective_timeout(launch: LaunchConfig) -> None:
+    """Called by every rank once it is ready to work (model, optimizer, checkpoint, tracker): after
+    they all are, a collective that waits ``launch.collective_timeout_s`` fails (a peer that vanished
+    without closing its connections) instead of hanging."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.set_timeout(timedelta(seconds=launch.collective_timeout_s))
 
 
 def shutdown_runtime() -> None:

@@ -36,7 +36,7 @@ from pipeline.evaluate import KnnResult, attach_knn_monitor, distributed_knn
 from pipeline.labelled_subset import labelled_keys, mask_unlabelled
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.optim import base_lr
-from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
+from pipeline.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
 from pipeline.strategy import create_strategy
 
 
@@ -221,6 +221,7 @@ class Trainer:
             if hasattr(self.strategy, "ds_config"):  # the DeepSpeed JSON this run really used
                 (self.out / "deepspeed_config.json").write_text(json.dumps(self.strategy.ds_config, indent=2))
                 self.tracker.log_artifact(str(self.out / "deepspeed_config.json"))
+        start_collective_timeout(cfg.launch)
 
     # ------------------------------------------------------------------ state
     def _restore(self, path: Path) -> None:
