@@ -208,7 +208,7 @@ class LaunchConfig:
     # restarted rejoins) and the ranks resume from the newest checkpoint.
     min_nodes: int = 0  # 0: nnodes. Fewer: go on without lost nodes, on fewer ranks (needs data.readers)
     max_restarts: int = -1  # restarts of the ranks after a failure; -1: 3 when nnodes > 1, else 0
-    join_timeout_s: int = 600  # nodes (and then ranks) not all met within this: the job fails, naming the key
+    join_timeout_s: int = 600  # nodes not all met within this (at start, after a failure): the job fails
     last_call_s: int = 30  # min_nodes < nnodes: once min_nodes met, wait this long for the others
     collective_timeout_s: int = 600  # once all ranks are ready, a collective waiting this long fails
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl

@@ -105,14 +105,14 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def world_size_mismatch(path: str | Path, saved: int, current: int, readers: int) -> RuntimeError:
-    """A DDP checkpoint whose batches cannot continue at another world size (``readers``: the
-    data.readers it was written with)."""
+def world_size_mismatch(path: str | Path, saved: int, current: int, saved_readers: int, readers: int) -> RuntimeError:
+    """A DDP checkpoint whose batches cannot continue at another world size."""
+    same_batches = (f"set data.readers={saved_readers}, the checkpoint's" if saved_readers else
+                    "start fresh with train.resume=never and data.readers set, to change world sizes later")
     return RuntimeError(
-        f"checkpoint {path} was written by {saved} ranks, this run has {current}, and its batches depend on the "
-        f"world size (data.readers={readers}; only a fixed data.readers, the same as the checkpoint's, gives the "
-        f"same batches at any). Resume with {saved} ranks (launch.nproc_per_node x nnodes), or start fresh with "
-        f"train.resume=never (and data.readers set, to change world sizes later)")
+        f"checkpoint {path} was written by {saved} ranks with data.readers={saved_readers}, this run has {current} "
+        f"with data.readers={readers}: the batches continue at another world size only with the checkpoint's "
+        f"fixed data.readers (not 0). Resume with {saved} ranks (launch.nproc_per_node x nnodes), or {same_batches}")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -17,6 +17,11 @@ import torch.distributed as dist
 from launch.config import LaunchConfig, TrainConfig
 
 
+# Ranks come up at their own pace (imports, model, checkpoint, a node restarted after a failure):
+# until all are ready (``start_collective_timeout``) they wait this long for each other.
+STARTUP_TIMEOUT = timedelta(minutes=10)
+
+
 @dataclass
 class Runtime:
     rank: int
@@ -69,9 +74,7 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = launch.backend if launch.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        # Ranks come up at their own pace (imports, a node restarted after a failure): until all are
-        # ready (``start_collective_timeout``) they wait for each other as long as nodes do.
-        dist.init_process_group(backend, timeout=timedelta(seconds=launch.join_timeout_s),
+        dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
                                 device_id=device if backend == "nccl" else None)
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

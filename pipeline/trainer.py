@@ -150,7 +150,8 @@ def _memory_mb(device: torch.device) -> dict[str, float]:
     return memory
 
 
-def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if rt.world_size == 1:
         return [obj]
     out: list[Any] = [None] * rt.world_size
@@ -239,7 +240,8 @@ class Trainer:
         if saved_ranks == self.rt.world_size:
             self._rng_to_restore = state["rng"][self.rt.rank]
         elif not state["config"]["data"]["readers"] or state["config"]["data"]["readers"] != self.cfg.data.readers:
-            raise world_size_mismatch(path, saved_ranks, self.rt.world_size, state["config"]["data"]["readers"])
+            raise world_size_mismatch(path, saved_ranks, self.rt.world_size, state["config"]["data"]["readers"],
+                                      self.cfg.data.readers)
         # At another world size (a fixed data.readers: the same batches at any), each rank keeps
         # the seed it was given: no rank's random stream continues another's.
         if self.rt.is_main:
@@ -248,7 +250,7 @@ class Trainer:
                   flush=True)
 
     def save(self) -> Path | None:
-        rng = _gather_objects(_rng_state(), self.rt)
+        rng = gather_objects(_rng_state(), self.rt)
         state = {
             "step": self.step,
             "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
@@ -350,7 +352,7 @@ class Trainer:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
-        memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
+        memory = gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
         d = self.cfg.data
         evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test

@@ -1,6 +1,8 @@
 """kNN evaluation (pipeline/evaluate.py): the vote on a hand-worked case, the bank streamed in blocks,
-and the bank split over 3 real gloo ranks (one of them with no samples, one with fewer than k)
-against one process holding the whole bank."""
+the bank split over 3 real gloo ranks (one of them with no samples, one with fewer than k) against
+one process holding the whole bank, and the end-of-run kNN of a 4-rank pretraining spread over all
+ranks."""
+import json
 import math
 import os
 import socket
@@ -9,9 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mlflow import MlflowClient
 
 import pipeline.evaluate as evaluate
-from pipeline.evaluate import knn_predict, nearest, vote
+from conftest import FMNIST_LIMIT, run_cli
+from pipeline.evaluate import knn_evaluate, knn_predict, nearest, vote
+from pipeline.export import load_timm_backbone
 
 BANK_SHARES = (5, 0, 12)  # rows of the bank on each rank
 DIM, QUERIES, CLASSES, K = 6, 9, 4, 8
@@ -82,3 +87,23 @@ def test_k_is_capped_by_the_bank(k):
         nearest_row = (torch.nn.functional.normalize(queries, dim=1)
                        @ torch.nn.functional.normalize(bank, dim=1).T).argmax(dim=1)
         assert torch.equal(predicted, labels[nearest_row])
+
+
+@pytest.mark.slow
+def test_end_of_run_knn_outlasting_the_collective_timeout_runs_on_every_rank(tiny_config, tmp_path):
+    """4 ranks whose collectives time out after 1 s, less than the end of the run takes (kNN over both
+    eval splits, export, registration: seconds); with rank 0 working through it alone while the
+    others waited in a barrier, as before, they timed out. Every rank extracts its share of the
+    eval shards, and the kNN of the shares is the kNN of one process on the exported backbone."""
+    cfg = tiny_config(tmp_path / "run")
+    done = run_cli(["pretrain", str(tmp_path / "run.yaml"), "launch.nproc_per_node=4", "launch.collective_timeout_s=1",
+                    "eval.after_pretrain=true", "mlflow.registered_model=knn-spread", "data.readers=4",
+                    "train.threads=1"], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    metrics = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"]).data.metrics
+    per_rank = [metrics[f"knn_images_rank{r}"] for r in range(4)]
+    assert per_rank == [2 * FMNIST_LIMIT / 4] * 4  # 2 of the 8 shards of each split per rank
+    single = knn_evaluate(load_timm_backbone(result["backbone_dir"]), cfg, torch.device("cpu"))
+    assert result["knn_top1"] == single == metrics["knn_top1"]
+    print(f"\nend-of-run kNN on 4 ranks: {result['timing']['knn_s']:.2f} s (collective timeout 1 s)")

@@ -209,7 +209,8 @@ def test_sweep_is_a_job_array_with_the_override_logged(slurm_cluster, shards, tm
 
 @pytest.mark.slow
 def test_sbatch_template_runs_two_nodes(slurm_cluster, shards, tmp_path):
-    """slurm/pretrain.sbatch without submitit: 2 fake nodes x 1 task, master from scontrol."""
+    """slurm/pretrain.sbatch without submitit: 2 fake nodes, each running the per-node command (one agent,
+    one rank), meeting at the first node (its address from scontrol)."""
     out, log = tmp_path / "run", tmp_path / "sbatch.log"
     env = {**os.environ, "PYTHON": sys.executable, "MLFLOW_DISABLE_TELEMETRY": "true"}
     done = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
@@ -218,7 +219,7 @@ def test_sbatch_template_runs_two_nodes(slurm_cluster, shards, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     text = log.read_text() if log.is_file() else ""
     assert done.returncode == 0, done.stdout + done.stderr + text[-3000:]
-    assert re.search(r"2 rank\(s\) on n\[1-2\], master 127\.0\.0\.1:", text), text[-3000:]
+    assert re.search(r"2 node\(s\) x 1 rank\(s\) on n\[1-2\], rendezvous at 127\.0\.0\.1:", text), text[-3000:]
     result = json.loads((out / "result.json").read_text())
     run = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"])
     assert result["steps"] == 2 and run.info.status == "FINISHED" and run.data.tags["env.world_size"] == "2"
