@@ -8,8 +8,8 @@ so 4 ranks meet over real TCP between the namespaces' addresses (and nowhere els
 
 - The 2 hosts x 2 ranks train like one process on the same global batch (fixed data.readers and
   global BatchNorm: the loss does not depend on the world size).
-- Every process of a host SIGKILLed mid-run and its command started again: the agents meet again,
-  the ranks resume from the newest checkpoint, the loss at every step after it equals the
+- Every process of a host (rank 0's) SIGKILLed mid-run and its command started again: the agents
+  meet again, the ranks resume from the newest checkpoint, the loss at every step after it equals the
   uninterrupted run's, in the same MLflow run, which records the restart.
 - With launch.min_nodes=1 the survivor goes on alone, on 2 ranks, with the same losses.
 - A host that never comes back: the survivor ends with an error naming launch.join_timeout_s,
@@ -96,9 +96,9 @@ class Node:
         return "".join(line for _, line in self.lines)
 
 
-def per_node(hosts, port: int, *args: str) -> list[str]:
-    """The overrides of the command every host runs: 2 nodes x 2 ranks meeting at the first host."""
-    return ["launch.nnodes=2", "launch.nproc_per_node=2", f"launch.rdzv_endpoint={hosts.hosts[0].address}:{port}",
+def per_node(hosts, port: int, *args: str, head: int = 0) -> list[str]:
+    """The overrides of the command every host runs: 2 nodes x 2 ranks meeting at host ``head``."""
+    return ["launch.nnodes=2", "launch.nproc_per_node=2", f"launch.rdzv_endpoint={hosts.hosts[head].address}:{port}",
             *args]
 
 
@@ -164,14 +164,16 @@ def test_two_hosts_train_like_one_process(two_hosts, one_process):
 
 
 def test_killed_host_restarted_resumes_in_the_same_run(hosts, recipe, two_hosts, tmp_path):
+    """The host killed holds rank 0 (its address sorts first) but not the rendezvous store (the head
+    is the other): the MLflow run's owner dies, and the ranks' store moves to the restarted host."""
     out = tmp_path / "run"
-    args = per_node(hosts, 29402, f"output_dir={out}", *COMMON)
+    args = per_node(hosts, 29402, f"output_dir={out}", *COMMON, head=1)
     nodes = [Node(host, recipe, args, tmp_path) for host in hosts.hosts]
-    wait_for_line(nodes, rf"^step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)
-    assert hosts.hosts[1].kill()  # the machine dies: its agent and ranks, at once
+    wait_for_line(nodes[:1], rf"^step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)  # rank 0 prints on host 0
+    assert hosts.hosts[0].kill()  # the machine dies: its agent and ranks, at once
     killed = time.monotonic()
-    nodes[1].wait(timeout=60)
-    nodes[1] = Node(hosts.hosts[1], recipe, args, tmp_path)  # its command started again
+    nodes[0].wait(timeout=60)
+    nodes[0] = Node(hosts.hosts[0], recipe, args, tmp_path)  # its command started again
     _, resumed = wait_for_line(nodes, r"resumed from \S+step-(\d+)\.pt at step (\d+)", timeout=600, since=killed)
     step = int(resumed.group(2))
     training_again, _ = wait_for_line(nodes, rf"^step {step + 1}/{STEPS} ", timeout=600, since=killed)
@@ -236,3 +238,19 @@ def test_host_that_never_returns_ends_the_job_within_the_join_timeout(hosts, rec
     assert failed - killed < join_timeout_s + 30, nodes[0].text[-3000:]
     print(f"\nthe survivor gave up {failed - killed:.1f} s after its peer died (launch.join_timeout_s="
           f"{join_timeout_s})")
+
+
+def test_bench_scaling_writes_images_per_s_and_collective_time(hosts, recipe, tmp_path):
+    """`foundry bench scaling` makes its own namespace hosts: 1 rank, then 2 ranks on 2 hosts."""
+    out = tmp_path / "bench"
+    done = run_cli(["bench", "scaling", str(recipe), "train.threads=1", "--ranks", "1", "2", "--batch-per-rank", "4",
+                    "--steps", "3", "--warmup", "2", "--out-dir", str(out)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = json.loads((out / "scaling.json").read_text())["cases"]
+    assert (one["ranks"], one["hosts"], two["ranks"], two["hosts"]) == (1, 1, 2, 2)
+    assert one["collective_s_per_step"] == 0 < two["collective_s_per_step"]  # one rank has no collectives
+    assert len(two["collective_s_per_step_by_rank"]) == 2
+    for case in (one, two):
+        assert case["images_per_s"] == pytest.approx(case["global_batch"] / case["step_time_s"])
+    assert one["weak_scaling_efficiency"] == 1
+    assert two["weak_scaling_efficiency"] == pytest.approx(two["images_per_s"] / (2 * one["images_per_s"]))
