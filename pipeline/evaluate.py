@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from launch.config import Config
 from pipeline.augment import eval_transform
-from pipeline.loader import ShardStream, make_loader
+from pipeline.loader import ShardStream, make_loader, train_backend
 from pipeline.runtime import Runtime, autocast, cpu_has_fast_bf16
 
 
@@ -27,16 +27,22 @@ from pipeline.runtime import Runtime, autocast, cpu_has_fast_bf16
 def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float],
                      std: list[float], batch_size: int = 512, num_workers: int = 2,
                      device: torch.device = torch.device("cpu"), rank: int = 0,
-                     world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of ``folder`` (all of it with one rank), each sample once, in shard order:
-    (features (N, D) fp32 on the CPU, labels (N,)). The ranks x loader workers read disjoint
-    shards, through the training's loader (``ShardStream``)."""
-    stream = ShardStream(folder, eval_transform(image_size, mean, std), batch_size, rank=rank,
-                         world_size=world_size, num_workers=num_workers, finite=True)
+                     world_size: int = 1, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of ``folder`` (all of it with one rank), each sample once: (features
+    (N, D) fp32 on the CPU, labels (N,)). Read by the training's loader ``backend``: the torch
+    loader (ranks x loader workers read disjoint shards, in shard order) or DALI (the reader splits
+    the samples over the ranks)."""
+    if backend == "dali":
+        from pipeline.dali_loader import dali_eval_batches  # DALI is imported only when it is used
+
+        batches = dali_eval_batches(folder, image_size, mean, std, batch_size, rank, world_size, num_workers, device)
+    else:
+        batches = make_loader(ShardStream(folder, eval_transform(image_size, mean, std), batch_size, rank=rank,
+                                          world_size=world_size, num_workers=num_workers, finite=True))
     amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
     feats, labels = [], []
     backbone.eval()
-    for batch in make_loader(stream):
+    for batch in batches:
         with autocast(device, amp):
             out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
         feats.append(out.float().cpu())
@@ -207,12 +213,14 @@ def _all_ranks_max(value: int, device: torch.device) -> int:
 def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime) -> KnnResult:
     """kNN top-1 of ``backbone`` (data.eval_train the bank, data.eval_test the queries) with every
     rank's share of the work, so that none waits in a collective while another works alone: each
-    rank extracts its shards of both sets, the queries are gathered to every rank, the bank stays
-    split (``knn_predict(sharded=True)``). With one rank, the plain kNN."""
+    rank extracts its share of both sets with the training's loader (data.backend: DALI on GPUs),
+    the queries are gathered to every rank, the bank stays split (``knn_predict(sharded=True)``).
+    With one rank, the plain kNN."""
     d, e, device = cfg.data, cfg.eval, rt.device
     tic = time.perf_counter()
     common = dict(image_size=d.eval_image_size, mean=d.mean, std=d.std, batch_size=e.batch_size,
-                  num_workers=d.num_workers, device=device, rank=rt.rank, world_size=rt.world_size)
+                  num_workers=d.num_workers, device=device, rank=rt.rank, world_size=rt.world_size,
+                  backend=train_backend(d.backend, device, d.eval_train))
     bank, bank_labels = (t.to(device) for t in extract_features(backbone, d.eval_train, **common))
     local_queries, local_query_labels = (t.to(device) for t in extract_features(backbone, d.eval_test, **common))
     query_parts = _gather_rows(local_queries)
