@@ -180,7 +180,7 @@ class EvalConfig:
     knn_temperature: float = 0.1
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
-    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
+    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (all ranks)
     embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
     temporal_order_frames: int = 4  # frames per clip in `foundry eval temporal-order`
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
