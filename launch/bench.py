@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from launch.config import load_config, to_dict
+from ssl_foundry.pipeline.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _peak_rss_mb() -> dict[str, float]:
 def _machine() -> dict:
     import torch
 
-    from pipeline.runtime import cpu_has_fast_bf16
+    from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
 
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
@@ -70,7 +70,7 @@ def _write_profile(profiler, path: str) -> None:
 
 def bench_train(args: argparse.Namespace) -> int:
     """Steady-state training throughput of a recipe on one process, loader included."""
-    from pipeline.trainer import Trainer
+    from ssl_foundry.pipeline.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="foundry-bench-") as tmp:
         overrides = list(args.overrides) + [
@@ -124,17 +124,17 @@ def bench_train(args: argparse.Namespace) -> int:
 def bench_prep(args: argparse.Namespace) -> int:
     """Shard-writing throughput: ``foundry prep`` on Fashion-MNIST (``--limit`` images per split)
     or an image folder, into a temporary folder; check (decode) and write phases separately."""
-    from data_prep.shards import default_workers
+    from ssl_foundry.data_prep.shards import default_workers
 
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="foundry-bench-prep-") as tmp:
         start = time.perf_counter()
         if args.source == "fashion-mnist":
-            from data_prep.fashion_mnist import prep_fashion_mnist
+            from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
 
             summaries = list(prep_fashion_mnist(tmp, workers=workers, limit=args.limit).values())
         else:
-            from data_prep.images import prep_images
+            from ssl_foundry.data_prep.images import prep_images
 
             summaries = [prep_images(args.source, tmp, workers=workers)]
         wall = time.perf_counter() - start
@@ -204,7 +204,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
     step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
     GPU), beside the model-state memory ZeRO predicts."""
-    from pipeline.trainer import build_model
+    from ssl_foundry.pipeline.train.trainer import build_model
 
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
         overrides = [*case_overrides(case), f"output_dir={run_dir}"]
         print(f"[bench strategies] {case}: {args.steps} steps on {args.nproc} ranks, log {log_path}", flush=True)
         with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", args.config, *overrides],
+            done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", args.config, *overrides],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row = {"case": case, "overrides": STRATEGY_CASES[case],
                "model_state_mb_per_rank": model_state_mb_per_rank(case, trained, frozen, cfg.train.optimizer,
@@ -266,8 +266,8 @@ def _collective_seconds(profiler) -> float:
 def _scaling_rank(config: dict, warmup: int, steps: int, out: str) -> None:
     """One rank of a scaling case: train ``warmup + steps`` steps, profile the last ``steps``; at
     the last step the ranks gather their step times and collective seconds, and rank 0 writes them."""
-    from launch.config import config_from_dict
-    from pipeline.trainer import Trainer, gather_objects
+    from ssl_foundry.pipeline.config import config_from_dict
+    from ssl_foundry.pipeline.train.trainer import Trainer, gather_objects
 
     trainer = Trainer(config_from_dict(config))
     measured: dict[str, float] = {}
@@ -296,7 +296,7 @@ def _scaling_rank(config: dict, warmup: int, steps: int, out: str) -> None:
 
 def _scaling_node(args: argparse.Namespace) -> int:
     """This process is one node of a scaling case (`--node-of FILE`): its ranks; rank 0 writes FILE."""
-    from launch.local import launch_ranks
+    from ssl_foundry.launch.local import launch_ranks
 
     cfg = load_config(args.config, args.overrides)
     launch_ranks(cfg, _scaling_rank, to_dict(cfg), args.warmup, args.steps, args.node_of)
@@ -308,7 +308,7 @@ def bench_scaling(args: argparse.Namespace) -> int:
     ``--hosts`` Linux network namespaces (real TCP between them; root only), each host running the
     per-node command: images/s, step time and the time spent in collectives per step, and the
     efficiency images/s(N) / (N x images/s(1))."""
-    from launch.netns import NamespaceNetwork, can_make_namespaces
+    from ssl_foundry.launch.netns import NamespaceNetwork, can_make_namespaces
 
     if args.node_of:
         return _scaling_node(args)
@@ -333,7 +333,7 @@ def bench_scaling(args: argparse.Namespace) -> int:
                     f"launch.rdzv_endpoint={network.hosts[0].address}:{SCALING_PORT + ranks}"]
             result = out / f"ranks{ranks}.json"
             result.unlink(missing_ok=True)
-            command = [sys.executable, "-m", "launch", "bench", "scaling", args.config, *case,
+            command = [sys.executable, "-m", "ssl_foundry.launch", "bench", "scaling", args.config, *case,
                        "--node-of", str(result), "--warmup", str(args.warmup), "--steps", str(args.steps)]
             log_path = out / f"ranks{ranks}.log"
             print(f"[bench scaling] {ranks} rank(s): {nodes} host(s) x {ranks // nodes}, log {log_path}", flush=True)
@@ -390,7 +390,8 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
 
     import torch
 
-    from pipeline.loader import LoaderPosition, build_train_loader
+    from ssl_foundry.pipeline.data.loader import build_train_loader
+    from ssl_foundry.pipeline.data.position import LoaderPosition
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, num_workers=workers))
     loader = build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), torch.device("cpu"))
@@ -439,10 +440,10 @@ def bench_loader(args: argparse.Namespace) -> int:
     and where each spends its CPU time."""
     import torch
 
-    from data_prep.images import prep_images
-    from data_prep.photos import write_photo_folder
-    from data_prep.shards import read_manifest
-    from pipeline.augment.spec import parse_views
+    from ssl_foundry.data_prep.images import prep_images
+    from ssl_foundry.data_prep.photos import write_photo_folder
+    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.pipeline.data.augment.spec import parse_views
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
@@ -479,16 +480,20 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- quality
-def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tracking_uri: str) -> dict:
+def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tracking_uri: str,
+                            teacher: dict | None = None) -> dict:
     """One recipe through `foundry pretrain` in its own process for ``--budget-minutes`` of
     training (the recipe's step count lifted, so the budget decides), then its kNN top-1 (from the
     pretraining) and linear-probe top-1 (on the exported backbone). With ``--reuse-runs``, a recipe
-    whose run folder already has a result.json is not trained again, only evaluated."""
+    whose run folder already has a result.json is not trained again, only evaluated. A distillation
+    recipe distils ``teacher`` (a row of this bench) when given: its row gets the student's kNN as a
+    share of the teacher's."""
     name = Path(recipe).stem
     run_dir, log_path = out / name, out / f"{name}.log"
     overrides = [f"output_dir={run_dir}", f"train.budget_minutes={args.budget_minutes}",
                  f"train.max_steps={10**7}", "train.resume=never", "eval.after_pretrain=true",
-                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=", *args.overrides]
+                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
+                 *([f"model.teacher={out / teacher['recipe'] / 'backbone'}"] if teacher else []), *args.overrides]
     cfg = load_config(recipe, overrides)
     row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone,
            "batch_size": cfg.train.batch_size, "log": str(log_path)}
@@ -500,7 +505,7 @@ def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tr
         print(f"[bench quality] {name}: {args.budget_minutes:g} min of training, log {log_path}", flush=True)
         start = time.perf_counter()
         with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides],
+            done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", recipe, *overrides],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row["wall_s"] = time.perf_counter() - start
     if done.returncode != 0 or not result_path.is_file():
@@ -514,6 +519,8 @@ def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tr
                train_minutes=timing["train_s"] / 60, knn_top1=result["knn_top1"], knn_s=timing.get("knn_s"),
                final_loss=result["final_loss"], mlflow_run_id=result["run_id"])
     row.update(_linear_probe_export(str(run_dir / "backbone"), cfg))  # where pretraining exports it
+    if teacher:
+        row.update(teacher=teacher["recipe"], knn_share_of_teacher=row["knn_top1"] / teacher["knn_top1"])
     print(f"[bench quality] {name}: {row['steps']} steps, {row['images_per_s']:.0f} images/s, "
           f"kNN top-1 {100 * row['knn_top1']:.2f}%, linear top-1 {100 * row['linear_top1']:.2f}%", flush=True)
     return row
@@ -523,9 +530,9 @@ def _linear_probe_export(backbone_dir: str, cfg) -> dict:
     """`foundry eval linear`'s protocol on an exported backbone (features cached in the run folder)."""
     import torch
 
-    from pipeline.evaluate import eval_features
-    from pipeline.export import export_digest, load_timm_backbone
-    from pipeline.linear_probe import linear_probe
+    from ssl_foundry.pipeline.evaluate.knn import eval_features
+    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
+    from ssl_foundry.pipeline.registry.export import export_digest, load_timm_backbone
 
     tic = time.perf_counter()
     features = eval_features(load_timm_backbone(backbone_dir), cfg, torch.device("cpu"), export_digest(backbone_dir))
@@ -539,9 +546,9 @@ def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
 
     import torch
 
-    from models.backbones import create_backbone
-    from pipeline.evaluate import eval_features, knn_accuracy
-    from pipeline.linear_probe import linear_probe
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.evaluate.knn import eval_features, knn_accuracy
+    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
 
     def evaluate(name: str, arch: str, backbone: torch.nn.Module, cfg) -> dict:
         tic = time.perf_counter()
@@ -598,17 +605,26 @@ def _quality_markdown(report: dict) -> str:
     for r in report["baselines"]:
         lines.append(f"| {r['recipe']} | baseline | {r['backbone']} | - | 0 | - | - | {_percent(r['knn_top1'])} | "
                      f"{_percent(r['linear_top1'])} |")
+    lines += [f"\n{r['recipe']} distils {r['teacher']}: its kNN top-1 is {_percent(r['knn_share_of_teacher'])} of the "
+              f"teacher's, at the same budget." for r in report["runs"] if "knn_share_of_teacher" in r]
     return "\n".join(lines) + "\n"
 
 
 def bench_quality(args: argparse.Namespace) -> int:
     """Every Fashion-MNIST recipe for the same CPU budget, kNN-evaluated, beside the baselines."""
+    from ssl_foundry.models.registry import takes_teacher
+
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_fmnist.yaml"))
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
-    runs = [_pretrain_within_budget(recipe, args, out, tracking_uri) for recipe in recipes]
     configs = [load_config(recipe, list(args.overrides)) for recipe in recipes]
+    distills = {recipe for recipe, cfg in zip(recipes, configs) if takes_teacher(cfg.model.method)}
+    runs = [_pretrain_within_budget(recipe, args, out, tracking_uri) for recipe in recipes if recipe not in distills]
+    # Distillation last, from the best backbone trained here (none: the recipe's own model.teacher).
+    teacher = max((r for r in runs if "error" not in r), key=lambda r: r["knn_top1"], default=None)
+    runs += [_pretrain_within_budget(recipe, args, out, tracking_uri, teacher) for recipe in recipes
+             if recipe in distills]
     report = {
         "benchmark": "quality",
         "command": " ".join(["foundry bench quality", f"--budget-minutes {args.budget_minutes:g}",
@@ -634,10 +650,10 @@ def bench_video(args: argparse.Namespace) -> int:
     and frames/s, one process), on the packaged sample videos (or --source)."""
     from webdataset.tariterators import tarfile_samples
 
-    from data_prep.sample_videos import copy_sample_videos
-    from data_prep.shards import shard_paths
-    from data_prep.video import CLIP_CODECS, ClipSettings, prep_video
-    from pipeline.video import clip_bytes, clip_decoder
+    from ssl_foundry.data_prep.sample_videos import copy_sample_videos
+    from ssl_foundry.data_prep.shard_format import CLIP_CODECS, shard_paths
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video
+    from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder
 
     work = Path(tempfile.mkdtemp(prefix="bench-video-"))
     try:
@@ -679,7 +695,7 @@ def bench_video(args: argparse.Namespace) -> int:
 
 
 def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
-    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+    from ssl_foundry.pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
 
     d = cfg.data
     tic = time.perf_counter()
@@ -697,8 +713,8 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
     the result, and ``summary`` gives each side's mean and standard deviation."""
     import torch
 
-    from models.backbones import create_backbone
-    from pipeline.export import load_timm_backbone
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.registry.export import load_timm_backbone
 
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_video.yaml"))
     out = Path(args.out_dir).resolve()
@@ -720,8 +736,8 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
             print(f"[bench temporal-order] {run_name}: {args.budget_minutes:g} min of training, log {log_path}",
                   flush=True)
             with open(log_path, "w") as log:
-                done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
-                                      stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", recipe, *overrides],
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row = {"recipe": name, "seed": cfg.train.seed, "method": cfg.model.method, "backbone": cfg.model.backbone}
         if done.returncode != 0:
             row["error"] = f"exit {done.returncode}, see {log_path}"

@@ -1,5 +1,5 @@
 """Local and multi-node launch through torch's elastic launcher (what torchrun runs), so
-``foundry pretrain cfg launch.nproc_per_node=4`` and ``torchrun --nproc-per-node 4 -m launch
+``foundry pretrain cfg launch.nproc_per_node=4`` and ``torchrun --nproc-per-node 4 -m ssl_foundry.launch
 pretrain cfg`` start the same ranks with the same environment.
 
 Several nodes (docs/multinode.md): every node runs the same command. Its agent meets the others in
@@ -22,7 +22,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, 
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
-from launch.config import Config, ConfigError, config_from_dict, max_restarts, to_dict
+from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, max_restarts, to_dict
 
 
 class NodeLostError(RuntimeError):
@@ -36,7 +36,7 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
-    from pipeline.trainer import train
+    from ssl_foundry.pipeline.train.trainer import train
 
     return train(config_from_dict(config))
 

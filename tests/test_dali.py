@@ -4,7 +4,7 @@ backend compiling the same spec, sharding over ranks, corrupt images, resume, an
 
 Parity tolerances are statistical: each compares a statistic of the two backends (or of one
 backend and its nominal value) within 4 standard errors estimated from the samples themselves,
-plus a stated allowance where the backends differ by design (see pipeline.augment.dali_backend:
+plus a stated allowance where the backends differ by design (see pipeline.data.augment.dali_backend:
 colour jitter in a fixed order, DALI's linear-YIQ hue rotation)."""
 import itertools
 import shutil
@@ -17,14 +17,15 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from conftest import REPO, run_cli, write_recipe
-from data_prep.images import prep_images
-from data_prep.shards import ManifestError, read_manifest, shard_paths
-from launch.config import ConfigError, DataConfig, build, load_config
-from pipeline.augment import MultiViewTransform, spec
-from pipeline.augment.dali_backend import DALI_OPS
-from pipeline.augment.torch_backend import TORCH_OPS
-from pipeline.dali_loader import DaliStream
-from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
+from ssl_foundry.pipeline.config import ConfigError, DataConfig, build, load_config
+from ssl_foundry.pipeline.data.augment import parity, spec
+from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
+from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
+from ssl_foundry.pipeline.data.dali_loader import DaliStream
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -68,8 +69,7 @@ def keys_of(batches: list[dict]) -> list[str]:
 
 
 def to_pixels(view: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """Normalised (B, 3, h, w) -> 0..255 floats."""
-    return 255 * (view * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])
+    return parity.to_pixels(view, mean, std)
 
 
 def tar_labels(folder) -> dict[str, int]:
@@ -150,7 +150,7 @@ def test_each_dali_op_equals_torchvision_on_a_photo(photos):
     import torchvision.transforms.v2.functional as F
     from nvidia.dali import fn, pipeline_def
 
-    from pipeline.augment import dali_backend as ops
+    from ssl_foundry.pipeline.data.augment import dali_backend as ops
 
     photo = np.array(Image.open(photos.parent / "images" / "opencv" / "fruits.jpg").convert("RGB"))
     cases = {  # name: (DALI graph on HWC uint8, torchvision on CHW uint8)
@@ -204,22 +204,6 @@ def within(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
     return bool((a.mean() - b.mean()).abs() <= 4 * se + allowance)
 
 
-def per_photo(keys: list[str], values: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` (one per view) per photo, in key order."""
-    order = sorted(set(keys))
-    groups = {k: [] for k in order}
-    for key, value in zip(keys, values):
-        groups[key].append(value)
-    return torch.stack([torch.stack(groups[k]).mean() for k in order])
-
-
-def paired_within(d_keys, d_values, t_keys, t_values, allowance: float) -> bool:
-    """Per photo, the backends' mean statistic differs by d; the mean of d is within 4 standard
-    errors (+ allowance) of 0. Pairing by photo takes the (large) photo-to-photo variance out."""
-    diff = per_photo(d_keys, d_values) - per_photo(t_keys, t_values)
-    return bool(diff.mean().abs() <= 4 * diff.std() / len(diff) ** 0.5 + allowance)
-
-
 def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     """The full SimCLR/BYOL-style op chain on real photos, 12 epochs (960 views) per backend:
     per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both.
@@ -230,8 +214,8 @@ def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     assert len(dali_views) == len(torch_views) == 2 * 40 * epochs
     for channel in range(3):
         d, t = dali_views[:, channel].flatten(1), torch_views[:, channel].flatten(1)
-        assert paired_within(d_keys, d.mean(1), t_keys, t.mean(1), allowance=2.0), channel
-        assert paired_within(d_keys, d.std(1), t_keys, t.std(1), allowance=2.0), channel
+        assert parity.paired_within(d_keys, d.mean(1), t_keys, t.mean(1), parity.ROUNDING_ALLOWANCE), channel
+        assert parity.paired_within(d_keys, d.std(1), t_keys, t.std(1), parity.ROUNDING_ALLOWANCE), channel
     for name, rendered in (("dali", dali_views), ("torch", torch_views)):
         grey = (rendered.amax(1) - rendered.amin(1)).flatten(1).amax(1) < 0.01
         rate, se = grey.float().mean(), (0.2 * 0.8 / len(grey)) ** 0.5
@@ -400,7 +384,7 @@ def test_eval_features_read_by_dali_split_over_ranks_match_the_torch_loader(phot
     """Evaluation through DALI (the GPU's loader; its CPU backend here): the same samples as the torch
     loader, each once over 2 ranks, the same views up to the two resamplers' rounding. The
     "backbone" flattens its input, so the features are the views' pixels."""
-    from pipeline.evaluate import extract_features
+    from ssl_foundry.pipeline.evaluate.knn import extract_features
 
     common = dict(image_size=32, mean=MEAN, std=STD, batch_size=8, num_workers=1)
     reference, labels = extract_features(torch.nn.Flatten(), str(photos), **common)

@@ -1,4 +1,4 @@
-"""kNN evaluation (pipeline/evaluate.py): the vote on a hand-worked case, the bank streamed in blocks,
+"""kNN evaluation (pipeline/evaluate/knn.py): the vote on a hand-worked case, the bank streamed in blocks,
 the bank split over 3 real gloo ranks (one of them with no samples, one with fewer than k) against
 one process holding the whole bank, and the end-of-run kNN of a 4-rank pretraining spread over all
 ranks."""
@@ -13,10 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from mlflow import MlflowClient
 
-import pipeline.evaluate as evaluate
+import ssl_foundry.pipeline.evaluate.knn as evaluate
 from conftest import FMNIST_LIMIT, run_cli
-from pipeline.evaluate import knn_evaluate, knn_predict, nearest, vote
-from pipeline.export import load_timm_backbone
+from ssl_foundry.pipeline.evaluate.knn import knn_evaluate, knn_predict, nearest, vote
+from ssl_foundry.pipeline.registry.export import load_timm_backbone
 
 BANK_SHARES = (5, 0, 12)  # rows of the bank on each rank
 DIM, QUERIES, CLASSES, K = 6, 9, 4, 8

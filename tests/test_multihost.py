@@ -31,7 +31,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import run_cli, subprocess_env, write_recipe
-from launch.netns import NamespaceNetwork, can_make_namespaces
+from ssl_foundry.launch.netns import NamespaceNetwork, can_make_namespaces
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ class Node:
     time each line arrived."""
 
     def __init__(self, host, recipe: Path, args: list[str], tmp: Path):
-        command = host.command([sys.executable, "-m", "launch", "pretrain", str(recipe), *args])
+        command = host.command([sys.executable, "-m", "ssl_foundry.launch", "pretrain", str(recipe), *args])
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=subprocess_env(tmp))
         self.lines: list[tuple[float, str]] = []

@@ -5,8 +5,8 @@ import os
 import pytest
 
 from conftest import RECIPE
-from launch.config import ConfigError, load_config
-from launch.local import elastic_config, node_network, rendezvous_id
+from ssl_foundry.launch.local import elastic_config, node_network, rendezvous_id
+from ssl_foundry.pipeline.config import ConfigError, load_config
 
 
 def config(*overrides: str):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from launch.config import ConfigError, load_config
-from pipeline.trainer import build_scheduler, steps_within_budget
+from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.train.trainer import build_scheduler, steps_within_budget
 
 RECIPE = "configs/simclr_resnet18_fmnist.yaml"
 
@@ -69,9 +69,9 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
     cosine fitted to it, and a run resumed after a crash ends at the same, checkpointed step."""
     from mlflow import MlflowClient
 
-    from pipeline.checkpoint import checkpoint_path, load_checkpoint
-    from pipeline.tracking import resolve_tracking_uri
-    from pipeline.trainer import BUDGET_PROBE_STEPS, BUDGET_SKIP_STEPS, train
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+    from ssl_foundry.pipeline.train.trainer import BUDGET_PROBE_STEPS, BUDGET_SKIP_STEPS, train
     from test_resume import SimulatedCrash, crash_after_checkpoint
 
     crash_step = BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS + 1  # the first checkpoint after the decision
@@ -103,7 +103,7 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
 
 
 def test_adamw_takes_the_recipes_betas():
-    from pipeline.optim import build_optimizer
+    from ssl_foundry.pipeline.train.optim import build_optimizer
 
     model = torch.nn.Linear(4, 2)
     cfg = load_config("configs/mae_vit_tiny_fmnist.yaml", [], check_paths=False)

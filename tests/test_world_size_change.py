@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -25,7 +24,7 @@ REORDERED_SUMS = dict(rel=2e-5, abs=1e-6)  # fp32 all-reduces over 1, 2 or 4 ran
 
 def pretrain_until(recipe, ranks: int, step: int, tmp_path) -> str:
     """`foundry pretrain` on ``ranks`` ranks, every process of it SIGKILLed once rank 0 logged ``step``."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch", "pretrain", str(recipe), *COMMON,
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_foundry.launch", "pretrain", str(recipe), *COMMON,
                              f"launch.nproc_per_node={ranks}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=subprocess_env(tmp_path))
     lines = []
