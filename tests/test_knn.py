@@ -94,11 +94,12 @@ def test_end_of_run_on_four_ranks_under_a_short_collective_timeout(tiny_config, 
     """4 ranks whose collectives time out after 1 s, less than the end of the run takes here (the kNN
     over both eval splits, export, registration); when rank 0 went through it alone while the others
     waited in a barrier, as before, they timed out. Every rank extracts its share of the eval shards,
-    and the kNN of the shares is the kNN of one process on the exported backbone."""
+    and the kNN of the shares is the kNN of one process on the exported backbone. The online monitor
+    (eval.knn_every) runs the same way mid-run, under the same timeout."""
     cfg = tiny_config(tmp_path / "run")
     done = run_cli(["pretrain", str(tmp_path / "run.yaml"), "launch.nproc_per_node=4", "launch.collective_timeout_s=1",
-                    "eval.after_pretrain=true", "mlflow.registered_model=knn-spread", "data.readers=4",
-                    "train.threads=1"], tmp_path)
+                    "eval.after_pretrain=true", "eval.knn_every=2", "mlflow.registered_model=knn-spread",
+                    "data.readers=4", "train.threads=1"], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     client = MlflowClient(tracking_uri=result["tracking_uri"])
@@ -107,6 +108,8 @@ def test_end_of_run_on_four_ranks_under_a_short_collective_timeout(tiny_config, 
     assert per_rank == [2 * FMNIST_LIMIT / 4] * 4  # 2 of the 8 shards of each split per rank
     single = knn_evaluate(load_timm_backbone(result["backbone_dir"]), cfg, torch.device("cpu"))
     assert result["knn_top1"] == single == run.data.metrics["knn_top1"]
+    monitor = client.get_metric_history(result["run_id"], "knn_monitor_top1")
+    assert [m.step for m in monitor] == [2, 4] and all(0 <= m.value <= 1 for m in monitor)
     last_step = max(m.timestamp for m in client.get_metric_history(result["run_id"], "loss"))
     print(f"\nend of the 4-rank run: {(run.info.end_time - last_step) / 1000:.2f} s after its last step, of which "
           f"{result['timing']['knn_s']:.2f} s kNN on every rank (collective timeout 1 s)")
