@@ -39,7 +39,8 @@ from ssl_foundry.pipeline.evaluate.knn import KnnResult, attach_knn_monitor, dis
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
-from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, world_size_mismatch
+from ssl_foundry.pipeline.train.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints,
+                                                  world_size_mismatch)
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
 from ssl_foundry.pipeline.train.strategy import create_strategy
