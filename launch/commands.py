@@ -21,7 +21,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def pretrain(args: argparse.Namespace) -> int:
     """Before any rank starts: the config (with the batch's split over the ranks), the teacher of a
     multi-rank distillation, the tracking server, the output_dir's lock (held by this process for the
-    run; under torchrun by rank 0)."""
+    run; under torchrun and on several nodes by rank 0)."""
     from ssl_foundry.models.registry import takes_teacher
     from ssl_foundry.pipeline.data.loader import validate_batch
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
@@ -37,14 +37,20 @@ def pretrain(args: argparse.Namespace) -> int:
 
         load_teacher(cfg)  # a teacher that does not resolve or fit fails here once, not in every rank
     check_reachable(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+    if cfg.launch.nnodes > 1:  # every node runs this command on the shared output_dir: rank 0 takes the lock
+        return _pretrain(cfg)
     with OutputDirLock(cfg.output_dir):
         return _pretrain(cfg)
 
 
 def _pretrain(cfg) -> int:
-    from ssl_foundry.launch.local import launch_pretrain
+    from ssl_foundry.launch.local import NodeLostError, launch_pretrain
 
-    result = launch_pretrain(cfg)
+    try:
+        result = launch_pretrain(cfg)
+    except NodeLostError as err:
+        print(f"foundry: error: {err}", file=sys.stderr)
+        return 1
     if result is not None and getattr(result, "run_id", None):
         _log_pretraining_plots(result, cfg)
         if result.model_version:
@@ -297,10 +303,8 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     rt = init_runtime(cfg.launch, cfg.train)
     try:
         result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
-    except BaseException:
-        shutdown_runtime(failed=True)
-        raise
-    shutdown_runtime()
+    finally:
+        shutdown_runtime()
     if result is None:
         return None
     metrics = {"finetune_top1": result.top1}

@@ -194,7 +194,7 @@ class EvalConfig:
     knn_temperature: float = 0.1
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
-    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (rank 0)
+    knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (all ranks)
     embedding_map_points: int = 2000  # test features in the eval runs' t-SNE plot; 0: no plot
     temporal_order_frames: int = 4  # frames per clip in `foundry eval temporal-order`
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
@@ -217,8 +217,18 @@ class MlflowConfig:
 @dataclass
 class LaunchConfig:
     nproc_per_node: int = 1  # >1: `foundry pretrain` starts the ranks (torch elastic)
+    # Several nodes (docs/multinode.md): the same command on every node, meeting at rdzv_endpoint,
+    # HOST:PORT of one of them (the head: its agent hosts the rendezvous store).
     nnodes: int = 1
     rdzv_endpoint: str = "127.0.0.1:29500"
+    rdzv_id: str = ""  # the job's rendezvous name, the same on every node; empty: derived from output_dir
+    # Elastic recovery: after a rank or node fails, the agents meet again (a lost node's command
+    # restarted rejoins) and the ranks resume from the newest checkpoint.
+    min_nodes: int = 0  # 0: nnodes. Fewer: go on without lost nodes, on fewer ranks (needs data.readers)
+    max_restarts: int = -1  # restarts of the ranks after a failure; -1: 3 when nnodes > 1, else 0
+    join_timeout_s: int = 600  # nodes not all met within this (at start, after a failure): the job fails
+    last_call_s: int = 30  # min_nodes < nnodes: once min_nodes met, wait this long for the others
+    collective_timeout_s: int = 600  # once all ranks are ready, a collective waiting this long fails
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     device: str = "auto"  # auto | cpu | cuda
     # Slurm (`foundry submit`, launch/slurm.py). One task (rank) per GPU.
@@ -619,6 +629,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"model.backbone: '{cfg.model.backbone}' is not a timm model"
                           f"{'. Did you mean ' + ', '.join(close) + '?' if close else ''}")
     validate_slurm(cfg.launch)
+    validate_elastic(cfg)
     choices = {
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
@@ -714,6 +725,49 @@ def validate_labels(cfg: Config, check_paths: bool) -> None:
                        "set eval.after_pretrain=false")
     if method_class(cfg.model.method).uses_labels:
         require_labels(d, ("train",), f"model.method={cfg.model.method} (it trains on labels)")
+
+
+def max_restarts(launch: LaunchConfig) -> int:
+    """launch.max_restarts, its default (-1) resolved."""
+    return launch.max_restarts if launch.max_restarts >= 0 else (3 if launch.nnodes > 1 else 0)
+
+
+def validate_elastic(cfg: Config) -> None:
+    """The multi-node keys, and what going on with fewer nodes (launch.min_nodes < nnodes) needs:
+    a global batch that splits over every world size it may run at, and the same batches at each."""
+    launch = cfg.launch
+    if launch.nnodes < 1 or not 0 <= launch.min_nodes <= launch.nnodes:
+        raise ConfigError(f"launch.nnodes must be >= 1 and launch.min_nodes in [0, nnodes] (0: nnodes), got "
+                          f"nnodes={launch.nnodes}, min_nodes={launch.min_nodes}")
+    if launch.max_restarts < -1:
+        raise ConfigError(f"launch.max_restarts must be >= 0, or -1 (3 when launch.nnodes > 1, else 0); got "
+                          f"{launch.max_restarts}")
+    for key in ("join_timeout_s", "last_call_s", "collective_timeout_s"):
+        if getattr(launch, key) <= 0:
+            raise ConfigError(f"launch.{key} must be > 0 seconds, got {getattr(launch, key)}")
+    if ":" not in launch.rdzv_endpoint or not launch.rdzv_endpoint.rsplit(":", 1)[1].isdigit():
+        raise ConfigError(f"launch.rdzv_endpoint: '{launch.rdzv_endpoint}' is not HOST:PORT (e.g. 10.0.0.1:29500)")
+    if max_restarts(launch) and cfg.train.resume != "auto":
+        raise ConfigError(f"train.resume={cfg.train.resume} with launch.max_restarts={max_restarts(launch)}: a restart "
+                          f"after a failure would begin again from {'step 0' if cfg.train.resume == 'never' else 'it'}"
+                          f" instead of the newest checkpoint; use train.resume=auto (with a fresh output_dir to "
+                          f"start afresh), or launch.max_restarts=0")
+    if not launch.min_nodes or launch.min_nodes == launch.nnodes:
+        return
+    fewer = f"launch.min_nodes={launch.min_nodes} < launch.nnodes={launch.nnodes} (going on without lost nodes)"
+    if cfg.train.strategy != "ddp":
+        raise ConfigError(f"{fewer} resumes on fewer ranks, which train.strategy={cfg.train.strategy} cannot (its "
+                          f"optimizer shards are per rank): set launch.min_nodes=0 or train.strategy=ddp")
+    if not cfg.data.readers:
+        raise ConfigError(f"{fewer} resumes on fewer ranks; the batches are the same at any world size only with a "
+                          f"fixed data.readers: set it (e.g. data.readers={launch.nnodes * launch.nproc_per_node})")
+    workers = max(1, cfg.data.num_workers)
+    for nodes in range(launch.min_nodes, launch.nnodes + 1):
+        ranks = nodes * launch.nproc_per_node
+        if cfg.train.batch_size % (ranks * cfg.train.grad_accum_steps) or cfg.data.readers % (ranks * workers):
+            raise ConfigError(f"{fewer}: on {nodes} node(s), {ranks} ranks, train.batch_size={cfg.train.batch_size} "
+                              f"must split over ranks x grad_accum_steps and data.readers={cfg.data.readers} over "
+                              f"ranks x data.num_workers ({workers}); change them or launch.min_nodes")
 
 
 def validate_teacher(model: ModelConfig) -> None:
@@ -1011,9 +1065,10 @@ def validate_deepspeed(cfg: Config) -> None:
                           f"zero_optimization.stage is {stage}{source}: set deepspeed.zero_stage=3 or "
                           f"deepspeed.offload_params=none")
     if stage == 3 and cfg.eval.knn_every:
-        raise ConfigError("eval.knn_every (the online kNN monitor) runs rank 0's backbone alone, whose parameters "
-                          "ZeRO-3 has partitioned over all ranks; use deepspeed.zero_stage=1 or 2, or eval.knn_every=0 "
-                          "(the kNN at the end of pretraining runs on the consolidated backbone)")
+        raise ConfigError("eval.knn_every (the online kNN monitor) runs each rank's backbone on its own share of the "
+                          "eval shards, whose parameters ZeRO-3 has partitioned over all ranks; use "
+                          "deepspeed.zero_stage=1 or 2, or eval.knn_every=0 (the kNN at the end of pretraining runs "
+                          "on the consolidated backbone)")
     if offloads_optimizer(ds_config) and t.optimizer != "adamw":
         raise ConfigError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw (got "
                           f"{t.optimizer}), or deepspeed.offload_optimizer=none{source}")

@@ -357,3 +357,21 @@ def test_pretrain_with_the_dali_backend_on_cpu_and_resume(fmnist, tmp_path):
     assert "resumed from" in second.stdout and "step 6/6" in second.stdout
     loss = float(second.stdout.split("step 6/6 loss ")[1].split()[0])
     assert np.isfinite(loss)
+
+
+def test_eval_features_read_by_dali_split_over_ranks_match_the_torch_loader(photos, one_thread):
+    """Evaluation through DALI (the GPU's loader; its CPU backend here): the same samples as the torch
+    loader, each once over 2 ranks, the same views up to the two resamplers' rounding. The
+    "backbone" flattens its input, so the features are the views' pixels."""
+    from ssl_foundry.pipeline.evaluate.knn import extract_features
+
+    common = dict(image_size=32, mean=MEAN, std=STD, batch_size=8, num_workers=1)
+    reference, labels = extract_features(torch.nn.Flatten(), str(photos), **common)
+    shares = [extract_features(torch.nn.Flatten(), str(photos), rank=rank, world_size=2, backend="dali", **common)
+              for rank in range(2)]
+    assert [len(share_labels) for _, share_labels in shares] == [20, 20]
+    assert torch.equal(torch.cat([share_labels for _, share_labels in shares]), labels)  # shard order, split
+    views = torch.cat([share for share, _ in shares]).view(-1, 3, 32, 32)
+    diffs = torch.stack([(to_pixels(d) - to_pixels(t)).abs() for d, t in zip(views, reference.view(-1, 3, 32, 32))])
+    assert diffs.mean() < 1.0  # in 0..255 units, as the training views
+    assert torch.quantile(diffs.flatten()[::7], 0.99) < 6

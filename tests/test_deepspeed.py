@@ -199,7 +199,8 @@ def test_resume_refuses_another_world_size_or_strategy(zero3_run):
     one_rank = run_cli(["pretrain", str(recipe), f"output_dir={tmp / 'straight'}", "train.strategy=deepspeed",
                         "deepspeed.zero_stage=3", *ZERO3_MOCO[:-1], "train.max_steps=6"], tmp)
     assert one_rank.returncode != 0
-    assert "was written by 2 ranks, this run has 1" in one_rank.stderr
+    assert "holds the ZeRO shards of 2 ranks, this run has 1" in one_rank.stderr
+    assert "universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal)" in one_rank.stderr
     ddp = run_cli(["pretrain", str(recipe), f"output_dir={tmp / 'straight'}", "train.strategy=ddp",
                    *ZERO3_MOCO, "train.max_steps=6"], tmp)
     assert ddp.returncode != 0

@@ -4,7 +4,8 @@ in its own state dir and ports, and stops it by PID at the end. It needs root an
 tests skip with that reason elsewhere.
 
 - a 2-task job (`foundry submit --wait`) trains to completion: MLflow run, registered backbone;
-- a job array of 2 (`--sweep train.lr=...`): both runs in MLflow with their override as a param;
+- a job array of 2 (`--sweep train.lr=...`): both runs in MLflow with their override as a param
+  and the online kNN monitor's metric;
 - slurm/pretrain.sbatch (no submitit) on 2 fake nodes;
 - preemption: job._interrupt() -> checkpoint -> requeue -> resume -> finish: one MLflow run whose loss at
   every step equals the uninterrupted 2-task run's;
@@ -188,7 +189,7 @@ def test_sweep_is_a_job_array_with_the_override_logged(slurm_cluster, shards, tm
     with MlflowServer(tmp_path / "mlflow") as server:
         out = tmp_path / "sweep"
         done = _foundry(["submit", "configs/simclr_resnet18_fmnist.yaml", f"output_dir={out}", *_data(shards),
-                         *TINY, "train.max_steps=2", f"mlflow.tracking_uri={server.uri}",
+                         *TINY, "train.max_steps=2", "eval.knn_every=2", f"mlflow.tracking_uri={server.uri}",
                          "mlflow.experiment=sweep", "--sweep", "train.lr=0.1,0.3", "--wait"], cwd=REPO)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         array_id = re.search(r"submitted Slurm job (\d+) \(array of 2\)", done.stdout).group(1)
@@ -204,12 +205,15 @@ def test_sweep_is_a_job_array_with_the_override_logged(slurm_cluster, shards, tm
             assert run.data.params["train.lr"] == override.split("=")[1]
             assert run.data.tags["slurm.job_id"] == array_id
             assert run.info.run_name == override
+            # the online kNN monitor runs under Slurm as it does locally
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_monitor_top1")] == [2]
         assert sorted(p.name for p in out.iterdir() if p.name != "slurm") == ["00-train.lr=0.1", "01-train.lr=0.3"]
 
 
 @pytest.mark.slow
 def test_sbatch_template_runs_two_nodes(slurm_cluster, shards, tmp_path):
-    """slurm/pretrain.sbatch without submitit: 2 fake nodes x 1 task, master from scontrol."""
+    """slurm/pretrain.sbatch without submitit: 2 fake nodes, each running the per-node command (one agent,
+    one rank), meeting at the first node (its address from scontrol)."""
     out, log = tmp_path / "run", tmp_path / "sbatch.log"
     env = {**os.environ, "PYTHON": sys.executable, "MLFLOW_DISABLE_TELEMETRY": "true"}
     done = subprocess.run(["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=1", f"--output={log}",
@@ -218,7 +222,7 @@ def test_sbatch_template_runs_two_nodes(slurm_cluster, shards, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
     text = log.read_text() if log.is_file() else ""
     assert done.returncode == 0, done.stdout + done.stderr + text[-3000:]
-    assert re.search(r"2 rank\(s\) on n\[1-2\], master 127\.0\.0\.1:", text), text[-3000:]
+    assert re.search(r"2 node\(s\) x 1 rank\(s\) on n\[1-2\], rendezvous at 127\.0\.0\.1:", text), text[-3000:]
     result = json.loads((out / "result.json").read_text())
     run = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"])
     assert result["steps"] == 2 and run.info.status == "FINISHED" and run.data.tags["env.world_size"] == "2"

@@ -2,9 +2,9 @@
 sub-command and sets ``func`` (called with the parsed args, returns the exit code)."""
 from __future__ import annotations
 
-from ssl_foundry.launch.bench import loader, prep, quality, strategies, temporal_order, train, video
+from ssl_foundry.launch.bench import loader, prep, quality, scaling, strategies, temporal_order, train, video
 
-BENCHMARKS = (train, prep, loader, strategies, quality, video, temporal_order)
+BENCHMARKS = (train, prep, loader, strategies, scaling, quality, video, temporal_order)
 
 
 def add_parser(sub) -> None:

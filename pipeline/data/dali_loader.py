@@ -23,6 +23,10 @@ each epoch's pipeline is seeded, on DALI's CPU backend this reproduces the unint
 exactly (same keys, bitwise the same views); on a GPU the sample order is the same and the
 augmentations are drawn from the same seeds.
 
+Evaluation (``dali_eval_batches``): the same reader over the folder's shards in order, split over
+the ranks by DALI, each sample once (the last batch padded by the reader, then cut), decoded and
+resized by the evaluation spec (``augment.spec.eval_views``), as the torch loader does on CPUs.
+
 Samples whose image does not decode are not in the shard's index (``foundry prep index``
 leaves them out and lists them in the manifest), so DALI never reads them; ``skipped`` counts
 them. A shard without an index is refused, naming the shard and the command that makes it, and so
@@ -42,6 +46,7 @@ from typing import Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, absolute_location, index_name,
@@ -49,7 +54,7 @@ from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError,
                                                 read_manifest, redact, split_member_name)
 from ssl_foundry.pipeline.config import DataConfig
 from ssl_foundry.pipeline.data.augment import dali_backend
-from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec, eval_views
 from ssl_foundry.pipeline.data.errors import BadSampleError
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
@@ -105,6 +110,33 @@ def _train_pipeline(shards: list[tuple[str, str]], views: dali_backend.CompiledV
     source = fn.get_property(encoded, key="source_info")  # "<tar>:<offset>:<member name>"
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
     return (*dali_backend.augment_views(images, views, mean, std), fn.pad(cls), fn.pad(source))
+
+
+@pipeline_def(enable_conditionals=True)
+def _eval_pipeline(shards: list[tuple[str, str]], image_size: int, mean: list[float], std: list[float],
+                   shard_id: int, num_shards: int, decode_device: str):
+    encoded, cls = fn.readers.webdataset(
+        paths=[tar for tar, _ in shards], index_paths=[index for _, index in shards],
+        ext=[";".join(IMAGE_EXTENSIONS), "cls"], missing_component_behavior="empty",
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="reader")
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    return (*dali_backend.augment_views(images, eval_views(image_size), mean, std), fn.pad(cls))
+
+
+def dali_eval_batches(folder: str, image_size: int, mean: list[float], std: list[float], batch_size: int,
+                      rank: int = 0, world_size: int = 1, num_threads: int = 2,
+                      device: torch.device = torch.device("cpu")) -> Iterator[dict]:
+    """This rank's share of ``folder``, each sample once: ``{"views": [Tensor(B, 3, s, s)], "label":
+    Tensor(B)}`` on ``device`` (nvJPEG and the GPU on a GPU, DALI's CPU backend otherwise)."""
+    shards, _, _ = indexed_shards(folder)
+    gpu = device.type == "cuda"
+    pipe = _eval_pipeline(shards, image_size, mean, std, rank, world_size, "mixed" if gpu else "cpu",
+                          batch_size=batch_size, num_threads=max(1, num_threads),
+                          device_id=(device.index or 0) if gpu else None)
+    for out in DALIGenericIterator([pipe], ["image", "cls"], reader_name="reader",
+                                   last_batch_policy=LastBatchPolicy.PARTIAL):
+        labels = [int(c) if c else -1 for c in _strings(out[0]["cls"])]
+        yield {"views": [out[0]["image"]], "label": torch.tensor(labels, dtype=torch.long)}
 
 
 def _strings(rows: torch.Tensor) -> list[str]:

@@ -32,7 +32,7 @@ from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
 from ssl_foundry.pipeline.registry.export import BackboneSource, export_timm_backbone, load_timm_backbone
-from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype, start_collective_timeout
 
 
 @dataclass
@@ -105,6 +105,7 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
                          seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer)
     amp = autocast_dtype(cfg.train, rt.device)
     torch.manual_seed(cfg.train.seed + rt.rank)  # mixup's draws: independent per rank
+    start_collective_timeout(cfg.launch)
     trained.train()
     losses = []
     for step, batch in zip(range(1, ft.steps + 1), make_loader(stream)):

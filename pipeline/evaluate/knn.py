@@ -9,60 +9,119 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from ssl_foundry.data_prep.shard_format import manifest_sha256, shard_list
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
-from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
-from ssl_foundry.pipeline.train.runtime import autocast, cpu_has_fast_bf16
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader, train_backend
+from ssl_foundry.pipeline.train.runtime import Runtime, autocast, cpu_has_fast_bf16
 
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float],
                      std: list[float], batch_size: int = 512, num_workers: int = 2,
-                     device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of ``folder`` once, in shard order: (features (N, D) fp32, labels (N,))."""
-    stream = ShardStream(folder, eval_transform(image_size, mean, std), batch_size,
-                         num_workers=num_workers, finite=True)
+                     device: torch.device = torch.device("cpu"), rank: int = 0,
+                     world_size: int = 1, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of ``folder`` (all of it with one rank), each sample once: (features
+    (N, D) fp32 on the CPU, labels (N,)). Read by the training's loader ``backend``: the torch
+    loader (ranks x loader workers read disjoint shards, in shard order) or DALI (the reader splits
+    the samples over the ranks)."""
+    if backend == "dali":
+        from ssl_foundry.pipeline.data.dali_loader import dali_eval_batches  # DALI is imported only when it is used
+
+        batches = dali_eval_batches(folder, image_size, mean, std, batch_size, rank, world_size, num_workers, device)
+    else:
+        batches = make_loader(ShardStream(folder, eval_transform(image_size, mean, std), batch_size, rank=rank,
+                                          world_size=world_size, num_workers=num_workers, finite=True))
     amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
     feats, labels = [], []
     backbone.eval()
-    for batch in make_loader(stream):
+    for batch in batches:
         with autocast(device, amp):
             out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
         feats.append(out.float().cpu())
         labels.append(batch["label"])
+    if not feats:  # more ranks x workers than shards: this rank has none
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+# Similarities computed at once in kNN: (query chunk x bank chunk) fp32, 256 MiB.
+SIMILARITY_BLOCK = 2**26
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest similarities of each query to the bank rows (both L2-normalised), and
+    their bank indices: the bank is streamed in blocks, so memory stays within SIMILARITY_BLOCK
+    similarities plus the running top k, whatever the bank's size."""
+    block = max(1, SIMILARITY_BLOCK // max(1, queries.shape[0]))
+    best_sim = queries.new_empty(queries.shape[0], 0)
+    best_idx = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
+    for start in range(0, bank.shape[0], block):
+        similarities = queries @ bank[start:start + block].T
+        top_sim, top_idx = similarities.topk(min(k, similarities.shape[1]), dim=1)
+        merged = torch.cat([best_sim, top_sim], dim=1)
+        best_sim, order = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_idx = torch.cat([best_idx, top_idx + start], dim=1).gather(1, order)
+    return best_sim, best_idx
+
+
+def vote(similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Each query's class: its neighbours vote ``exp(s / T)`` for their labels (Wu et al. 2018)."""
+    votes = torch.zeros(similarities.shape[0], num_classes, device=similarities.device)
+    votes.scatter_add_(1, labels, (similarities / temperature).exp())
+    return votes.argmax(dim=1)
 
 
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Predicted class of each test feature by similarity-weighted kNN voting."""
-    train_features = F.normalize(train_features, dim=1)
-    test_features = F.normalize(test_features, dim=1)
-    k = min(k, train_features.shape[0])
+                num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024,
+                sharded: bool = False) -> torch.Tensor:
+    """Predicted class of each test feature by similarity-weighted kNN voting.
+
+    ``sharded``: the bank (train features, labels) is split over the ranks of the process group,
+    each passing its part and the same test features. For each chunk of queries every rank finds
+    the k nearest in its part, the ranks exchange these candidates, and the k nearest of them all,
+    which are the k nearest of the whole bank, vote on every rank alike."""
+    bank = F.normalize(train_features, dim=1)
+    bank_size = torch.tensor(len(bank), device=bank.device)
+    if sharded:
+        dist.all_reduce(bank_size)
+    k = min(k, int(bank_size))
     predictions = []
-    for queries in test_features.split(chunk):
-        similarity = queries @ train_features.T  # (q, N) cosine similarities
-        top_sim, top_idx = similarity.topk(k, dim=1)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(queries.shape[0], num_classes, device=queries.device)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        predictions.append(votes.argmax(dim=1))
+    for queries in F.normalize(test_features, dim=1).split(chunk):
+        similarities, index = nearest(queries, bank, k)
+        labels = train_labels[index]
+        if sharded:  # every rank's candidates, (q, W k); a part with fewer than k pads with -inf
+            missing = k - similarities.shape[1]
+            similarities = torch.cat(_all_gather(F.pad(similarities, (0, missing), value=-torch.inf)), dim=1)
+            labels = torch.cat(_all_gather(F.pad(labels, (0, missing))), dim=1)
+            similarities, order = similarities.topk(k, dim=1)
+            labels = labels.gather(1, order)
+        predictions.append(vote(similarities, labels, num_classes, temperature))
     return torch.cat(predictions)
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1) -> float:
-    if (train_labels < 0).any() or (test_labels < 0).any():
-        raise ValueError("kNN needs labelled shards (a `cls` per sample) for data.eval_train and data.eval_test")
+    _check_labelled(train_labels, test_labels)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
     return float((predicted == test_labels).float().mean())
+
+
+UNLABELLED = "kNN needs labelled shards (a `cls` per sample) for data.eval_train and data.eval_test"
+
+
+def _check_labelled(*labels: torch.Tensor) -> None:
+    if any((lab < 0).any() for lab in labels):
+        raise ValueError(UNLABELLED)
 
 
 def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, backbone_digest: str,
@@ -115,21 +174,84 @@ def knn_evaluate(backbone: torch.nn.Module, cfg: Config, device: torch.device,
     return knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
+@dataclass
+class KnnResult:
+    top1: float
+    bank_per_rank: list[int]  # data.eval_train samples each rank extracted
+    queries_per_rank: list[int]  # data.eval_test samples each rank extracted
+    seconds: float  # extraction and kNN, on this rank
+
+
+def _gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``rows``, whose first dimension differs from rank to rank, in rank order
+    (trailing dimensions padded to the largest: a rank without samples sends (0, 0) features)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [rows]
+    shape = torch.tensor(rows.shape, device=rows.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    padded = rows.new_zeros(torch.stack(shapes).amax(0).tolist())
+    padded[tuple(slice(0, n) for n in rows.shape)] = rows
+    return [part[:int(s[0])] for part, s in zip(_all_gather(padded), shapes)]
+
+
+def _all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return parts
+
+
+def _all_ranks_max(value: int, device: torch.device) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+@torch.no_grad()
+def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime) -> KnnResult:
+    """kNN top-1 of ``backbone`` (data.eval_train the bank, data.eval_test the queries) with every
+    rank's share of the work, so that none waits in a collective while another works alone: each
+    rank extracts its share of both sets with the training's loader (data.backend: DALI on GPUs),
+    the queries are gathered to every rank, the bank stays split (``knn_predict(sharded=True)``).
+    With one rank, the plain kNN."""
+    d, e, device = cfg.data, cfg.eval, rt.device
+    tic = time.perf_counter()
+    common = dict(image_size=d.eval_image_size, mean=d.mean, std=d.std, batch_size=e.batch_size,
+                  num_workers=d.num_workers, device=device, rank=rt.rank, world_size=rt.world_size,
+                  backend=train_backend(d.backend, device, d.eval_train))
+    bank, bank_labels = (t.to(device) for t in extract_features(backbone, d.eval_train, **common))
+    local_queries, local_query_labels = (t.to(device) for t in extract_features(backbone, d.eval_test, **common))
+    query_parts = _gather_rows(local_queries)
+    queries, query_labels = torch.cat(query_parts), torch.cat(_gather_rows(local_query_labels))
+    bank_per_rank = [int(n) for n in torch.cat(_gather_rows(torch.tensor([len(bank_labels)], device=device)))]
+    local_labels = torch.cat([bank_labels, local_query_labels])
+    if _all_ranks_max(int((local_labels < 0).any()), device):
+        raise ValueError(UNLABELLED)
+    num_classes = _all_ranks_max(int(local_labels.max()) if len(local_labels) else 0, device) + 1
+    predicted = knn_predict(bank.reshape(-1, queries.shape[1]), bank_labels, queries, num_classes, e.knn_k,
+                            e.knn_temperature, sharded=rt.world_size > 1)
+    top1 = float((predicted == query_labels).float().mean())
+    return KnnResult(top1, bank_per_rank, [len(part) for part in query_parts], time.perf_counter() - tic)
+
+
 def attach_knn_monitor(trainer) -> None:
-    """Online kNN monitor (``eval.knn_every`` > 0): after every N-th pretraining step, rank 0 logs
-    the kNN top-1 of the backbone as it is (``knn_monitor_top1``), the accuracy-over-training curve
-    of solo-learn and lightly. The other ranks wait for it at their next collective, and the time
-    counts in the step (and in a time budget's estimate if it falls in the probed steps)."""
+    """Online kNN monitor (``eval.knn_every`` > 0): after every N-th pretraining step, the kNN top-1
+    of the backbone as it is (``knn_monitor_top1``, the accuracy-over-training curve of solo-learn
+    and lightly), every rank extracting its share (``distributed_knn``). The time counts in the
+    step (and in a time budget's estimate if it falls in the probed steps)."""
     every, cfg = trainer.cfg.eval.knn_every, trainer.cfg
 
     def monitor(step: int) -> None:
-        if step % every or not trainer.rt.is_main:
+        if step % every:
             return
         backbone = trainer.model.get_submodule(trainer.model.exported_backbone)
         modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
-        top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
+        result = distributed_knn(backbone, cfg, trainer.rt)
         for module, training in modes.items():
             module.train(training)
-        trainer.tracker.log_metrics({"knn_monitor_top1": top1}, step=step)
+        if trainer.tracker is not None:
+            trainer.tracker.log_metrics({"knn_monitor_top1": result.top1}, step=step)
 
     trainer.step_callbacks.append(monitor)

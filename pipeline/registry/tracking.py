@@ -339,10 +339,16 @@ class RunTracker:
                 self._params.update({p.key: p.value for p in item.params})
                 for m in item.metrics:
                     self._last_step[m.key] = max(m.step, self._last_step.get(m.key, m.step))
+        self._tags: dict[str, str] = dict(run.data.tags)
 
     @property
     def run_id(self) -> str:
         return self._run_id
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """The run's tags: those it had when opened, and those set since."""
+        return dict(self._tags)
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         experiment = self._client.get_experiment_by_name(name)
@@ -419,6 +425,7 @@ class RunTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._queue.put(RunData(self._run_id, tags=self._tag_list(tags)))
+        self._tags.update({key: str(value) for key, value in tags.items()})
 
     def log_environment(self) -> None:
         """Tags ``env.*``: library versions, hardware, host, git commit and world size."""

@@ -174,11 +174,15 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def world_size_mismatch(path: str | Path, saved: int, current: int) -> CheckpointError:
+def world_size_mismatch(path: str | Path, saved: int, current: int, saved_readers: int,
+                        readers: int) -> CheckpointError:
+    """A DDP checkpoint whose batches cannot continue at another world size."""
+    same_batches = (f"set data.readers={saved_readers}, the checkpoint's" if saved_readers else
+                    "start fresh with train.resume=never and data.readers set, to change world sizes later")
     return CheckpointError(
-        f"checkpoint {path} was written by {saved} ranks, this run has {current}: the loader position "
-        f"(and under DeepSpeed the optimizer shards) are per rank. Resume with the same "
-        f"launch.nproc_per_node x nnodes, or start fresh with train.resume=never")
+        f"checkpoint {path} was written by {saved} ranks with data.readers={saved_readers}, this run has {current} "
+        f"with data.readers={readers}: the batches continue at another world size only with the checkpoint's "
+        f"fixed data.readers (not 0). Resume with {saved} ranks (launch.nproc_per_node x nnodes), or {same_batches}")
 
 
 def safe_load(path: str | Path, allowed: list[type] = (), map_location: Any = "cpu") -> Any:

@@ -17,6 +17,11 @@ import torch.distributed as dist
 from ssl_foundry.pipeline.config import LaunchConfig, TrainConfig, uses_cuda
 
 
+# Ranks come up at their own pace (imports, model, checkpoint, a node restarted after a failure):
+# until all are ready (``start_collective_timeout``) they wait this long for each other.
+STARTUP_TIMEOUT = timedelta(minutes=10)
+
+
 @dataclass
 class Runtime:
     rank: int
@@ -65,7 +70,7 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = launch.backend if launch.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timedelta(minutes=10),
+        dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
                                 device_id=device if backend == "nccl" else None)
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
@@ -74,11 +79,17 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown_runtime(failed: bool = False) -> None:
-    """Leaves the process group; after a failure without the final barrier: the other ranks may wait
-    in another collective, which the barrier would never match (both would hang until the timeout),
-    while this rank's exit ends theirs (torchrun stops them; gloo reports the closed connection)."""
+def start_collective_timeout(launch: LaunchConfig) -> None:
+    """Called by every rank once it is ready to work (model, optimizer, checkpoint, tracker): after
+    they all are, a collective that waits ``launch.collective_timeout_s`` fails (a peer that vanished
+    without closing its connections) instead of hanging."""
     if dist.is_initialized():
-        if not failed:
-            dist.barrier()
+        dist.barrier()
+        dist.set_timeout(timedelta(seconds=launch.collective_timeout_s))
+
+
+def shutdown_runtime() -> None:
+    """Leave the process group, at once: called by every rank after its last collective, so that
+    no rank waits (and times out) in a barrier while rank 0 alone exports, registers and logs."""
+    if dist.is_initialized():
         dist.destroy_process_group()

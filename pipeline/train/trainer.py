@@ -44,17 +44,17 @@ from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_confi
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
-from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
+from ssl_foundry.pipeline.evaluate.knn import KnnResult, attach_knn_monitor, distributed_knn
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import (RunTracker, TrackingUnavailable, default_artifact_location,
                                                     resolve_tracking_uri)
 from ssl_foundry.pipeline.registry.tracking_server import TrackingError
 from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
-                                                   remove_stale_temps)
+                                                   remove_stale_temps, world_size_mismatch)
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.output_lock import OutputDirLock
-from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
+from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
 
@@ -206,7 +206,8 @@ def _memory_mb(device: torch.device) -> dict[str, float]:
     return memory
 
 
-def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     if rt.world_size == 1:
         return [obj]
     out: list[Any] = [None] * rt.world_size
@@ -271,6 +272,7 @@ class Trainer:
         self.skipped_samples = 0
         self.run_id: str | None = None
         self.loss = float("nan")  # of the last step trained (or restored)
+        self.resumed_from: Path | None = None
         resume = _find_resume(cfg)
         if resume is not None:
             self._restore(resume)
@@ -286,6 +288,7 @@ class Trainer:
             if hasattr(self.strategy, "ds_config"):  # the DeepSpeed JSON this run really used
                 (self.out / "deepspeed_config.json").write_text(json.dumps(self.strategy.ds_config, indent=2))
                 self.tracker.log_artifact(str(self.out / "deepspeed_config.json"))
+        start_collective_timeout(cfg.launch)
 
     # ------------------------------------------------------------------ state
     def _restore(self, path: Path) -> None:
@@ -299,13 +302,23 @@ class Trainer:
             self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
         self.loss = state.get("loss", float("nan"))
+        self.resumed_from = path
         self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
-        self._rng_to_restore = state["rng"][self.rt.rank]
+        saved_ranks = state["world_size"]
+        if saved_ranks == self.rt.world_size:
+            self._rng_to_restore = state["rng"][self.rt.rank]
+        elif not state["config"]["data"]["readers"] or state["config"]["data"]["readers"] != self.cfg.data.readers:
+            raise world_size_mismatch(path, saved_ranks, self.rt.world_size, state["config"]["data"]["readers"],
+                                      self.cfg.data.readers)
+        # At another world size (a fixed data.readers: the same batches at any), each rank keeps
+        # the seed it was given: no rank's random stream continues another's.
         if self.rt.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            moved = f" (written by {saved_ranks} ranks, now {self.rt.world_size})"
+            print(f"resumed from {path} at step {self.step}{moved if saved_ranks != self.rt.world_size else ''}",
+                  flush=True)
 
     def save(self) -> Path | None:
-        rng = _gather_objects(_rng_state(), self.rt)
+        rng = gather_objects(_rng_state(), self.rt)
         state = {
             "step": self.step,
             "skipped_samples": self._sum_over_ranks(self.skipped_samples),
@@ -350,6 +363,8 @@ class Trainer:
         t = self.cfg.train
         if hasattr(self, "_rng_to_restore"):
             _set_rng_state(self._rng_to_restore)
+        if self.tracker is not None:
+            self._record_start()
         self.model.train()
         batches = self._loader()
         data_wait = 0.0
@@ -412,9 +427,25 @@ class Trainer:
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
         self._report_skipped_samples()
-        memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
+        memory = gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
-        return self._finish(last, memory)
+        d = self.cfg.data
+        evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
+        backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
+        knn = distributed_knn(backbone, self.cfg, self.rt) if evaluate else None
+        # The ranks' last collective is behind them: rank 0 exports, registers and logs alone, and
+        # no rank waits for it in a collective that could time out.
+        shutdown_runtime()
+        return self._finish(last, memory, backbone, knn)
+
+    def _record_start(self) -> None:
+        """The world size each (re)start trains at, as the metric ``world_size`` at its first step;
+        a resume also counts in the tag ``restarts`` (an elastic restart, a Slurm requeue, a rerun)."""
+        self.tracker.log_metrics({"world_size": self.rt.world_size}, step=self.step)
+        if self.resumed_from is not None:
+            restarts = int(self.tracker.tags.get("restarts", "0")) + 1
+            self.tracker.set_tags({"restarts": str(restarts), f"restart.{restarts}":
+                                   f"step {self.step} from {self.resumed_from.name}, {self.rt.world_size} ranks"})
 
     def _note_skipped(self, skipped: list[str]) -> None:
         """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
@@ -538,7 +569,9 @@ class Trainer:
         return {"train_s": self.train_seconds, "steady_step_time_s": step_s,
                 "steady_images_per_s": self.cfg.train.batch_size / step_s}
 
-    def _finish(self, last_checkpoint: Path | None, memory: list[dict[str, float]]) -> TrainResult:
+    def _finish(self, last_checkpoint: Path | None, memory: list[dict[str, float]],
+                backbone: torch.nn.Module | None, knn: KnnResult | None) -> TrainResult:
+        """Rank 0, after the process group is gone: artifacts, export, registration, metrics."""
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=self.loss)
         if not self.rt.is_main:
             return result
@@ -548,7 +581,6 @@ class Trainer:
         result.memory_mb = {key: [rank[key] for rank in memory] for key in memory[0]}
         self.tracker.log_metrics({f"{key}_mb_rank{r}": value for key, values in result.memory_mb.items()
                                   for r, value in enumerate(values)}, step=self.step)
-        backbone = self.strategy.consolidated_backbone(last_checkpoint)
         backbone_dir = export_timm_backbone(
             backbone, m.backbone, m.backbone_args, self.out / "backbone",
             input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
@@ -563,12 +595,11 @@ class Trainer:
             result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
         else:
             self.tracker.log_artifact(str(backbone_dir), "backbone")
-        if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
-            backbone.eval()
-            tic = time.perf_counter()
-            result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)
-            result.timing["knn_s"] = time.perf_counter() - tic
-            self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
+        if knn is not None:
+            result.knn_top1, result.timing["knn_s"] = knn.top1, knn.seconds
+            self.tracker.log_metrics({"knn_top1": knn.top1, **{
+                f"knn_images_rank{r}": bank + queries
+                for r, (bank, queries) in enumerate(zip(knn.bank_per_rank, knn.queries_per_rank))}}, step=self.step)
         self.tracker.end("FINISHED")
         return result
 
@@ -585,6 +616,8 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
                   flush=True)
         trainer = Trainer(cfg)
         try:
+            if cfg.eval.knn_every:
+                attach_knn_monitor(trainer)
             if setup is not None:
                 setup(trainer)
             result = trainer.completed_result() or trainer.train()
@@ -593,8 +626,7 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
             err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
             if trainer.tracker is not None:
                 trainer.end_failed(err)
-            # An interruption or a non-finite loss stops every rank at the same step: they leave together.
-            shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
+            shutdown_runtime()
             raise
         shutdown_runtime()
         if trainer.rt.is_main:

@@ -183,6 +183,11 @@ def output_views(views: list[ViewSpec]) -> list[list[AugmentOp]]:
     return [[op for op in view.ops if op.p > 0] for view in views for _ in range(view.count)]
 
 
+def eval_views(image_size: int) -> list[ViewSpec]:
+    """Deterministic single view for feature extraction: resize (both backends)."""
+    return [ViewSpec(count=1, ops=[AugmentOp(op="resize", args={"size": image_size})])]
+
+
 def view_sizes(views: list[ViewSpec]) -> list[tuple[int, int] | None]:
     """The (h, w) of every output view: the size its last resizing op (random_resized_crop, resize,
     center_crop) makes; ``None`` for a view that keeps the image's size."""

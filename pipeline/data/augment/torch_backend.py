@@ -8,7 +8,7 @@ import torch
 from torchvision.transforms import v2
 
 from ssl_foundry.pipeline.data.augment import spec
-from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec, eval_views
 
 BACKEND = "torch"
 
@@ -45,11 +45,6 @@ class MultiViewTransform:
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         return [t(image) for t in self.transforms]
-
-
-def eval_views(image_size: int) -> list[ViewSpec]:
-    """Deterministic single view for feature extraction: resize."""
-    return [ViewSpec(count=1, ops=[AugmentOp(op="resize", args={"size": image_size})])]
 
 
 def eval_transform(image_size: int, mean: list[float], std: list[float]) -> MultiViewTransform:

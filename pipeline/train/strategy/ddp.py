@@ -14,7 +14,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_foundry.pipeline.config import Config
-from ssl_foundry.pipeline.train.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
+from ssl_foundry.pipeline.train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_foundry.pipeline.train.optim import build_optimizer
 from ssl_foundry.pipeline.train.runtime import Runtime, autocast, autocast_dtype
 
@@ -59,10 +59,9 @@ class DDPStrategy:
         return save_checkpoint(state, folder, step, keep=self.cfg.train.keep_checkpoints)
 
     def load(self, path: Path) -> dict[str, Any]:
-        """Restore model and optimizer from ``path``; returns the whole saved state."""
+        """Restore model and optimizer from ``path`` (written at any world size: every rank holds the
+        whole state); returns the whole saved state."""
         state = load_checkpoint(path)
-        if state["world_size"] != self.rt.world_size:
-            raise world_size_mismatch(path, state["world_size"], self.rt.world_size)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.pipeline.config import Config, deepspeed_config, offloads_optimizer, select_accelerator
 from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_dir, commit_checkpoint_dir, safe_load,
-                                                   world_size_mismatch, write_error)
+                                                   write_error)
 from ssl_foundry.pipeline.train.optim import build_optimizer
 from ssl_foundry.pipeline.train.runtime import Runtime, autocast_dtype
 
@@ -120,7 +120,11 @@ class DeepSpeedStrategy:
                                   f"with train.strategy=ddp, or start fresh with train.resume=never")
         saved_ranks = len(list(path.glob("*zero_pp_rank_*_optim_states.pt")))
         if saved_ranks != self.rt.world_size:  # each rank owns its shard of the optimizer state
-            raise world_size_mismatch(path, saved_ranks, self.rt.world_size)
+            raise CheckpointError(
+                f"checkpoint {path} holds the ZeRO shards of {saved_ranks} ranks, this run has {self.rt.world_size}: "
+                f"DeepSpeed's optimizer state is split per rank. Resume with {saved_ranks} ranks "
+                f"(launch.nproc_per_node x nnodes). Resharding is DeepSpeed's universal checkpoint "
+                f"(python -m deepspeed.checkpoint.ds_to_universal), which ssl-foundry does not load yet")
         loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
                                                            load_optimizer_states=True, load_lr_scheduler_states=False)
         if loaded is None or "trainer" not in (client_state or {}):
@@ -131,7 +135,8 @@ class DeepSpeedStrategy:
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
         """The backbone (the method's ``exported_backbone``) with the full fp32 master weights of
         ``checkpoint``, gathered from every rank's shard (DeepSpeed's zero_to_fp32; frozen parameters,
-        such as a teacher's, come from the shards too), as a plain timm model on the CPU. Rank 0 only."""
+        such as a teacher's, come from the shards too), as a plain timm model on the CPU: read from the
+        files, so any rank may call it, alone."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
