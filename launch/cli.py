@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import version
 
 from ssl_foundry.pipeline.config import ConfigError
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ssl_foundry.launch.slurm import add_parser as add_submit
 
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('ssl-foundry')}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_prep(sub)
     add_pretrain_parser(sub)

@@ -9,7 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ssl_foundry.pipeline.config import ConfigError, load_config
+import yaml
+
+from ssl_foundry.pipeline.config import ConfigError, load_config, to_dict
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -20,8 +22,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def pretrain(args: argparse.Namespace) -> int:
     from ssl_foundry.launch.local import launch_pretrain
     from ssl_foundry.models.registry import takes_teacher
+    from ssl_foundry.pipeline.train.run_dir import plan_run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    if args.dry_run:
+        from ssl_foundry.launch.dry_run import dry_run_report
+
+        print("\n".join(dry_run_report(cfg)) + "\nnothing was run (--dry-run)")
+        return 0
+    plan_run(cfg)  # a changed config on another run's output_dir: refused here, before any rank starts
     if takes_teacher(cfg.model.method) and cfg.launch.nproc_per_node * cfg.launch.nnodes > 1:
         from ssl_foundry.pipeline.registry.teacher import load_teacher
 
@@ -225,6 +237,12 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
 def add_pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining from shards")
     _add_config_args(p)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (bases, overrides, defaults) as YAML and exit")
+    shown.add_argument("--dry-run", action="store_true",
+                       help="print what would run (ranks, per-rank batch, steps, scaled lr, data, loader, "
+                            "precision, output_dir) and exit without training")
     p.set_defaults(func=pretrain)
 
 

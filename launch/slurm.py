@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
+from ssl_foundry.pipeline.train.run_dir import plan_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,6 +253,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
     combos = parse_sweeps(list(sweeps))
     executor = make_executor(base, folder)
     if not combos:
+        plan_run(base)  # a changed config on another run's output_dir: refused before it queues
         jobs = [executor.submit(PretrainJob(to_dict(base)))]
         return jobs, [base], folder
     configs, callables = [], []
@@ -260,6 +262,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
         if not cfg.mlflow.run_name:
             cfg.mlflow.run_name = " ".join(combo)
+        plan_run(cfg)
         configs.append(cfg)
         callables.append(PretrainJob(to_dict(cfg), {"sweep.override": " ".join(combo), "sweep.index": str(index)}))
     jobs = executor.submit_array(callables)

@@ -39,8 +39,9 @@ from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
-from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, list_checkpoints
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
+from ssl_foundry.pipeline.train.run_dir import plan_run, set_aside_previous_run
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
@@ -201,14 +202,6 @@ def _gather_objects(obj: Any, rt: Runtime) -> list[Any]:
     return out
 
 
-def _find_resume(cfg: Config) -> Path | None:
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    return Path(cfg.train.resume)
-
-
 def _open_tracker(cfg: Config, run_id: str | None):
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
@@ -252,7 +245,10 @@ class Trainer:
         # rank 0 also holds every rank's count from before the checkpoint).
         self.skipped_samples = 0
         self.run_id: str | None = None
-        resume = _find_resume(cfg)
+        plan = plan_run(cfg)  # refuses to continue a run started with another config
+        if plan.replaces is not None and self.rt.is_main:
+            print(f"train.resume=never: the run in {self.out} moved to {set_aside_previous_run(self.out)}", flush=True)
+        resume = plan.checkpoint
         if resume is not None:
             self._restore(resume)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
