@@ -400,9 +400,10 @@ def compose_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> Di
 
 
 def resolve(tree: dict[str, Any], source: str) -> dict[str, Any]:
-    """``${key}`` interpolations (OmegaConf's) replaced by their values."""
+    """``tree`` over the defaults, its ``${key}`` interpolations (OmegaConf's, which may name any
+    key, set or default) replaced by their values."""
     try:
-        return OmegaConf.to_container(OmegaConf.create(tree), resolve=True)
+        return OmegaConf.to_container(OmegaConf.merge(to_dict(Config()), tree), resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {str(err).splitlines()[0]} (full_key: {err.full_key})") from None
 

@@ -127,7 +127,7 @@ def test_version(capsys):
 # ----------------------------------------------------------------------------- an output_dir holds one run
 
 
-def test_a_changed_config_never_continues_the_run_in_output_dir(tiny_config, tmp_path, capsys):
+def test_a_changed_config_never_continues_the_run_in_output_dir(tiny_config, tmp_path, capfd):
     """A real 2-step run; then: a changed lr is refused (exit 2, one line naming the key and both
     ways forward) and leaves the run untouched; the same config with a longer schedule continues it;
     train.resume=never starts anew."""
@@ -140,7 +140,7 @@ def test_a_changed_config_never_continues_the_run_in_output_dir(tiny_config, tmp
     recipe, started = str(tmp_path / "run.yaml"), (out / "config.yaml").read_text()
 
     assert main(["pretrain", recipe, "train.lr=0.6", "model.method_args.temperature=0.1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     for text in (f"output_dir {out} holds a run started with another config", "model.method_args.temperature: 0.2 -> 0.1",
                  "train.lr: 0.3 -> 0.6", "train.resume=never", "output_dir=", str(out / "config.yaml")):
@@ -150,16 +150,16 @@ def test_a_changed_config_never_continues_the_run_in_output_dir(tiny_config, tmp
         train(tiny_config(out, "train.lr=0.6"))
 
     assert main(["pretrain", recipe, "--dry-run", "train.max_steps=3", "train.log_every=2"]) == 0
-    assert f"output_dir:  {out}: continues the run there from step 2" in capsys.readouterr().out
+    assert f"output_dir:  {out}: continues the run there from step 2" in capfd.readouterr().out
     longer = train(tiny_config(out, "train.max_steps=3", "train.log_every=2", "eval.knn_k=5"))
     assert (longer.steps, longer.run_id) == (3, first.run_id)
 
     assert main(["pretrain", recipe, "--dry-run", "train.lr=0.6", "train.resume=never"]) == 0
-    assert f"output_dir:  {out}: a new run from step 0" in capsys.readouterr().out
+    assert f"output_dir:  {out}: a new run from step 0" in capfd.readouterr().out
     fresh = train(tiny_config(out, "train.lr=0.6", "train.resume=never", "train.max_steps=1"))
     assert fresh.steps == 1 and fresh.run_id != first.run_id
-    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000001"]  # not the old run's
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000001.pt"]  # not the old run's
     (aside,) = (out / "replaced").iterdir()  # the old run, kept
-    assert [p.name for p in list_checkpoints(aside / "checkpoints")] == ["step-00000002", "step-00000003"]
+    assert [p.name for p in list_checkpoints(aside / "checkpoints")] == ["step-00000002.pt", "step-00000003.pt"]
     assert json.loads((aside / "result.json").read_text())["steps"] == 3
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.6
