@@ -483,8 +483,9 @@ class Trainer:
         last = next((p for p in reversed(list_checkpoints(folder)) if p != bad), None)
         msg = (f"loss is {loss_value} at step {self.step + 1}: training stopped. The last good "
                f"checkpoint is {last or 'none (no checkpoint written yet)'}{aside}; lower train.lr, set "
-               f"train.grad_clip, or try train.precision=fp32, then rerun (train.resume=auto "
-               f"continues from it).")
+               f"train.grad_clip, or try train.precision=fp32, then "
+               + (f"continue from it with train.resume={last} (train.resume=auto continues only an unchanged "
+                  f"config)." if last else "rerun with train.resume=never."))
         if self.tracker is not None:
             self.tracker.set_tags({"failure": msg})
             self.tracker.end("FAILED")
