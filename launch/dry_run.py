@@ -61,10 +61,22 @@ def dry_run_report(cfg: Config) -> list[str]:
         f"data:        {d.train}: {samples} samples in {len(manifest['shards'])} shards",
         f"loader:      {loader} ({why}), {d.num_workers} worker(s) per rank, "
         f"{sum(v.count for v in d.views)} view(s) per sample",
-        f"precision:   {'bf16 autocast' if amp is not None else 'fp32'} (train.precision={t.precision})",
+        f"precision:   {'bf16 autocast' if amp is not None else 'fp32'} (train.precision={t.precision}"
+        f"{precision_reason(device) if t.precision == 'auto' else ''})",
         f"evaluation:  {evaluation}",
         f"MLflow:      {resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)}, experiment "
         f"{cfg.mlflow.experiment}" + (f", registers {cfg.mlflow.registered_model}" if cfg.mlflow.registered_model
                                       else ""),
     ]
 
+
+
+def precision_reason(device) -> str:
+    """Why train.precision=auto chose what it did (pipeline.train.runtime.autocast_dtype's rule)."""
+    import torch
+
+    from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
+
+    if device.type == "cuda":
+        return f": this GPU {'has' if torch.cuda.is_bf16_supported() else 'lacks'} bf16"
+    return f": this CPU has {'AMX or AVX512-BF16' if cpu_has_fast_bf16() else 'neither AMX nor AVX512-BF16'}"
