@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from ssl_foundry.pipeline.config import ConfigError, load_config, to_dict
+from ssl_foundry.data_prep.shard_format import redact
+from ssl_foundry.pipeline.config import ConfigError, load_config, public_dict
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
     if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(yaml.safe_dump(public_dict(cfg), sort_keys=False), end="")
         return 0
     if args.dry_run:
         from ssl_foundry.launch.dry_run import dry_run_report
@@ -90,7 +91,7 @@ def print_summary(result, cfg) -> None:
     from ssl_foundry.models.registry import method_class
 
     print("\n=== ssl-foundry pretraining finished ===")
-    print(f"shards:            {cfg.data.train}")
+    print(f"shards:            {redact(cfg.data.train)}")
     print(f"steps:             {result.steps} (final loss {result.final_loss:.4f})")
     print(f"MLflow run:        {result.run_id} at {result.tracking_uri}")
     if result.model_version:
@@ -216,7 +217,7 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
                          artifact_location=default_artifact_location(uri, cfg.output_dir))
     tracker.set_tags(lineage_tags(source, kind))
     tracker.log_environment()
-    tracker.log_params({"data.eval_train": cfg.data.eval_train, "data.eval_test": cfg.data.eval_test,
+    tracker.log_params({"data.eval_train": redact(cfg.data.eval_train), "data.eval_test": redact(cfg.data.eval_test),
                         "data.eval_image_size": cfg.data.eval_image_size, **params})
     for step, values in history:
         tracker.log_metrics(values, step=step)

@@ -12,7 +12,7 @@ def dry_run_report(cfg: Config) -> list[str]:
     scaled lr, the data, loader, device, precision, strategy, evaluation and MLflow store."""
     import torch
 
-    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.data_prep.shard_format import read_manifest, redact
     from ssl_foundry.launch.local import under_launcher
     from ssl_foundry.pipeline.data.loader import train_backend
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
@@ -46,7 +46,8 @@ def dry_run_report(cfg: Config) -> list[str]:
         steps += f", fewer if {t.budget_minutes:g} min of training cannot fit them (train.budget_minutes)"
     evaluation = "none after pretraining"
     if cfg.eval.after_pretrain and d.eval_train and d.eval_test:
-        evaluation = f"kNN (k={cfg.eval.knn_k}) after pretraining: bank {d.eval_train}, queries {d.eval_test}"
+        evaluation = (f"kNN (k={cfg.eval.knn_k}) after pretraining: bank {redact(d.eval_train)}, "
+                      f"queries {redact(d.eval_test)}")
     if cfg.eval.knn_every:
         evaluation += f"; online kNN every {cfg.eval.knn_every} steps"
     strategy = t.strategy + (f" (ZeRO stage {cfg.deepspeed.zero_stage})" if t.strategy == "deepspeed" else "")
@@ -58,7 +59,7 @@ def dry_run_report(cfg: Config) -> list[str]:
         f"{t.grad_accum_steps} accumulation step(s)",
         f"steps:       {steps}; an epoch is {samples / t.batch_size:.1f} steps",
         f"lr:          {scaled} ({t.optimizer}, weight decay {t.weight_decay:g})",
-        f"data:        {d.train}: {samples} samples in {len(manifest['shards'])} shards",
+        f"data:        {redact(d.train)}: {samples} samples in {len(manifest['shards'])} shards",
         f"loader:      {loader} ({why}), {d.num_workers} worker(s) per rank, "
         f"{sum(v.count for v in d.views)} view(s) per sample",
         f"precision:   {'bf16 autocast' if amp is not None else 'fp32'} (train.precision={t.precision}"

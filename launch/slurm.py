@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssl_foundry.data_prep.shard_format import is_remote, redact
 from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
 from ssl_foundry.pipeline.train.run_dir import plan_run
 
@@ -234,12 +235,12 @@ def make_executor(cfg: Config, folder: Path):
 
 
 def _absolute(cfg: Config) -> Config:
-    """Paths as absolute ones: the job may start in another directory (and on other nodes)."""
+    """Local paths as absolute ones: the job may start in another directory (and on other nodes)."""
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).absolute())
     for key in ("train", "eval_train", "eval_test"):
         value = getattr(cfg.data, key)
-        if value:
+        if value and not is_remote(value):
             setattr(cfg.data, key, str(Path(value).absolute()))
     return cfg
 
@@ -260,11 +261,12 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
     for index, combo in enumerate(combos):
         cfg = _absolute(load_config(config_path, overrides + combo))
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
+        swept = redact(" ".join(combo))  # a data location's credentials stay out of MLflow
         if not cfg.mlflow.run_name:
-            cfg.mlflow.run_name = " ".join(combo)
+            cfg.mlflow.run_name = swept
         plan_run(cfg)
         configs.append(cfg)
-        callables.append(PretrainJob(to_dict(cfg), {"sweep.override": " ".join(combo), "sweep.index": str(index)}))
+        callables.append(PretrainJob(to_dict(cfg), {"sweep.override": swept, "sweep.index": str(index)}))
     jobs = executor.submit_array(callables)
     return jobs, configs, folder
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, flatten, to_dict
+from ssl_foundry.data_prep.shard_format import is_remote
+from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, flatten, public_dict, to_dict
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint
 
 # Keys a resume may change: how long to train (a longer schedule is allowed), how often to log and
@@ -70,9 +71,10 @@ def changed_keys(started: dict, cfg: Config) -> list[str]:
         started = to_dict(config_from_dict(started))  # new keys of this version at their defaults
     except ConfigError:
         pass  # a key this version dropped: compare the trees as they are
-    old, new = flatten(started), flatten(to_dict(cfg))
-    for tree in (old, new):  # `foundry submit` makes the data path absolute; the same shards either way
-        tree["data.train"] = os.path.abspath(tree["data.train"]) if tree.get("data.train") else ""
+    old, new = flatten(started), flatten(public_dict(cfg))  # as config.yaml keeps it: credentials cut out
+    for tree in (old, new):  # `foundry submit` makes a local data path absolute; the same shards either way
+        train = tree.get("data.train") or ""
+        tree["data.train"] = train if not train or is_remote(train) else os.path.abspath(train)
     return [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
             for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key) and not _resumable(key)]
 
