@@ -97,5 +97,6 @@ def plan_run(cfg: Config) -> RunPlan:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise ConfigError(f"output_dir {out} holds a run started with another config ({shown}; see {started}): "
                           f"continuing it would mix two runs. Start a new run with train.resume=never (the run "
-                          f"there moves to {out / REPLACED_DIR}/) or with a new output_dir=...; or rerun with that config to continue it")
+                          f"there moves to {out / REPLACED_DIR}/) or with a new output_dir=...; or rerun with that "
+                          f"config to continue it")
     return RunPlan(checkpoint)
