@@ -143,7 +143,8 @@ def test_a_changed_config_never_continues_the_run_in_output_dir(tiny_config, tmp
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     for text in (f"output_dir {out} holds a run started with another config",
-                 "model.method_args.temperature: 0.2 -> 0.1", "train.lr: 0.3 -> 0.6", "train.resume=never", "output_dir=", str(out / "config.yaml")):
+                 "model.method_args.temperature: 0.2 -> 0.1", "train.lr: 0.3 -> 0.6", "train.resume=never",
+                 "output_dir=", str(out / "config.yaml")):
         assert text in err[0], err[0]
     assert (out / "config.yaml").read_text() == started and json.loads((out / "result.json").read_text())["steps"] == 2
     with pytest.raises(ConfigError, match="train.lr: 0.3 -> 0.6"):  # the trainer itself, whatever launched it
