@@ -9,8 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from ssl_foundry.data_prep.shard_format import redact
-from ssl_foundry.pipeline.config import ConfigError, load_config, require_labels, validate_finetune, world_size
+from ssl_foundry.pipeline.config import (ConfigError, load_config, public_dict, require_labels, validate_finetune,
+                                         world_size)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -27,9 +30,19 @@ def pretrain(args: argparse.Namespace) -> int:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
     from ssl_foundry.pipeline.registry.tracking_server import check_reachable
     from ssl_foundry.pipeline.train.output_lock import OutputDirLock
+    from ssl_foundry.pipeline.train.run_dir import plan_run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=not args.print_config)
+    if args.print_config:
+        print(yaml.safe_dump(public_dict(cfg), sort_keys=False), end="")
+        return 0
     validate_batch(cfg)
+    if args.dry_run:
+        from ssl_foundry.launch.dry_run import dry_run_report
+
+        print("\n".join(dry_run_report(cfg)) + "\nnothing was run (--dry-run)")
+        return 0
+    plan_run(cfg)  # a changed config on another run's output_dir: refused here, before any rank starts
     if int(os.environ.get("RANK", "0")) != 0:
         return _pretrain(cfg)
     if takes_teacher(cfg.model.method) and cfg.launch.nproc_per_node * cfg.launch.nnodes > 1:
@@ -287,6 +300,12 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
 def add_pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining from shards")
     _add_config_args(p)
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (bases, overrides, defaults) as YAML and exit")
+    shown.add_argument("--dry-run", action="store_true",
+                       help="print what would run (ranks, per-rank batch, steps, scaled lr, data, loader, "
+                            "precision, output_dir) and exit without training")
     p.set_defaults(func=_user_errors(pretrain))
 
 

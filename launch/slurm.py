@@ -33,6 +33,7 @@ from typing import Any
 from ssl_foundry.data_prep.shard_format import is_remote, redact
 from ssl_foundry.pipeline.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes,
                                          tasks_per_node, to_dict)
+from ssl_foundry.pipeline.train.run_dir import plan_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -258,6 +259,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
     combos = parse_sweeps(list(sweeps))
     executor = make_executor(base, folder)
     if not combos:
+        plan_run(base)  # a changed config on another run's output_dir: refused before it queues
         jobs = [executor.submit(PretrainJob(to_dict(base)))]
         return jobs, [base], folder
     configs, callables = [], []
@@ -267,6 +269,7 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
         swept = redact(" ".join(combo))  # a data location's credentials stay out of MLflow
         if not cfg.mlflow.run_name:
             cfg.mlflow.run_name = swept
+        plan_run(cfg)
         configs.append(cfg)
         callables.append(PretrainJob(to_dict(cfg), {"sweep.override": swept, "sweep.index": str(index)}))
     jobs = executor.submit_array(callables)

@@ -1,9 +1,12 @@
 """Typed run configuration: dataclasses, one YAML per recipe, dotted ``key=value`` overrides.
 
-A recipe YAML is merged onto the dataclass defaults, then each override is applied, then
-the whole tree is validated: an unknown key names the valid ones, a wrong type names the
-key and the type it wants, a missing data path says how to make it. The resolved config is
-written with every run (``<output_dir>/config.yaml``) and logged to MLflow.
+A recipe YAML may build on base recipes (``defaults: [base/fmnist.yaml]``, merged by OmegaConf,
+the recipe's own keys last) and refer to other keys (``${data.train}``). The composed recipe is
+merged onto the dataclass defaults, then each override is applied, then interpolations are
+resolved (so they see the overrides) and the whole tree is validated: an unknown key names the
+valid ones, a wrong type names the key and the type it wants, a missing data path says how to
+make it. The resolved config is written with every run (``<output_dir>/config.yaml``) and logged
+to MLflow.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
 from ssl_foundry.pipeline.config_error import ConfigError
@@ -499,24 +504,57 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    # PyYAML, not OmegaConf's loader: scalars keep the types every recipe was written against
+    # (its loader reads 1e-6 as a float where YAML 1.1 reads a string, which method_args keep).
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at top level")
+    return loaded
+
+
+def compose_recipe(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> DictConfig:
+    """A recipe merged over the bases its ``defaults:`` names (paths relative to the recipe, each
+    composed the same way, applied in order), interpolations left for ``resolve``. Mappings merge
+    key by key; lists (views, ops) are replaced whole."""
+    p = Path(path)
+    if not p.is_file():
+        where = f" (named in {_chain[-1]}'s defaults)" if _chain else " (recipes live in configs/*.yaml)"
+        raise ConfigError(f"config file '{path}' not found{where}")
+    if p.resolve() in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"config file '{path}': its defaults include itself ({cycle}); remove one")
+    tree = _read_yaml(p)
+    bases = tree.pop("defaults", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: defaults must be a list of base recipe paths relative to it, got {bases!r}")
+    layers = [compose_recipe(p.parent / base, (*_chain, p.resolve())) for base in bases]
+    return OmegaConf.merge(*layers, OmegaConf.create(tree))
+
+
+def resolve(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    """``tree`` over the defaults, its ``${key}`` interpolations (OmegaConf's, which may name any
+    key, set or default) replaced by their values."""
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(to_dict(Config()), tree), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {str(err).splitlines()[0]} (full_key: {err.full_key})") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Recipe YAML (or defaults when ``path`` is None) + overrides -> validated ``Config``."""
+    """Recipe YAML and its bases (or defaults when ``path`` is None) + overrides -> validated ``Config``."""
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found (recipes live in configs/*.yaml)")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at top level")
-        tree = loaded
+        tree = OmegaConf.to_container(compose_recipe(path), resolve=False)
     for key, raw in parse_overrides(list(overrides)):
         try:
             _set_dotted(tree, key, raw)
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"override '{key}={raw}': the value is not valid YAML ({problem})") from None
-    cfg = build(Config, tree)
+    cfg = build(Config, resolve(tree, str(path or "overrides")))
     validate(cfg, check_paths=check_paths)
     return cfg
 

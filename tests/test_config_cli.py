@@ -81,10 +81,8 @@ def test_more_config_errors(override, tmp_path, capsys, fmnist):
 
 
 def test_mistakes_in_the_recipe_file_name_the_key(tmp_path, capsys):
-    recipe = yaml.safe_load(RECIPE.read_text())
-    recipe["train"]["warmup_step"] = 10
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = tmp_path / "recipe.yaml"  # the shipped recipe, as a base, with a misspelt key
+    path.write_text(yaml.safe_dump({"defaults": [str(RECIPE)], "train": {"warmup_step": 10}}))
     code = main(["pretrain", str(path)])
     captured = capsys.readouterr()
     assert_config_error(code, captured.out, captured.err, "'train.warmup_step'", "Did you mean 'warmup_steps'?")

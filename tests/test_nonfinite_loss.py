@@ -53,10 +53,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     assert run.info.status == "FAILED"
     assert run.data.tags["failure"] == message
 
-    # train.resume=auto continues from the good checkpoint, in the same run, and replays step
-    # failed_step-1 exactly (the set-aside checkpoint would replay the non-finite step instead): its
-    # loss, computed before that step's update, is the one already logged, which is kept (no step twice).
-    result = train(tiny_config(out, *exploding, "train.lr=0.3", f"train.max_steps={failed_step - 1}"))
+    # The message's way on: a lower lr from the good checkpoint (train.resume=auto refuses a changed
+    # lr), in the same run, replaying step failed_step-1 exactly (the set-aside checkpoint would
+    # replay the non-finite step instead).
+    assert f"continue from it with train.resume={good}" in message
+    result = train(tiny_config(out, *exploding, "train.lr=0.3", f"train.max_steps={failed_step - 1}",
+                               f"train.resume={good}"))
     assert result.run_id == run.info.run_id and result.steps == failed_step - 1
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))

@@ -50,11 +50,12 @@ from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import (RunTracker, TrackingUnavailable, default_artifact_location,
                                                     resolve_tracking_uri)
 from ssl_foundry.pipeline.registry.tracking_server import TrackingError
-from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints,
-                                                   remove_stale_temps, world_size_mismatch)
+from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, remove_stale_temps,
+                                                   world_size_mismatch)
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.output_lock import OutputDirLock
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
+from ssl_foundry.pipeline.train.run_dir import plan_run, set_aside_previous_run
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
 
@@ -215,14 +216,6 @@ def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
     return out
 
 
-def _find_resume(cfg: Config) -> Path | None:
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    return Path(cfg.train.resume)
-
-
 def _open_tracker(cfg: Config, run_id: str | None):
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
@@ -273,7 +266,10 @@ class Trainer:
         self.run_id: str | None = None
         self.loss = float("nan")  # of the last step trained (or restored)
         self.resumed_from: Path | None = None
-        resume = _find_resume(cfg)
+        plan = plan_run(cfg)  # refuses to continue a run started with another config
+        if plan.replaces is not None and self.rt.is_main:
+            print(f"train.resume=never: the run in {self.out} moved to {set_aside_previous_run(self.out)}", flush=True)
+        resume = plan.checkpoint
         if resume is not None:
             self._restore(resume)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
@@ -552,8 +548,9 @@ class Trainer:
         last = next((p for p in reversed(list_checkpoints(folder)) if p != bad), None)
         msg = (f"loss is {loss_value} at step {self.step + 1}: training stopped. The last good "
                f"checkpoint is {last or 'none (no checkpoint written yet)'}{aside}; lower train.lr, set "
-               f"train.grad_clip, or try train.precision=fp32, then rerun (train.resume=auto "
-               f"continues from it).")
+               f"train.grad_clip, or try train.precision=fp32, then "
+               + (f"continue from it with train.resume={last} (train.resume=auto continues only an unchanged "
+                  f"config)." if last else "rerun with train.resume=never."))
         if self.tracker is not None:
             self.tracker.set_tags({"failure": msg})
             self.tracker.end("FAILED")
