@@ -129,7 +129,10 @@ class GateConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps (an upper bound when budget_minutes is set)
-    budget_minutes: float = 0.0  # > 0: fit the schedule to this much training time, measured
+    budget_minutes: float = 0.0  # > 0: fit the schedule to this much time, measured as it trains
+    # What the budget covers: training (the training loop) | run (the whole process, with the
+    # end-of-run export, registration and kNN evaluation estimated and reserved)
+    budget_covers: str = "training"
     batch_size: int = 256  # global batch: all ranks x grad_accum_steps
     grad_accum_steps: int = 1
     optimizer: str = "lars"  # lars | adamw | sgd
@@ -441,6 +444,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
+        "train.budget_covers": (t.budget_covers, ("training", "run")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
         "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,21 +21,26 @@ from pipeline.loader import ShardStream, make_loader
 from pipeline.runtime import autocast, cpu_has_fast_bf16
 
 
-@torch.no_grad()
+def iter_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float], std: list[float],
+                  batch_size: int = 512, num_workers: int = 2, device: torch.device = torch.device("cpu")
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of ``folder`` once, in shard order, a batch at a time: (features (B, D) fp32,
+    labels (B,)). The backbone is put in eval mode."""
+    stream = ShardStream(folder, eval_transform(image_size, mean, std), batch_size,
+                         num_workers=num_workers, finite=True)
+    amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
+    backbone.eval()
+    for batch in make_loader(stream):
+        with torch.no_grad(), autocast(device, amp):
+            out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
+        yield out.float().cpu(), batch["label"]
+
+
 def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float],
                      std: list[float], batch_size: int = 512, num_workers: int = 2,
                      device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``folder`` once, in shard order: (features (N, D) fp32, labels (N,))."""
-    stream = ShardStream(folder, eval_transform(image_size, mean, std), batch_size,
-                         num_workers=num_workers, finite=True)
-    amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
-    feats, labels = [], []
-    backbone.eval()
-    for batch in make_loader(stream):
-        with autocast(device, amp):
-            out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
-        feats.append(out.float().cpu())
-        labels.append(batch["label"])
+    feats, labels = zip(*iter_features(backbone, folder, image_size, mean, std, batch_size, num_workers, device))
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -3,13 +3,17 @@ clusters (NCCL); only ``pipeline.runtime`` differs. How ranks share the model, g
 optimizer state is the strategy's (``pipeline.strategy``: DDP or DeepSpeed ZeRO).
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on the last), bf16
-autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +
-cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
+autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, warmup + cosine
+schedule (re-fitted as it trains to end on time under ``train.budget_minutes``: ``pipeline.budget``),
+the method's ``on_step_end`` hook (momentum encoders). Every
 ``checkpoint_every`` steps an atomic checkpoint holds everything needed to continue bitwise:
 model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -25,23 +29,23 @@ import numpy as np
 import psutil
 import torch
 import torch.distributed as dist
-from timm.scheduler import CosineLRScheduler
 
 from launch.config import Config, flatten, save_config, to_dict
 from models.backbones import create_backbone
 from models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from models.registry import create_method
+from pipeline.budget import PROBE_STEPS, SKIP_STEPS, BudgetClock, extraction_estimate_s
 from pipeline.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from pipeline.labelled_subset import labelled_keys, mask_unlabelled
 from pipeline.loader import LoaderPosition, build_train_loader, train_backend
 from pipeline.optim import base_lr
 from pipeline.runtime import Runtime, init_runtime, shutdown_runtime
+from pipeline.schedule import CosinePlan, WarmupCosine, initial_plan, refit
 from pipeline.strategy import create_strategy
 
-
-# Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
-# ran ~30% slower than the steady state in the demo), then steps whose median is the estimate.
-BUDGET_SKIP_STEPS, BUDGET_PROBE_STEPS = 5, 10
+# Batches of data.eval_test the feature-extraction probe of a whole-run budget reads: the first
+# pays for starting the loader, the others give the steady rate.
+EXTRACTION_PROBE_BATCHES = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -96,29 +100,16 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
-    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
-
-    The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
-    changes nothing but the horizon.
-    """
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> WarmupCosine:
+    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``
+    (``pipeline.schedule``: the lr is a pure function of the step and the plan)."""
     t = cfg.train
     lr = base_lr(cfg)
     for group in optimizer.param_groups:
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
         group["initial_lr"] = lr
-    return CosineLRScheduler(
-        optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
-        warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
-    )
-
-
-def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
-    """Total steps of a run that has done ``step`` steps in ``elapsed_s`` and goes on at
-    ``step_time_s`` per step until ``budget_s``: at least one more step, at most ``max_steps``."""
-    remaining = int(max(0.0, budget_s - elapsed_s) / max(step_time_s, 1e-9))
-    return max(step + 1, min(max_steps, step + remaining))
+    return WarmupCosine(optimizer, initial_plan(total_steps, t.warmup_steps), t.min_lr, t.warmup_steps)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -190,9 +181,9 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.strategy = create_strategy(cfg, self.model, self.rt)
         self.optimizer = self.strategy.optimizer
-        # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
-        self.total_steps = cfg.train.max_steps
-        self.budget_decided = cfg.train.budget_minutes <= 0
+        # train.budget_minutes: the run's length is re-fitted to the time left as it trains.
+        self.budget = (BudgetClock(60 * cfg.train.budget_minutes, cfg.train.budget_covers)
+                       if cfg.train.budget_minutes > 0 else None)
         self.local_batch = local_batch_size(cfg, self.rt.world_size)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
         self.uses_labels = getattr(self.model, "uses_labels", False)
@@ -206,10 +197,19 @@ class Trainer:
         self.stop_check: Callable[[], bool] | None = None
         self.position = LoaderPosition()
         self.run_id: str | None = None
+        self._budget_state: dict | None = None
+        self.end_timing: dict[str, float] = {}  # measured after the loop (budget used, final checkpoint)
         resume = _find_resume(cfg)
         if resume is not None:
             self._restore(resume)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        # Steps this run trains for (self.total_steps): train.max_steps, or what the time budget fits.
+        self.scheduler = build_scheduler(cfg, self.optimizer, cfg.train.max_steps)
+        if self._budget_state is not None:
+            # A time-budgeted run goes on with the plan and the budget time used before the
+            # interruption; any other run takes train.max_steps from the config.
+            plan = CosinePlan(**self._budget_state["plan"])
+            self.scheduler.plan = refit(plan, self.step, min(plan.total_steps, cfg.train.max_steps))
+            self.budget.used_before_s = self._budget_state["used_s"]
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
         if self.tracker is not None:
@@ -225,11 +225,8 @@ class Trainer:
         state = self.strategy.load(path)  # model and optimizer restored; the rest is ours
         self.step = state["step"]
         self.position = LoaderPosition(**state["position"])
-        # A time-budgeted run keeps the horizon it measured before the interruption; any other
-        # run takes train.max_steps from the config (a longer schedule on resume is allowed).
-        if self.cfg.train.budget_minutes > 0 and state.get("budget_total_steps"):
-            self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
-            self.budget_decided = True
+        if self.budget is not None:
+            self._budget_state = state.get("budget")
         self.run_id = state.get("mlflow_run_id")
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
@@ -239,8 +236,8 @@ class Trainer:
         rng = _gather_objects(_rng_state(), self.rt)
         state = {
             "step": self.step,
-            "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
-            else None,
+            "budget": None if self.budget is None else {"plan": dataclasses.asdict(self.scheduler.plan),
+                                                        "used_s": self.budget.used_s()},
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": rng,
             "world_size": self.rt.world_size,
@@ -248,6 +245,10 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
         return self.strategy.save(self.out / "checkpoints", self.step, state)
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduler.plan.total_steps
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
@@ -279,11 +280,16 @@ class Trainer:
         if hasattr(self, "_rng_to_restore"):
             _set_rng_state(self._rng_to_restore)
         self.model.train()
+        if self.budget is not None and self.budget.covers == "run" and self.rt.is_main:
+            self.budget.extraction_s = self._probe_feature_extraction()
         batches = self._loader()
         data_wait = 0.0
         window_start, window_steps = time.perf_counter(), 0
         loss_value = float("nan")
         train_start = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start_training()
+        last_fit = train_start
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = self.optimizer.param_groups[0]["lr"]  # logged: what this step trains with
@@ -311,8 +317,15 @@ class Trainer:
             self.step_times.append((step_wait, step_compute))
             for callback in self.step_callbacks:
                 callback(self.step)
-            if not self.budget_decided and len(self.step_times) == BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS:
-                self._fit_schedule_to_budget(time.perf_counter() - train_start)
+            if self.budget is not None:
+                # A step's time runs from the previous re-fit to this one: logging and checkpoints
+                # included (a checkpoint makes one step slow, which the median ignores; its cost is
+                # amortised over checkpoint_every steps instead).
+                now = time.perf_counter()
+                self.budget.record_step(now - last_fit)
+                last_fit = now
+                if self.budget.ready():
+                    self._fit_to_budget()
             data_wait += step_wait
             window_steps += 1
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -326,18 +339,26 @@ class Trainer:
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                     "epoch": float(self.position.epoch),
                 }
+                if self.budget is not None:
+                    metrics.update(budget_total_steps=float(self.total_steps), budget_used_s=self.budget.used_s())
                 self._log(metrics)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
+                tic = time.perf_counter()
                 self.save()
+                if self.budget is not None:
+                    self.budget.record_checkpoint(time.perf_counter() - tic, t.checkpoint_every)
             if self.stop_check is not None and self.step < self.total_steps and self._any_rank(self.stop_check()):
                 path = self.save()
                 if self.rt.is_main:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
+        self.end_timing = {"budget_used_s": self.budget.used_s()} if self.budget is not None else {}
         memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
+        tic = time.perf_counter()
         last = self.save()
+        self.end_timing["final_checkpoint_s"] = time.perf_counter() - tic
         return self._finish(last, loss_value, memory)
 
     def _any_rank(self, flag: bool) -> bool:
@@ -348,21 +369,50 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def _fit_schedule_to_budget(self, elapsed_s: float) -> None:
-        """Sets the run's length from the steady step time (the first BUDGET_SKIP_STEPS steps,
-        which pay for worker start-up and allocator warm-up, are left out), decided on rank 0
-        and shared, so every rank stops at the same step; the cosine schedule is rebuilt for it."""
-        t = self.cfg.train
-        step_time = statistics.median(w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:])
-        total = [steps_within_budget(60 * t.budget_minutes, elapsed_s, self.step, step_time, t.max_steps)]
+    def _fit_to_budget(self) -> None:
+        """Re-fits the run's length to the time budget after every step: decided on rank 0 from
+        its measurements (``BudgetClock``) and broadcast, so every rank stops at the same step; the
+        cosine is re-anchored so the lr goes on without a jump (``pipeline.schedule.refit``)."""
+        t, first = self.cfg.train, self.budget.seen == SKIP_STEPS + PROBE_STEPS
+        total = self.budget.total_steps(self.step, t.max_steps) if self.rt.is_main else 0
         if self.rt.world_size > 1:
-            dist.broadcast_object_list(total, src=0)
-        self.total_steps, self.budget_decided = total[0], True
-        self.scheduler = build_scheduler(self.cfg, self.optimizer, self.total_steps)
-        if self.rt.is_main:
-            print(f"time budget {t.budget_minutes:g} min at {step_time:.3f} s/step: training "
-                  f"{self.total_steps} steps", flush=True)
-            self.tracker.log_params({"train.budget_total_steps": self.total_steps})
+            decided = torch.tensor([total], dtype=torch.int64, device=self.rt.device)
+            dist.broadcast(decided, src=0)
+            total = int(decided.item())
+        if total != self.total_steps:
+            self.scheduler.refit(self.step, total)
+        if first and self.rt.is_main:
+            end = f", {self.budget.end_s():.0f} s kept for the end of the run" if t.budget_covers == "run" else ""
+            print(f"time budget {t.budget_minutes:g} min ({t.budget_covers}): {self.budget.used_s():.0f} s used, "
+                  f"{self.budget.step_s():.3f} s/step{end}: training {self.total_steps} steps (re-fitted "
+                  f"after every step)", flush=True)
+
+    def _probe_feature_extraction(self) -> float:
+        """Seconds the end-of-run kNN will spend extracting the features of data.eval_train and
+        data.eval_test, measured by the same extraction code on a few batches of data.eval_test with
+        a fresh backbone of the same architecture (the same cost; the trained one and the RNG
+        stay untouched)."""
+        from data_prep.shards import read_manifest
+        from pipeline.evaluate import iter_features
+
+        d, e = self.cfg.data, self.cfg.eval
+        if not (e.after_pretrain and d.eval_train and d.eval_test):
+            return 0.0
+        with torch.random.fork_rng(devices=[]):
+            backbone = create_backbone(self.cfg.model.backbone, **self.cfg.model.backbone_args).to(self.rt.device)
+        seconds, images = [], []
+        tic = time.perf_counter()
+        with contextlib.closing(iter_features(backbone, d.eval_test, d.eval_image_size, d.mean, d.std,
+                                              e.batch_size, d.num_workers, self.rt.device)) as batches:
+            for features, _ in itertools.islice(batches, EXTRACTION_PROBE_BATCHES):
+                seconds.append(time.perf_counter() - tic)
+                images.append(len(features))
+                tic = time.perf_counter()
+        steady = slice(1, None) if len(seconds) > 1 else slice(None)  # the first batch starts the loader
+        image_s = sum(seconds[steady]) / sum(images[steady])
+        startup_s = max(0.0, seconds[0] - images[0] * image_s)
+        total = sum(read_manifest(folder)["num_samples"] for folder in (d.eval_train, d.eval_test))
+        return extraction_estimate_s(2, startup_s, total, image_s)
 
     def completed_result(self) -> TrainResult | None:
         """The recorded result when the resumed checkpoint is this run's finished last step (its
@@ -416,8 +466,8 @@ class Trainer:
 
     def _run_timing(self) -> dict[str, float]:
         """This process's training time, and its steady throughput: the median step after the
-        first BUDGET_SKIP_STEPS (worker start-up, allocator warm-up), loader waits included."""
-        steady = [w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:]] or [w + c for w, c in self.step_times]
+        first SKIP_STEPS (worker start-up, allocator warm-up), loader waits included."""
+        steady = [w + c for w, c in self.step_times[SKIP_STEPS:]] or [w + c for w, c in self.step_times]
         if not steady:
             return {}
         step_s = statistics.median(steady)
@@ -430,9 +480,10 @@ class Trainer:
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=loss_value)
         if not self.rt.is_main:
             return result
+        tic = time.perf_counter()
         d, m = self.cfg.data, self.cfg.model
         result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
-        result.timing = {**getattr(self, "timing", {}), **self._run_timing()}
+        result.timing = {**getattr(self, "timing", {}), **self._run_timing(), **self.end_timing}
         result.memory_mb = {key: [rank[key] for rank in memory] for key in memory[0]}
         self.tracker.log_metrics({f"{key}_mb_rank{r}": value for key, values in result.memory_mb.items()
                                   for r, value in enumerate(values)}, step=self.step)
@@ -449,6 +500,7 @@ class Trainer:
             result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
         else:
             self.tracker.log_artifact(str(backbone_dir), "backbone")
+        result.timing["export_register_s"] = time.perf_counter() - tic
         if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
             from pipeline.evaluate import knn_evaluate
 
@@ -457,6 +509,8 @@ class Trainer:
             result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)
             result.timing["knn_s"] = time.perf_counter() - tic
             self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
+        if self.budget is not None and self.budget.covers == "run":
+            result.timing["budget_used_s"] = self.budget.used_s()  # the whole run, its kNN included
         self.tracker.end("FINISHED")
         return result
 
