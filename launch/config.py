@@ -50,7 +50,8 @@ class DataConfig:
     eval_train: str = ""  # labelled shards: the kNN memory bank
     eval_test: str = ""  # labelled shards: the kNN queries
     # Training loader: dali (NVIDIA DALI; decode + augmentation on the GPU, or DALI's CPU backend),
-    # torch (torchvision in loader worker processes), auto (dali on a GPU, torch on a CPU).
+    # torch (torchvision, one sample at a time), batched (the torch loader augmenting each decoded
+    # micro-batch at once with tensor ops), auto (dali on a GPU, batched on a CPU).
     backend: str = "auto"
     num_workers: int = 2  # loader processes per rank (dali: DALI CPU threads per rank)
     prefetch_batches: int = 2  # batches each worker keeps ready
@@ -445,7 +446,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "train.budget_covers": (t.budget_covers, ("training", "run")),
-        "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
+        "data.backend": (cfg.data.backend, ("auto", "torch", "batched", "dali")),
         "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
@@ -559,6 +560,10 @@ def validate_views(data: DataConfig) -> None:
     from pipeline.augment.spec import parse_views
 
     parse_views(data.views)
+    if data.backend == "batched":
+        from pipeline.augment.batched_backend import compile_views
+
+        compile_views(data.views)
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
             if value:

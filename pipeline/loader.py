@@ -39,6 +39,7 @@ from webdataset.tariterators import tarfile_samples
 from data_prep.shards import read_manifest
 from launch.config import ConfigError
 from pipeline.augment import MultiViewTransform
+from pipeline.augment.batched_backend import BatchedMultiViewTransform
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -172,15 +173,16 @@ class ShardStream(IterableDataset):
         return self._clip_decoder([clip_bytes(sample) for sample in samples])
 
     def _collate(self, samples: list[dict], seed: int) -> dict:
-        views_per_sample = []
         decoded = self._decode(samples)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for item in decoded:
-                views_per_sample.append(self.transform(item))
+            if getattr(self.transform, "batched", False):  # the batched backend takes the whole part
+                views = self.transform(decoded)
+            else:
+                views = [torch.stack(v) for v in zip(*(self.transform(item) for item in decoded))]
         labels = [int(s["cls"]) if "cls" in s else -1 for s in samples]
         return {
-            "views": [torch.stack(v) for v in zip(*views_per_sample)],
+            "views": views,
             "label": torch.tensor(labels, dtype=torch.long),
             "key": [s["__key__"] for s in samples],
         }
@@ -272,16 +274,18 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
 
 
 def train_backend(backend: str, device: torch.device, folder: str = "") -> str:
-    """``data.backend`` resolved: auto is dali on a GPU, torch on a CPU. Clip shards always take the
-    torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by DALI
-    there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
+    """``data.backend`` resolved: auto is dali on a GPU, batched on a CPU (the torch loader with the
+    batched augmentation, ``pipeline.augment.batched_backend``). Clip shards always take the torch
+    loader with per-sample transforms (the dali and batched augmentations are written for images;
+    clips are decoded by DALI there anyway where it can, see data.video_decoder); data.backend=dali
+    or batched with them is a ConfigError."""
     clips = bool(folder) and is_clip_manifest(read_manifest(folder))
-    if clips and backend == "dali":
-        raise ConfigError(f"data.backend=dali augments images only and {folder} holds video clips: use "
+    if clips and backend in ("dali", "batched"):
+        raise ConfigError(f"data.backend={backend} augments images only and {folder} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
     if backend == "auto":
-        return "dali" if device.type == "cuda" and not clips else "torch"
+        return "torch" if clips else "dali" if device.type == "cuda" else "batched"
     return backend
 
 
@@ -297,14 +301,16 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
     image views for image shards; for clip shards, clips (video methods) or one frame of each clip
     (image methods), see pipeline.video.ClipTransform."""
     d = cfg.data
-    views = MultiViewTransform(d.views, d.mean, d.std)
     kind = method_input_kind(cfg.model.method)
     settings = read_manifest(d.train).get("settings", {})
     if settings.get("kind") != "clips":
         if kind == "clip":
             raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
-        return views, "pyav"
+        if train_backend(d.backend, device, d.train) == "batched":
+            return BatchedMultiViewTransform(d.views, d.mean, d.std), "pyav"
+        return MultiViewTransform(d.views, d.mean, d.std), "pyav"
+    views = MultiViewTransform(d.views, d.mean, d.std)
     from pipeline.video import ClipTransform, resolve_video_decoder
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
