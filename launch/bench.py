@@ -36,7 +36,9 @@ def _machine() -> dict:
 
     from pipeline.runtime import cpu_has_fast_bf16
 
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
             "cuda": torch.cuda.is_available()}
 
@@ -68,8 +70,88 @@ def _write_profile(profiler, path: str) -> None:
     print(table)
 
 
+def matmul_peak_gflops(dtype, n: int = 2048, repeats: int = 10) -> float:
+    """The CPU's practical peak in ``dtype``: the best of ``repeats`` n x n matmuls on this
+    process's threads (the best, because other processes only ever slow one down)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - tic)
+    return 2 * n**3 / best / 1e9
+
+
+def step_gflop(cfg) -> float:
+    """FLOPs of one training step's forward and backward of the recipe's model on a batch of its
+    views (torch's FLOP counter: convolutions and matmuls, the loss's included)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.augment.spec import view_sizes
+    from pipeline.trainer import build_model
+
+    sizes = view_sizes(cfg.data.views)
+    model = build_model(cfg)
+    views = [torch.randn(cfg.train.batch_size, 3, *size) for size in sizes]
+    with FlopCounterMode(display=False) as counter:
+        model(views)["loss"].backward()
+    return counter.get_total_flops() / 1e9
+
+
+def lightly_style_loop(cfg, workers: int = 2):
+    """The reference: the recipe's work (its shards, model, optimizer, batch and views) as the plain
+    loop of lightly's SimCLR example runs it. Torchvision transforms per image in a torch DataLoader
+    with ``workers`` processes (a WebDataset pipeline over the shards), fp32, NCHW, default threads.
+    Returns ``run(steps)``, which starts the loader, trains ``steps`` steps and returns each one's
+    seconds (data wait included); the loader stops between calls, so that its workers do not
+    compete with whatever runs in between."""
+    import torch
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    from data_prep.shards import shard_paths
+    from pipeline.augment import MultiViewTransform
+    from pipeline.optim import build_optimizer
+    from pipeline.trainer import build_model
+
+    d = cfg.data
+    urls = shard_paths(d.train)
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False).shuffle(d.shuffle_buffer)
+               .decode("torchrgb8").to_tuple("png;jpg;jpeg;webp", "cls")
+               .map_tuple(MultiViewTransform(d.views, d.mean, d.std), int))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+
+    def run(steps: int) -> list[float]:
+        seconds: list[float] = []
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=workers, drop_last=True)
+        tic = time.perf_counter()
+        while len(seconds) < steps:
+            for views, _ in loader:
+                loss = model(views)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                seconds.append(time.perf_counter() - tic)
+                tic = time.perf_counter()
+                if len(seconds) == steps:
+                    break
+        return seconds
+
+    return run
+
+
 def bench_train(args: argparse.Namespace) -> int:
-    """Steady-state training throughput of a recipe on one process, loader included."""
+    """Steady-state training throughput of a recipe on one process, loader included; side by
+    side with the same work done by a plain lightly-style loop (blocks of ``--block`` steps,
+    interleaved, so both see the same load), and as a fraction of the CPU's matmul peak."""
+    import torch
+
     from pipeline.runtime import autocast_dtype
     from pipeline.trainer import Trainer
 
@@ -82,18 +164,31 @@ def bench_train(args: argparse.Namespace) -> int:
         ]
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
+        peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+        gflop = step_gflop(cfg)
         profiler = _step_profiler(trainer, args.warmup, args.steps) if args.profile else nullcontext()
+        reference_s: list[float] = []
+        if args.reference and not args.profile:
+            reference = lightly_style_loop(cfg, args.reference_workers)
+
+            def reference_block(step: int) -> None:
+                if step > args.warmup and (step - args.warmup) % args.block == 0:
+                    reference_s.extend(reference(1 + args.block)[1:])  # its first step starts the loader
+
+            trainer.step_callbacks.append(reference_block)
         start = time.perf_counter()
         with profiler:
             trainer.train()
         wall = time.perf_counter() - start
         if args.profile:
             _write_profile(profiler, args.profile)
+        for dtype, gflops in (("fp32", matmul_peak_gflops(torch.float32)), ("bf16", matmul_peak_gflops(torch.bfloat16))):
+            peaks[dtype] = max(peaks[dtype], gflops)
         process = psutil.Process()
         measured = trainer.step_times[args.warmup:]
         waits = [w for w, _ in measured]
         computes = [c for _, c in measured]
-        step_s = statistics.mean(w + c for w, c in measured)
+        step_s = statistics.median(w + c for w, c in measured)
         report = {
             "benchmark": "train",
             "config": args.config,
@@ -102,7 +197,9 @@ def bench_train(args: argparse.Namespace) -> int:
             "backbone": cfg.model.backbone,
             "batch_size": cfg.train.batch_size,
             "views": sum(v.count for v in cfg.data.views),
+            "loader_backend": cfg.data.backend,
             "precision": str(autocast_dtype(cfg.train, trainer.rt.device) or "fp32"),
+            "channels_last": cfg.train.channels_last,
             "steps_measured": len(measured),
             "warmup_steps_skipped": args.warmup,
             "images_per_s": cfg.train.batch_size / step_s,
@@ -110,6 +207,11 @@ def bench_train(args: argparse.Namespace) -> int:
             "data_wait_s": statistics.mean(waits),
             "compute_s": statistics.mean(computes),
             "data_wait_fraction": sum(waits) / (sum(waits) + sum(computes)),
+            "matmul_peak_gflops": peaks,
+            "model_gflop_per_step": gflop,
+            "gflops": gflop / step_s,
+            "fraction_of_bf16_peak": gflop / step_s / peaks["bf16"],
+            "fraction_of_fp32_peak": gflop / step_s / peaks["fp32"],
             "wall_s_including_setup": wall,
             "loader_workers": cfg.data.num_workers,
             "threads_main_process": process.num_threads(),
@@ -118,6 +220,14 @@ def bench_train(args: argparse.Namespace) -> int:
             "machine": _machine(),
             "resolved_config": to_dict(cfg),
         }
+        if reference_s:
+            ref_s = statistics.median(reference_s)
+            report["reference"] = {
+                "what": "lightly-style loop: torchvision per image in a DataLoader, fp32, NCHW, default threads",
+                "loader_workers": args.reference_workers, "steps_measured": len(reference_s),
+                "step_time_s": ref_s, "images_per_s": cfg.train.batch_size / ref_s, "gflops": gflop / ref_s,
+                "fraction_of_fp32_peak": gflop / ref_s / peaks["fp32"]}
+            report["speedup_vs_reference"] = ref_s / step_s
     _write(report, args.out)
     return 0
 
@@ -255,6 +365,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- loader
 LOADER_RECIPE = "configs/byol_resnet50_imagenet.yaml"  # two 224-px views (BYOL's asymmetric pair)
+LOADER_BACKENDS = ("dali", "torch", "batched")
 
 
 def _cpu_seconds() -> float:
@@ -320,15 +431,15 @@ def _cpu_breakdown(cfg, backend: str, batches: int, warmup: int, repeats: int = 
 
 
 def bench_loader(args: argparse.Namespace) -> int:
-    """DALI (its CPU backend here) against the torchvision loader on the same shards and recipe:
-    images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader processes),
-    and where each spends its CPU time."""
+    """DALI (its CPU backend here), the torchvision loader and the batched one on the same shards and
+    recipe: images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader
+    processes), and where each spends its CPU time."""
     import torch
 
     from data_prep.images import prep_images
     from data_prep.photos import write_photo_folder
     from data_prep.shards import read_manifest
-    from pipeline.augment.spec import parse_views
+    from pipeline.augment.spec import view_sizes
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
@@ -341,9 +452,9 @@ def bench_loader(args: argparse.Namespace) -> int:
                      "train.grad_accum_steps=1", "data.readers=0", "data.resampled=false"]
         cfg = load_config(args.config, overrides, check_paths=False)
         runs = [_time_loader(cfg, backend, workers, args.batches, args.warmup)
-                for backend in ("dali", "torch") for workers in args.workers]
+                for backend in LOADER_BACKENDS for workers in args.workers]
         breakdown = {("dali-cpu" if b == "dali" else b): _cpu_breakdown(cfg, b, args.batches, args.warmup)
-                     for b in ("dali", "torch")} if args.breakdown else {}
+                     for b in LOADER_BACKENDS} if args.breakdown else {}
         samples = read_manifest(data)["num_samples"]
     report = {
         "benchmark": "loader",
@@ -354,8 +465,7 @@ def bench_loader(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "batches_measured": args.batches,
         "warmup_batches": args.warmup,
-        "view_sizes": [next((list(s.params.size) for s in steps if hasattr(s.params, "size")), None)
-                       for steps in parse_views(cfg.data.views)],
+        "view_sizes": [list(size) if size else None for size in view_sizes(cfg.data.views)],
         "runs": runs,
         "cpu_breakdown_1_thread": breakdown,
         "machine": _machine(),
@@ -671,7 +781,12 @@ def add_parser(sub) -> None:
     t.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
     t.add_argument("--out", help="write the JSON here too")
     t.add_argument("--profile", metavar="FILE", help="torch.profiler table of the measured steps to FILE "
-                   "(and a Chrome trace to FILE.trace.json)")
+                   "(and a Chrome trace to FILE.trace.json); the reference loop is not run")
+    t.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the lightly-style reference loop")
+    t.add_argument("--reference-workers", type=int, default=2, help="the reference's DataLoader workers (default 2)")
+    t.add_argument("--block", type=int, default=5, help="steps per block: the trainer and the reference alternate "
+                   "blocks of this many measured steps (default 5)")
     t.set_defaults(func=bench_train)
     prep = kinds.add_parser("prep", help="shard-writing images/s, MiB/s, memory")
     prep.add_argument("--source", default="fashion-mnist",
@@ -680,8 +795,9 @@ def add_parser(sub) -> None:
     prep.add_argument("--workers", type=int, default=None, help="prep processes (default: usable CPUs)")
     prep.add_argument("--out", help="write the JSON here too")
     prep.set_defaults(func=bench_prep)
-    lo = kinds.add_parser("loader", help="training loader images/s and CPU per image: DALI (CPU backend) vs "
-                          "torchvision on the same shards and recipe, by worker count, with a per-op CPU breakdown")
+    lo = kinds.add_parser("loader", help="training loader images/s and CPU per image: DALI (CPU backend), "
+                          "torchvision and batched on the same shards and recipe, by worker count, with a per-op "
+                          "CPU breakdown")
     lo.add_argument("config", nargs="?", default=str(REPO / LOADER_RECIPE), help=f"recipe (default {LOADER_RECIPE})")
     lo.add_argument("overrides", nargs="*")
     lo.add_argument("--data", help="shard folder (default: package photos, made in a temp folder)")

@@ -282,8 +282,8 @@ def test_pretrain_with_the_dali_backend_on_cpu_and_resume(fmnist, tmp_path):
     assert np.isfinite(loss)
 
 
-def test_bench_loader_writes_json_for_both_backends(photos, tmp_path):
-    """`foundry bench loader`: numbers for DALI-CPU and torch per worker count and a per-op CPU
+def test_bench_loader_writes_json_for_every_backend(photos, tmp_path):
+    """`foundry bench loader`: numbers for DALI-CPU, torch and batched per worker count and a per-op CPU
     breakdown (numbers only: no speed is asserted)."""
     import json
 
@@ -294,10 +294,10 @@ def test_bench_loader_writes_json_for_both_backends(photos, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [(r["backend"], r["workers"]) for r in report["runs"]] == [
-        ("dali-cpu", 1), ("dali-cpu", 2), ("torch", 1), ("torch", 2)]
+        ("dali-cpu", 1), ("dali-cpu", 2), ("torch", 1), ("torch", 2), ("batched", 1), ("batched", 2)]
     assert all(r["images"] == 8 and r["images_per_s"] > 0 and r["cpu_ms_per_image"] > 0 for r in report["runs"])
     assert report["view_sizes"] == [[32, 32], [32, 32]] and report["samples"] == 40
-    for backend in ("dali-cpu", "torch"):
+    for backend in ("dali-cpu", "torch", "batched"):
         steps = [row["step"] for row in report["cpu_breakdown_1_thread"][backend]]
         assert steps[0].startswith("read + decode + random_resized_crop") and steps[1:] == [
             "horizontal_flip", "color_jitter"]
