@@ -107,8 +107,9 @@ def lightly_style_loop(cfg, workers: int = 2):
     loop of lightly's SimCLR example runs it. Torchvision transforms per image in a torch DataLoader
     with ``workers`` processes (a WebDataset pipeline over the shards), fp32, NCHW, default threads.
     Returns ``run(steps)``, which starts the loader, trains ``steps`` steps and returns each one's
-    seconds (data wait included); the loader stops between calls, so that its workers do not
-    compete with whatever runs in between."""
+    seconds (data wait included) and the CPU seconds (this process and its loader workers) of all
+    but the first (which starts the workers); the loader stops between calls, so that its workers
+    do not compete with whatever runs in between."""
     import torch
     import webdataset as wds
     from torch.utils.data import DataLoader
@@ -127,9 +128,9 @@ def lightly_style_loop(cfg, workers: int = 2):
     model = build_model(cfg).train()
     optimizer = build_optimizer(cfg, model)
 
-    def run(steps: int) -> list[float]:
+    def run(steps: int) -> tuple[list[float], float]:
         seconds: list[float] = []
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=workers, drop_last=True)
+        loader = iter(DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=workers, drop_last=True))
         tic = time.perf_counter()
         while len(seconds) < steps:
             for views, _ in loader:
@@ -139,9 +140,14 @@ def lightly_style_loop(cfg, workers: int = 2):
                 optimizer.zero_grad()
                 seconds.append(time.perf_counter() - tic)
                 tic = time.perf_counter()
+                if len(seconds) == 1:
+                    cpu = _cpu_seconds()
                 if len(seconds) == steps:
                     break
-        return seconds
+            else:
+                loader = iter(DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=workers,
+                                         drop_last=True))  # the next epoch
+        return seconds, _cpu_seconds() - cpu  # measured while the workers still live
 
     return run
 
@@ -167,15 +173,24 @@ def bench_train(args: argparse.Namespace) -> int:
         peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
         gflop = step_gflop(cfg)
         profiler = _step_profiler(trainer, args.warmup, args.steps) if args.profile else nullcontext()
+        reference = lightly_style_loop(cfg, args.reference_workers) if args.reference and not args.profile else None
+        block = max(1, min(args.block, args.steps))
         reference_s: list[float] = []
-        if args.reference and not args.profile:
-            reference = lightly_style_loop(cfg, args.reference_workers)
+        cpu = {"trainer": 0.0, "reference": 0.0, "mark": 0.0}  # CPU seconds over whole blocks
 
-            def reference_block(step: int) -> None:
-                if step > args.warmup and (step - args.warmup) % args.block == 0:
-                    reference_s.extend(reference(1 + args.block)[1:])  # its first step starts the loader
+        def block_boundary(step: int) -> None:
+            """After each block of measured trainer steps: its CPU time, then a reference block."""
+            if step == args.warmup:
+                cpu["mark"] = _cpu_seconds()
+            elif step > args.warmup and (step - args.warmup) % block == 0:
+                cpu["trainer"] += _cpu_seconds() - cpu["mark"]
+                if reference is not None:
+                    seconds, cpu_s = reference(1 + block)  # its first step starts the loader
+                    reference_s.extend(seconds[1:])
+                    cpu["reference"] += cpu_s
+                cpu["mark"] = _cpu_seconds()
 
-            trainer.step_callbacks.append(reference_block)
+        trainer.step_callbacks.append(block_boundary)
         start = time.perf_counter()
         with profiler:
             trainer.train()
@@ -207,6 +222,7 @@ def bench_train(args: argparse.Namespace) -> int:
             "data_wait_s": statistics.mean(waits),
             "compute_s": statistics.mean(computes),
             "data_wait_fraction": sum(waits) / (sum(waits) + sum(computes)),
+            "cpu_s_per_step": cpu["trainer"] / (args.steps // block * block),
             "matmul_peak_gflops": peaks,
             "model_gflop_per_step": gflop,
             "gflops": gflop / step_s,
@@ -226,8 +242,11 @@ def bench_train(args: argparse.Namespace) -> int:
                 "what": "lightly-style loop: torchvision per image in a DataLoader, fp32, NCHW, default threads",
                 "loader_workers": args.reference_workers, "steps_measured": len(reference_s),
                 "step_time_s": ref_s, "images_per_s": cfg.train.batch_size / ref_s, "gflops": gflop / ref_s,
-                "fraction_of_fp32_peak": gflop / ref_s / peaks["fp32"]}
+                "fraction_of_fp32_peak": gflop / ref_s / peaks["fp32"],
+                "cpu_s_per_step": cpu["reference"] / len(reference_s)}
             report["speedup_vs_reference"] = ref_s / step_s
+            # CPU seconds a step costs (loader workers included): what a loaded machine makes scarce.
+            report["cpu_ratio_reference_to_trainer"] = report["reference"]["cpu_s_per_step"] / report["cpu_s_per_step"]
     _write(report, args.out)
     return 0
 

@@ -322,10 +322,8 @@ class Trainer:
                 # included (a checkpoint makes one step slow, which the median ignores; its cost is
                 # amortised over checkpoint_every steps instead).
                 now = time.perf_counter()
-                self.budget.record_step(now - last_fit)
+                self._fit_to_budget(now - last_fit)
                 last_fit = now
-                if self.budget.ready():
-                    self._fit_to_budget()
             data_wait += step_wait
             window_steps += 1
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -369,10 +367,14 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def _fit_to_budget(self) -> None:
-        """Re-fits the run's length to the time budget after every step: decided on rank 0 from
-        its measurements (``BudgetClock``) and broadcast, so every rank stops at the same step; the
-        cosine is re-anchored so the lr goes on without a jump (``pipeline.schedule.refit``)."""
+    def _fit_to_budget(self, step_s: float) -> None:
+        """Records a step of ``step_s`` seconds and re-fits the run's length to the time budget
+        (once enough steps are measured): decided on rank 0 from its measurements (``BudgetClock``)
+        and broadcast, so every rank stops at the same step; the cosine is re-anchored so the lr
+        goes on without a jump (``pipeline.schedule.refit``)."""
+        self.budget.record_step(step_s)
+        if not self.budget.ready():
+            return
         t, first = self.cfg.train, self.budget.seen == SKIP_STEPS + PROBE_STEPS
         total = self.budget.total_steps(self.step, t.max_steps) if self.rt.is_main else 0
         if self.rt.world_size > 1:

@@ -20,4 +20,5 @@ def test_bench_train_reports_the_trainer_beside_the_reference_loop(fmnist, tmp_p
     peaks = report["matmul_peak_gflops"]
     assert peaks["fp32"] > 0 and peaks["bf16"] > 0 and report["model_gflop_per_step"] > 0
     assert report["fraction_of_bf16_peak"] == report["gflops"] / peaks["bf16"]
+    assert report["cpu_s_per_step"] > 0 and reference["cpu_s_per_step"] > 0
     assert reference["fraction_of_fp32_peak"] == reference["gflops"] / peaks["fp32"]
