@@ -1,5 +1,4 @@
 """The lr schedule (linear warmup, cosine to min_lr at the last step) and time budgets that re-fit it."""
-import json
 import math
 import time
 
