@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
-from data_prep.fashion_mnist import prep_fashion_mnist
-from data_prep.images import prep_images
-from data_prep.shards import ManifestError, PrepError, reindex
-from data_prep.video import CLIP_CODECS
+from ssl_foundry.data_prep.fashion_mnist import DEFAULT_SHARD_SIZE as FASHION_MNIST_SHARD_SIZE
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.photos import write_photo_folder
+from ssl_foundry.data_prep.sample_videos import copy_sample_videos
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, ManifestError, PrepError
+from ssl_foundry.data_prep.shards import reindex
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     images.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                         help="also start a new shard before the images exceed this many bytes")
     _add_common_options(images)
+    _add_follow_symlinks(images)
     images.set_defaults(func=_run_images)
 
     video = kinds.add_parser(
@@ -53,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     video.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                        help="also start a new shard before the clips exceed about this many bytes")
     _add_common_options(video)
+    _add_follow_symlinks(video)
     video.set_defaults(func=_run_video)
 
     samples = kinds.add_parser(
@@ -108,6 +112,12 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="replace shards in OUT written from other inputs or settings")
 
 
+def _add_follow_symlinks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="also take files and folders that symlinks lead to outside SRC (default: skipped "
+                             "and listed in OUT/manifest.json)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -119,7 +129,7 @@ def _run_images(args: argparse.Namespace) -> int:
     try:
         summary = prep_images(args.src, args.out, shard_size=args.shard_size,
                               max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
     except PrepError as err:
         print(f"foundry prep images: {err}", file=sys.stderr)
         return 1
@@ -137,13 +147,14 @@ def _positive_float(text: str) -> float:
 
 
 def _run_video(args: argparse.Namespace) -> int:
-    from data_prep.video import ClipSettings, prep_video
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video  # PyAV: `foundry` starts without it
 
     try:
         settings = ClipSettings(clip_frames=args.clip_frames, stride=args.stride, fps=args.fps,
                                 max_side=args.max_side, codec=args.codec)
         summary = prep_video(args.src, args.out, settings, shard_size=args.shard_size,
-                             max_shard_bytes=args.max_shard_bytes, workers=args.workers, overwrite=args.overwrite)
+                             max_shard_bytes=args.max_shard_bytes, workers=args.workers, overwrite=args.overwrite,
+                             follow_symlinks=args.follow_symlinks)
     except PrepError as err:
         print(f"foundry prep video: {err}", file=sys.stderr)
         return 1
@@ -156,8 +167,6 @@ def _run_video(args: argparse.Namespace) -> int:
 
 
 def _run_sample_videos(args: argparse.Namespace) -> int:
-    from data_prep.sample_videos import copy_sample_videos
-
     try:
         copied = copy_sample_videos(args.out)
     except PrepError as err:
@@ -180,8 +189,6 @@ def _run_fashion_mnist(args: argparse.Namespace) -> int:
 
 
 def _run_photos(args: argparse.Namespace) -> int:
-    from data_prep.photos import write_photo_folder
-
     try:
         write_photo_folder(f"{args.out}/images", short_side=args.short_side)
         summary = prep_images(f"{args.out}/images", f"{args.out}/shards", shard_size=args.shard_size,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_prep.shards import PrepError, ShardPlan, group_into_shards, write_shards
+from ssl_foundry.data_prep.shard_format import PrepError
+from ssl_foundry.data_prep.shards import ShardPlan, group_into_shards, write_shards
 
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.shards import PrepError
+from ssl_foundry.data_prep.shard_format import PrepError
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 # Bundled with scikit-image (no download); stereo_motorcycle gives a left and a right photo.

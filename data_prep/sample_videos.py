@@ -14,7 +14,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from data_prep.shards import PrepError
+from ssl_foundry.data_prep.shard_format import PrepError
 
 OPENCV_DOC = Path("/usr/share/doc/opencv-doc")
 OPENCV_VIDEOS = ("examples/data/vtest.avi", "examples/data/Megamind.avi", "examples/data/tree.avi",

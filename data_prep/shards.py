@@ -15,15 +15,19 @@ source, shard size or source files) is refused unless ``overwrite`` is set.
 Every shard gets a DALI index beside it (``shard-000000.idx``, see data_prep.dali_index),
 written with the shard and recorded in its manifest entry (``index``, ``indexed_samples``);
 :func:`reindex` rewrites them for a finished folder, leaving out samples whose image does not
-decode. Readers (the training loaders, tests) use :func:`read_manifest` and :func:`shard_paths`,
-which refuse a folder whose prep has not finished.
+decode. Readers (the training loaders, tests) use ``read_manifest`` and ``shard_paths`` of
+data_prep.shard_format (the format's one definition), which refuse a folder whose prep has not finished.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import os
+import signal
+import socket
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -35,81 +39,25 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tqdm import tqdm
 
-MANIFEST_FORMAT = "ssl-foundry-shards/1"
-MANIFEST_NAME = "manifest.json"
+from ssl_foundry.data_prep.dali_index import write_index
+from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, read_manifest,
+                                                sample_key, shard_name)
+
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".foundry-prep.lock"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Fixed member mtime: rewriting a shard from the same inputs gives identical bytes (same sha256).
 TAR_MTIME = 0
 # The manifest fields of ShardPlan.identity(), as error messages name them.
 IDENTITY_NAMES = {"source": "source", "shard_size": "shard size", "max_shard_bytes": "shard byte limit",
                   "plan_sha256": "set of inputs"}
-HOW_TO_MAKE_SHARDS = "`foundry prep images SRC OUT` or `foundry prep fashion-mnist OUT`"
-
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-class PrepError(Exception):
-    """A prep run that cannot or must not go on; the message says what to do."""
-
-
-class ManifestError(PrepError):
-    """A shard folder without a usable manifest."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def sample_key(index: int) -> str:
-    """WebDataset ``__key__`` of the ``index``-th sample of a dataset (no dots: wds splits on them)."""
-    return f"{index:08d}"
 
 
 def default_workers() -> int:
     """CPUs this process may run on (respects taskset / cgroup pinning, unlike os.cpu_count)."""
     return len(os.sched_getaffinity(0))
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def read_manifest(folder: str | os.PathLike, allow_incomplete: bool = False) -> dict:
-    """The manifest of a shard folder. Raises :class:`ManifestError` naming the folder when it has
-    no readable manifest, or (unless ``allow_incomplete``) when its prep has not finished."""
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"no shards at '{folder}': {path} does not exist. "
-                            f"Make them with {HOW_TO_MAKE_SHARDS}.") from None
-    except (OSError, ValueError) as err:
-        raise ManifestError(f"cannot read the shard manifest {path} ({err}). "
-                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path} is not an {MANIFEST_FORMAT} manifest. "
-                            f"Remake the shards with {HOW_TO_MAKE_SHARDS} and --overwrite.")
-    if not allow_incomplete and not manifest["complete"]:
-        done = sum(s["complete"] for s in manifest["shards"])
-        raise ManifestError(f"the prep into '{folder}' did not finish ({done} of "
-                            f"{len(manifest['shards'])} shards written): rerun the same "
-                            f"`foundry prep` command to resume it.")
-    return manifest
-
-
-def shard_paths(folder: str | os.PathLike, allow_incomplete: bool = False) -> list[str]:
-    """Absolute paths of the folder's complete shards, in shard order."""
-    manifest = read_manifest(folder, allow_incomplete)
-    root = Path(folder).resolve()
-    return [str(root / s["name"]) for s in manifest["shards"] if s["complete"]]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- planning
@@ -188,14 +136,25 @@ class _ShardTask:
     build_sample: Callable[[Any], dict[str, bytes]]
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: the kernel kills this worker when the prep process dies (kill -9
+    included), so no orphan goes on writing into OUT after its prep is gone."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def parallel_imap(func: Callable[[Item], Result], tasks: Sequence[Item], workers: int) -> Iterator[Result]:
     """``func(task)`` for every task, yielded as each finishes (in any order), in up to
     ``workers`` processes; in this process when one worker (or one task) is enough. A worker that
-    dies (killed, out of memory) raises BrokenProcessPool here instead of hanging."""
+    dies (killed, out of memory) raises BrokenProcessPool here instead of hanging; the workers die
+    with this process."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(func, tasks)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         try:
             for future in as_completed([pool.submit(func, task) for task in tasks]):
                 yield future.result()
@@ -258,24 +217,36 @@ def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None 
 
 
 def _index_task(task: tuple[Path, bool]) -> tuple[str, dict]:
-    from data_prep.dali_index import write_index
-
     path, verify = task
     return path.name, write_index(path, verify)
 
 
 @contextmanager
 def _exclusive_lock(folder: Path) -> Iterator[None]:
-    """Two preps writing into one folder would corrupt each other's shards: refuse the second."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+    """One prep at a time per folder: two would corrupt each other's shards. The lock is a POSIX
+    record lock on ``folder/.foundry-prep.lock``, which the kernel releases when its process dies
+    (kill -9 included) and which forked workers do not hold. The file names the holder (host, PID,
+    start time): a second prep is refused naming it, and a prep that finds the record of one that
+    died without releasing the lock says that it takes it over."""
+    with open(folder / LOCK_NAME, "a+") as f:  # appends: every write lands after truncate(0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepError(f"another foundry prep is writing into {folder}") from None
-        yield
-    finally:
-        os.close(fd)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            f.seek(0)
+            raise PrepError(f"another foundry prep is writing into {folder} ({f.read() or 'holder unknown'}): "
+                            f"wait for it to finish or stop it") from None
+        f.seek(0)
+        if holder := f.read():
+            print(f"{folder}: taking over the lock of a foundry prep that is no longer running ({holder})",
+                  file=sys.stderr, flush=True)
+        f.truncate(0)
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # released: nothing to take over
 
 
 def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -> dict:
@@ -346,8 +317,6 @@ def _tar_writer() -> type:
 def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     """Writes one shard to a temp name, fsyncs it and renames it into place, then its DALI index
     (in a worker). Its images were checked before planning: the index is not verified again."""
-    from data_prep.dali_index import write_index
-
     final = task.out_dir / shard_name(task.index)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:

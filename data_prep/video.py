@@ -40,35 +40,14 @@ from typing import Iterator, NamedTuple
 
 import av
 
-from data_prep.images import check_sources, count_reasons, file_problem, skipped_entry
-from data_prep.shards import PrepError, ShardPlan, default_workers, group_into_shards, write_shards
+from ssl_foundry.data_prep.images import check_sources, count_reasons, file_problem, skipped_entry
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, PrepError
+from ssl_foundry.data_prep.shards import ShardPlan, default_workers, group_into_shards, write_shards
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".flv",
                               ".wmv", ".3gp"})
 
 
-@dataclass(frozen=True)
-class ClipCodec:
-    """How clips are stored: PyAV encoder, container, the sample key (its file extension) and
-    whether DALI's CPU video decoder reads it (it decodes only VP8, VP9 and MJPEG)."""
-
-    encoder: str
-    container: str
-    key: str
-    pix_fmt: str
-    options: tuple[tuple[str, str], ...]
-    dali_cpu: bool
-
-
-CLIP_CODECS = {
-    # full-range YUV ("j"), what JPEG uses
-    "mjpeg": ClipCodec("mjpeg", "avi", "avi", "yuvj420p", (), dali_cpu=True),
-    # realtime deadline: ~20x faster to encode than libvpx's default "good", ~15 % larger
-    "vp9": ClipCodec("libvpx-vp9", "webm", "webm", "yuv420p",
-                     (("deadline", "realtime"), ("cpu-used", "8"), ("crf", "32"), ("b", "0")), dali_cpu=True),
-    "h264": ClipCodec("libx264", "mp4", "mp4", "yuv420p", (("preset", "veryfast"), ("crf", "23")), dali_cpu=False),
-}
-CLIP_KEYS = tuple(c.key for c in CLIP_CODECS.values())
 # Decoded frames may end this much before the container's declared duration before a file
 # counts as truncated: a few frame periods, or 2 % of a long video (headers are often rounded).
 TRUNCATION_TOLERANCE_S = 0.5
@@ -314,7 +293,7 @@ def clip_starts(frames: int, settings: ClipSettings) -> range:
 
 def prep_video(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSettings = ClipSettings(),
                shard_size: int = 100, max_shard_bytes: int | None = None, workers: int | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, follow_symlinks: bool = False) -> dict:
     """Shards clips of every valid video under ``src`` into ``out`` (resuming an interrupted run);
     returns :func:`data_prep.shards.write_shards`'s summary plus ``videos``, ``skipped_reasons``,
     ``check_seconds``, ``write_seconds`` and ``clips_per_s`` (of the write)."""
@@ -323,7 +302,7 @@ def prep_video(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSet
     # one video per task: videos vary in length, so small tasks balance the workers
     src_dir, out_dir, classes, valid, skipped = check_sources(src, out, VIDEO_EXTENSIONS,
                                                               partial(probe_video, settings=settings), workers, 1,
-                                                              "videos")
+                                                              "videos", follow_symlinks)
     check_seconds = time.perf_counter() - start
     clips = [(v, s) for v, video in enumerate(valid) for s in clip_starts(video.frames, settings)]
     # bytes per clip, estimated for --max-shard-bytes from its pixel count (MJPEG ~ 1 bit/pixel)

@@ -1,3 +1,3 @@
-from launch.cli import main
+from ssl_foundry.launch.cli import main
 
 raise SystemExit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from launch.config import load_config, to_dict
+from ssl_foundry.pipeline.config import load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _peak_rss_mb() -> dict[str, float]:
 def _machine() -> dict:
     import torch
 
-    from pipeline.runtime import cpu_has_fast_bf16
+    from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
 
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
@@ -91,8 +91,8 @@ def step_gflop(cfg) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.augment.spec import view_sizes
-    from pipeline.trainer import build_model
+    from ssl_foundry.pipeline.data.augment.spec import view_sizes
+    from ssl_foundry.pipeline.train.trainer import build_model
 
     sizes = view_sizes(cfg.data.views)
     model = build_model(cfg)
@@ -114,10 +114,10 @@ def lightly_style_loop(cfg, workers: int = 2):
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    from data_prep.shards import shard_paths
-    from pipeline.augment import MultiViewTransform
-    from pipeline.optim import build_optimizer
-    from pipeline.trainer import build_model
+    from ssl_foundry.data_prep.shard_format import shard_paths
+    from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+    from ssl_foundry.pipeline.train.optim import build_optimizer
+    from ssl_foundry.pipeline.train.trainer import build_model
 
     d = cfg.data
     urls = shard_paths(d.train)
@@ -158,8 +158,8 @@ def bench_train(args: argparse.Namespace) -> int:
     interleaved, so both see the same load), and as a fraction of the CPU's matmul peak."""
     import torch
 
-    from pipeline.runtime import autocast_dtype
-    from pipeline.trainer import Trainer
+    from ssl_foundry.pipeline.train.runtime import autocast_dtype
+    from ssl_foundry.pipeline.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="foundry-bench-") as tmp:
         overrides = list(args.overrides) + [
@@ -254,17 +254,17 @@ def bench_train(args: argparse.Namespace) -> int:
 def bench_prep(args: argparse.Namespace) -> int:
     """Shard-writing throughput: ``foundry prep`` on Fashion-MNIST (``--limit`` images per split)
     or an image folder, into a temporary folder; check (decode) and write phases separately."""
-    from data_prep.shards import default_workers
+    from ssl_foundry.data_prep.shards import default_workers
 
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="foundry-bench-prep-") as tmp:
         start = time.perf_counter()
         if args.source == "fashion-mnist":
-            from data_prep.fashion_mnist import prep_fashion_mnist
+            from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
 
             summaries = list(prep_fashion_mnist(tmp, workers=workers, limit=args.limit).values())
         else:
-            from data_prep.images import prep_images
+            from ssl_foundry.data_prep.images import prep_images
 
             summaries = [prep_images(args.source, tmp, workers=workers)]
         wall = time.perf_counter() - start
@@ -334,7 +334,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
     step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
     GPU), beside the model-state memory ZeRO predicts."""
-    from pipeline.trainer import build_model
+    from ssl_foundry.pipeline.train.trainer import build_model
 
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -356,7 +356,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
         overrides = [*case_overrides(case), f"output_dir={run_dir}"]
         print(f"[bench strategies] {case}: {args.steps} steps on {args.nproc} ranks, log {log_path}", flush=True)
         with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", args.config, *overrides],
+            done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", args.config, *overrides],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row = {"case": case, "overrides": STRATEGY_CASES[case],
                "model_state_mb_per_rank": model_state_mb_per_rank(case, trained, frozen, cfg.train.optimizer,
@@ -406,7 +406,8 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
 
     import torch
 
-    from pipeline.loader import LoaderPosition, build_train_loader
+    from ssl_foundry.pipeline.data.loader import build_train_loader
+    from ssl_foundry.pipeline.data.position import LoaderPosition
 
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, backend=backend, num_workers=workers))
     loader = build_train_loader(cfg, cfg.train.batch_size, 0, 1, LoaderPosition(), torch.device("cpu"))
@@ -455,10 +456,10 @@ def bench_loader(args: argparse.Namespace) -> int:
     processes), and where each spends its CPU time."""
     import torch
 
-    from data_prep.images import prep_images
-    from data_prep.photos import write_photo_folder
-    from data_prep.shards import read_manifest
-    from pipeline.augment.spec import view_sizes
+    from ssl_foundry.data_prep.images import prep_images
+    from ssl_foundry.data_prep.photos import write_photo_folder
+    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.pipeline.data.augment.spec import view_sizes
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
@@ -494,18 +495,23 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- quality
-def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out: Path, tracking_uri: str) -> dict:
+def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out: Path, tracking_uri: str,
+                 teacher: dict | None = None) -> dict:
     """One row: a recipe (with a ``--variant``'s overrides) through `foundry pretrain` in its own
     process, for ``--budget-minutes`` of training (the recipe's step count lifted, so the budget
     decides) or exactly ``--steps`` steps; then its kNN top-1 (from the pretraining) and, unless
     ``--no-linear``, the linear-probe top-1 (on the exported backbone). With ``--reuse-runs``, a row
-    whose run folder already has a result.json is not trained again, only evaluated."""
+    whose run folder already has a result.json is not trained again, only evaluated. A distillation
+    recipe distils ``teacher`` (a row of this bench) when given: its row gets the student's kNN as a
+    share of the teacher's."""
     name = Path(recipe).stem + (f".{variant[0]}" if variant else "")
     run_dir, log_path = out / name, out / f"{name}.log"
     length = ([f"train.max_steps={args.steps}", "train.budget_minutes=0"] if args.steps
               else [f"train.budget_minutes={args.budget_minutes}", f"train.max_steps={10**7}"])
     overrides = [f"output_dir={run_dir}", *length, "train.resume=never", "eval.after_pretrain=true",
-                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=", *args.overrides, *variant[1:]]
+                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
+                 *([f"model.teacher={out / teacher['recipe'] / 'backbone'}"] if teacher else []), *args.overrides,
+                 *variant[1:]]
     cfg = load_config(recipe, overrides)
     row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone,
            "batch_size": cfg.train.batch_size, "overrides": variant[1:], "log": str(log_path)}
@@ -518,7 +524,7 @@ def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out
         print(f"[bench quality] {name}: {what}, log {log_path}", flush=True)
         start = time.perf_counter()
         with open(log_path, "w") as log:
-            done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides],
+            done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", recipe, *overrides],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row["wall_s"] = time.perf_counter() - start
     if done.returncode != 0 or not result_path.is_file():
@@ -533,6 +539,8 @@ def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out
                final_loss=result["final_loss"], mlflow_run_id=result["run_id"])
     if args.linear:
         row.update(_linear_probe_export(str(run_dir / "backbone"), cfg))  # where pretraining exports it
+    if teacher:
+        row.update(teacher=teacher["recipe"], knn_share_of_teacher=row["knn_top1"] / teacher["knn_top1"])
     print(f"[bench quality] {name}: {row['steps']} steps, {row['images_per_s']:.0f} images/s, "
           f"kNN top-1 {_percent(row['knn_top1'])}, linear top-1 {_percent(row.get('linear_top1'))}", flush=True)
     return row
@@ -542,9 +550,9 @@ def _linear_probe_export(backbone_dir: str, cfg) -> dict:
     """`foundry eval linear`'s protocol on an exported backbone (features cached in the run folder)."""
     import torch
 
-    from pipeline.evaluate import eval_features
-    from pipeline.export import export_digest, load_timm_backbone
-    from pipeline.linear_probe import linear_probe
+    from ssl_foundry.pipeline.evaluate.knn import eval_features
+    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
+    from ssl_foundry.pipeline.registry.export import export_digest, load_timm_backbone
 
     tic = time.perf_counter()
     features = eval_features(load_timm_backbone(backbone_dir), cfg, torch.device("cpu"), export_digest(backbone_dir))
@@ -558,9 +566,9 @@ def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
 
     import torch
 
-    from models.backbones import create_backbone
-    from pipeline.evaluate import eval_features, knn_accuracy
-    from pipeline.linear_probe import linear_probe
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.evaluate.knn import eval_features, knn_accuracy
+    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
 
     def evaluate(name: str, arch: str, backbone: torch.nn.Module, cfg) -> dict:
         tic = time.perf_counter()
@@ -618,18 +626,28 @@ def _quality_markdown(report: dict) -> str:
     for r in report["baselines"]:
         lines.append(f"| {r['recipe']} | baseline | {r['backbone']} | - | 0 | - | - | {_percent(r['knn_top1'])} | "
                      f"{_percent(r['linear_top1'])} |")
+    lines += [f"\n{r['recipe']} distils {r['teacher']}: its kNN top-1 is {_percent(r['knn_share_of_teacher'])} of the "
+              f"teacher's, at the same budget." for r in report["runs"] if "knn_share_of_teacher" in r]
     return "\n".join(lines) + "\n"
 
 
 def bench_quality(args: argparse.Namespace) -> int:
     """Every Fashion-MNIST recipe for the same CPU budget, kNN-evaluated, beside the baselines."""
+    from ssl_foundry.models.registry import takes_teacher
+
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_fmnist.yaml"))
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     variants = args.variant or [[]]
-    runs = [_pretrain_row(recipe, variant, args, out, tracking_uri) for recipe in recipes for variant in variants]
     configs = [load_config(recipe, list(args.overrides)) for recipe in recipes]
+    distills = {recipe for recipe, cfg in zip(recipes, configs) if takes_teacher(cfg.model.method)}
+    runs = [_pretrain_row(recipe, variant, args, out, tracking_uri) for recipe in recipes if recipe not in distills
+            for variant in variants]
+    # Distillation last, from the best backbone trained here (none: the recipe's own model.teacher).
+    teacher = max((r for r in runs if "error" not in r), key=lambda r: r["knn_top1"], default=None)
+    runs += [_pretrain_row(recipe, variant, args, out, tracking_uri, teacher) for recipe in recipes
+             if recipe in distills for variant in variants]
     report = {
         "benchmark": "quality",
         "command": " ".join(["foundry bench quality", f"--steps {args.steps}" if args.steps
@@ -659,10 +677,10 @@ def bench_video(args: argparse.Namespace) -> int:
     and frames/s, one process), on the packaged sample videos (or --source)."""
     from webdataset.tariterators import tarfile_samples
 
-    from data_prep.sample_videos import copy_sample_videos
-    from data_prep.shards import shard_paths
-    from data_prep.video import CLIP_CODECS, ClipSettings, prep_video
-    from pipeline.video import clip_bytes, clip_decoder
+    from ssl_foundry.data_prep.sample_videos import copy_sample_videos
+    from ssl_foundry.data_prep.shard_format import CLIP_CODECS, shard_paths
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video
+    from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder
 
     work = Path(tempfile.mkdtemp(prefix="bench-video-"))
     try:
@@ -704,7 +722,7 @@ def bench_video(args: argparse.Namespace) -> int:
 
 
 def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
-    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+    from ssl_foundry.pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
 
     d = cfg.data
     tic = time.perf_counter()
@@ -722,8 +740,8 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
     the result, and ``summary`` gives each side's mean and standard deviation."""
     import torch
 
-    from models.backbones import create_backbone
-    from pipeline.export import load_timm_backbone
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.registry.export import load_timm_backbone
 
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_video.yaml"))
     out = Path(args.out_dir).resolve()
@@ -745,8 +763,8 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
             print(f"[bench temporal-order] {run_name}: {args.budget_minutes:g} min of training, log {log_path}",
                   flush=True)
             with open(log_path, "w") as log:
-                done = subprocess.run([sys.executable, "-m", "launch", "pretrain", recipe, *overrides], cwd=REPO,
-                                      stdout=log, stderr=subprocess.STDOUT)
+                done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "pretrain", recipe, *overrides],
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         row = {"recipe": name, "seed": cfg.train.seed, "method": cfg.model.method, "backbone": cfg.model.backbone}
         if done.returncode != 0:
             row["error"] = f"exit {done.returncode}, see {log_path}"

@@ -1,4 +1,4 @@
-"""The `foundry` command (also `python -m launch`).
+"""The `foundry` command (also `python -m ssl_foundry.launch`).
 
 Each command group lives beside the code it drives and contributes its sub-parser through
 an ``add_parser(subparsers)`` function that sets ``func`` (called with the parsed args,
@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.config import ConfigError
+from ssl_foundry.pipeline.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_prep.cli import add_parser as add_prep
-    from launch.bench import add_parser as add_bench
-    from launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
-    from launch.slurm import add_parser as add_submit
+    from ssl_foundry.data_prep.cli import add_parser as add_prep
+    from ssl_foundry.launch.bench import add_parser as add_bench
+    from ssl_foundry.launch.check_gpu import add_parser as add_check
+    from ssl_foundry.launch.commands import add_eval_parser, add_pretrain_parser, add_registry_parser
+    from ssl_foundry.launch.slurm import add_parser as add_submit
 
     parser = argparse.ArgumentParser(prog="foundry", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(sub)
     add_submit(sub)
     add_bench(sub)
+    add_check(sub)
     return parser
 
 

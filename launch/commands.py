@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launch.config import ConfigError, load_config
+from ssl_foundry.pipeline.config import ConfigError, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -18,9 +18,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def pretrain(args: argparse.Namespace) -> int:
-    from launch.local import launch_pretrain
+    from ssl_foundry.launch.local import launch_pretrain
+    from ssl_foundry.models.registry import takes_teacher
 
     cfg = load_config(args.config, args.overrides)
+    if takes_teacher(cfg.model.method) and cfg.launch.nproc_per_node * cfg.launch.nnodes > 1:
+        from ssl_foundry.pipeline.registry.teacher import load_teacher
+
+        load_teacher(cfg)  # a teacher that does not resolve or fit fails here once, not in every rank
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
         _log_pretraining_plots(result, cfg)
@@ -42,7 +47,7 @@ def _log_pretraining_plots(result, cfg) -> None:
     """The views the method saw, and its loss / lr (/ online kNN) curves, on the pretraining run."""
     from mlflow import MlflowClient
 
-    from pipeline.plots import augmentation_grid, metric_curves
+    from ssl_foundry.pipeline.registry.plots import augmentation_grid, metric_curves
 
     client = MlflowClient(tracking_uri=result.tracking_uri)
     history = {key: [(m.step, m.value) for m in client.get_metric_history(result.run_id, key)]
@@ -58,8 +63,8 @@ def _gate_registered_version(result, cfg) -> None:
     card (written at registration, before the kNN ran) gets its accuracy."""
     from mlflow import MlflowClient
 
-    from pipeline.downstream import apply_gate, write_model_card
-    from pipeline.export import BackboneSource
+    from ssl_foundry.pipeline.registry.downstream import apply_gate, write_model_card
+    from ssl_foundry.pipeline.registry.export import BackboneSource
 
     name, version = cfg.mlflow.registered_model, result.model_version
     client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
@@ -70,7 +75,7 @@ def _gate_registered_version(result, cfg) -> None:
 
 
 def print_summary(result, cfg) -> None:
-    from models.registry import method_class
+    from ssl_foundry.models.registry import method_class
 
     print("\n=== ssl-foundry pretraining finished ===")
     print(f"shards:            {cfg.data.train}")
@@ -93,9 +98,9 @@ def _user_errors(command):
     size, an unreachable store or a refused registry operation: the message, exit status 2."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
-        from pipeline.downstream import RegistryError
-        from pipeline.export import BackboneInputError
-        from pipeline.tracking import TrackingError
+        from ssl_foundry.pipeline.registry.downstream import RegistryError
+        from ssl_foundry.pipeline.registry.export import BackboneInputError
+        from ssl_foundry.pipeline.registry.tracking_server import TrackingError
 
         try:
             return command(args)
@@ -108,7 +113,7 @@ def _user_errors(command):
 def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
-    from pipeline.evaluate import knn_evaluate
+    from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
 
     top1 = knn_evaluate(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
     return {"knn_top1": top1}, {"eval.knn_k": cfg.eval.knn_k, "eval.knn_temperature": cfg.eval.knn_temperature}
@@ -117,9 +122,9 @@ def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
 def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
-    from launch.config import flatten, to_dict
-    from pipeline.evaluate import eval_features
-    from pipeline.linear_probe import linear_probe
+    from ssl_foundry.pipeline.config import flatten, to_dict
+    from ssl_foundry.pipeline.evaluate.knn import eval_features
+    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
 
     result = linear_probe(*eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest), cfg.eval.linear)
     metrics = {"linear_top1": result.test_top1, "linear_best_lr": result.best_lr,
@@ -128,7 +133,7 @@ def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
 
 
 def _temporal_order(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
-    from pipeline.temporal_order import clip_frame_features, temporal_order_accuracy
+    from ssl_foundry.pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
 
     d, frames = cfg.data, cfg.eval.temporal_order_frames
     if not d.eval_test:
@@ -148,9 +153,9 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
     """t-SNE of the (cached) test features, coloured by the shards' class names."""
     import torch
 
-    from data_prep.shards import read_manifest
-    from pipeline.evaluate import eval_features
-    from pipeline.plots import embedding_map
+    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.pipeline.evaluate.knn import eval_features
+    from ssl_foundry.pipeline.registry.plots import embedding_map
 
     _, _, test_features, test_labels = eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
     return embedding_map(test_features, test_labels, read_manifest(cfg.data.eval_test).get("classes"),
@@ -161,8 +166,9 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
 def evaluate(args: argparse.Namespace) -> int:
     """`foundry eval knn|linear`: resolve the backbone, measure, log a new run with its lineage,
     tag the registry version, apply the gate, refresh the model card."""
-    from pipeline.export import check_input_size, export_digest, load_timm_backbone, locate_backbone
-    from pipeline.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.export import (check_input_size, export_digest, load_timm_backbone,
+                                                      locate_backbone)
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
@@ -190,8 +196,9 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
     ``plots/``); then the registry version's tags, the gate and its model card."""
     from mlflow import MlflowClient
 
-    from pipeline.downstream import apply_gate, lineage_tags, record_version_metrics, write_model_card
-    from pipeline.tracking import RunTracker, default_artifact_location
+    from ssl_foundry.pipeline.registry.downstream import (apply_gate, lineage_tags, record_version_metrics,
+                                                          write_model_card)
+    from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location
 
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=f"{kind} {source.ref}",
                          artifact_location=default_artifact_location(uri, cfg.output_dir))
@@ -223,19 +230,21 @@ def add_pretrain_parser(sub) -> None:
 
 def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
-    from data_prep.shards import read_manifest
-    from launch.config import config_from_dict, flatten, to_dict
-    from pipeline.finetune import export_classifier, finetune
-    from pipeline.plots import metric_curves
-    from pipeline.runtime import init_runtime, shutdown_runtime
-    from pipeline.tracking import resolve_tracking_uri
+    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.pipeline.config import config_from_dict, flatten, to_dict
+    from ssl_foundry.pipeline.evaluate.finetune import export_classifier, finetune
+    from ssl_foundry.pipeline.registry.plots import metric_curves
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.train.runtime import init_runtime, shutdown_runtime
 
     cfg = config_from_dict(config)
     rt = init_runtime(cfg.launch, cfg.train)
     try:
         result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
-    finally:
-        shutdown_runtime()
+    except BaseException:
+        shutdown_runtime(failed=True)
+        raise
+    shutdown_runtime()
     if result is None:
         return None
     metrics = {"finetune_top1": result.top1}
@@ -259,10 +268,10 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
 def eval_finetune(args: argparse.Namespace) -> int:
     """`foundry eval finetune`: the backbone is resolved (and downloaded) once, here, then every rank
     fine-tunes it (launch.nproc_per_node ranks, or the ranks torchrun started)."""
-    from launch.config import to_dict
-    from launch.local import launch_ranks
-    from pipeline.export import check_input_size, load_timm_backbone, locate_backbone
-    from pipeline.tracking import resolve_tracking_uri
+    from ssl_foundry.launch.local import launch_ranks
+    from ssl_foundry.pipeline.config import to_dict
+    from ssl_foundry.pipeline.registry.export import check_input_size, load_timm_backbone, locate_backbone
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
@@ -299,8 +308,8 @@ def registry(args: argparse.Namespace) -> int:
     """`foundry registry promote|card NAME VERSION`."""
     from mlflow import MlflowClient
 
-    from pipeline.downstream import PRODUCTION_ALIAS, promote, write_model_card
-    from pipeline.tracking import check_reachable
+    from ssl_foundry.pipeline.registry.downstream import PRODUCTION_ALIAS, promote, write_model_card
+    from ssl_foundry.pipeline.registry.tracking_server import check_reachable
 
     check_reachable(args.tracking_uri)
     client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)

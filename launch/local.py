@@ -1,5 +1,5 @@
 """Local multi-process launch through torch's elastic launcher (what torchrun runs), so
-``foundry pretrain cfg launch.nproc_per_node=4`` and ``torchrun --nproc-per-node 4 -m launch
+``foundry pretrain cfg launch.nproc_per_node=4`` and ``torchrun --nproc-per-node 4 -m ssl_foundry.launch
 pretrain cfg`` start the same ranks with the same environment."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Callable
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
-from launch.config import Config, config_from_dict, to_dict
+from ssl_foundry.pipeline.config import Config, config_from_dict, to_dict
 
 
 def under_launcher() -> bool:
@@ -19,8 +19,8 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
-    from pipeline.evaluate import attach_knn_monitor
-    from pipeline.trainer import train
+    from ssl_foundry.pipeline.evaluate.knn import attach_knn_monitor
+    from ssl_foundry.pipeline.train.trainer import train
 
     cfg = config_from_dict(config)
     return train(cfg, setup=attach_knn_monitor if cfg.eval.knn_every else None)

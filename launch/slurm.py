@@ -4,7 +4,7 @@
 
 One Slurm task per rank (per GPU with ``launch.gpus_per_node``), ``launch.nodes`` nodes; each task
 exports the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs
-``pipeline.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
+``pipeline.train.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
 ``--sweep`` values, each in its own ``<output_dir>/<index>-<override>`` with its override logged to
 MLflow as the param ``sweep.override``.
 
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
+from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ class PretrainJob:
         self.params = params or {}
 
     def __call__(self):
-        from pipeline.trainer import TrainingInterrupted, train
+        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted, train
 
         dist_env = export_torch_distributed_env()
         rank = int(dist_env["RANK"])
@@ -272,7 +272,7 @@ def task_result(job):
 
 
 def describe(jobs, configs, folder: Path) -> str:
-    from pipeline.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = configs[0]
     first = jobs[0].job_id
@@ -302,7 +302,7 @@ def submit_command(args: argparse.Namespace) -> int:
     print(describe(jobs, configs, folder), flush=True)
     if not args.wait:
         return 0
-    from launch.commands import print_summary
+    from ssl_foundry.launch.commands import print_summary
 
     status = 0
     for job, cfg in zip(jobs, configs):

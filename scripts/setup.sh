@@ -38,7 +38,15 @@ if [[ ! -x $VENV/bin/python ]]; then
   "$PYTHON" -m venv "$VENV"
 fi
 # torch/torchvision resolve from this machine's local wheel index (pip.conf); plain pip, not uv.
-"$VENV/bin/pip" install --quiet -r requirements.txt
+"$VENV/bin/pip" install --quiet -r <(grep -v '^nvidia-dali-' requirements.txt)
+# DALI's wheels are per CUDA major version and install the same files (nvidia/dali/), so exactly one may
+# be installed: that of torch's CUDA (requirements.txt pins cuda130, its torch being cu130; a torch built
+# for CUDA 12 gets cuda120). Another flavour goes first: removing it after would delete shared files.
+dali=$("$VENV/bin/python" -c 'import torch; print("nvidia-dali-cuda%s0" % (torch.version.cuda or "13").split(".")[0])')
+for other in $("$VENV/bin/pip" freeze | sed -n 's/^\(nvidia-dali-cuda[0-9]*\)==.*/\1/p'); do
+  [[ $other == "$dali" ]] || "$VENV/bin/pip" uninstall --quiet --yes "$other"
+done
+"$VENV/bin/pip" install --quiet "$dali==$(sed -n 's/^nvidia-dali-cuda130==//p' requirements.txt)"
 # DeepSpeed (train.strategy=deepspeed) is built from its source here with the C++ ops this machine's
 # CPU accelerator uses compiled now: CPU Adam (ZeRO-Offload) and the shared-memory collectives.
 # Otherwise the first run (or test) JIT-compiles them for ~90 s. --no-build-isolation: its build

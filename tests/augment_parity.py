@@ -1,16 +1,17 @@
 """What the augmentation backends' parity tests share (test_dali, test_batched_augment): recipes
-written as config dicts, the torch loader over a shard folder, and the statistics that compare two
-backends' views (within 4 standard errors estimated from the samples themselves), and a coordinate
-probe image whose views give away their crop window."""
+written as config dicts, the torch loader over a shard folder, views as pixels for the statistics
+that compare two backends (``pipeline.data.augment.parity``), and a coordinate probe image whose
+views give away their crop window."""
 import itertools
 
 import numpy as np
 import torch
 from PIL import Image
 
-from launch.config import DataConfig, build
-from pipeline.augment import MultiViewTransform
-from pipeline.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.config import DataConfig, build
+from ssl_foundry.pipeline.data.augment import parity
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SEED = 11
@@ -56,8 +57,7 @@ def take(stream, n: int) -> list[dict]:
 
 
 def to_pixels(view: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """Normalised (B, 3, h, w) -> 0..255 floats."""
-    return 255 * (view * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None])
+    return parity.to_pixels(view, mean, std)
 
 
 def epochs_of_views(stream, batches: int) -> tuple[list[str], torch.Tensor]:
@@ -71,22 +71,6 @@ def within(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
     """Means of two samples agree within 4 standard errors of their difference (+ allowance)."""
     se = (a.var() / len(a) + b.var() / len(b)).sqrt()
     return bool((a.mean() - b.mean()).abs() <= 4 * se + allowance)
-
-
-def per_photo(keys: list[str], values: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` (one per view) per photo, in key order."""
-    order = sorted(set(keys))
-    groups = {k: [] for k in order}
-    for key, value in zip(keys, values):
-        groups[key].append(value)
-    return torch.stack([torch.stack(groups[k]).mean() for k in order])
-
-
-def paired_within(d_keys, d_values, t_keys, t_values, allowance: float) -> bool:
-    """Per photo, the backends' mean statistic differs by d; the mean of d is within 4 standard
-    errors (+ allowance) of 0. Pairing by photo takes the (large) photo-to-photo variance out."""
-    diff = per_photo(d_keys, d_values) - per_photo(t_keys, t_values)
-    return bool(diff.mean().abs() <= 4 * diff.std() / len(diff) ** 0.5 + allowance)
 
 
 def coordinate_probe(folder, copies: int) -> None:

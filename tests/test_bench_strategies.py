@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import REPO, run_cli, write_recipe
 
-from launch.bench import model_state_mb_per_rank
+from ssl_foundry.launch.bench import model_state_mb_per_rank
 
 MB = 2**20
 

@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import RECIPE, REPO, run_cli
-from launch.cli import main
-from launch.config import ConfigError, load_config
+from ssl_foundry.launch.cli import main
+from ssl_foundry.pipeline.config import ConfigError, load_config
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
 
@@ -20,7 +20,7 @@ def assert_config_error(code: int, stdout: str, stderr: str, *expected: str) -> 
         assert text in lines[0], f"{text!r} not in {lines[0]!r}"
 
 
-# Through `python -m launch` in a child process: what a user sees, exit code included.
+# Through `python -m ssl_foundry.launch` in a child process: what a user sees, exit code included.
 CLI_CASES = {
     "unknown-key": (["train.max_stepz=3"],
                     ["'train.max_stepz'", "Did you mean 'max_steps'?", "Valid keys under train: ",

@@ -4,7 +4,7 @@ backend compiling the same spec, sharding over ranks, corrupt images, resume, an
 
 Parity tolerances are statistical: each compares a statistic of the two backends (or of one
 backend and its nominal value) within 4 standard errors estimated from the samples themselves,
-plus a stated allowance where the backends differ by design (see pipeline.augment.dali_backend:
+plus a stated allowance where the backends differ by design (see pipeline.data.augment.dali_backend:
 colour jitter in a fixed order, DALI's linear-YIQ hue rotation)."""
 import shutil
 import tarfile
@@ -16,16 +16,17 @@ from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
 from augment_parity import (FLIP, MEAN, MULTI_CROP, PARITY_RECIPE, SEED, STD, coordinate_probe, crop_geometry,
-                            epochs_of_views, paired_within, rrc, take, to_pixels, torch_stream, views, within)
+                            epochs_of_views, rrc, take, to_pixels, torch_stream, views, within)
 from conftest import REPO, run_cli, write_recipe
-from data_prep.images import prep_images
-from data_prep.shards import ManifestError, read_manifest, shard_paths
-from launch.config import ConfigError, DataConfig, load_config
-from pipeline.augment import MultiViewTransform, spec
-from pipeline.augment.dali_backend import DALI_OPS
-from pipeline.augment.torch_backend import TORCH_OPS
-from pipeline.dali_loader import DaliStream
-from pipeline.loader import LoaderPosition, make_loader
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
+from ssl_foundry.pipeline.config import ConfigError, DataConfig, load_config
+from ssl_foundry.pipeline.data.augment import parity, spec
+from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
+from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
+from ssl_foundry.pipeline.data.dali_loader import DaliStream
+from ssl_foundry.pipeline.data.loader import make_loader
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -117,7 +118,7 @@ def test_each_dali_op_equals_torchvision_on_a_photo(photos):
     import torchvision.transforms.v2.functional as F
     from nvidia.dali import fn, pipeline_def
 
-    from pipeline.augment import dali_backend as ops
+    from ssl_foundry.pipeline.data.augment import dali_backend as ops
 
     photo = np.array(Image.open(photos.parent / "images" / "opencv" / "fruits.jpg").convert("RGB"))
     cases = {  # name: (DALI graph on HWC uint8, torchvision on CHW uint8)
@@ -158,8 +159,8 @@ def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     assert len(dali_views) == len(torch_views) == 2 * 40 * epochs
     for channel in range(3):
         d, t = dali_views[:, channel].flatten(1), torch_views[:, channel].flatten(1)
-        assert paired_within(d_keys, d.mean(1), t_keys, t.mean(1), allowance=2.0), channel
-        assert paired_within(d_keys, d.std(1), t_keys, t.std(1), allowance=2.0), channel
+        assert parity.paired_within(d_keys, d.mean(1), t_keys, t.mean(1), parity.ROUNDING_ALLOWANCE), channel
+        assert parity.paired_within(d_keys, d.std(1), t_keys, t.std(1), parity.ROUNDING_ALLOWANCE), channel
     for name, rendered in (("dali", dali_views), ("torch", torch_views)):
         grey = (rendered.amax(1) - rendered.amin(1)).flatten(1).amax(1) < 0.01
         rate, se = grey.float().mean(), (0.2 * 0.8 / len(grey)) ** 0.5

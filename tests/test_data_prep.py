@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from data_prep.cli import add_parser
-from data_prep.fashion_mnist import CLASSES, prep_fashion_mnist
-from data_prep.images import prep_images
-from data_prep.shards import (ManifestError, PrepError, file_sha256, group_into_shards, read_manifest,
-                              shard_paths)
+from ssl_foundry.data_prep.cli import add_parser
+from ssl_foundry.data_prep.fashion_mnist import CLASSES, prep_fashion_mnist
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.shard_format import ManifestError, PrepError, file_sha256, read_manifest, shard_paths
+from ssl_foundry.data_prep.shards import group_into_shards
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -149,7 +149,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path):
 KILLED_PREP = """
 import os, signal, sys
 from webdataset.writer import TarWriter
-from data_prep.images import prep_images
+from ssl_foundry.data_prep.images import prep_images
 
 calls = 0
 write_sample = TarWriter.write
@@ -170,7 +170,7 @@ def test_killed_prep_resumes_without_duplicates_or_half_tars(class_folder, tmp_p
     out = tmp_path / "shards"
     # SIGKILL while writing the 11th sample: shards 0 and 1 are done, shard 2 is half written.
     killed = subprocess.run([sys.executable, "-c", KILLED_PREP, str(class_folder), str(out), "11"],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True)
+                            cwd=REPO, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
     interrupted = read_manifest(out, allow_incomplete=True)
     assert [s["complete"] for s in interrupted["shards"]] == [True, True, False, False]
@@ -217,8 +217,8 @@ def test_rerun_with_other_inputs_is_refused_unless_overwrite(class_folder, tmp_p
 
     prep_images(class_folder, out, shard_size=10, workers=1, overwrite=True)
     assert [s["num_samples"] for s in read_manifest(out)["shards"]] == [10, 4]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.idx", "shard-000000.tar",
-                                                     "shard-000001.idx", "shard-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [".foundry-prep.lock", "manifest.json", "shard-000000.idx",
+                                                     "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
     assert_shards_verify(out)
 
 

@@ -23,8 +23,9 @@ from strategy_equivalence_worker import METHOD_ARGS
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from launch.config import ConfigError
-from pipeline.checkpoint import checkpoint_dir, commit_checkpoint_dir, latest_checkpoint, list_checkpoints
+from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.train.checkpoint import (checkpoint_dir, commit_checkpoint_dir, latest_checkpoint,
+                                                   list_checkpoints)
 
 STAGES = (1, 2, 3)
 EQUIVALENCE_METHODS = list(METHOD_ARGS)  # joint-embedding methods, MAE, S4L (the labels path), video methods
@@ -288,7 +289,7 @@ def test_bad_user_deepspeed_json_is_a_config_error(tiny_config, tmp_path, user_j
 
 
 def test_generated_deepspeed_config(tiny_config, tmp_path):
-    from pipeline.strategy.deepspeed import deepspeed_config
+    from ssl_foundry.pipeline.config import deepspeed_config
 
     user = write_json(tmp_path / "ds.json", {"zero_optimization": {"overlap_comm": False,
                                                                    "stage3_prefetch_bucket_size": 1000},
@@ -317,7 +318,7 @@ def test_bad_config_fails_before_any_rank_starts(fmnist, tmp_path):
 
 
 def test_shipped_deepspeed_json_is_valid(tiny_config, tmp_path):
-    from pipeline.strategy.deepspeed import deepspeed_config
+    from ssl_foundry.pipeline.config import deepspeed_config
 
     shipped = REPO / "configs" / "deepspeed" / "small_buckets.json"
     cfg = tiny_config(tmp_path / "run", "train.strategy=deepspeed", "deepspeed.zero_stage=3", "train.optimizer=adamw",

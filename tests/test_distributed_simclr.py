@@ -9,8 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from models.backbones import create_backbone
-from models.registry import create_method
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.registry import create_method
 
 WORLD = 2
 LOCAL_BATCH = 4

@@ -15,14 +15,14 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import IMAGE_SIZE, register_backbone, run_cli, subprocess_env
-from data_prep.shards import file_sha256
-from launch.cli import main
-from launch.config import save_config
-from models.backbones import create_backbone
-from pipeline.augment import eval_transform
-from pipeline.export import export_digest
-from pipeline.loader import ShardStream
-from pipeline.tracking import resolve_tracking_uri
+from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.launch.cli import main
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.pipeline.config import save_config
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream
+from ssl_foundry.pipeline.registry.export import export_digest
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
 # A quick probe: the protocol is tested in test_linear_probe.py; here the plumbing is.
 PROBE = ["eval.linear.epochs=5", "eval.linear.lrs=[0.01,0.1]"]

@@ -11,10 +11,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import register_backbone, run_cli
-from launch.cli import main
-from models.backbones import create_backbone
-from pipeline.finetune import build_finetune_optimizer, top1_accuracy
-from pipeline.tracking import resolve_tracking_uri
+from ssl_foundry.launch.cli import main
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.pipeline.evaluate.finetune import build_finetune_optimizer, top1_accuracy
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
 SHORT = ["eval.finetune.steps=6", "eval.finetune.batch_size=16", "eval.finetune.warmup_steps=2",
          "eval.finetune.log_every=2", "eval.finetune.lr=1e-3", "train.threads=1"]

@@ -6,7 +6,7 @@ divided by the number of micro-batches, gradients summed, then one optimizer ste
 """
 import torch
 
-from pipeline.trainer import Trainer
+from ssl_foundry.pipeline.train.trainer import Trainer
 
 
 def test_one_step_equals_summed_micro_batch_gradients(tiny_config, tmp_path):

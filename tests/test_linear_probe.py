@@ -1,4 +1,4 @@
-"""The linear probe (pipeline/linear_probe.py) on features whose answer is known: a linearly
+"""The linear probe (pipeline/evaluate/linear_probe.py) on features whose answer is known: a linearly
 separable synthetic set, and Fashion-MNIST's raw pixels against scikit-learn's logistic regression
 under the same protocol (regularisation picked on the same held-out split, refit on all of it).
 And the feature cache: one extraction per (backbone, shards, preprocessing)."""
@@ -13,10 +13,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
-from launch.config import LinearProbeConfig
-from pipeline.evaluate import cached_features
-from pipeline.linear_probe import linear_probe, sweep_split
+from ssl_foundry.data_prep.fashion_mnist import SOURCE_DIR, read_split, split_files
+from ssl_foundry.pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.evaluate.knn import cached_features
+from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe, sweep_split
 
 FMNIST_TRAIN, FMNIST_TEST = 5000, 2000  # a slice: the whole comparison takes seconds
 

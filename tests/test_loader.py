@@ -8,11 +8,12 @@ import torch
 from webdataset.tariterators import tarfile_samples
 
 from conftest import tiny_recipe
-from data_prep.fashion_mnist import prep_fashion_mnist
-from data_prep.shards import shard_paths
-from launch.config import DataConfig, build
-from pipeline.augment import MultiViewTransform
-from pipeline.loader import LoaderPosition, ShardStream, make_loader
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.shard_format import shard_paths
+from ssl_foundry.pipeline.config import DataConfig, build
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.data.position import LoaderPosition
 
 WORLD = 2
 

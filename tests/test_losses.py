@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import nt_xent_loss
+from ssl_foundry.models.losses import nt_xent_loss
 
 
 def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:

@@ -10,15 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from launch.config import Config
-from models.backbones import create_backbone, sincos_pos_embed
-from models.distributed import batch_shuffle, batch_unshuffle
-from models.losses import info_nce_loss
-from models.methods.mae import patchify, random_masking, unpatchify
-from models.methods.moco_v2 import KeyQueue
-from models.momentum import MomentumEncoder, cosine_momentum
-from models.registry import create_method, method_class, method_names
-from pipeline.optim import build_optimizer
+from ssl_foundry.models.backbones import create_backbone, sincos_pos_embed
+from ssl_foundry.models.distributed import batch_shuffle, batch_unshuffle
+from ssl_foundry.models.losses import info_nce_loss
+from ssl_foundry.models.methods.mae import patchify, random_masking, unpatchify
+from ssl_foundry.models.methods.moco_v2 import KeyQueue
+from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum
+from ssl_foundry.models.registry import create_method, method_class, method_names
+from ssl_foundry.pipeline.config import Config
+from ssl_foundry.pipeline.train.optim import build_optimizer
 
 VIT_ARGS = {"img_size": 16, "patch_size": 4, "depth": 2}
 SMALL_HEADS = {
@@ -71,8 +71,8 @@ def test_forward_backward_and_the_backbone_the_trainer_exports(name):
 def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(name, backbone):
     """train.activation_checkpointing: the blocks run again in backward (timm's checkpoint_seq, also
     inside MAE's own encoder loop); loss and every gradient are what the stored activations give."""
-    from launch.config import load_config
-    from pipeline.trainer import build_model
+    from ssl_foundry.pipeline.config import load_config
+    from ssl_foundry.pipeline.train.trainer import build_model
 
     results = []
     for checkpointing in (False, True):

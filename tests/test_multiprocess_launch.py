@@ -2,7 +2,7 @@
 
 1. ``foundry pretrain RECIPE launch.nproc_per_node=2``: foundry starts the ranks itself through
    torch's elastic launcher;
-2. ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m launch pretrain ...``
+2. ``python -m torch.distributed.run --standalone --nproc-per-node 2 -m ssl_foundry.launch pretrain ...``
    (torchrun), which here resumes the first run's 2-rank checkpoint into the same MLflow run.
 """
 import subprocess
@@ -14,9 +14,9 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import subprocess_env
-from pipeline.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from pipeline.export import load_timm_backbone
-from pipeline.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.registry.export import load_timm_backbone
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_torchrun_resumes_the_two_rank_run(two_rank_run):
     out, first = two_rank_run
     first_state = load_checkpoint(checkpoint_path(out / "checkpoints", FIRST_STEPS))
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "launch", "pretrain", str(out.parent / "run.yaml"), f"train.max_steps={TOTAL_STEPS}",
+                "-m", "ssl_foundry.launch", "pretrain", str(out.parent / "run.yaml"), f"train.max_steps={TOTAL_STEPS}",
                 "train.checkpoint_every=1", "data.num_workers=1"], out.parent)
     assert f"resumed from {checkpoint_path(out / 'checkpoints', FIRST_STEPS)} at step {FIRST_STEPS}" in done.stdout
     assert done.stdout.count(SUMMARY) == 1

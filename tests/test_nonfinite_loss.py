@@ -10,9 +10,9 @@ import re
 import torch
 from mlflow import MlflowClient
 
-from pipeline.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
-from pipeline.tracking import resolve_tracking_uri
-from pipeline.trainer import NonFiniteLossError, build_model, train
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
+from ssl_foundry.pipeline.train.trainer import NonFiniteLossError, build_model, train
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):

@@ -1,4 +1,4 @@
-"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/plots.py); that
+"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/registry/plots.py); that
 the commands log them is tested with the commands (test_downstream.py, test_finetune.py)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_recipe
-from launch.config import build, DataConfig
-from pipeline.plots import augmentation_grid, embedding_map, metric_curves
+from ssl_foundry.pipeline.config import build, DataConfig
+from ssl_foundry.pipeline.registry.plots import augmentation_grid, embedding_map, metric_curves
 
 
 def decode(png: bytes) -> Image.Image:

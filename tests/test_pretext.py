@@ -11,17 +11,18 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from launch.config import ConfigError, load_config
-from models.backbones import create_backbone
-from models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
-from models.losses import (aggregated_class_logits, dim_infonce_loss, dim_jsd_loss, joint_rotation_labels,
-                           labelled_cross_entropy, rebalanced_soft_cross_entropy, self_distillation_loss)
-from models.methods.jigsaw import Jigsaw
-from models.methods.relative_patch import NEIGHBOURS, RelativePatchLocation
-from models.pretext import (GREEN_MAGENTA, central_mask, crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size,
-                            hamming_permutation_set, project_colour, random_block_mask, rotate_all)
-from models.registry import create_method
-from pipeline.labelled_subset import labelled_keys, mask_unlabelled, shard_keys
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
+from ssl_foundry.models.losses import (aggregated_class_logits, dim_infonce_loss, dim_jsd_loss, joint_rotation_labels,
+                                       labelled_cross_entropy, rebalanced_soft_cross_entropy, self_distillation_loss)
+from ssl_foundry.models.methods.jigsaw import Jigsaw
+from ssl_foundry.models.methods.relative_patch import NEIGHBOURS, RelativePatchLocation
+from ssl_foundry.models.pretext import (GREEN_MAGENTA, central_mask, crop_tiles, drop_colour, grid_tile_offsets,
+                                        grid_tile_size, hamming_permutation_set, project_colour, random_block_mask,
+                                        rotate_all)
+from ssl_foundry.models.registry import create_method
+from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled, shard_keys
 from conftest import REPO, run_cli
 
 PRETEXT_RECIPES = {  # recipe -> overrides that make its heads tiny

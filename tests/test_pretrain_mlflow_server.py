@@ -11,10 +11,10 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import IMAGE_SIZE, subprocess_env
-from pipeline.augment import eval_transform
-from pipeline.checkpoint import checkpoint_path, load_checkpoint
-from pipeline.loader import ShardStream
-from pipeline.trainer import Trainer
+from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
+from ssl_foundry.pipeline.data.loader import ShardStream
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
+from ssl_foundry.pipeline.train.trainer import Trainer
 
 MODEL_NAME = "tiny-simclr-fmnist"
 STEPS = 3

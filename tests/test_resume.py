@@ -7,10 +7,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import trainer as trainer_module
-from pipeline.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from pipeline.tracking import resolve_tracking_uri
-from pipeline.trainer import train
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.train import trainer as trainer_module
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from ssl_foundry.pipeline.train.trainer import train
 
 MAX_STEPS = 6
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
 from mlflow_server import MlflowServer, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +89,8 @@ def _data(shards: Path) -> list[str]:
 
 
 def _foundry(args: list[str], cwd: Path, timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, env=env, capture_output=True,
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "-m", "ssl_foundry.launch", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -121,8 +121,8 @@ def two_task_run(slurm_cluster, shards, tmp_path_factory):
 
 
 def test_sweep_specs_and_slurm_keys_are_validated():
-    from launch.config import ConfigError, load_config, slurm_time_minutes
-    from launch.slurm import parse_sweeps
+    from ssl_foundry.launch.slurm import parse_sweeps
+    from ssl_foundry.pipeline.config import ConfigError, load_config, slurm_time_minutes
 
     assert parse_sweeps(["train.lr=0.1,0.3", "train.seed=0,1"]) == [
         ["train.lr=0.1", "train.seed=0"], ["train.lr=0.1", "train.seed=1"],
@@ -144,8 +144,8 @@ def test_sweep_specs_and_slurm_keys_are_validated():
 
 @pytest.mark.slow
 def test_submitted_sbatch_script_has_the_launch_keys(slurm_cluster, tmp_path):
-    from launch.config import load_config
-    from launch.slurm import make_executor
+    from ssl_foundry.launch.slurm import make_executor
+    from ssl_foundry.pipeline.config import load_config
 
     cfg = load_config(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), [
         "launch.nodes=2", "launch.gpus_per_node=4", "launch.partition=gpu", "launch.time=1:30:00",
@@ -240,7 +240,7 @@ def _wait_for(predicate, timeout_s: float, what: str, interval: float = 0.1):
 
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shards, two_task_run, tmp_path):
-    from launch.slurm import submit, task_result
+    from ssl_foundry.launch.slurm import submit, task_result
 
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", *_data(shards), *TINY, f"train.max_steps={STEPS}", "launch.tasks_per_node=2"]
@@ -284,7 +284,7 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
                                                                          tmp_path):
     """A job whose tasks are SIGKILLed and which is then requeued (a node failure: no signal to
     checkpoint on) resumes from the last periodic checkpoint in the same MLflow run, exactly."""
-    from launch.slurm import submit, task_result
+    from ssl_foundry.launch.slurm import submit, task_result
 
     out = tmp_path / "run"
     overrides = [f"output_dir={out}", *_data(shards), *TINY, f"train.max_steps={STEPS}", "launch.tasks_per_node=2",
@@ -323,7 +323,7 @@ def _torchrun(port: int, out: Path, shards: Path, steps: int, log: Path) -> subp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"t{port}",
            "--max-restarts", "0", "--monitor-interval", "1",
-           "-m", "launch", "pretrain", "configs/simclr_resnet18_fmnist.yaml", f"output_dir={out}",
+           "-m", "ssl_foundry.launch", "pretrain", "configs/simclr_resnet18_fmnist.yaml", f"output_dir={out}",
            *_data(shards), *TINY, f"train.max_steps={steps}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true",
            "TMPDIR": str(out.parent), "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}

@@ -17,9 +17,9 @@ import timm
 import torch
 from mlflow import MlflowClient
 
-from pipeline.export import export_timm_backbone, load_timm_backbone, resolve_backbone
-from pipeline.tracking import (RunTracker, TrackingError, check_reachable, default_artifact_location,
-                               resolve_tracking_uri)
+from ssl_foundry.pipeline.registry.export import export_timm_backbone, load_timm_backbone, resolve_backbone
+from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
 from mlflow_server import free_port, mlflow_server  # noqa: F401  (tests/ is on sys.path; module-scoped fixture)
 
 IMAGE_SIZE = 32
@@ -29,7 +29,7 @@ ARCHITECTURES = {
     "vit_tiny_patch16_224": {"img_size": IMAGE_SIZE, "patch_size": 8},
 }
 
-# Loads an export folder the two ways a user would (see pipeline.export) and saves the features.
+# Loads an export folder the two ways a user would (see pipeline.registry.export) and saves the features.
 PLAIN_TIMM_CONSUMER = """
 import json, sys, torch, timm, safetensors
 input_path, output_path, folder = sys.argv[1:]

@@ -15,12 +15,14 @@ import torch
 from conftest import VIDEO_CLIP, run_cli
 from webdataset.tariterators import tarfile_samples
 
-from data_prep.shards import PrepError, read_manifest, shard_paths
-from data_prep.video import CLIP_CODECS, ClipSettings, clip_starts, encode_clip, prep_video
-from launch.config import AugmentOp, ConfigError, ViewSpec
-from pipeline.augment import MultiViewTransform
-from pipeline.loader import ShardStream
-from pipeline.video import ClipTransform, DaliClipDecoder, clip_bytes, decode_clip_pyav, resolve_video_decoder
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, PrepError, read_manifest, shard_paths
+from ssl_foundry.data_prep.video import ClipSettings, clip_starts, encode_clip, prep_video
+from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.loader import ShardStream
+from ssl_foundry.pipeline.data.video import (ClipTransform, DaliClipDecoder, clip_bytes, decode_clip_pyav,
+                                             resolve_video_decoder)
 
 # Durations (s) of the packaged videos, as their containers declare them.
 DURATIONS = {"vtest.avi": 79.5, "Megamind.avi": 11.261261, "tree.avi": 29.600148, "bikes.mp4": 10.0,

@@ -16,14 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from timm.models.vision_transformer import VisionTransformer
 
-from models.backbones import create_backbone, sincos_1d_pos_embed
-from models.losses import cpc_info_nce_loss, mae_loss, tcn_info_nce_loss, tcn_triplet_loss
-from models.methods.mae import patchify, random_masking
-from models.methods.shuffle_and_learn import order_tuple_candidates, sample_order_tuples
-from models.methods.tcn import sample_tcn_frames
-from models.methods.video_mae import tube_masking
-from models.registry import create_method, method_class, method_names
-from models.video import encode_frames, min_clip_frames, select_frames
+from ssl_foundry.models.backbones import create_backbone, sincos_1d_pos_embed
+from ssl_foundry.models.losses import cpc_info_nce_loss, mae_loss, tcn_info_nce_loss, tcn_triplet_loss
+from ssl_foundry.models.methods.mae import patchify, random_masking
+from ssl_foundry.models.methods.shuffle_and_learn import order_tuple_candidates, sample_order_tuples
+from ssl_foundry.models.methods.tcn import sample_tcn_frames
+from ssl_foundry.models.methods.video_mae import tube_masking
+from ssl_foundry.models.registry import create_method, method_class, method_names
+from ssl_foundry.models.video import encode_frames, min_clip_frames, select_frames
 
 VIDEO_METHODS = ("tcn", "shuffle_and_learn", "cpc", "video_mae")
 VIT_ARGS = {"img_size": 32, "patch_size": 8, "depth": 2}

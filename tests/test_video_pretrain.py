@@ -12,9 +12,9 @@ import torch
 from conftest import run_cli
 from mlflow import MlflowClient
 
-from data_prep.shards import read_manifest
-from launch.config import LinearProbeConfig
-from pipeline.temporal_order import temporal_order_accuracy
+from ssl_foundry.data_prep.shard_format import read_manifest
+from ssl_foundry.pipeline.config import LinearProbeConfig
+from ssl_foundry.pipeline.evaluate.temporal_order import temporal_order_accuracy
 
 TINY = {  # per recipe: overrides that make the model tiny
     "tcn_resnet18_video": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32"],
@@ -81,7 +81,7 @@ def test_video_method_on_two_ranks(video_clips, tmp_path):
 
 
 def test_clip_too_short_for_the_pretext_task_is_a_config_error(video_clips):
-    from launch.config import ConfigError, load_config
+    from ssl_foundry.pipeline.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="needs clips of at least 7 frames.*data.clip_frames=4 gives 4"):
         load_config("configs/tcn_resnet18_video.yaml", [f"data.train={video_clips}", f"data.eval_test={video_clips}",

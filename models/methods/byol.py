@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.heads import MLPHead
-from models.losses import byol_loss
-from models.momentum import MomentumEncoder, cosine_momentum
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import byol_loss
+from ssl_foundry.models.momentum import MomentumEncoder, cosine_momentum
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("byol")

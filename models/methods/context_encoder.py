@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from models.backbones import feature_map_reduction
-from models.heads import UpsamplingDecoder
-from models.pretext import central_mask, random_block_mask, single_view
-from models.registry import register_method
+from ssl_foundry.models.backbones import feature_map_reduction
+from ssl_foundry.models.heads import UpsamplingDecoder
+from ssl_foundry.models.pretext import central_mask, random_block_mask, single_view
+from ssl_foundry.models.registry import register_method
 
 RGB = 3  # the loaders' views are RGB: the decoder reconstructs 3 channels
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.losses import cpc_info_nce_loss
-from models.registry import register_method
-from models.video import clip_batch, encode_frames, require_frames
+from ssl_foundry.models.losses import cpc_info_nce_loss
+from ssl_foundry.models.registry import register_method
+from ssl_foundry.models.video import clip_batch, encode_frames, require_frames
 
 
 @register_method("cpc")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.heads import MLPHead
-from models.losses import dim_infonce_loss, dim_jsd_loss
-from models.pretext import single_view
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import dim_infonce_loss, dim_jsd_loss
+from ssl_foundry.models.pretext import single_view
+from ssl_foundry.models.registry import register_method
 
 ESTIMATORS = {"jsd": dim_jsd_loss, "infonce": dim_infonce_loss}
 

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads import MLPHead
-from models.pretext import (crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set, normalize_tiles,
-                            single_view)
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.pretext import (crop_tiles, grid_tile_offsets, grid_tile_size, hamming_permutation_set,
+                                        normalize_tiles, single_view)
+from ssl_foundry.models.registry import register_method
 
 GRID = 3
 

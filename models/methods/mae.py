@@ -15,9 +15,9 @@ import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from models.backbones import freeze_sincos_pos_embed, is_vit, sincos_pos_embed
-from models.losses import mae_loss
-from models.registry import register_method
+from ssl_foundry.models.backbones import freeze_sincos_pos_embed, is_vit, sincos_pos_embed
+from ssl_foundry.models.losses import mae_loss
+from ssl_foundry.models.registry import register_method
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads import MLPHead
-from models.pretext import crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour, single_view
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.pretext import (crop_tiles, drop_colour, grid_tile_offsets, grid_tile_size, project_colour,
+                                        single_view)
+from ssl_foundry.models.registry import register_method
 
 GRID = 3
 CENTRE = 4  # row-major index of the middle cell of the 3x3 grid

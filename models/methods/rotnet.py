@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.heads import MLPHead
-from models.pretext import NUM_ROTATIONS, encode_rotations
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("rotnet")

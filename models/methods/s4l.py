@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.losses import labelled_cross_entropy
-from models.pretext import NUM_ROTATIONS, encode_rotations
-from models.registry import register_method
+from ssl_foundry.models.losses import labelled_cross_entropy
+from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("s4l")
@@ -21,7 +21,7 @@ class S4L(nn.Module):
     L_l the supervised cross entropy of the upright images whose label is known. Which images
     are labelled is the data's business: ``data.labelled_fraction`` (e.g. 0.01 or 0.1) selects
     an exact, seed-deterministic subset of the training shards' keys, and the trainer passes the
-    others' labels as -1 (``pipeline/labelled_subset.py``).
+    others' labels as -1 (``pipeline/data/labelled_subset.py``).
     """
 
     num_views = 1

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.registry import register_method
-from models.video import clip_batch, encode_frames, require_frames, select_frames
+from ssl_foundry.models.registry import register_method
+from ssl_foundry.models.video import clip_batch, encode_frames, require_frames, select_frames
 
 
 def order_tuple_candidates(frames: int, max_gap: int, min_gap: int) -> tuple[torch.Tensor, torch.Tensor]:

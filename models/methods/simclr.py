@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.heads import MLPHead
-from models.losses import nt_xent_loss
-from models.registry import register_method
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import nt_xent_loss
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("simclr")

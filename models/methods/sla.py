@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.losses import (aggregated_class_logits, joint_rotation_labels, labelled_cross_entropy,
-                           self_distillation_loss)
-from models.pretext import NUM_ROTATIONS, encode_rotations
-from models.registry import register_method
+from ssl_foundry.models.losses import (aggregated_class_logits, joint_rotation_labels, labelled_cross_entropy,
+                                       self_distillation_loss)
+from ssl_foundry.models.pretext import NUM_ROTATIONS, encode_rotations
+from ssl_foundry.models.registry import register_method
 
 
 @register_method("sla")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.heads import MLPHead
-from models.losses import tcn_info_nce_loss, tcn_triplet_loss
-from models.registry import register_method
-from models.video import clip_batch, encode_frames, require_frames, select_frames
+from ssl_foundry.models.heads import MLPHead
+from ssl_foundry.models.losses import tcn_info_nce_loss, tcn_triplet_loss
+from ssl_foundry.models.registry import register_method
+from ssl_foundry.models.video import clip_batch, encode_frames, require_frames, select_frames
 
 LOSSES = ("infonce", "triplet")
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.backbones import sincos_1d_pos_embed, sincos_pos_embed
-from models.losses import mae_loss
-from models.methods.mae import (build_decoder, check_vit_encoder, encode_visible, init_mae_weights, patchify,
-                                restore_with_mask_tokens, run_decoder, split_pos_embed)
-from models.registry import register_method
-from models.video import clip_batch
+from ssl_foundry.models.backbones import sincos_1d_pos_embed, sincos_pos_embed
+from ssl_foundry.models.losses import mae_loss
+from ssl_foundry.models.methods.mae import (build_decoder, check_vit_encoder, encode_visible, init_mae_weights,
+                                            patchify, restore_with_mask_tokens, run_decoder, split_pos_embed)
+from ssl_foundry.models.registry import register_method
+from ssl_foundry.models.video import clip_batch
 
 TEMPORAL_POS = ("sincos", "learn")
 

@@ -1,0 +1,162 @@
+"""The DALI training loader (``data.backend=dali``): WebDataset shards -> decoded, augmented
+views, as the same batch dicts the torch loader (``pipeline.data.loader``) yields, so the trainer
+cannot tell them apart: ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B), "key": [str],
+"epoch": e, "batch": i}``.
+
+One DALI pipeline per rank and epoch: ``fn.readers.webdataset`` over the epoch's shard list
+(the folder's shards permuted with ``(seed, epoch)``, the same on every rank), split across ranks
+by DALI (``num_shards`` = world size, ``shard_id`` = rank: contiguous ranges of samples), shuffled
+through a buffer of ``shuffle_buffer`` samples; then ``fn.decoders.image`` and the recipe's
+views (``pipeline.data.augment.dali_backend``). On a GPU the decoder is ``device="mixed"`` (nvJPEG)
+and every augmentation runs on the GPU; ``DALIGenericIterator`` hands over CUDA tensors on the
+training device (no host copy). Without a GPU the same graph runs on DALI's CPU backend
+(``device_id=None``) and the tensors are CPU tensors.
+
+Epochs: every rank yields ``floor(N / world) // batch`` batches per epoch (N = indexed samples),
+so ranks step in lock-step; within an epoch no sample repeats (DALI's reader does not cross the
+end of its shard while the buffer drains), and when ``batch x world`` divides N every sample is
+seen exactly once. The next epoch builds a new pipeline, seeded by ``(seed, epoch, rank)``.
+
+Resume: DALI's reader cannot seek, so starting at ``LoaderPosition(epoch, k)`` builds epoch
+``epoch``'s pipeline and runs (decodes, augments, discards) its first ``k`` batches. Because
+each epoch's pipeline is seeded, on DALI's CPU backend this reproduces the uninterrupted stream
+exactly (same keys, bitwise the same views); on a GPU the sample order is the same and the
+augmentations are drawn from the same seeds.
+
+Samples whose image does not decode are not in the shard's index (``foundry prep index``
+leaves them out and lists them in the manifest), so DALI never reads them; ``skipped`` counts
+them. A shard without an index is refused, naming the shard and the command that makes it, and so
+is one whose index lists a member over ``max_sample_bytes`` (DALI would read it whole).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, index_path, read_manifest,
+                                                split_member_name)
+from ssl_foundry.pipeline.config import DataConfig
+from ssl_foundry.pipeline.data.augment import dali_backend
+from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.data.errors import BadSampleError
+from ssl_foundry.pipeline.data.position import LoaderPosition
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) & 0x7FFF_FFFF
+
+
+def refuse_oversized_members(shards: list[tuple[str, str]], max_sample_bytes: int) -> None:
+    """Raises BadSampleError naming the first member (shard, key, size) that the shards' indexes list
+    as larger than ``max_sample_bytes``: the index lines are ``<ext> <offset> <size> <name>`` groups."""
+    for tar, index in shards:
+        for line in Path(index).read_text().splitlines()[1:]:
+            fields = line.split()
+            for ext, _, size, name in zip(*[iter(fields)] * 4):
+                if int(size) > max_sample_bytes:
+                    raise BadSampleError(f"sample {split_member_name(name)[0]} of shard {tar}: member {name} is {size} "
+                                         f"bytes, over data.max_sample_bytes={max_sample_bytes}; remove it from the "
+                                         f"source and re-prep, or raise data.max_sample_bytes")
+
+
+def indexed_shards(folder: str) -> tuple[list[tuple[str, str]], int, int]:
+    """(tar, index) paths of every shard, the number of indexed samples and of samples left out of
+    the indexes. Raises ManifestError naming a shard without an index and how to make it."""
+    manifest = read_manifest(folder)
+    root = Path(folder).resolve()
+    shards, indexed = [], 0
+    for record in manifest["shards"]:
+        tar = root / record["name"]
+        index = root / record["index"] if record.get("index") else index_path(tar)
+        if not record.get("index") or not index.is_file():
+            raise ManifestError(f"shard {tar} has no DALI index ({index} is missing): make the indexes with "
+                                f"`foundry prep index {folder}` (or DALI's `wds2idx {tar} {index}` for one shard)")
+        shards.append((str(tar), str(index)))
+        indexed += int(record["indexed_samples"])
+    return shards, indexed, int(manifest["num_samples"]) - indexed
+
+
+@pipeline_def(enable_conditionals=True)
+def _train_pipeline(shards: list[tuple[str, str]], views: list[ViewSpec], mean: list[float], std: list[float],
+                    shard_id: int, num_shards: int, shuffle_buffer: int, reader_seed: int, decode_device: str):
+    """Outputs: one batch per view, then the ``cls`` bytes and the source info (both padded with
+    NULs to the longest in the batch: the iterator needs dense tensors)."""
+    encoded, cls = fn.readers.webdataset(
+        paths=[tar for tar, _ in shards], index_paths=[index for _, index in shards],
+        ext=[";".join(IMAGE_EXTENSIONS), "cls"], missing_component_behavior="empty",
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle_buffer > 1,
+        initial_fill=max(1, shuffle_buffer), seed=reader_seed, name="reader")
+    source = fn.get_property(encoded, key="source_info")  # "<tar>:<offset>:<member name>"
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+    return (*dali_backend.augment_views(images, views, mean, std), fn.pad(cls), fn.pad(source))
+
+
+def _strings(rows: torch.Tensor) -> list[str]:
+    """NUL-padded uint8 rows -> strings."""
+    return [bytes(row).rstrip(b"\0").decode() for row in rows.cpu().numpy()]
+
+
+class DaliStream:
+    """Iterable over one rank's training batches, forever (epoch after epoch)."""
+
+    def __init__(self, folder: str, views: list[ViewSpec], mean: list[float], std: list[float], batch_size: int,
+                 rank: int = 0, world_size: int = 1, num_threads: int = 2, seed: int = 0,
+                 shuffle_buffer: int = 0, start: LoaderPosition = LoaderPosition(),
+                 device: torch.device = torch.device("cpu"), prefetch_batches: int = 2,
+                 max_sample_bytes: int = DataConfig.max_sample_bytes):
+        self.folder = folder
+        self.views, self.mean, self.std = views, mean, std
+        self.view_count = len(dali_backend.compile_views(views))  # a bad recipe fails here, not in DALI
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_threads, self.seed, self.shuffle_buffer = max(1, num_threads), seed, shuffle_buffer
+        self.start, self.device, self.prefetch_batches = start, device, max(1, prefetch_batches)
+        self.shards, self.num_samples, self.skipped = indexed_shards(folder)
+        refuse_oversized_members(self.shards, max_sample_bytes)
+        if self.skipped and rank == 0:
+            print(f"{folder}: {self.skipped} samples are not in the DALI indexes (images that do not decode; "
+                  f"see index_skipped in its manifest.json) and are skipped", flush=True)
+        if self.steps_per_epoch() == 0:
+            raise ValueError(f"{folder}: {self.num_samples} samples over {world_size} ranks give each fewer than "
+                             f"a batch of {batch_size}: lower train.batch_size or use more data")
+
+    def steps_per_epoch(self) -> int:
+        """Batches every rank yields per epoch: DALI's smallest shard holds floor(N / world)."""
+        return self.num_samples // self.world_size // self.batch_size
+
+    def epoch_shards(self, epoch: int) -> list[tuple[str, str]]:
+        order = list(self.shards)
+        random.Random(_seed(self.seed, epoch)).shuffle(order)
+        return order
+
+    def pipeline(self, epoch: int):
+        """Epoch ``epoch``'s pipeline: on the GPU of ``device`` (nvJPEG decode), or on DALI's CPU backend."""
+        gpu = self.device.type == "cuda"
+        return _train_pipeline(
+            self.epoch_shards(epoch), self.views, self.mean, self.std, self.rank, self.world_size,
+            self.shuffle_buffer, _seed(self.seed, epoch), "mixed" if gpu else "cpu",
+            batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=(self.device.index or 0) if gpu else None,
+            seed=_seed(self.seed, epoch, self.rank), prefetch_queue_depth=self.prefetch_batches)
+
+    def _epoch(self, epoch: int, skip: int) -> Iterator[dict]:
+        outputs = [f"view{i}" for i in range(self.view_count)] + ["cls", "source"]
+        batches = DALIGenericIterator([self.pipeline(epoch)], outputs)
+        for index in range(self.steps_per_epoch()):
+            out = next(batches)[0]
+            if index < skip:
+                continue
+            yield {"views": [out[name] for name in outputs[:-2]],
+                   "label": torch.tensor([int(c) if c else -1 for c in _strings(out["cls"])], dtype=torch.long),
+                   "key": [split_member_name(s.rsplit(":", 1)[1])[0] for s in _strings(out["source"])],
+                   "epoch": epoch, "batch": index}
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, skip = self.start.epoch, self.start.batch
+        while True:
+            yield from self._epoch(epoch, skip)
+            epoch, skip = epoch + 1, 0

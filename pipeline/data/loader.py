@@ -1,0 +1,465 @@
+"""Streaming WebDataset loader: shards -> decoded images -> augmented views, split over
+ranks x workers, deterministic so that a resumed run sees exactly the batches it would have.
+
+Training: the global batch of every step is the same whatever the number of ranks and loader
+workers. ``readers`` (V) virtual readers each stream their own shards and give every global
+batch a micro-batch of ``global batch / V`` samples, in reader order. Rank ``r`` of ``W`` owns
+the readers ``[r V/W, (r+1) V/W)``, and each of its DataLoader workers an equal contiguous block
+of those; a worker yields its readers' micro-batches of one step, and ``make_loader`` joins the
+workers' parts of a step (the DataLoader serves workers round-robin) into the local batch. So
+4 ranks see exactly the samples and augmentations that 1 rank sees in its whole batch, and a
+model without batch statistics (LayerNorm) computes the same loss at any world size.
+
+Epoch ``e``: the shard list is permuted with ``(seed, e)`` (identical on every rank) and dealt
+round-robin to the V readers; each reader streams its shards through its own shuffle buffer
+seeded by ``(seed, e, reader)``. Every reader yields the same number of micro-batches per epoch
+(the minimum over readers, from the manifest's sample counts, which every rank knows), so ranks
+step in lock-step. Augmentation randomness is re-seeded per micro-batch from ``(seed, e,
+reader, index)``, so starting at step ``k`` (resume) skips ``k`` micro-batches per reader
+without decoding them and reproduces the stream.
+
+``resampled=True`` draws each reader's shards with replacement instead of a permutation (for
+very long runs on few shards); ``finite=True`` (evaluation) visits every sample exactly once,
+in shard order, one reader per rank x worker, in batches of ``batch_size`` (the last short).
+
+Faults (docs/faults-data.md): a shard that does not read as a tar, or whose sample count differs
+from its manifest entry, is an error naming it; a tar member above ``max_sample_bytes`` is never read;
+a sample that does not decode (or has such a member) is an error naming shard and key, or with
+``on_bad_sample="skip"`` its slot in the micro-batch goes to another sample of the same micro-batch
+(batches keep their size, which the cross-rank gathers need; the order of every other sample is
+unchanged, so resume stays exact) and the batch lists it under ``"skipped"``.
+"""
+from __future__ import annotations
+
+import faulthandler
+import io
+import itertools
+import multiprocessing
+import os
+import random
+import signal
+import tarfile
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ssl_foundry.data_prep.shard_format import ShardError, read_manifest, read_samples, remake_hint, verify_shards
+from ssl_foundry.models.registry import method_class
+from ssl_foundry.pipeline.config import ConfigError, DataConfig
+from ssl_foundry.pipeline.data.augment.batched_backend import BatchedMultiViewTransform
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
+from ssl_foundry.pipeline.data.position import LoaderPosition
+
+IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
+# A wait that SIGALRM cannot interrupt after data.timeout_s ends the process this much later.
+STALL_GRACE_S = 30
+
+
+def shard_samples(path: str, num_samples: int, max_sample_bytes: int) -> Iterator[dict]:
+    """The samples of one shard in tar order, grouped by key as webdataset does: ``{"__key__",
+    "__url__": path, ext: bytes, ...}``. A member over ``max_sample_bytes`` is not read: the sample
+    gets ``"__error__"`` instead. Raises ShardError when the shard does not read as a tar (cut inside a
+    member or header) or holds other than ``num_samples`` samples (its manifest's count)."""
+    folder = os.path.dirname(path)
+    try:
+        samples = read_samples(path)
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"shard {path} does not read as a tar ({err}): it was cut short or damaged after prep; "
+                         f"{remake_hint(folder)}") from None
+    if len(samples) != num_samples:
+        raise ShardError(f"shard {path} holds {len(samples)} samples, its manifest {num_samples}: it was cut short or "
+                         f"replaced after prep (data.verify=size finds this before training); {remake_hint(folder)}")
+    with open(path, "rb") as f:
+        for key, members in samples:
+            sample = {"__key__": key, "__url__": path}
+            for ext, offset, size, name in members:
+                if size > max_sample_bytes:
+                    sample["__error__"] = (f"member {name} is {size} bytes, over data.max_sample_bytes="
+                                           f"{max_sample_bytes} (not read)")
+                    continue
+                f.seek(offset)
+                sample[ext.lower()] = f.read(size)
+            yield sample
+
+
+def decode_image(sample: dict) -> torch.Tensor:
+    """Image bytes -> uint8 (3, H, W); grey and palette images become 3-channel RGB."""
+    for key in IMAGE_KEYS:
+        if key in sample:
+            with Image.open(io.BytesIO(sample[key])) as img:
+                rgb = np.asarray(img.convert("RGB"))
+            return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    raise ValueError(f"sample {sample.get('__key__')} has no image (keys: {sorted(sample)})")
+
+
+def is_clip_manifest(manifest: dict) -> bool:
+    """Whether a shard folder holds video clips (`foundry prep video`) rather than images."""
+    return manifest.get("settings", {}).get("kind") == "clips"
+
+
+def _seed(*parts: int) -> int:
+    return hash(parts) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ShardStream(IterableDataset):
+    """Yields batches ``{"views": [Tensor(B, 3, h, w)] * V, "label": Tensor(B), "key": [str],
+    "epoch": e, "batch": i}`` for one rank: in training, a worker's part of local batch ``i``
+    (``make_loader`` joins the parts); in evaluation (``finite``), whole batches."""
+
+    def __init__(self, folder: str, transform: Callable[[torch.Tensor], list[torch.Tensor]],
+                 batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 0, finite: bool = False,
+                 resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0,
+                 video_decoder: str = "pyav", on_bad_sample: str = "error",
+                 max_sample_bytes: int = DataConfig.max_sample_bytes):
+        manifest = read_manifest(folder)
+        # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
+        # (pipeline.data.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
+        self.clips = is_clip_manifest(manifest)
+        self.video_decoder = video_decoder
+        self._clip_decoder: Callable[[list[bytes]], list[torch.Tensor]] | None = None
+        self.shards = [(f"{folder}/{s['name']}", int(s["num_samples"])) for s in manifest["shards"]]
+        self.num_samples = int(manifest["num_samples"])
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.loader_workers, self.num_workers = num_workers, max(1, num_workers)
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.finite, self.resampled, self.start = finite, resampled, start
+        self.on_bad_sample, self.max_sample_bytes = on_bad_sample, max_sample_bytes
+        workers = self.world_size * self.num_workers
+        # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
+        self.readers = workers if finite or readers <= 0 else readers
+        if self.readers % workers:
+            raise ValueError(f"data.readers={self.readers} is not a multiple of {self.world_size} ranks x "
+                             f"{self.num_workers} loader workers: set data.readers to a multiple of {workers}")
+        self.rank_readers = self.readers // self.world_size
+        if not finite and batch_size % self.rank_readers:
+            raise ValueError(f"the local batch of {batch_size} does not split over this rank's {self.rank_readers} "
+                             f"readers (data.readers={self.readers} over {self.world_size} ranks): make the "
+                             f"global batch a multiple of data.readers")
+        self.micro_batch = batch_size if finite else batch_size // self.rank_readers
+        if len(self.shards) < self.readers:
+            raise ValueError(
+                f"{folder} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} ranks x "
+                f"{self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
+                f"smaller --shard-size or lower data.readers / data.num_workers"
+            )
+
+    # ---------------------------------------------------------------- epoch plan
+    def reader_shards(self, epoch: int) -> list[list[tuple[str, int]]]:
+        """Shards of every reader in ``epoch``."""
+        if self.finite:
+            order = list(self.shards)
+        elif self.resampled:
+            rng = random.Random(_seed(self.seed, epoch, 1))
+            order = [rng.choice(self.shards) for _ in self.shards]
+        else:
+            order = list(self.shards)
+            random.Random(_seed(self.seed, epoch)).shuffle(order)
+        return [order[r::self.readers] for r in range(self.readers)]
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        """Full micro-batches of the reader with the fewest samples: the epoch's global steps."""
+        return min(sum(n for _, n in shards) for shards in self.reader_shards(epoch)) // self.micro_batch
+
+    # ---------------------------------------------------------------- iteration
+    def _samples(self, shards: list[tuple[str, int]], rng: random.Random) -> Iterator[dict]:
+        samples = itertools.chain.from_iterable(shard_samples(path, n, self.max_sample_bytes) for path, n in shards)
+        if self.finite or self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _micro_batches(self, reader: int, epoch: int) -> Iterator[list[dict]]:
+        """One reader's samples in groups of ``micro_batch`` (training: full groups only)."""
+        shards = self.reader_shards(epoch)[reader]
+        pending: list[dict] = []
+        for sample in self._samples(shards, random.Random(_seed(self.seed, epoch, reader))):
+            pending.append(sample)
+            if len(pending) == self.micro_batch:
+                yield pending
+                pending = []
+        if self.finite and pending:
+            yield pending
+
+    def _decode(self, samples: list[dict]) -> list[torch.Tensor | Exception]:
+        """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W); the error instead for a sample that
+        does not decode."""
+        if not self.clips:
+            return [_attempt(decode_image, sample) for sample in samples]
+        from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder  # PyAV: for clip shards only
+
+        if self._clip_decoder is None:
+            self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
+        if not any("__error__" in sample for sample in samples):
+            try:  # a batch at a time (DALI); one at a time only to find the clip that fails
+                return self._clip_decoder([clip_bytes(sample) for sample in samples])
+            except Exception:
+                pass
+        return [_attempt(lambda s: self._clip_decoder([clip_bytes(s)])[0], sample) for sample in samples]
+
+    def _collate(self, samples: list[dict], seed: int) -> dict:
+        decoded = self._decode(samples)
+        bad = [i for i, item in enumerate(decoded) if isinstance(item, Exception)]
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, Exception)]
+        skipped = [f"sample {samples[i]['__key__']} of shard {samples[i]['__url__']}: {type(decoded[i]).__name__}: "
+                   f"{decoded[i]}" for i in bad]
+        if bad and (self.on_bad_sample == "error" or self.finite):
+            raise BadSampleError(f"{skipped[0]}. Remove it from the source and re-prep, or set "
+                                 f"data.on_bad_sample=skip (skips are counted and logged)")
+        if not good:
+            raise BadSampleError(f"every sample of a micro-batch is bad, e.g. {skipped[0]}: the shards are damaged; "
+                                 f"{remake_hint(os.path.dirname(samples[0]['__url__']))}")
+        slots = list(range(len(samples)))
+        for i in reversed(bad):  # its slot goes to the next good sample (with fresh augmentations)
+            slots[i] = slots[i + 1] if i + 1 < len(slots) else good[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if getattr(self.transform, "batched", False):  # the batched backend takes the whole part
+                views = self.transform([decoded[i] for i in slots])
+            else:
+                views = [torch.stack(v) for v in zip(*(self.transform(decoded[i]) for i in slots))]
+        labels = [int(samples[i]["cls"]) if "cls" in samples[i] else -1 for i in slots]
+        return {
+            "views": views,
+            "label": torch.tensor(labels, dtype=torch.long),
+            "key": [samples[i]["__key__"] for i in slots],
+            "skipped": skipped,
+        }
+
+    def _worker(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            return 0
+        if info.num_workers != self.num_workers:
+            raise RuntimeError(f"ShardStream built for {self.num_workers} workers, DataLoader has {info.num_workers}")
+        return info.id
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = self._worker()
+        if self.finite:
+            reader = self.rank * self.num_workers + worker
+            for index, samples in enumerate(self._micro_batches(reader, 0)):
+                yield {**self._collate(samples, _seed(self.seed, 0, reader, index)), "epoch": 0, "batch": index}
+            return
+        per_worker = self.rank_readers // self.num_workers
+        first = self.rank * self.rank_readers + worker * per_worker
+        mine = range(first, first + per_worker)
+        epoch, skip = self.start.epoch, self.start.batch
+        while True:
+            steps = self.steps_per_epoch(epoch)
+            if steps == 0:  # no reader could fill a micro-batch: it would loop over epochs forever
+                fewest = min(sum(n for _, n in s) for s in self.reader_shards(epoch))
+                raise ValueError(
+                    f"epoch {epoch}: a reader (one of {self.readers} sharing {len(self.shards)} shards) gets only "
+                    f"{fewest} samples, less than its part of a batch ({self.micro_batch}): lower "
+                    f"train.batch_size or data.readers / data.num_workers, or use more data")
+            streams = [self._micro_batches(reader, epoch) for reader in mine]
+            for index in range(steps):
+                groups = [next(stream) for stream in streams]  # skipped steps are read, never decoded
+                if index < skip:
+                    continue
+                parts = [self._collate(g, _seed(self.seed, epoch, r, index)) for r, g in zip(mine, groups)]
+                yield {**join_parts(parts), "epoch": epoch, "batch": index}
+            epoch, skip = epoch + 1, 0
+
+
+def _attempt(decode: Callable[[dict], torch.Tensor], sample: dict) -> torch.Tensor | Exception:
+    """``decode(sample)``, or the reason it has no value: an oversized member or the decoder's error."""
+    if "__error__" in sample:
+        return BadSampleError(sample["__error__"])
+    try:
+        return decode(sample)
+    except Exception as err:  # PIL and the video decoders report bad data with many exception types
+        return err
+
+
+def join_parts(parts: list[dict]) -> dict:
+    """Concatenate batch parts (same step) in order: views, labels, keys and skipped samples."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {"views": [torch.cat(v) for v in zip(*(p["views"] for p in parts))],
+              "label": torch.cat([p["label"] for p in parts]),
+              "key": [k for p in parts for k in p["key"]],
+              "skipped": [s for p in parts for s in p["skipped"]]}
+    for name in ("epoch", "batch"):
+        if name in parts[0]:
+            values = {p[name] for p in parts}
+            if len(values) != 1:
+                raise RuntimeError(f"loader workers out of step: parts of one batch have {name} {sorted(values)}")
+            joined[name] = values.pop()
+    return joined
+
+
+class JoinedLoader:
+    """Iterates a training ``ShardStream``'s DataLoader, joining each step's parts from its
+    ``parts`` workers (served round-robin) into the rank's local batch (pinned for a GPU)."""
+
+    def __init__(self, loader: DataLoader, parts: int, pin_memory: bool = False):
+        self.loader, self.parts, self.pin_memory = loader, parts, pin_memory
+
+    def __iter__(self) -> Iterator[dict]:
+        items = iter(self.loader)
+        while True:
+            group = list(itertools.islice(items, self.parts))
+            if not group:
+                return
+            batch = join_parts(group)
+            if self.pin_memory:
+                batch["views"] = [v.pin_memory() for v in batch["views"]]
+            yield batch
+
+
+def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches: int = 2):
+    """Batches are made inside the stream's workers (``num_workers=0``: in this process); in
+    training, each step's parts from the workers are joined into the local batch. A worker that dies
+    is reported by torch (its PID and signal) within seconds."""
+    joined = not stream.finite and stream.loader_workers > 1
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=stream.loader_workers,
+        prefetch_factor=prefetch_batches if stream.loader_workers else None,
+        pin_memory=pin_memory and not joined,  # parts are joined first, then pinned once
+        # The workers' base seed from a generator of its own: drawn from the global one, it would shift
+        # the model's random draws (MAE's and iBOT's masks) on resume, when the iterator is made anew.
+        # Augmentations do not use it: they are seeded per micro-batch (see ShardStream).
+        generator=torch.Generator(),
+    )
+    return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
+
+
+class StallGuard:
+    """Iterates ``batches`` and bounds every wait for one to ``timeout_s``: a hung read or a stalled
+    loader worker would otherwise block this rank, and the other ranks in a collective until the
+    process group's timeout. SIGALRM interrupts the wait with LoaderStalledError naming ``what``
+    and kills the loader's worker processes (torch's DataLoader ``timeout`` is not enough: it bounds
+    the queue, not the unpickling that then fetches the tensors from the worker). A wait that cannot
+    be interrupted (stuck in native code) ends the process ``STALL_GRACE_S`` later, faulthandler
+    printing every thread's stack."""
+
+    def __init__(self, batches: Iterator[dict], timeout_s: float, what: str):
+        self.batches, self.timeout_s, self.what = batches, timeout_s, what
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        handler = signal.signal(signal.SIGALRM, self._stalled)
+        delay, interval = signal.setitimer(signal.ITIMER_REAL, self.timeout_s)  # another alarm's, resumed below
+        faulthandler.dump_traceback_later(self.timeout_s + STALL_GRACE_S, exit=True)
+        start = time.monotonic()
+        try:
+            return next(self.batches)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, handler)
+            if delay:
+                signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - start), 1e-3), interval)
+
+    def _stalled(self, signum, frame) -> None:
+        # SIGKILL: a stopped worker would not take the DataLoader's SIGTERM, and this process's exit
+        # would wait for it forever. torch's report of a killed worker (on SIGCHLD) would repeat ours.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        raise LoaderStalledError(f"{self.what}: no batch in data.timeout_s={self.timeout_s:g} s: a loader worker or "
+                                 f"the file system is stalled (raise data.timeout_s if the storage is this slow)")
+
+
+def train_backend(backend: str, device: torch.device, folder: str = "") -> tuple[str, str]:
+    """``data.backend`` resolved, and why: auto is batched on a CPU (the torch loader with the batched
+    augmentation, pipeline.data.augment.batched_backend), and on a GPU dali once DALI has passed
+    `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Clip shards always
+    take the torch loader with per-sample transforms (the dali and batched augmentations are written
+    for images; clips are decoded by DALI there anyway where it can, see data.video_decoder);
+    data.backend=dali or batched with them is a ConfigError."""
+    clips = bool(folder) and is_clip_manifest(read_manifest(folder))
+    if clips and backend in ("dali", "batched"):
+        raise ConfigError(f"data.backend={backend} augments images only and {folder} holds video clips: use "
+                          f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
+                          f"data.video_decoder)")
+    if backend != "auto":
+        return backend, f"data.backend={backend}"
+    if clips:
+        return "torch", "auto: clip shards"
+    if device.type != "cuda":
+        return "batched", f"auto: on {device.type}"
+    from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
+
+    return auto_backend_on_gpu(torch.cuda.get_device_name(device))
+
+
+def method_input_kind(method: str) -> str:
+    """"clip" for the video methods (views of shape (B, T, 3, H, W)), else "image"."""
+    return getattr(method_class(method), "input_kind", "image")
+
+
+def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
+    """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
+    image views for image shards; for clip shards, clips (video methods) or one frame of each clip
+    (image methods), see pipeline.data.video.ClipTransform."""
+    d = cfg.data
+    kind = method_input_kind(cfg.model.method)
+    settings = read_manifest(d.train).get("settings", {})
+    if settings.get("kind") != "clips":
+        if kind == "clip":
+            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
+                              f"holds images: make clip shards with `foundry prep video SRC OUT`")
+        if train_backend(d.backend, device, d.train)[0] == "batched":
+            return BatchedMultiViewTransform(d.views, d.mean, d.std), "pyav"
+        return MultiViewTransform(d.views, d.mean, d.std), "pyav"
+    views = MultiViewTransform(d.views, d.mean, d.std)
+    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
+
+    span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
+    if span > settings["clip_frames"]:
+        raise ConfigError(f"data.clip_frames={d.clip_frames} x data.frame_stride={d.frame_stride} spans {span} "
+                          f"frames but the clips in {d.train} have {settings['clip_frames']}: lower them or "
+                          f"re-prep with `foundry prep video --clip-frames {span}`")
+    # The torch loader decodes in its CPU worker processes, whatever the training device.
+    decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
+    return ClipTransform(views, d.clip_frames, d.frame_stride, as_clip=kind == "clip"), decoder
+
+
+def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, position: LoaderPosition,
+                       device: torch.device) -> Iterator[dict]:
+    """The one place the training loader's backend is chosen (``data.backend``): an iterator of
+    batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
+    ``device``; the torch loader's on the CPU (pinned for a GPU). The shards are first checked
+    against their manifest (``data.verify``; the ranks share the hashing); every wait for a batch is
+    bounded by ``data.timeout_s``."""
+    d = cfg.data
+    transform, video_decoder = train_transform(cfg, device)
+    verify_shards(d.train, d.verify, part=(rank, world_size))
+    backend = train_backend(d.backend, device, d.train)[0]
+    if backend == "dali":
+        from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
+
+        batches = iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
+                                  num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                                  start=position, device=device, prefetch_batches=d.prefetch_batches,
+                                  max_sample_bytes=d.max_sample_bytes))
+    else:
+        stream = ShardStream(d.train, transform, batch_size, rank=rank, world_size=world_size,
+                             num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                             resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
+                             on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes)
+        batches = iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
+    readers = f"data.num_workers={d.num_workers}" if backend != "dali" and d.num_workers else f"pid {os.getpid()}"
+    return StallGuard(batches, d.timeout_s, f"rank {rank}: the training loader ({backend}, {readers})")

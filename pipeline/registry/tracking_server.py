@@ -1,0 +1,36 @@
+"""Whether an MLflow tracking server answers, checked up front: a dead server then fails in seconds with
+the command that starts one, instead of after MLflow's minutes of retries. Pretraining (tracking), the
+backbone download (export) and the registry commands all check through here."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI and how to fix it."""
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with the fix in the message, if an http(s) tracking server does not answer.
+
+    GETs ``<uri>/health`` (every ``mlflow server`` has it). A server that answers 401/403 is up
+    but behind authentication, which MLflow's client handles with its configured credentials.
+    Non-HTTP URIs (sqlite, databases) are not checked here.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    health_url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health_url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return
+        reason = f"GET {health_url} answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:  # refused, unknown host, timeout
+        reason = str(getattr(err, "reason", err))
+    raise TrackingError(
+        f"MLflow tracking server {uri} is unreachable ({reason}). Start one with `mlflow server "
+        f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, or set "
+        f"mlflow.tracking_uri='' to use the local sqlite store.")

@@ -1,0 +1,1 @@
+"""Training: the loop (``trainer``), process runtime, strategies (DDP, DeepSpeed), checkpoints, optimizer."""
