@@ -10,13 +10,14 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from augment_parity import (FLIP, MULTI_CROP, PARITY_RECIPE, coordinate_probe, crop_geometry, epochs_of_views,
-                            paired_within, rrc, take, torch_stream, views, within)
+from augment_parity import (FLIP, MULTI_CROP, PARITY_RECIPE, coordinate_probe, crop_geometry, epochs_of_views, rrc,
+                            take, torch_stream, views, within)
 from ssl_foundry.data_prep.images import prep_images
 from ssl_foundry.pipeline.config import ConfigError, load_config
 from ssl_foundry.pipeline.data.augment import spec
 from ssl_foundry.pipeline.data.augment import batched_backend as ops
 from ssl_foundry.pipeline.data.augment.batched_backend import BATCHED_OPS, BatchedMultiViewTransform
+from ssl_foundry.pipeline.data.augment.parity import paired_within
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.loader import train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
