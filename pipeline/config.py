@@ -47,8 +47,9 @@ class DataConfig:
     eval_train: str = ""  # labelled shards: the kNN memory bank
     eval_test: str = ""  # labelled shards: the kNN queries
     # Training loader: dali (NVIDIA DALI; decode + augmentation on the GPU, or DALI's CPU backend),
-    # torch (torchvision in loader worker processes), auto (dali on a GPU where DALI has passed
-    # `foundry check gpu`, else torch; docs/gpu-acceptance.md).
+    # torch (torchvision, one sample at a time), batched (the torch loader augmenting each decoded
+    # micro-batch at once with tensor ops), auto (dali on a GPU where DALI has passed
+    # `foundry check gpu`, else batched; docs/gpu-acceptance.md).
     backend: str = "auto"
     num_workers: int = 2  # loader processes per rank (dali: DALI CPU threads per rank)
     prefetch_batches: int = 2  # batches each worker keeps ready
@@ -139,7 +140,10 @@ class GateConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100  # optimizer steps (an upper bound when budget_minutes is set)
-    budget_minutes: float = 0.0  # > 0: fit the schedule to this much training time, measured
+    budget_minutes: float = 0.0  # > 0: fit the schedule to this much time, measured as it trains
+    # What the budget covers: training (the training loop) | run (the whole process, with the
+    # end-of-run export, registration and kNN evaluation estimated and reserved)
+    budget_covers: str = "training"
     batch_size: int = 256  # global batch: all ranks x grad_accum_steps
     grad_accum_steps: int = 1
     optimizer: str = "lars"  # lars | adamw | sgd
@@ -672,7 +676,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.optimizer": (t.optimizer, ("lars", "adamw", "sgd")),
         "train.precision": (t.precision, ("auto", "bf16", "fp32")),
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
-        "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
+        "train.budget_covers": (t.budget_covers, ("training", "run")),
+        "data.backend": (cfg.data.backend, ("auto", "torch", "batched", "dali")),
         "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
         "data.verify": (cfg.data.verify, ("size", "sha256", "none")),
         "data.on_bad_sample": (cfg.data.on_bad_sample, ("error", "skip")),
@@ -894,6 +899,10 @@ def validate_views(data: DataConfig) -> None:
     for key, value in (("data.backend", data.backend), ("data.video_decoder", data.video_decoder)):
         if value == "dali":
             require("nvidia.dali", f"{key}=dali")
+    if data.backend == "batched":
+        from ssl_foundry.pipeline.data.augment.batched_backend import compile_views
+
+        compile_views(data.views)
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
             if value:

@@ -116,3 +116,24 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
     assert [r["linear_top1"] for r in again["runs"]] == [r["linear_top1"] for r in report["runs"]]
     with sqlite3.connect(out / "mlflow.db") as db:
         assert len(db.execute("SELECT run_uuid FROM runs").fetchall()) == len(finished)
+
+
+def test_bench_quality_ablation_rows_at_a_fixed_step_count(fmnist, tmp_path):
+    """`--steps N --variant NAME KEY=VALUE...`: one row per variant of the recipe, each trained
+    exactly N steps with its overrides (in its run folder's config), kNN only."""
+    recipe = _write_recipes(fmnist, tmp_path)[1]  # the tiny ViT
+    out = tmp_path / "ablation"
+    done = run_cli(["bench", "quality", "--steps", "3", "--no-linear", "--no-baselines", "--out-dir", str(out),
+                    "--recipe", str(recipe), "train.checkpoint_every=1000",
+                    "--variant", "base", "--variant", "cold", "model.method_args.temperature=0.5"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    assert report["steps"] == 3 and report["budget_minutes"] is None and report["baselines"] == []
+    assert [(r["recipe"], r["steps"], r["overrides"]) for r in report["runs"]] == [
+        ("tiny_vit.base", 3, []), ("tiny_vit.cold", 3, ["model.method_args.temperature=0.5"])]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 and "linear_top1" not in r for r in report["runs"])
+    temperatures = [yaml.safe_load((out / name / "config.yaml").read_text())["model"]["method_args"]["temperature"]
+                    for name in ("tiny_vit.base", "tiny_vit.cold")]
+    assert temperatures == [0.2, 0.5]
+    table = (out / "quality.md").read_text()
+    assert "after 3 steps per recipe" in table and "--variant cold model.method_args.temperature=0.5" in table

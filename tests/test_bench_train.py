@@ -1,5 +1,8 @@
 """`foundry bench train` to completion on the tiny recipe (a 2-block ViT on 16 px Fashion-MNIST):
-the report's numbers add up, and --profile writes the profiler's table and trace."""
+the report's numbers add up, --profile writes the profiler's table and trace, and the trainer's
+steady throughput stands beside the same work done by a plain lightly-style loop (interleaved
+blocks), both as fractions of the matmul peak measured in the same command. Numbers only: no speed
+is asserted."""
 import json
 
 import pytest
@@ -25,3 +28,21 @@ def test_bench_train_reports_throughput_and_its_parts(fmnist, tmp_path):
     assert {"cpu_count", "torch", "cpu_fast_bf16"} <= set(report["machine"])
     assert json.loads(done.stdout[done.stdout.rindex("\n{\n"):]) == report  # the same JSON, last on stdout
     assert "Self CPU" in profile.read_text() and profile.with_suffix(".trace.json").is_file()
+
+
+def test_bench_train_reports_the_trainer_beside_the_reference_loop(fmnist, tmp_path):
+    recipe = write_recipe(tmp_path / "run.yaml", fmnist, tmp_path / "unused")
+    out = tmp_path / "train.json"
+    done = run_cli(["bench", "train", str(recipe), "train.threads=1", "--steps", "4", "--warmup", "1",
+                    "--block", "2", "--out", str(out)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps_measured"] == 4 and report["precision"] in ("fp32", "torch.bfloat16")
+    reference = report["reference"]
+    assert reference["steps_measured"] == 4 and reference["loader_workers"] == 2  # two blocks of two
+    assert report["speedup_vs_reference"] == reference["step_time_s"] / report["step_time_s"]
+    peaks = report["matmul_peak_gflops"]
+    assert peaks["fp32"] > 0 and peaks["bf16"] > 0 and report["model_gflop_per_step"] > 0
+    assert report["fraction_of_bf16_peak"] == report["gflops"] / peaks["bf16"]
+    assert report["cpu_s_per_step"] > 0 and reference["cpu_s_per_step"] > 0
+    assert reference["fraction_of_fp32_peak"] == reference["gflops"] / peaks["fp32"]

@@ -181,5 +181,5 @@ def test_auto_picks_dali_on_a_gpu_only_where_the_check_passed(tmp_path, monkeypa
     assert update_dali_acceptance(report)["accepted"] is False
     assert auto_backend_on_gpu("NVIDIA H200")[0] == "torch"
 
-    assert train_backend("auto", torch.device("cpu")) == ("torch", "auto: on cpu")
+    assert train_backend("auto", torch.device("cpu")) == ("batched", "auto: on cpu")
     assert train_backend("dali", torch.device("cpu")) == ("dali", "data.backend=dali")

@@ -6,7 +6,6 @@ Parity tolerances are statistical: each compares a statistic of the two backends
 backend and its nominal value) within 4 standard errors estimated from the samples themselves,
 plus a stated allowance where the backends differ by design (see pipeline.data.augment.dali_backend:
 colour jitter in a fixed order, DALI's linear-YIQ hue rotation)."""
-import itertools
 import shutil
 import tarfile
 
@@ -16,38 +15,20 @@ import torch
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
+from augment_parity import (FLIP, MEAN, MULTI_CROP, PARITY_RECIPE, SEED, STD, coordinate_probe, crop_geometry,
+                            epochs_of_views, rrc, take, to_pixels, torch_stream, views, within)
 from conftest import REPO, run_cli, write_recipe
 from ssl_foundry.data_prep.images import prep_images
 from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest, shard_paths
-from ssl_foundry.pipeline.config import ConfigError, DataConfig, build, load_config
+from ssl_foundry.pipeline.config import ConfigError, DataConfig, load_config
 from ssl_foundry.pipeline.data.augment import parity, spec
 from ssl_foundry.pipeline.data.augment.dali_backend import DALI_OPS
 from ssl_foundry.pipeline.data.augment.torch_backend import TORCH_OPS, MultiViewTransform
 from ssl_foundry.pipeline.data.dali_loader import DaliStream
-from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
+from ssl_foundry.pipeline.data.loader import make_loader
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-SEED = 11
-
-
-def views(*groups: tuple[int, list[dict]]):
-    """``(count, ops)`` groups -> the config's ViewSpec list (through the real config builder)."""
-    return build(DataConfig, {"views": [{"count": c, "ops": ops} for c, ops in groups]}).views
-
-
-def rrc(size, scale=(0.08, 1.0)) -> dict:
-    return {"op": "random_resized_crop", "args": {"size": size, "scale": list(scale)}}
-
-
-FLIP = {"op": "horizontal_flip", "p": 0.5}
-# DINO-style multi-crop: 2 global views and 6 local views at another size.
-MULTI_CROP = views(
-    (2, [rrc(96, (0.4, 1.0)), FLIP, {"op": "color_jitter", "p": 0.8, "args": {"brightness": 0.4, "contrast": 0.4}},
-         {"op": "grayscale", "p": 0.2}, {"op": "gaussian_blur", "args": {"kernel_size": 9}}]),
-    (6, [rrc(48, (0.05, 0.4)), FLIP, {"op": "gaussian_blur", "p": 0.5, "args": {"kernel_size": 5}}]),
-)
 
 
 def dali_stream(folder, view_specs, batch_size, mean=MEAN, std=STD, **kwargs) -> DaliStream:
@@ -55,21 +36,8 @@ def dali_stream(folder, view_specs, batch_size, mean=MEAN, std=STD, **kwargs) ->
     return DaliStream(str(folder), view_specs, mean, std, batch_size, **kwargs)
 
 
-def torch_stream(folder, view_specs, batch_size, mean=MEAN, std=STD, **kwargs) -> ShardStream:
-    return ShardStream(str(folder), MultiViewTransform(view_specs, mean, std), batch_size, num_workers=0, seed=SEED,
-                       shuffle_buffer=16, **kwargs)
-
-
-def take(stream, n: int) -> list[dict]:
-    return list(itertools.islice(iter(make_loader(stream) if isinstance(stream, ShardStream) else stream), n))
-
-
 def keys_of(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["key"]]
-
-
-def to_pixels(view: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    return parity.to_pixels(view, mean, std)
 
 
 def tar_labels(folder) -> dict[str, int]:
@@ -181,29 +149,6 @@ def test_each_dali_op_equals_torchvision_on_a_photo(photos):
         assert (got - want).abs().max() <= 1, name
 
 
-PARITY_SIZE = 48
-PARITY_RECIPE = views((2, [
-    rrc(PARITY_SIZE), FLIP,
-    {"op": "color_jitter", "p": 0.8, "args": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}},
-    {"op": "grayscale", "p": 0.2},
-    {"op": "gaussian_blur", "p": 0.5, "args": {"kernel_size": 5}},
-    {"op": "solarize", "p": 0.2},
-]))
-
-
-def epochs_of_views(stream, batches: int) -> tuple[list[str], torch.Tensor]:
-    """Keys and views of ``batches`` batches: (N, 3, h, w) 0..255 floats, a key per view."""
-    batches = take(stream, batches)
-    keys = [k for b in batches for _ in b["views"] for k in b["key"]]
-    return keys, torch.cat([to_pixels(v) for b in batches for v in b["views"]])
-
-
-def within(a: torch.Tensor, b: torch.Tensor, allowance: float = 0.0) -> bool:
-    """Means of two samples agree within 4 standard errors of their difference (+ allowance)."""
-    se = (a.var() / len(a) + b.var() / len(b)).sqrt()
-    return bool((a.mean() - b.mean()).abs() <= 4 * se + allowance)
-
-
 def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
     """The full SimCLR/BYOL-style op chain on real photos, 12 epochs (960 views) per backend:
     per-channel mean and std of the outputs agree (0..255 units), and the grey rate is p=0.2 in both.
@@ -220,27 +165,6 @@ def test_statistics_of_the_same_spec_match_torchvision(photos, one_thread):
         grey = (rendered.amax(1) - rendered.amin(1)).flatten(1).amax(1) < 0.01
         rate, se = grey.float().mean(), (0.2 * 0.8 / len(grey)) ** 0.5
         assert abs(rate - 0.2) < 4 * se, (name, float(rate))
-
-
-def coordinate_probe(folder, copies: int) -> None:
-    """A lossless 256 x 192 image whose red value is its x and green value its y: a view's
-    pixels say which window of it was cropped and whether it was mirrored."""
-    x, y = np.meshgrid(np.arange(256), np.arange(192))
-    probe = np.stack([x, y, np.full_like(x, 128)], axis=-1).astype(np.uint8)
-    folder.mkdir(parents=True)
-    for i in range(copies):
-        Image.fromarray(probe).save(folder / f"probe{i:03d}.png")
-
-
-def crop_geometry(views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(area fraction, aspect ratio w / h, mirrored) of each probe view's crop window, from the
-    slopes of red along x and green along y away from the borders (resampling there clamps)."""
-    out_h, out_w = views.shape[-2:]
-    red, green = views[:, 0, :, 4:-4], views[:, 1, 4:-4, :]
-    slope_x = (red[..., -1] - red[..., 0]).mean(1) / (out_w - 9)
-    slope_y = (green[..., -1, :] - green[..., 0, :]).mean(1) / (out_h - 9)
-    width, height = slope_x.abs() * out_w, slope_y.abs() * out_h
-    return width * height / (256 * 192), width / height, slope_x < 0
 
 
 def test_crop_area_aspect_ratio_and_flip_rate_match_torchvision(tmp_path):

@@ -1,5 +1,5 @@
-"""`foundry bench loader`: DALI (its CPU backend here) against the torchvision loader on the same
-shards and recipe: images/s and CPU time per image by worker count, and where each backend spends
+"""`foundry bench loader`: DALI (its CPU backend here), the torchvision loader and the batched one on
+the same shards and recipe: images/s and CPU time per image by worker count, and where each backend spends
 its CPU time, op by op."""
 from __future__ import annotations
 
@@ -8,25 +8,11 @@ import dataclasses
 import tempfile
 import time
 
-import psutil
-
-from ssl_foundry.launch.bench.report import machine, write_report
+from ssl_foundry.launch.bench.report import cpu_seconds, machine, write_report
 from ssl_foundry.pipeline.config import ConfigError, load_config
 
 LOADER_RECIPE = "configs/byol_resnet50_imagenet.yaml"  # two 224-px views (BYOL's asymmetric pair)
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (torch loader workers)."""
-    me = psutil.Process()
-    total = 0.0
-    for process in [me, *me.children(recursive=True)]:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+LOADER_BACKENDS = ("dali", "torch", "batched")
 
 
 def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> dict:
@@ -42,10 +28,10 @@ def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> 
                                 cfg.train.seed, 0, 1, LoaderPosition(), torch.device("cpu"))
     for _ in range(warmup):  # worker start-up, shuffle-buffer fill, allocator warm-up
         next(loader)
-    cpu, start = _cpu_seconds(), time.perf_counter()
+    cpu, start = cpu_seconds(), time.perf_counter()
     for _ in range(batches):
         next(loader)
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     del loader  # stops torch loader workers
     images = batches * cfg.train.batch_size
     return {"backend": "dali-cpu" if backend == "dali" else backend, "workers": workers, "images": images,
@@ -89,9 +75,9 @@ def _readable_by(backend: str, location: str) -> bool:
 
 
 def bench_loader(args: argparse.Namespace) -> int:
-    """DALI (its CPU backend here) against the torchvision loader on the same shards and recipe:
-    images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader processes),
-    and where each spends its CPU time; with several --data locations (the same shards on local disk,
+    """DALI (its CPU backend here), the torchvision loader and the batched one on the same shards and
+    recipe: images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader
+    processes), and where each spends its CPU time; with several --data locations (the same shards on local disk,
     behind HTTP, in S3), side by side for each."""
     import torch
 
@@ -112,11 +98,11 @@ def bench_loader(args: argparse.Namespace) -> int:
                                                    "data.readers=0", "data.resampled=false"], check_paths=False)
                    for data in locations}
         runs = [{"data": redact(data), **_time_loader(cfg, backend, workers, args.batches, args.warmup)}
-                for data, cfg in configs.items() for backend in ("dali", "torch") if _readable_by(backend, data)
+                for data, cfg in configs.items() for backend in LOADER_BACKENDS if _readable_by(backend, data)
                 for workers in args.workers]
         cfg = configs[locations[0]]
         breakdown = {("dali-cpu" if b == "dali" else b): _cpu_breakdown(cfg, b, args.batches, args.warmup)
-                     for b in ("dali", "torch")} if args.breakdown else {}
+                     for b in LOADER_BACKENDS} if args.breakdown else {}
         samples = read_manifest(locations[0])["num_samples"]
     report = {
         "benchmark": "loader",

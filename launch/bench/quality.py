@@ -14,29 +14,33 @@ from ssl_foundry.launch.bench.runs import pretrain_process, shipped_recipes
 from ssl_foundry.pipeline.config import load_config
 
 
-def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tracking_uri: str,
-                            teacher: dict | None = None) -> dict:
-    """One recipe through `foundry pretrain` in its own process for ``--budget-minutes`` of
-    training (the recipe's step count lifted, so the budget decides), then its kNN top-1 (from the
-    pretraining) and linear-probe top-1 (on the exported backbone). With ``--reuse-runs``, a recipe
+def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out: Path, tracking_uri: str,
+                 teacher: dict | None = None) -> dict:
+    """One row: a recipe (with a ``--variant``'s overrides) through `foundry pretrain` in its own
+    process, for ``--budget-minutes`` of training (the recipe's step count lifted, so the budget
+    decides) or exactly ``--steps`` steps; then its kNN top-1 (from the pretraining) and, unless
+    ``--no-linear``, the linear-probe top-1 (on the exported backbone). With ``--reuse-runs``, a row
     whose run folder already has a result.json is not trained again, only evaluated. A distillation
     recipe distils ``teacher`` (a row of this bench) when given: its row gets the student's kNN as a
     share of the teacher's."""
-    name = Path(recipe).stem
+    name = Path(recipe).stem + (f".{variant[0]}" if variant else "")
     run_dir, log_path = out / name, out / f"{name}.log"
-    overrides = [f"output_dir={run_dir}", f"train.budget_minutes={args.budget_minutes}",
-                 f"train.max_steps={10**7}", "train.resume=never", "eval.after_pretrain=true",
+    length = ([f"train.max_steps={args.steps}", "train.budget_minutes=0"] if args.steps
+              else [f"train.budget_minutes={args.budget_minutes}", f"train.max_steps={10**7}"])
+    overrides = [f"output_dir={run_dir}", *length, "train.resume=never", "eval.after_pretrain=true",
                  f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
-                 *([f"model.teacher={out / teacher['recipe'] / 'backbone'}"] if teacher else []), *args.overrides]
+                 *([f"model.teacher={out / teacher['recipe'] / 'backbone'}"] if teacher else []), *args.overrides,
+                 *variant[1:]]
     cfg = load_config(recipe, overrides)
     row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone,
-           "batch_size": cfg.train.batch_size, "log": str(log_path)}
+           "batch_size": cfg.train.batch_size, "overrides": variant[1:], "log": str(log_path)}
     result_path = run_dir / "result.json"
     if args.reuse_runs and result_path.is_file():
         print(f"[bench quality] {name}: reusing {result_path}", flush=True)
         done = subprocess.CompletedProcess([], 0)
     else:
-        print(f"[bench quality] {name}: {args.budget_minutes:g} min of training, log {log_path}", flush=True)
+        what = f"{args.steps} steps" if args.steps else f"{args.budget_minutes:g} min of training"
+        print(f"[bench quality] {name}: {what}, log {log_path}", flush=True)
         start = time.perf_counter()
         done = pretrain_process(recipe, overrides, log_path)
         row["wall_s"] = time.perf_counter() - start
@@ -50,11 +54,12 @@ def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tr
     row.update(steps=result["steps"], images_per_s=timing["steady_images_per_s"],
                train_minutes=timing["train_s"] / 60, knn_top1=result["knn_top1"], knn_s=timing.get("knn_s"),
                final_loss=result["final_loss"], mlflow_run_id=result["run_id"])
-    row.update(_linear_probe_export(str(run_dir / "backbone"), cfg))  # where pretraining exports it
+    if args.linear:
+        row.update(_linear_probe_export(str(run_dir / "backbone"), cfg))  # where pretraining exports it
     if teacher:
         row.update(teacher=teacher["recipe"], knn_share_of_teacher=row["knn_top1"] / teacher["knn_top1"])
     print(f"[bench quality] {name}: {row['steps']} steps, {row['images_per_s']:.0f} images/s, "
-          f"kNN top-1 {100 * row['knn_top1']:.2f}%, linear top-1 {100 * row['linear_top1']:.2f}%", flush=True)
+          f"kNN top-1 {_percent(row['knn_top1'])}, linear top-1 {_percent(row.get('linear_top1'))}", flush=True)
     return row
 
 
@@ -119,9 +124,10 @@ def _percent(value) -> str:
 
 
 def _quality_markdown(report: dict) -> str:
+    length = (f"{report['steps']} steps" if report["steps"] else f"{report['budget_minutes']:g} min of training")
     lines = [f"kNN top-1 (cosine, k={report['knn_k']}, T={report['knn_temperature']}) and linear-probe top-1 "
              f"(`foundry eval linear`: lr swept over {report['linear_lrs']}) on the Fashion-MNIST test "
-             f"set after {report['budget_minutes']:g} min of training per recipe "
+             f"set after {length} per recipe "
              f"({report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']}).",
              f"Command: `{report['command']}`", "",
              "| recipe | method | backbone | batch | steps | images/s | train min | kNN top-1 | linear top-1 |",
@@ -133,7 +139,7 @@ def _quality_markdown(report: dict) -> str:
             continue
         lines.append(f"| {r['recipe']} | {r['method']} | {r['backbone']} | {r['batch_size']} | {r['steps']} | "
                      f"{r['images_per_s']:.0f} | {r['train_minutes']:.1f} | {_percent(r['knn_top1'])} | "
-                     f"{_percent(r['linear_top1'])} |")
+                     f"{_percent(r.get('linear_top1'))} |")
     for r in report["baselines"]:
         lines.append(f"| {r['recipe']} | baseline | {r['backbone']} | - | 0 | - | - | {_percent(r['knn_top1'])} | "
                      f"{_percent(r['linear_top1'])} |")
@@ -150,25 +156,31 @@ def bench_quality(args: argparse.Namespace) -> int:
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    variants = args.variant or [[]]
     configs = [load_config(recipe, list(args.overrides)) for recipe in recipes]
     distills = {recipe for recipe, cfg in zip(recipes, configs) if takes_teacher(cfg.model.method)}
-    runs = [_pretrain_within_budget(recipe, args, out, tracking_uri) for recipe in recipes if recipe not in distills]
+    runs = [_pretrain_row(recipe, variant, args, out, tracking_uri) for recipe in recipes if recipe not in distills
+            for variant in variants]
     # Distillation last, from the best backbone trained here (none: the recipe's own model.teacher).
     teacher = max((r for r in runs if "error" not in r), key=lambda r: r["knn_top1"], default=None)
-    runs += [_pretrain_within_budget(recipe, args, out, tracking_uri, teacher) for recipe in recipes
-             if recipe in distills]
+    runs += [_pretrain_row(recipe, variant, args, out, tracking_uri, teacher) for recipe in recipes
+             if recipe in distills for variant in variants]
     report = {
         "benchmark": "quality",
-        "command": " ".join(["foundry bench quality", f"--budget-minutes {args.budget_minutes:g}",
+        "command": " ".join(["foundry bench quality", f"--steps {args.steps}" if args.steps
+                             else f"--budget-minutes {args.budget_minutes:g}",
                              *(f"--recipe {r}" for r in args.recipe or []),
+                             *(f"--variant {' '.join(v)}" for v in args.variant or []),
+                             *([] if args.linear else ["--no-linear"]), *([] if args.baselines else ["--no-baselines"]),
                              *(["--reuse-runs"] if args.reuse_runs else []), *args.overrides]),
-        "budget_minutes": args.budget_minutes,
+        "budget_minutes": None if args.steps else args.budget_minutes,
+        "steps": args.steps or None,
         "knn_k": configs[0].eval.knn_k,
         "knn_temperature": configs[0].eval.knn_temperature,
         "linear_lrs": configs[0].eval.linear.lrs,
         "tracking_uri": tracking_uri,
         "runs": runs,
-        "baselines": _baselines(configs, args.raw_pixel_size),
+        "baselines": _baselines(configs, args.raw_pixel_size) if args.baselines else [],
         "machine": machine(),
     }
     (out / "quality.md").write_text(_quality_markdown(report))
@@ -185,6 +197,14 @@ def add_parser(kinds) -> None:
     q.add_argument("--recipe", action="append", help="a recipe YAML; repeat for several (default: every "
                    "configs/*_fmnist.yaml)")
     q.add_argument("--budget-minutes", type=float, default=20.0, help="training minutes per recipe (default 20)")
+    q.add_argument("--steps", type=int, default=0, help="train every row exactly this many steps instead of "
+                   "--budget-minutes (an ablation at a fixed step count)")
+    q.add_argument("--variant", action="append", nargs="+", metavar=("NAME", "KEY=VALUE"),
+                   help="a row per recipe: NAME and the overrides it adds (repeat for several; run folders "
+                   "are <recipe>.<NAME>)")
+    q.add_argument("--no-linear", dest="linear", action="store_false", help="skip the linear probe (kNN only)")
+    q.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the raw-pixel and random-init rows")
     q.add_argument("--out-dir", default="bench/quality", help="runs, logs, quality.json and quality.md")
     q.add_argument("--tracking-uri", help="MLflow store for the runs (default: sqlite in --out-dir)")
     q.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "

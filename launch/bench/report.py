@@ -8,6 +8,8 @@ import platform
 import resource
 from pathlib import Path
 
+import psutil
+
 
 def peak_rss_mb() -> dict[str, float]:
     """Peak resident memory of this process and of its (finished) children, e.g. loader workers."""
@@ -34,6 +36,19 @@ def machine() -> dict:
     return {"cpu_count": os.cpu_count(), **cpu(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
             "cuda": torch.cuda.is_available()}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its live children (torch loader workers)."""
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def write_report(report: dict, out: str | None) -> None:

@@ -55,6 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ssl_foundry.data_prep.shard_format import (RetryPolicy, find_manifest, locate_shards, location_scheme, redact,
                                                 remake_hint, shard_samples, verify_shards)
 from ssl_foundry.pipeline.config import Config, ConfigError, DataConfig, split_batch, uses_cuda, world_size
+from ssl_foundry.pipeline.data.augment.batched_backend import BatchedMultiViewTransform
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
 from ssl_foundry.pipeline.data.position import LoaderPosition
@@ -218,14 +219,15 @@ class ShardStream(IterableDataset):
         slots = list(range(len(samples)))
         for i in reversed(bad):  # its slot goes to the next good sample (with fresh augmentations)
             slots[i] = slots[i + 1] if i + 1 < len(slots) else good[0]
-        views_per_sample = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for i in slots:
-                views_per_sample.append(self.transform(decoded[i]))
+            if getattr(self.transform, "batched", False):  # the batched backend takes the whole part
+                views = self.transform([decoded[i] for i in slots])
+            else:
+                views = [torch.stack(v) for v in zip(*(self.transform(decoded[i]) for i in slots))]
         labels = [int(samples[i]["cls"]) if "cls" in samples[i] else -1 for i in slots]
         return {
-            "views": [torch.stack(v) for v in zip(*views_per_sample)],
+            "views": views,
             "label": torch.tensor(labels, dtype=torch.long),
             "key": [samples[i]["__key__"] for i in slots],
             "skipped": skipped,
@@ -374,15 +376,16 @@ class StallGuard:
 
 
 def train_backend(backend: str, device: torch.device, location: str = "") -> tuple[str, str]:
-    """``data.backend`` resolved, and why: auto is torch on a CPU, and on a GPU dali once DALI has
-    passed `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Some shards
-    always take the torch loader, and data.backend=dali with them is a ConfigError: clip shards (DALI's
-    augmentation graph is written for images, HWC; clips are decoded by DALI there anyway where it can,
+    """``data.backend`` resolved, and why: auto is batched on a CPU (the torch loader with the batched
+    augmentation, pipeline.data.augment.batched_backend), and on a GPU dali once DALI has passed
+    `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Some shards always
+    take the torch loader, and data.backend=dali with them is a ConfigError: clip shards (the dali and
+    batched augmentations are written for images; clips are decoded by DALI there anyway where it can,
     see data.video_decoder), shards behind http(s):// (DALI's readers open local files and s3:// only)
     and a shard list without a manifest (DALI reads through the index files `foundry prep manifest` writes)."""
     manifest = find_manifest(location) if location else {}
-    if is_clip_manifest(manifest or {}) and backend == "dali":
-        raise ConfigError(f"data.backend=dali augments images only and {redact(location)} holds video clips: use "
+    if is_clip_manifest(manifest or {}) and backend in ("dali", "batched"):
+        raise ConfigError(f"data.backend={backend} augments images only and {redact(location)} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
     shards_at = (manifest or {}).get("shard_root") or location
@@ -398,7 +401,7 @@ def train_backend(backend: str, device: torch.device, location: str = "") -> tup
     if torch_only:
         return "torch", f"auto: {torch_only}"
     if device.type != "cuda":
-        return "torch", f"auto: on {device.type}"
+        return "batched", f"auto: on {device.type}"
     from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
 
     return auto_backend_on_gpu(torch.cuda.get_device_name(device))
@@ -418,23 +421,25 @@ def validate_batch(cfg: Config, launcher: str = "local", check_paths: bool = Tru
         torch_loader = False
     else:
         device = torch.device("cuda" if launcher == "local" and uses_cuda(launch) else "cpu")
-        torch_loader = train_backend(d.backend, device, folder)[0] == "torch"
+        torch_loader = train_backend(d.backend, device, folder)[0] in ("torch", "batched")
     split_batch(t.batch_size, ranks, t.grad_accum_steps, d.readers if torch_loader else None, d.num_workers)
     if torch_loader and folder:
         check_shard_count(redact(folder), len(locate_shards(folder)[1]), d.readers or ranks * max(1, d.num_workers))
 
 
-def train_transform(d: DataConfig, input_kind: str) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
-    """The torch loader's per-sample transform for ``data.train`` and the clip decoder it needs:
-    image views for image shards; for clip shards, clips (a method whose ``input_kind`` is "clip")
-    or one frame of each clip (image methods), see pipeline.data.video.ClipTransform."""
+def train_transform(d: DataConfig, input_kind: str, batched: bool = False
+                    ) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str]:
+    """The torch loader's transform for ``data.train`` and the clip decoder it needs: image views for
+    image shards (``batched``: made a batch at a time, pipeline.data.augment.batched_backend); for
+    clip shards, clips (a method whose ``input_kind`` is "clip") or one frame of each clip (image
+    methods), see pipeline.data.video.ClipTransform."""
     views = MultiViewTransform(d.views, d.mean, d.std)
     settings = (find_manifest(d.train, policy=RetryPolicy(d.retries, d.timeout_s)) or {}).get("settings", {})
     if settings.get("kind") != "clips":
         if input_kind == "clip":
             raise ConfigError(f"the method trains on video clips but data.train={redact(d.train)} holds images: "
                               f"make clip shards with `foundry prep video SRC OUT`")
-        return views, "pyav"
+        return (BatchedMultiViewTransform(d.views, d.mean, d.std) if batched else views), "pyav"
     from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
 
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
@@ -465,12 +470,12 @@ def build_train_loader(d: DataConfig, batch_size: int, input_kind: str, seed: in
                                   start=position, device=device, prefetch_batches=d.prefetch_batches,
                                   max_sample_bytes=d.max_sample_bytes))
     else:
-        transform, video_decoder = train_transform(d, input_kind)
+        transform, video_decoder = train_transform(d, input_kind, batched=backend == "batched")
         stream = ShardStream(d.train, transform, batch_size, rank=rank, world_size=world_size,
                              num_workers=d.num_workers, seed=seed, shuffle_buffer=d.shuffle_buffer,
                              resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
                              on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes, retries=d.retries,
                              timeout_s=d.timeout_s)
         batches = iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
-    readers = f"data.num_workers={d.num_workers}" if backend == "torch" and d.num_workers else f"pid {os.getpid()}"
+    readers = f"data.num_workers={d.num_workers}" if backend != "dali" and d.num_workers else f"pid {os.getpid()}"
     return StallGuard(batches, d.timeout_s, f"rank {rank}: the training loader ({backend}, {readers})")

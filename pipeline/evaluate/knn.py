@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,15 +25,14 @@ from ssl_foundry.pipeline.data.loader import ShardStream, make_loader, train_bac
 from ssl_foundry.pipeline.train.runtime import Runtime, autocast, cpu_has_fast_bf16
 
 
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float],
-                     std: list[float], batch_size: int = 512, num_workers: int = 2,
-                     device: torch.device = torch.device("cpu"), rank: int = 0,
-                     world_size: int = 1, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of ``folder`` (all of it with one rank), each sample once: (features
-    (N, D) fp32 on the CPU, labels (N,)). Read by the training's loader ``backend``: the torch
-    loader (ranks x loader workers read disjoint shards, in shard order) or DALI (the reader splits
-    the samples over the ranks)."""
+def iter_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float], std: list[float],
+                  batch_size: int = 512, num_workers: int = 2, device: torch.device = torch.device("cpu"),
+                  rank: int = 0, world_size: int = 1, backend: str = "torch"
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of ``folder`` (all of it with one rank), each sample once, a batch at a
+    time: (features (B, D) fp32 on the CPU, labels (B,)). Read by the training's loader ``backend``:
+    the torch loader (ranks x loader workers read disjoint shards, in shard order) or DALI (the
+    reader splits the samples over the ranks). The backbone is put in eval mode."""
     if backend == "dali":
         from ssl_foundry.pipeline.data.dali_loader import dali_eval_batches  # DALI is imported only when it is used
 
@@ -41,15 +41,23 @@ def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, me
         batches = make_loader(ShardStream(folder, eval_transform(image_size, mean, std), batch_size, rank=rank,
                                           world_size=world_size, num_workers=num_workers, finite=True))
     amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
-    feats, labels = [], []
     backbone.eval()
     for batch in batches:
-        with autocast(device, amp):
+        with torch.no_grad(), autocast(device, amp):
             out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
-        feats.append(out.float().cpu())
-        labels.append(batch["label"])
-    if not feats:  # more ranks x workers than shards: this rank has none
+        yield out.float().cpu(), batch["label"]
+
+
+def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, mean: list[float],
+                     std: list[float], batch_size: int = 512, num_workers: int = 2,
+                     device: torch.device = torch.device("cpu"), rank: int = 0,
+                     world_size: int = 1, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`iter_features` whole: (features (N, D), labels (N,)) of this rank's share."""
+    pairs = list(iter_features(backbone, folder, image_size, mean, std, batch_size, num_workers, device, rank,
+                               world_size, backend))
+    if not pairs:  # more ranks x workers than shards: this rank has none
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    feats, labels = zip(*pairs)
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -3,8 +3,9 @@ clusters (NCCL); only ``pipeline.train.runtime`` differs. How ranks share the mo
 optimizer state is the strategy's (``pipeline.train.strategy``: DDP or DeepSpeed ZeRO).
 
 Per optimizer step: ``grad_accum_steps`` micro-batches (gradient sync only on the last), bf16
-autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, timm's warmup +
-cosine schedule, the method's ``on_step_end`` hook (momentum encoders). Every
+autocast where fast, gradient-norm (and optional clipping), LARS/AdamW/SGD, warmup + cosine
+schedule (re-fitted as it trains to end on time under ``train.budget_minutes``: ``pipeline.train.budget``),
+the method's ``on_step_end`` hook (momentum encoders). Every
 ``checkpoint_every`` steps an atomic checkpoint holds everything needed to continue bitwise:
 model, optimizer, step, every rank's RNG state, the loader position and the MLflow run id, all
 as tensors and plain values (it is loaded with ``weights_only=True``).
@@ -17,6 +18,9 @@ killed checkpoint writers left behind.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -36,6 +40,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
+from ssl_foundry.data_prep.shard_format import read_manifest
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from ssl_foundry.models.method import Method
@@ -44,27 +49,29 @@ from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_confi
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
-from ssl_foundry.pipeline.evaluate.knn import KnnResult, attach_knn_monitor, distributed_knn
+from ssl_foundry.pipeline.evaluate.knn import KnnResult, attach_knn_monitor, distributed_knn, iter_features
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import (RunTracker, TrackingUnavailable, default_artifact_location,
                                                     resolve_tracking_uri)
 from ssl_foundry.pipeline.registry.tracking_server import TrackingError
+from ssl_foundry.pipeline.train.budget import PROBE_STEPS, SKIP_STEPS, BudgetClock, extraction_estimate_s
 from ssl_foundry.pipeline.train.checkpoint import (CheckpointError, checkpoint_step, list_checkpoints, remove_stale_temps,
                                                    world_size_mismatch)
 from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.output_lock import OutputDirLock
-from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
 from ssl_foundry.pipeline.train.run_dir import plan_run, set_aside_previous_run
+from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime, start_collective_timeout
+from ssl_foundry.pipeline.train.schedule import CosinePlan, initial_plan, refit, schedule_position
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
 
 # How long a failing run waits for an unreachable tracking server to record the failure.
 FAILURE_REPORT_WAIT_S = 30.0
 
-# Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
-# ran ~30% slower than the steady state in the demo), then steps whose median is the estimate.
-BUDGET_SKIP_STEPS, BUDGET_PROBE_STEPS = 5, 10
+# Batches of data.eval_test the feature-extraction probe of a whole-run budget reads: the first
+# pays for starting the loader, the others give the steady rate.
+EXTRACTION_PROBE_BATCHES = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,23 +136,40 @@ class WarmupCosineSchedule(CosineLRScheduler):
 
 class StepSchedule:
     """What the optimizer's param groups follow step by step: the lr, and the weight decay when
-    ``train.weight_decay_end`` is set. ``step_update(k)`` sets the values of step k (0-based)."""
+    ``train.weight_decay_end`` is set, both built for ``total_steps``. ``step_update(k)`` sets the
+    values of step k (0-based); ``refit(k, total)`` ends both at step ``total`` instead, with no jump
+    at step k (``pipeline.train.schedule``: each step's position on the built schedules)."""
 
-    def __init__(self, lr: CosineLRScheduler, weight_decay: WeightDecaySchedule | None = None):
+    def __init__(self, lr: WarmupCosineSchedule, total_steps: int, weight_decay: WeightDecaySchedule | None = None):
         self.lr, self.weight_decay = lr, weight_decay
+        self.lr_plan = initial_plan(total_steps, lr.warmup_t)
+        self.weight_decay_plan = initial_plan(total_steps, 0)  # DINO's weight decay has no warmup
+
+    @property
+    def total_steps(self) -> int:
+        return self.lr_plan.total_steps
 
     def step_update(self, step: int) -> None:
-        self.lr.step_update(step)
+        self.lr.step_update(schedule_position(self.lr_plan, step, self.lr.warmup_t, self.lr.t_initial))
         if self.weight_decay is not None:
-            self.weight_decay.step_update(step)
+            self.weight_decay.step_update(
+                schedule_position(self.weight_decay_plan, step, 0, self.weight_decay.total_steps))
+
+    def refit(self, step: int, total_steps: int) -> None:
+        self.lr_plan = refit(self.lr_plan, step, total_steps)
+        self.weight_decay_plan = refit(self.weight_decay_plan, step, total_steps)
+
+    def state_dict(self) -> dict[str, dict]:
+        return {"lr": dataclasses.asdict(self.lr_plan), "weight_decay": dataclasses.asdict(self.weight_decay_plan)}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self.lr_plan, self.weight_decay_plan = CosinePlan(**state["lr"]), CosinePlan(**state["weight_decay"])
 
 
 def build_scheduler(cfg: Config, optimizer, total_steps: int) -> StepSchedule:
     """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``;
-    with ``train.weight_decay_end``, the weight decay's cosine over the ``total_steps`` too.
-
-    Both are pure functions of the step, so rebuilding the scheduler (time budgets, resume)
-    changes nothing but the horizon.
+    with ``train.weight_decay_end``, the weight decay's cosine over the ``total_steps`` too. Both
+    are pure functions of the step and the plan, which a time budget re-fits (``StepSchedule.refit``).
     """
     t = cfg.train
     lr = base_lr(cfg)
@@ -157,21 +181,14 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> StepSchedule:
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
-    if t.weight_decay_end is None:
-        return StepSchedule(lr_schedule)
-    return StepSchedule(lr_schedule, WeightDecaySchedule(optimizer, t.weight_decay, t.weight_decay_end, total_steps))
+    weight_decay = (None if t.weight_decay_end is None
+                    else WeightDecaySchedule(optimizer, t.weight_decay, t.weight_decay_end, total_steps))
+    return StepSchedule(lr_schedule, total_steps, weight_decay)
 
 
 def scheduled_lr(optimizer) -> float:
     """The lr the schedule gives the weights now (not a group's multiple or fixed lr)."""
     return next(g["lr"] for g in optimizer.param_groups if "lr_scale" not in g and not g.get("fixed_lr"))
-
-
-def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
-    """Total steps of a run that has done ``step`` steps in ``elapsed_s`` and goes on at
-    ``step_time_s`` per step until ``budget_s``: at least one more step, at most ``max_steps``."""
-    remaining = int(max(0.0, budget_s - elapsed_s) / max(step_time_s, 1e-9))
-    return max(step + 1, min(max_steps, step + remaining))
 
 
 def _rng_state() -> dict[str, Any]:
@@ -243,13 +260,13 @@ class Trainer:
         self.backend, self.backend_why = train_backend(d.backend, self.rt.device, d.train)
         # This rank's samples per forward pass; the torch loader's readers each make an equal part of it.
         self.local_batch = split_batch(cfg.train.batch_size, self.rt.world_size, cfg.train.grad_accum_steps,
-                                       readers=d.readers if self.backend == "torch" else None,
+                                       readers=d.readers if self.backend in ("torch", "batched") else None,
                                        num_workers=d.num_workers)
         self.strategy = create_strategy(cfg, self.model, self.rt, self.local_batch)
         self.optimizer = self.strategy.optimizer
-        # Steps this run trains for: train.max_steps, or fewer once a time budget is measured.
-        self.total_steps = cfg.train.max_steps
-        self.budget_decided = cfg.train.budget_minutes <= 0
+        # train.budget_minutes: the run's length is re-fitted to the time left as it trains.
+        self.budget = (BudgetClock(60 * cfg.train.budget_minutes, cfg.train.budget_covers)
+                       if cfg.train.budget_minutes > 0 else None)
         # Methods with uses_labels (S4L, SLA) get the batch's labels, -1 outside data.labelled_fraction.
         self.labelled_keys = (labelled_keys(cfg.data.train, cfg.data.labelled_fraction, cfg.train.seed)
                               if self.model.uses_labels and cfg.data.labelled_fraction < 1 else None)
@@ -270,9 +287,19 @@ class Trainer:
         if plan.replaces is not None and self.rt.is_main:
             print(f"train.resume=never: the run in {self.out} moved to {set_aside_previous_run(self.out)}", flush=True)
         resume = plan.checkpoint
+        self._budget_state: dict | None = None
+        self.end_timing: dict[str, float] = {}  # measured after the loop (budget used, final checkpoint)
         if resume is not None:
             self._restore(resume)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        # Steps this run trains for (self.total_steps): train.max_steps, or what the time budget fits.
+        self.scheduler = build_scheduler(cfg, self.optimizer, cfg.train.max_steps)
+        if self._budget_state is not None:
+            # A time-budgeted run goes on with the plan and the budget time used before the
+            # interruption; any other run takes train.max_steps from the config.
+            self.scheduler.load_state_dict(self._budget_state["schedule"])
+            if self.total_steps > cfg.train.max_steps:
+                self.scheduler.refit(self.step, cfg.train.max_steps)
+            self.budget.used_before_s = self._budget_state["used_s"]
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
         if self.tracker is not None:
@@ -291,11 +318,8 @@ class Trainer:
         state = self.strategy.load(path)  # model and optimizer restored; the rest is ours
         self.step = state["step"]
         self.position = LoaderPosition(**state["position"])
-        # A time-budgeted run keeps the horizon it measured before the interruption; any other
-        # run takes train.max_steps from the config (a longer schedule on resume is allowed).
-        if self.cfg.train.budget_minutes > 0 and state.get("budget_total_steps"):
-            self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
-            self.budget_decided = True
+        if self.budget is not None:
+            self._budget_state = state.get("budget")
         self.run_id = state.get("mlflow_run_id")
         self.loss = state.get("loss", float("nan"))
         self.resumed_from = path
@@ -318,8 +342,8 @@ class Trainer:
         state = {
             "step": self.step,
             "skipped_samples": self._sum_over_ranks(self.skipped_samples),
-            "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
-            else None,
+            "budget": None if self.budget is None else {"schedule": self.scheduler.state_dict(),
+                                                        "used_s": self.budget.used_s()},
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
             "rng": rng,
             "world_size": self.rt.world_size,
@@ -330,6 +354,10 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.persist()  # the steps up to this one are not trained again: their metrics, on disk first
         return self.strategy.save(self.out / "checkpoints", self.step, state)
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduler.total_steps
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
@@ -362,10 +390,14 @@ class Trainer:
         if self.tracker is not None:
             self._record_start()
         self.model.train()
+        if self.budget is not None and self.budget.covers == "run" and self.rt.is_main:
+            self.budget.extraction_s = self._probe_feature_extraction()
         batches = self._loader()
         data_wait = 0.0
         window_start, window_steps = time.perf_counter(), 0
         train_start = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start_training()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
@@ -396,8 +428,8 @@ class Trainer:
             self.step_times.append((step_wait, step_compute))
             for callback in self.step_callbacks:
                 callback(self.step)
-            if not self.budget_decided and len(self.step_times) == BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS:
-                self._fit_schedule_to_budget(time.perf_counter() - train_start)
+            if self.budget is not None:
+                self._fit_to_budget()
             data_wait += step_wait
             window_steps += 1
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -412,10 +444,17 @@ class Trainer:
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                     "epoch": float(self.position.epoch),
                 }
+                if self.budget is not None:
+                    metrics.update(budget_total_steps=float(self.total_steps), budget_used_s=self.budget.used_s())
                 self._log(metrics)  # queued, no I/O: the tracker's thread sends it
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
-                self.save()
+                if self.budget is None:
+                    self.save()
+                else:
+                    tic = self.budget.clock()
+                    self.save()
+                    self.budget.record_checkpoint(self.budget.clock() - tic, t.checkpoint_every)
             if self.stop_check is not None and self.step < self.total_steps and self._any_rank(self.stop_check()):
                 path = self.save()
                 if self.rt.is_main:
@@ -423,8 +462,11 @@ class Trainer:
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
         self._report_skipped_samples()
+        self.end_timing = {"budget_used_s": self.budget.used_s()} if self.budget is not None else {}
         memory = gather_objects(_memory_mb(self.rt.device), self.rt)
+        tic = time.perf_counter()
         last = self.save()
+        self.end_timing["final_checkpoint_s"] = time.perf_counter() - tic
         d = self.cfg.data
         evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
         backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
@@ -475,21 +517,51 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
-    def _fit_schedule_to_budget(self, elapsed_s: float) -> None:
-        """Sets the run's length from the steady step time (the first BUDGET_SKIP_STEPS steps,
-        which pay for worker start-up and allocator warm-up, are left out), decided on rank 0
-        and shared, so every rank stops at the same step; the cosine schedule is rebuilt for it."""
-        t = self.cfg.train
-        step_time = statistics.median(w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:])
-        total = [steps_within_budget(60 * t.budget_minutes, elapsed_s, self.step, step_time, t.max_steps)]
+    def _fit_to_budget(self) -> None:
+        """Records the step just done and re-fits the run's length to the time budget (once enough
+        steps are measured): decided on rank 0 from its measurements (``BudgetClock``) and
+        broadcast, so every rank stops at the same step; the schedules are re-anchored so the lr and
+        weight decay go on without a jump (``StepSchedule.refit``)."""
+        self.budget.record_step()
+        if not self.budget.ready():
+            return
+        t, first = self.cfg.train, self.budget.seen == SKIP_STEPS + PROBE_STEPS
+        total = self.budget.total_steps(self.step, t.max_steps) if self.rt.is_main else 0
         if self.rt.world_size > 1:
-            dist.broadcast_object_list(total, src=0)
-        self.total_steps, self.budget_decided = total[0], True
-        self.scheduler = build_scheduler(self.cfg, self.optimizer, self.total_steps)
-        if self.rt.is_main:
-            print(f"time budget {t.budget_minutes:g} min at {step_time:.3f} s/step: training "
-                  f"{self.total_steps} steps", flush=True)
-            self.tracker.log_params({"train.budget_total_steps": self.total_steps})
+            decided = torch.tensor([total], dtype=torch.int64, device=self.rt.device)
+            dist.broadcast(decided, src=0)
+            total = int(decided.item())
+        if total != self.total_steps:
+            self.scheduler.refit(self.step, total)
+        if first and self.rt.is_main:
+            end = f", {self.budget.end_s():.0f} s kept for the end of the run" if t.budget_covers == "run" else ""
+            print(f"time budget {t.budget_minutes:g} min ({t.budget_covers}): {self.budget.used_s():.0f} s used, "
+                  f"{self.budget.step_s():.3f} s/step{end}: training {self.total_steps} steps (re-fitted "
+                  f"after every step)", flush=True)
+
+    def _probe_feature_extraction(self) -> float:
+        """Seconds the end-of-run kNN will spend extracting the features of data.eval_train and
+        data.eval_test, measured by the same extraction code on a few batches of data.eval_test with
+        a fresh backbone of the same architecture (the same cost; the trained one and the RNG
+        stay untouched)."""
+        d, e = self.cfg.data, self.cfg.eval
+        if not (e.after_pretrain and d.eval_train and d.eval_test):
+            return 0.0
+        with torch.random.fork_rng(devices=[]):
+            backbone = create_backbone(self.cfg.model.backbone, **self.cfg.model.backbone_args).to(self.rt.device)
+        seconds, images = [], []
+        tic = time.perf_counter()
+        with contextlib.closing(iter_features(backbone, d.eval_test, d.eval_image_size, d.mean, d.std,
+                                              e.batch_size, d.num_workers, self.rt.device)) as batches:
+            for features, _ in itertools.islice(batches, EXTRACTION_PROBE_BATCHES):
+                seconds.append(time.perf_counter() - tic)
+                images.append(len(features))
+                tic = time.perf_counter()
+        steady = slice(1, None) if len(seconds) > 1 else slice(None)  # the first batch starts the loader
+        image_s = sum(seconds[steady]) / sum(images[steady])
+        startup_s = max(0.0, seconds[0] - images[0] * image_s)
+        total = sum(read_manifest(folder)["num_samples"] for folder in (d.eval_train, d.eval_test))
+        return extraction_estimate_s(2, startup_s, total, image_s)
 
     def completed_result(self) -> TrainResult | None:
         """The recorded result when the resumed checkpoint is this run's finished last step (its
@@ -558,8 +630,8 @@ class Trainer:
 
     def _run_timing(self) -> dict[str, float]:
         """This process's training time, and its steady throughput: the median step after the
-        first BUDGET_SKIP_STEPS (worker start-up, allocator warm-up), loader waits included."""
-        steady = [w + c for w, c in self.step_times[BUDGET_SKIP_STEPS:]] or [w + c for w, c in self.step_times]
+        first SKIP_STEPS (worker start-up, allocator warm-up), loader waits included."""
+        steady = [w + c for w, c in self.step_times[SKIP_STEPS:]] or [w + c for w, c in self.step_times]
         if not steady:
             return {}
         step_s = statistics.median(steady)
@@ -572,9 +644,10 @@ class Trainer:
         result = TrainResult(output_dir=str(self.out), steps=self.step, final_loss=self.loss)
         if not self.rt.is_main:
             return result
+        tic = time.perf_counter()
         d, m = self.cfg.data, self.cfg.model
         result.run_id, result.tracking_uri = self.tracker.run_id, self.tracker.tracking_uri
-        result.timing = {**getattr(self, "timing", {}), **self._run_timing()}
+        result.timing = {**getattr(self, "timing", {}), **self._run_timing(), **self.end_timing}
         result.memory_mb = {key: [rank[key] for rank in memory] for key in memory[0]}
         self.tracker.log_metrics({f"{key}_mb_rank{r}": value for key, values in result.memory_mb.items()
                                   for r, value in enumerate(values)}, step=self.step)
@@ -592,11 +665,14 @@ class Trainer:
             result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
         else:
             self.tracker.log_artifact(str(backbone_dir), "backbone")
+        result.timing["export_register_s"] = time.perf_counter() - tic
         if knn is not None:
             result.knn_top1, result.timing["knn_s"] = knn.top1, knn.seconds
             self.tracker.log_metrics({"knn_top1": knn.top1, **{
                 f"knn_images_rank{r}": bank + queries
                 for r, (bank, queries) in enumerate(zip(knn.bank_per_rank, knn.queries_per_rank))}}, step=self.step)
+        if self.budget is not None and self.budget.covers == "run":
+            result.timing["budget_used_s"] = self.budget.used_s()  # the whole run, its kNN included
         self.tracker.end("FINISHED")
         return result
 
