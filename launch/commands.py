@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,50 +22,8 @@ def pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
-        _log_pretraining_plots(result, cfg)
-        if result.model_version:
-            _gate_registered_version(result, cfg)
         print_summary(result, cfg)
     return 0
-
-
-def _log_figures(client, run_id: str, figures: dict[str, bytes]) -> None:
-    """PNG files into the run's ``plots/`` artifact folder."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, png in figures.items():
-            (Path(tmp) / name).write_bytes(png)
-        client.log_artifacts(run_id, tmp, "plots")
-
-
-def _log_pretraining_plots(result, cfg) -> None:
-    """The views the method saw, and its loss / lr (/ online kNN) curves, on the pretraining run."""
-    from mlflow import MlflowClient
-
-    from ssl_foundry.pipeline.registry.plots import augmentation_grid, metric_curves
-
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    history = {key: [(m.step, m.value) for m in client.get_metric_history(result.run_id, key)]
-               for key in ("loss", "lr", "knn_monitor_top1")}
-    d = cfg.data
-    _log_figures(client, result.run_id, {
-        "augmentations.png": augmentation_grid(d.train, d.views, d.mean, d.std, seed=cfg.train.seed),
-        "curves.png": metric_curves(history, title=f"{cfg.model.method} {cfg.model.backbone}")})
-
-
-def _gate_registered_version(result, cfg) -> None:
-    """The end-of-pretraining kNN is an evaluation too: it may pass the gate, and the version's
-    card (written at registration, before the kNN ran) gets its accuracy."""
-    from mlflow import MlflowClient
-
-    from ssl_foundry.pipeline.registry.downstream import apply_gate, write_model_card
-    from ssl_foundry.pipeline.registry.export import BackboneSource
-
-    name, version = cfg.mlflow.registered_model, result.model_version
-    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
-    if result.knn_top1 is not None:
-        source = BackboneSource(f"models:/{name}/{version}", Path(result.backbone_dir), name, version, result.run_id)
-        print(f"evaluation gate:   {apply_gate(client, source, {'knn_top1': result.knn_top1}, cfg.eval.gate)}")
-    write_model_card(client, name, version)
 
 
 def print_summary(result, cfg) -> None:
@@ -166,7 +123,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
     check_input_size(backbone, source, cfg.data.eval_image_size)
@@ -193,10 +150,11 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
 
     from ssl_foundry.pipeline.registry.downstream import (apply_gate, lineage_tags, record_version_metrics,
                                                           write_model_card)
+    from ssl_foundry.pipeline.registry.plots import log_figures
     from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location
 
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=f"{kind} {source.ref}",
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+                         artifact_location=default_artifact_location(uri))
     tracker.set_tags(lineage_tags(source, kind))
     tracker.log_environment()
     tracker.log_params({"data.eval_train": cfg.data.eval_train, "data.eval_test": cfg.data.eval_test,
@@ -208,7 +166,7 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
         tracker.log_artifact(local_path, artifact_path)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if figures:
-        _log_figures(client, tracker.run_id, figures)
+        log_figures(client, tracker.run_id, figures)
     tracker.end()
     record_version_metrics(client, source, metrics, tracker.run_id)
     gate = apply_gate(client, source, metrics, cfg.eval.gate)
@@ -245,7 +203,7 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
               "pretrain_run_id": source.pretrain_run_id, "world_size": rt.world_size, **metrics,
               "final_loss": result.losses[-1][1]}
     if log:
-        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
         curves = metric_curves({"loss": [(step, loss) for step, loss, _ in result.losses],
                                 "lr": [(step, lr) for step, _, lr in result.losses]}, title=f"fine-tuning {source.ref}")
@@ -267,7 +225,7 @@ def eval_finetune(args: argparse.Namespace) -> int:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
     report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
@@ -302,10 +260,12 @@ def registry(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from ssl_foundry.pipeline.registry.downstream import PRODUCTION_ALIAS, promote, write_model_card
-    from ssl_foundry.pipeline.registry.tracking_server import check_reachable
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.tracking_server import check_store_exists
 
-    check_reachable(args.tracking_uri)
-    client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_store_exists(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if args.action == "promote":
         promote(client, args.name, args.version, force=args.force)
         print(f"models:/{args.name}@{PRODUCTION_ALIAS} -> version {args.version}")
@@ -323,10 +283,9 @@ def add_registry_parser(sub) -> None:
         command = actions.add_parser(action, help=text)
         command.add_argument("name")
         command.add_argument("version")
-        command.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                             required="MLFLOW_TRACKING_URI" not in os.environ,
-                             help="the store holding the registry (default: $MLFLOW_TRACKING_URI), e.g. "
-                                  "http://host:5000 or sqlite:///runs/demo/mlflow.db")
+        command.add_argument("--tracking-uri", default="",
+                             help="the store holding the registry, e.g. http://host:5000 (default: "
+                                  "$MLFLOW_TRACKING_URI, else runs/mlflow.db in the working directory)")
         if action == "promote":
             command.add_argument("--force", action="store_true", help="promote without a passed gate")
         command.set_defaults(func=registry)

@@ -19,11 +19,9 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
-    from ssl_foundry.pipeline.evaluate.knn import attach_knn_monitor
-    from ssl_foundry.pipeline.train.trainer import train
+    from ssl_foundry.pipeline.train.run import run_pretraining
 
-    cfg = config_from_dict(config)
-    return train(cfg, setup=attach_knn_monitor if cfg.eval.knn_every else None)
+    return run_pretraining(config_from_dict(config))
 
 
 def launch_ranks(cfg: Config, entry: Callable, *args: Any):

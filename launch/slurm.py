@@ -4,9 +4,10 @@
 
 One Slurm task per rank (per GPU with ``launch.gpus_per_node``), ``launch.nodes`` nodes; each task
 exports the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs
-``pipeline.train.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
-``--sweep`` values, each in its own ``<output_dir>/<index>-<override>`` with its override logged to
-MLflow as the param ``sweep.override``.
+``pipeline.train.run.run_pretraining``, as a local run does (online kNN monitor, plots, gate, model
+card). A sweep is one Slurm job array: one array task per combination of the ``--sweep`` values, each
+in its own ``<output_dir>/<index>-<override>`` with its override logged to MLflow as the param
+``sweep.override``.
 
 Preemption and time limits: Slurm sends USR2 ``launch.signal_delay_s`` before the time limit (and
 ``job._interrupt()``/``scancel --signal USR2`` does on demand). Every rank then finishes its step,
@@ -149,7 +150,8 @@ class PretrainJob:
         self.params = params or {}
 
     def __call__(self):
-        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted, train
+        from ssl_foundry.pipeline.train.run import run_pretraining
+        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted
 
         dist_env = export_torch_distributed_env()
         rank = int(dist_env["RANK"])
@@ -170,7 +172,7 @@ class PretrainJob:
                       f"{dist_env['MASTER_PORT']}, MLflow run {trainer.run_id}", flush=True)
 
         try:
-            return train(config_from_dict(self.config), setup=setup)
+            return run_pretraining(config_from_dict(self.config), setup=setup)
         except TrainingInterrupted as err:
             if rank == 0:
                 print(f"interrupted at step {err.step}: requeueing (resumes from {err.checkpoint})", flush=True)
@@ -233,9 +235,14 @@ def make_executor(cfg: Config, folder: Path):
 
 
 def _absolute(cfg: Config) -> Config:
-    """Paths as absolute ones: the job may start in another directory (and on other nodes)."""
+    """Paths as absolute ones, and the MLflow store resolved here (the config key, else the submitting
+    shell's MLFLOW_TRACKING_URI, else ./runs/mlflow.db): the job may start in another directory (and on
+    other nodes), with another environment."""
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).absolute())
+    cfg.mlflow.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     for key in ("train", "eval_train", "eval_test"):
         value = getattr(cfg.data, key)
         if value:
@@ -272,8 +279,6 @@ def task_result(job):
 
 
 def describe(jobs, configs, folder: Path) -> str:
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
-
     cfg = configs[0]
     first = jobs[0].job_id
     main_id = str(first).split("_")[0]
@@ -286,10 +291,8 @@ def describe(jobs, configs, folder: Path) -> str:
         lines.append(f"  job {job.job_id}{run_name}: output {c.output_dir}")
         lines.append(f"      log {folder / f'{job.job_id}_0_log.out'} (rank 0; errors in .err beside it, "
                      f"rank N in {job.job_id}_N_log.*)")
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, configs[0].output_dir)
     lines += [
-        f"MLflow: {uri if len(jobs) == 1 or cfg.mlflow.tracking_uri else '<output dir>/mlflow.db of each job'}, "
-        f"experiment '{cfg.mlflow.experiment}', runs tagged slurm.job_id={main_id}",
+        f"MLflow: {cfg.mlflow.tracking_uri}, experiment '{cfg.mlflow.experiment}', runs tagged slurm.job_id={main_id}",
         f"follow: tail -f {folder / f'{first}_0_log.out'}",
         f"        squeue -j {main_id}; sacct -j {main_id} -o JobID,State,Elapsed,NodeList",
         f"cancel: scancel {main_id}     preempt (checkpoint + requeue): scancel --signal USR2 {main_id}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -177,10 +178,12 @@ class EvalConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # empty: sqlite:///<output_dir>/mlflow.db, artifacts beside it
+    # empty: $MLFLOW_TRACKING_URI, else sqlite:///<working directory>/runs/mlflow.db, artifacts beside it
+    tracking_uri: str = ""
     experiment: str = "ssl-foundry"
     registered_model: str = ""  # empty: don't register
     run_name: str = ""
+    tensorboard: bool = False  # also write the metrics as TensorBoard event files to <output_dir>/tensorboard
 
 
 @dataclass
@@ -450,6 +453,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
     validate_eval(cfg.eval)
+    if cfg.mlflow.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("mlflow.tensorboard=true needs the tensorboard package: `pip install tensorboard` "
+                          "(requirements.txt pins it), or set mlflow.tensorboard=false")
     if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
         validate_clip_length(cfg, check_paths)
     if check_paths:

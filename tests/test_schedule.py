@@ -69,7 +69,6 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
     cosine fitted to it, and a run resumed after a crash ends at the same, checkpointed step."""
     from mlflow import MlflowClient
 
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
     from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
     from ssl_foundry.pipeline.train.trainer import BUDGET_PROBE_STEPS, BUDGET_SKIP_STEPS, train
     from test_resume import SimulatedCrash, crash_after_checkpoint
@@ -87,7 +86,7 @@ def test_time_budget_fits_the_schedule_and_resume_keeps_its_horizon(tiny_config,
 
     result = train(cfg)  # train.resume=auto: continues from crash_step, measures nothing again
     assert result.steps == horizon
-    client = MlflowClient(tracking_uri=resolve_tracking_uri("", str(tmp_path / "run")))
+    client = MlflowClient(tracking_uri=result.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.params["train.budget_total_steps"] == str(horizon)
     # The probe steps ran on the provisional max_steps horizon; every later step, before and after

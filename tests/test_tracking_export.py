@@ -7,6 +7,7 @@ real ``mlflow server`` over HTTP (one per module, ~10 s to start) and as the def
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -146,7 +147,7 @@ def register_two_versions(tracker: RunTracker, name: str, tmp_path: Path) -> dic
     for seed in (0, 1):
         backbone = make_backbone("resnet18", seed)
         folder = export(backbone, "resnet18", tmp_path / f"export_{seed}", mlflow_run_id=tracker.run_id)
-        by_version[tracker.register_model(str(folder), name)] = backbone
+        by_version[tracker.log_backbone(str(folder), name)] = backbone
     return by_version
 
 
@@ -196,19 +197,32 @@ def test_tracking_and_registry_over_http_server(mlflow_server, tmp_path):  # noq
     assert [f.path for f in client.list_artifacts(tracker.run_id, "configs")] == ["configs/config.yaml"]
 
 
-def test_registry_with_default_sqlite_store(tmp_path, monkeypatch):
-    output_dir = tmp_path / "run"
-    uri = resolve_tracking_uri("", str(output_dir))
-    assert uri == f"sqlite:///{output_dir}/mlflow.db"
-    assert default_artifact_location(uri, str(output_dir)) == str(output_dir / "mlartifacts")
-    shared = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # an explicit local store: artifacts beside it
-    assert default_artifact_location(shared, str(output_dir)) == str(tmp_path / "store" / "mlartifacts")
-    assert default_artifact_location("http://127.0.0.1:5000", str(output_dir)) is None
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    """The config key, else MLFLOW_TRACKING_URI, else runs/mlflow.db of the working directory with
+    artifacts beside it; a relative sqlite path is made absolute (a Slurm job starts elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert resolve_tracking_uri("http://127.0.0.1:5002") == "http://127.0.0.1:5002"
+    assert resolve_tracking_uri("") == "http://127.0.0.1:5001"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/team.db")
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'stores' / 'team.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert default_artifact_location(uri) == str(tmp_path / "runs" / "mlartifacts")
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+def test_registry_with_the_default_local_store(tmp_path, monkeypatch, mlflow_db_template):
+    cwd = tmp_path / "cwd"
+    (cwd / "runs").mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, cwd / "runs" / "mlflow.db")  # MLflow's migrations done once per session
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri()
     x, input_path = fixed_input(tmp_path)
 
-    tracker = RunTracker(uri, "ssl-sqlite", artifact_location=default_artifact_location(uri, str(output_dir)))
+    tracker = RunTracker(uri, "ssl-sqlite", artifact_location=default_artifact_location(uri))
     tracker.log_metrics({"loss": 3.0}, step=0)
     backbones = register_two_versions(tracker, "ssl-local", tmp_path)
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("ssl-local", "candidate", "2")
@@ -218,8 +232,9 @@ def test_registry_with_default_sqlite_store(tmp_path, monkeypatch):
                          (f"runs:/{tracker.run_id}/backbone", "1")]:
         folder = resolve_backbone(ref, uri)
         assert torch.equal(features(load_timm_backbone(folder), x), features(backbones[version], x)), ref
-    assert (output_dir / "mlartifacts" / tracker.run_id / "artifacts" / "backbone" / "model.safetensors").is_file()
-    assert list(Path.cwd().iterdir()) == []  # no mlflow.db / mlruns / mlartifacts in the working directory
+    # The two MLflow models, each with the timm hub files, under runs/mlartifacts beside the store.
+    assert len(list((cwd / "runs" / "mlartifacts").glob("models/*/artifacts/model.safetensors"))) == 2
+    assert list(cwd.iterdir()) == [cwd / "runs"]  # no mlruns / mlartifacts elsewhere in the working directory
 
     loaded = run_consumer(MLFLOW_CONSUMER, tmp_path, input_path, "models:/ssl-local/2",
                           env={"MLFLOW_TRACKING_URI": uri})
@@ -230,7 +245,7 @@ def test_resolve_backbone_errors_name_the_reference(mlflow_server, tmp_path):  #
     uri = mlflow_server.uri
     tracker = RunTracker(uri, "ssl-errors")
     folder = export(make_backbone("resnet18", 0), "resnet18", tmp_path / "backbone")
-    tracker.register_model(str(folder), "ssl-errors-model")
+    tracker.log_backbone(str(folder), "ssl-errors-model")
     tracker.end()
 
     with pytest.raises(FileNotFoundError, match=r"models:/no-such-model/1.*registered models: .*ssl-errors-model"):

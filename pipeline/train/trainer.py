@@ -170,9 +170,10 @@ def _find_resume(cfg: Config) -> Path | None:
 
 
 def _open_tracker(cfg: Config, run_id: str | None):
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+                         artifact_location=default_artifact_location(uri),
+                         tensorboard_dir=str(Path(cfg.output_dir) / "tensorboard") if cfg.mlflow.tensorboard else None)
     if run_id is None:
         tracker.log_params(flatten(to_dict(cfg)))
         tracker.log_environment()
@@ -445,10 +446,7 @@ class Trainer:
             extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id},
         )
         result.backbone_dir = str(backbone_dir)
-        if self.cfg.mlflow.registered_model:
-            result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
-        else:
-            self.tracker.log_artifact(str(backbone_dir), "backbone")
+        result.model_version = self.tracker.log_backbone(str(backbone_dir), self.cfg.mlflow.registered_model, self.step)
         if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
             backbone.eval()
             tic = time.perf_counter()
