@@ -43,6 +43,9 @@ def print_summary(result, cfg) -> None:
         print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} {unit}/s")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite"):
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
+    if result.model_version:
+        print(f"serve it:          MLFLOW_TRACKING_URI={result.tracking_uri} mlflow models serve -m "
+              f"models:/{cfg.mlflow.registered_model}/{result.model_version} --env-manager local --port 5001")
 
 
 def _user_errors(command):

@@ -4,6 +4,7 @@ in its own state dir and ports, and stops it by PID at the end. It needs root an
 tests skip with that reason elsewhere.
 
 - a 2-task job (`foundry submit --wait`) trains to completion: MLflow run, registered backbone;
+- a submitted run ends like a local one: online kNN, plots, gate tags, model card;
 - a job array of 2 (`--sweep train.lr=...`): both runs in MLflow with their override as a param;
 - slurm/pretrain.sbatch (no submitit) on 2 fake nodes;
 - preemption: job._interrupt() -> checkpoint -> requeue -> resume -> finish: one MLflow run whose loss at
@@ -181,6 +182,43 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
     backbone = timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.isfinite(backbone(torch.randn(2, 3, 32, 32))).all()
+
+
+@pytest.mark.slow
+def test_submitted_run_ends_like_a_local_run(slurm_cluster, shards, tmp_path, mlflow_store):
+    """`foundry submit` and `foundry pretrain` of one recipe end the same way (one code path, rank 0):
+    the online kNN monitor, the plots, the gate on the end-of-pretraining kNN and the model card,
+    both in the one store of the tracking-URI rule (here the test's MLFLOW_TRACKING_URI)."""
+    common = [*_data(shards), *TINY, "train.max_steps=4", "eval.after_pretrain=true", "eval.knn_every=2",
+              "eval.knn_k=20", "eval.gate.metric=knn_top1", "eval.gate.threshold=0"]
+    recipe = "configs/simclr_resnet18_fmnist.yaml"
+    slurm = _foundry(["submit", recipe, f"output_dir={tmp_path / 'slurm'}", *common,
+                      "mlflow.registered_model=ends-slurm", "--wait"], cwd=REPO)
+    assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
+    local = _foundry(["pretrain", recipe, f"output_dir={tmp_path / 'local'}", *common,
+                      "mlflow.registered_model=ends-local"], cwd=REPO)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
+    ends = {}
+    for launcher, name in (("slurm", "ends-slurm"), ("local", "ends-local")):
+        result = json.loads((tmp_path / launcher / "result.json").read_text())
+        assert result["tracking_uri"] == mlflow_store, launcher
+        version = client.get_model_version(name, result["model_version"])
+        ends[launcher] = {
+            "plots": sorted(f.path for f in client.list_artifacts(result["run_id"], "plots")),
+            "card files": [f.path.replace(name, "NAME") for f in client.list_artifacts(result["run_id"], "model_cards")],
+            "card sections": [line for line in version.description.splitlines() if line.startswith("## ")],
+            "card has the kNN": f"| pretraining knn_top1 | {result['knn_top1']:.4f} |" in version.description,
+            "version tags": sorted(version.tags),
+            "aliases": {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()},
+            "online kNN steps": [m.step for m in client.get_metric_history(result["run_id"], "knn_monitor_top1")],
+        }
+    assert ends["slurm"] == ends["local"]
+    assert ends["slurm"]["plots"] == ["plots/augmentations.png", "plots/curves.png"]
+    assert ends["slurm"]["card has the kNN"] and ends["slurm"]["aliases"] == {"candidate": "1"}
+    assert {"gate.passed", "gate.last", "model_card"} <= set(ends["slurm"]["version tags"])
+    assert ends["slurm"]["online kNN steps"] == [2, 4]
 
 
 @pytest.mark.slow

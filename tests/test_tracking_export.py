@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from ssl_foundry.pipeline.registry.export import export_timm_backbone, load_timm_backbone, resolve_backbone
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
+from conftest import REPO, run_cli
 from mlflow_server import free_port, mlflow_server  # noqa: F401  (tests/ is on sys.path; module-scoped fixture)
 
 IMAGE_SIZE = 32
@@ -211,6 +212,48 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     assert default_artifact_location(uri) == str(tmp_path / "runs" / "mlartifacts")
     assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+# The repository's SimCLR and BYOL recipes, tiny: ResNet-10t, batch 8, 2 steps on one thread.
+TINY_RECIPE_OVERRIDES = {
+    "simclr_resnet18_fmnist": ["model.method_args.proj_hidden_dim=32", "model.method_args.proj_out_dim=16"],
+    "byol_resnet18_fmnist": ["model.method_args.proj_hidden_dim=32", "model.method_args.pred_hidden_dim=32",
+                             "model.method_args.proj_out_dim=16"],
+}
+TINY_RUN = ["model.backbone=resnet10t", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8",
+            "train.max_steps=2", "train.warmup_steps=0", "train.threads=1", "train.precision=fp32",
+            "eval.after_pretrain=false"]
+
+
+def test_two_recipes_eval_and_registry_share_the_default_store(fmnist, mlflow_db_template, tmp_path, monkeypatch):
+    """No store named anywhere: `foundry pretrain` of two recipes (their own output_dir runs/<name>),
+    `foundry eval` and `foundry registry` run in one working directory all use its runs/mlflow.db."""
+    cwd = tmp_path / "checkout"
+    (cwd / "runs").mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, cwd / "runs" / "mlflow.db")  # MLflow's migrations done once per session
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    data = [f"data.{key}={fmnist / split}" for key, split in
+            (("train", "train"), ("eval_train", "train"), ("eval_test", "test"))]
+    recipes = {name: str(REPO / "configs" / f"{name}.yaml") for name in TINY_RECIPE_OVERRIDES}
+    for name, recipe in recipes.items():
+        done = run_cli(["pretrain", recipe, *data, *TINY_RUN, *TINY_RECIPE_OVERRIDES[name]], tmp_path, cwd=cwd)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(["eval", "knn", recipes["simclr_resnet18_fmnist"], "--backbone", "models:/byol-resnet18-fmnist/1",
+                    *data, "data.eval_image_size=32"], tmp_path, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eval_run_id = json.loads(done.stdout.strip().splitlines()[-1])["eval_run_id"]
+    done = run_cli(["registry", "card", "simclr-resnet18-fmnist", "1"], tmp_path, cwd=cwd)
+    assert done.returncode == 0 and done.stdout.startswith("# simclr-resnet18-fmnist v1"), done.stderr[-3000:]
+
+    assert sorted(p.relative_to(cwd) for p in cwd.rglob("mlflow.db")) == [Path("runs/mlflow.db")]
+    assert sorted(p.name for p in (cwd / "runs").iterdir()) == [
+        "byol_resnet18_fmnist", "mlartifacts", "mlflow.db", "simclr_resnet18_fmnist"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.params.get("model.method", r.data.tags.get("eval.kind")) for r in runs) == [
+        "byol", "knn", "simclr"]
+    assert client.get_run(eval_run_id).data.tags["lineage.model_name"] == "byol-resnet18-fmnist"
+    assert {m.name for m in client.search_registered_models()} == {"simclr-resnet18-fmnist", "byol-resnet18-fmnist"}
 
 
 def test_registry_with_the_default_local_store(tmp_path, monkeypatch, mlflow_db_template):
