@@ -33,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     images.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                         help="also start a new shard before the images exceed this many bytes")
     _add_common_options(images)
+    _add_follow_symlinks(images)
     images.set_defaults(func=_run_images)
 
     video = kinds.add_parser(
@@ -55,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     video.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                        help="also start a new shard before the clips exceed about this many bytes")
     _add_common_options(video)
+    _add_follow_symlinks(video)
     video.set_defaults(func=_run_video)
 
     samples = kinds.add_parser(
@@ -110,6 +112,12 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="replace shards in OUT written from other inputs or settings")
 
 
+def _add_follow_symlinks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--follow-symlinks", action="store_true",
+                        help="also take files and folders that symlinks lead to outside SRC (default: skipped "
+                             "and listed in OUT/manifest.json)")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -121,7 +129,7 @@ def _run_images(args: argparse.Namespace) -> int:
     try:
         summary = prep_images(args.src, args.out, shard_size=args.shard_size,
                               max_shard_bytes=args.max_shard_bytes, workers=args.workers,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, follow_symlinks=args.follow_symlinks)
     except PrepError as err:
         print(f"foundry prep images: {err}", file=sys.stderr)
         return 1
@@ -145,7 +153,8 @@ def _run_video(args: argparse.Namespace) -> int:
         settings = ClipSettings(clip_frames=args.clip_frames, stride=args.stride, fps=args.fps,
                                 max_side=args.max_side, codec=args.codec)
         summary = prep_video(args.src, args.out, settings, shard_size=args.shard_size,
-                             max_shard_bytes=args.max_shard_bytes, workers=args.workers, overwrite=args.overwrite)
+                             max_shard_bytes=args.max_shard_bytes, workers=args.workers, overwrite=args.overwrite,
+                             follow_symlinks=args.follow_symlinks)
     except PrepError as err:
         print(f"foundry prep video: {err}", file=sys.stderr)
         return 1

@@ -17,27 +17,9 @@ by the DALI loader. ``foundry prep`` indexes every shard it writes; ``foundry pr
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
-from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image,
-                                                split_member_name)
-
-def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
-    """Every sample of a tar in order: (key, [(ext, data offset, size, member name), ...])."""
-    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, ext = split_member_name(member.name)
-            if not key or key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
-                continue  # hidden files: DALI and webdataset skip them too
-            if not samples or samples[-1][0] != key:
-                samples.append((key, []))
-            samples[-1][1].append((ext, member.offset_data, member.size, member.name))
-    return samples
-
+from ssl_foundry.data_prep.shard_format import IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image, read_samples
 
 def _image_problem(f, components: list[tuple[str, int, int, str]]) -> str | None:
     """Why the sample's image does not decode (None when it does, or when it has no image)."""

@@ -51,15 +51,22 @@ def find_classes(src: Path, extensions: frozenset[str] = ACCEPTED_EXTENSIONS) ->
     return [] if top_level_inputs else sorted(e.name for e in entries if e.is_dir())
 
 
-def list_files(src: Path) -> tuple[list[str], list[dict]]:
+def list_files(src: Path, follow_symlinks: bool = False) -> tuple[list[str], list[dict]]:
     """Sorted paths (relative to ``src``) of every file below it, following folder symlinks but
-    walking each real folder once; plus ``unreadable`` skip entries for folders it cannot list."""
+    walking each real folder once; plus skip entries: ``unreadable`` for folders it cannot list and,
+    unless ``follow_symlinks``, ``outside-src`` for symlinks (files or folders) whose target is not
+    under ``src``."""
     files: list[str] = []
-    unreadable: list[dict] = []
+    skipped: list[dict] = []
     walked: set[str] = set()
+    root = os.path.realpath(src)
 
     def on_error(err: OSError) -> None:
-        unreadable.append(skipped_entry(os.path.relpath(err.filename, src), "unreadable", str(err)))
+        skipped.append(skipped_entry(os.path.relpath(err.filename, src), "unreadable", str(err)))
+
+    def leaves_src(path: str) -> bool:
+        target = os.path.realpath(path)
+        return os.path.exists(target) and os.path.commonpath([root, target]) != root
 
     for folder, subfolders, names in os.walk(src, onerror=on_error, followlinks=True):
         subfolders.sort()  # walk order decides which path a twice-linked folder is listed under
@@ -68,8 +75,17 @@ def list_files(src: Path) -> tuple[list[str], list[dict]]:
             subfolders.clear()
             continue
         walked.add(real)
-        files.extend(os.path.relpath(os.path.join(folder, name), src) for name in names)
-    return sorted(files), unreadable
+        paths = [os.path.join(folder, name) for name in names]
+        if not follow_symlinks:
+            outside = [p for p in [os.path.join(folder, d) for d in subfolders] + paths
+                       if os.path.islink(p) and leaves_src(p)]
+            skipped += [skipped_entry(os.path.relpath(p, src), "outside-src", f"symbolic link to "
+                                      f"{os.path.realpath(p)}, outside SRC (--follow-symlinks takes it)")
+                        for p in outside]
+            subfolders[:] = [d for d in subfolders if os.path.join(folder, d) not in outside]
+            paths = [p for p in paths if p not in outside]
+        files.extend(os.path.relpath(p, src) for p in paths)
+    return sorted(files), skipped
 
 
 def file_problem(src: Path, path: str, extensions: frozenset[str]) -> dict | None:
@@ -116,12 +132,13 @@ def _check_files(task: tuple[Callable[[Path, str, int | None], Any], Path, list[
 
 def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: frozenset[str],
                   check: Callable[[Path, str, int | None], Any], workers: int, batch: int,
-                  what: str) -> tuple[Path, Path, list[str], list, list[dict]]:
+                  what: str, follow_symlinks: bool = False) -> tuple[Path, Path, list[str], list, list[dict]]:
     """The shared first half of a prep: SRC and OUT checked, class folders found (ImageNet style
     when SRC holds no input at its top level), every file below SRC run through ``check(src, path,
-    label)`` in worker processes, ``batch`` files per task. ``check`` (picklable) returns a valid
-    input or its ``skipped`` entry (a dict). Returns ``(src, out, classes, valid, skipped)``, both
-    lists sorted by path; raises PrepError when nothing is valid."""
+    label)`` in worker processes, ``batch`` files per task (symlinks leaving SRC are skipped unless
+    ``follow_symlinks``). ``check`` (picklable) returns a valid input or its ``skipped`` entry (a
+    dict). Returns ``(src, out, classes, valid, skipped)``, both lists sorted by path; raises
+    PrepError when nothing is valid."""
     src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
     if not src_dir.is_dir():
         raise PrepError(f"SRC '{src}' is not a folder")
@@ -129,7 +146,7 @@ def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: fr
         raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
     classes = find_classes(src_dir, extensions)
     class_index = {name: i for i, name in enumerate(classes)}
-    files, skipped = list_files(src_dir)
+    files, skipped = list_files(src_dir, follow_symlinks)
     files_with_labels = [(path, class_index.get(path.split(os.sep, 1)[0]) if os.sep in path else None)
                          for path in files]
     tasks = [(check, src_dir, files_with_labels[i:i + batch]) for i in range(0, len(files), batch)]
@@ -179,14 +196,14 @@ class ImageSample:
 
 def prep_images(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
                 max_shard_bytes: int | None = None, workers: int | None = None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, follow_symlinks: bool = False) -> dict:
     """Shards every valid image under ``src`` into ``out`` (resuming an interrupted run) and
     returns :func:`data_prep.shards.write_shards`'s summary plus ``skipped_reasons`` and timings:
     ``check_seconds`` (listing and decoding the inputs), ``write_seconds`` and total ``seconds``."""
     start = time.perf_counter()
     workers = workers or default_workers()
     src_dir, out_dir, classes, valid, skipped = check_sources(src, out, ACCEPTED_EXTENSIONS, check_image, workers,
-                                                              CHECK_BATCH, "images")
+                                                              CHECK_BATCH, "images", follow_symlinks)
     check_seconds = time.perf_counter() - start
     plan = ShardPlan(
         source=str(src_dir),

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,10 @@ class ManifestError(PrepError):
     """A shard folder without a usable manifest."""
 
 
+class ShardError(ManifestError):
+    """A shard that differs from its manifest entry (missing, cut short, changed) or does not read."""
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -114,12 +119,60 @@ def shard_paths(folder: str | os.PathLike, allow_incomplete: bool = False) -> li
     return [str(root / s["name"]) for s in manifest["shards"] if s["complete"]]
 
 
+def remake_hint(folder: str | os.PathLike) -> str:
+    return (f"restore it, or rerun the `foundry prep` command that wrote {folder} (it keeps the shards that "
+            f"match the manifest and rewrites the others)")
+
+
+def verify_shards(folder: str | os.PathLike, mode: str = "size", part: tuple[int, int] = (0, 1)) -> None:
+    """Checks a finished folder's shards against its manifest before they are read: each exists and has
+    the recorded size (``size``), and the recorded sha256 (``sha256``: reads every byte, so caller
+    ``part=(i, n)`` of n hashes every n-th shard from the i-th). Raises ShardError naming the first that
+    differs and the fix."""
+    if mode == "none":
+        return
+    manifest = read_manifest(folder)
+    records = manifest["shards"]
+    for record in records:
+        path = Path(folder) / record["name"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"shard {path} is missing ({MANIFEST_NAME} lists it): {remake_hint(folder)}") from None
+        if size != record["bytes"]:
+            raise ShardError(f"shard {path} is {size} bytes, {MANIFEST_NAME} records {record['bytes']}: it was cut "
+                             f"short or replaced after prep; {remake_hint(folder)}")
+    if mode == "sha256":
+        index, count = part
+        for record in records[index::count]:
+            path = Path(folder) / record["name"]
+            if file_sha256(path) != record["sha256"]:
+                raise ShardError(f"shard {path} does not have the sha256 {MANIFEST_NAME} records: its bytes changed "
+                                 f"after prep; {remake_hint(folder)}")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_samples(shard: str | os.PathLike) -> list[tuple[str, list[tuple[str, int, int, str]]]]:
+    """Every sample of a tar in order: (key, [(ext, data offset, size, member name), ...])."""
+    samples: list[tuple[str, list[tuple[str, int, int, str]]]] = []
+    with tarfile.open(shard, "r:") as tar:  # shards are plain tars
+        for member in tar:
+            if not member.isreg():
+                continue
+            key, ext = split_member_name(member.name)
+            if not key or key.endswith("/") or key.rsplit("/", 1)[-1].startswith("."):
+                continue  # hidden files: DALI and webdataset skip them too
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            samples[-1][1].append((ext, member.offset_data, member.size, member.name))
+    return samples
 
 
 def probe_image(data: bytes) -> tuple[int, int, str]:

@@ -20,10 +20,14 @@ data_prep.shard_format (the format's one definition), which refuse a folder whos
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import hashlib
 import json
 import os
+import signal
+import socket
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -40,6 +44,8 @@ from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, 
                                                 sample_key, shard_name)
 
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".foundry-prep.lock"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Fixed member mtime: rewriting a shard from the same inputs gives identical bytes (same sha256).
 TAR_MTIME = 0
 # The manifest fields of ShardPlan.identity(), as error messages name them.
@@ -130,14 +136,25 @@ class _ShardTask:
     build_sample: Callable[[Any], dict[str, bytes]]
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: the kernel kills this worker when the prep process dies (kill -9
+    included), so no orphan goes on writing into OUT after its prep is gone."""
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def parallel_imap(func: Callable[[Item], Result], tasks: Sequence[Item], workers: int) -> Iterator[Result]:
     """``func(task)`` for every task, yielded as each finishes (in any order), in up to
     ``workers`` processes; in this process when one worker (or one task) is enough. A worker that
-    dies (killed, out of memory) raises BrokenProcessPool here instead of hanging."""
+    dies (killed, out of memory) raises BrokenProcessPool here instead of hanging; the workers die
+    with this process."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(func, tasks)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         try:
             for future in as_completed([pool.submit(func, task) for task in tasks]):
                 yield future.result()
@@ -206,16 +223,30 @@ def _index_task(task: tuple[Path, bool]) -> tuple[str, dict]:
 
 @contextmanager
 def _exclusive_lock(folder: Path) -> Iterator[None]:
-    """Two preps writing into one folder would corrupt each other's shards: refuse the second."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
+    """One prep at a time per folder: two would corrupt each other's shards. The lock is a POSIX
+    record lock on ``folder/.foundry-prep.lock``, which the kernel releases when its process dies
+    (kill -9 included) and which forked workers do not hold. The file names the holder (host, PID,
+    start time): a second prep is refused naming it, and a prep that finds the record of one that
+    died without releasing the lock says that it takes it over."""
+    with open(folder / LOCK_NAME, "a+") as f:  # appends: every write lands after truncate(0)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrepError(f"another foundry prep is writing into {folder}") from None
-        yield
-    finally:
-        os.close(fd)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            f.seek(0)
+            raise PrepError(f"another foundry prep is writing into {folder} ({f.read() or 'holder unknown'}): "
+                            f"wait for it to finish or stop it") from None
+        f.seek(0)
+        if holder := f.read():
+            print(f"{folder}: taking over the lock of a foundry prep that is no longer running ({holder})",
+                  file=sys.stderr, flush=True)
+        f.truncate(0)
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # released: nothing to take over
 
 
 def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -> dict:

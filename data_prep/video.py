@@ -293,7 +293,7 @@ def clip_starts(frames: int, settings: ClipSettings) -> range:
 
 def prep_video(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSettings = ClipSettings(),
                shard_size: int = 100, max_shard_bytes: int | None = None, workers: int | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, follow_symlinks: bool = False) -> dict:
     """Shards clips of every valid video under ``src`` into ``out`` (resuming an interrupted run);
     returns :func:`data_prep.shards.write_shards`'s summary plus ``videos``, ``skipped_reasons``,
     ``check_seconds``, ``write_seconds`` and ``clips_per_s`` (of the write)."""
@@ -302,7 +302,7 @@ def prep_video(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSet
     # one video per task: videos vary in length, so small tasks balance the workers
     src_dir, out_dir, classes, valid, skipped = check_sources(src, out, VIDEO_EXTENSIONS,
                                                               partial(probe_video, settings=settings), workers, 1,
-                                                              "videos")
+                                                              "videos", follow_symlinks)
     check_seconds = time.perf_counter() - start
     clips = [(v, s) for v, video in enumerate(valid) for s in clip_starts(video.frames, settings)]
     # bytes per clip, estimated for --max-shard-bytes from its pixel count (MJPEG ~ 1 bit/pixel)

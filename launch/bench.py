@@ -365,16 +365,20 @@ def bench_loader(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- quality
-def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tracking_uri: str) -> dict:
+def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tracking_uri: str,
+                            teacher: dict | None = None) -> dict:
     """One recipe through `foundry pretrain` in its own process for ``--budget-minutes`` of
     training (the recipe's step count lifted, so the budget decides), then its kNN top-1 (from the
     pretraining) and linear-probe top-1 (on the exported backbone). With ``--reuse-runs``, a recipe
-    whose run folder already has a result.json is not trained again, only evaluated."""
+    whose run folder already has a result.json is not trained again, only evaluated. A distillation
+    recipe distils ``teacher`` (a row of this bench) when given: its row gets the student's kNN as a
+    share of the teacher's."""
     name = Path(recipe).stem
     run_dir, log_path = out / name, out / f"{name}.log"
     overrides = [f"output_dir={run_dir}", f"train.budget_minutes={args.budget_minutes}",
                  f"train.max_steps={10**7}", "train.resume=never", "eval.after_pretrain=true",
-                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=", *args.overrides]
+                 f"mlflow.tracking_uri={tracking_uri}", "mlflow.registered_model=",
+                 *([f"model.teacher={out / teacher['recipe'] / 'backbone'}"] if teacher else []), *args.overrides]
     cfg = load_config(recipe, overrides)
     row = {"recipe": name, "method": cfg.model.method, "backbone": cfg.model.backbone,
            "batch_size": cfg.train.batch_size, "log": str(log_path)}
@@ -400,6 +404,8 @@ def _pretrain_within_budget(recipe: str, args: argparse.Namespace, out: Path, tr
                train_minutes=timing["train_s"] / 60, knn_top1=result["knn_top1"], knn_s=timing.get("knn_s"),
                final_loss=result["final_loss"], mlflow_run_id=result["run_id"])
     row.update(_linear_probe_export(str(run_dir / "backbone"), cfg))  # where pretraining exports it
+    if teacher:
+        row.update(teacher=teacher["recipe"], knn_share_of_teacher=row["knn_top1"] / teacher["knn_top1"])
     print(f"[bench quality] {name}: {row['steps']} steps, {row['images_per_s']:.0f} images/s, "
           f"kNN top-1 {100 * row['knn_top1']:.2f}%, linear top-1 {100 * row['linear_top1']:.2f}%", flush=True)
     return row
@@ -484,17 +490,26 @@ def _quality_markdown(report: dict) -> str:
     for r in report["baselines"]:
         lines.append(f"| {r['recipe']} | baseline | {r['backbone']} | - | 0 | - | - | {_percent(r['knn_top1'])} | "
                      f"{_percent(r['linear_top1'])} |")
+    lines += [f"\n{r['recipe']} distils {r['teacher']}: its kNN top-1 is {_percent(r['knn_share_of_teacher'])} of the "
+              f"teacher's, at the same budget." for r in report["runs"] if "knn_share_of_teacher" in r]
     return "\n".join(lines) + "\n"
 
 
 def bench_quality(args: argparse.Namespace) -> int:
     """Every Fashion-MNIST recipe for the same CPU budget, kNN-evaluated, beside the baselines."""
+    from ssl_foundry.models.registry import takes_teacher
+
     recipes = args.recipe or sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*_fmnist.yaml"))
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
-    runs = [_pretrain_within_budget(recipe, args, out, tracking_uri) for recipe in recipes]
     configs = [load_config(recipe, list(args.overrides)) for recipe in recipes]
+    distills = {recipe for recipe, cfg in zip(recipes, configs) if takes_teacher(cfg.model.method)}
+    runs = [_pretrain_within_budget(recipe, args, out, tracking_uri) for recipe in recipes if recipe not in distills]
+    # Distillation last, from the best backbone trained here (none: the recipe's own model.teacher).
+    teacher = max((r for r in runs if "error" not in r), key=lambda r: r["knn_top1"], default=None)
+    runs += [_pretrain_within_budget(recipe, args, out, tracking_uri, teacher) for recipe in recipes
+             if recipe in distills]
     report = {
         "benchmark": "quality",
         "command": " ".join(["foundry bench quality", f"--budget-minutes {args.budget_minutes:g}",

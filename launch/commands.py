@@ -18,8 +18,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def pretrain(args: argparse.Namespace) -> int:
     from ssl_foundry.launch.local import launch_pretrain
+    from ssl_foundry.models.registry import takes_teacher
 
     cfg = load_config(args.config, args.overrides)
+    if takes_teacher(cfg.model.method) and cfg.launch.nproc_per_node * cfg.launch.nnodes > 1:
+        from ssl_foundry.pipeline.registry.teacher import load_teacher
+
+        load_teacher(cfg)  # a teacher that does not resolve or fit fails here once, not in every rank
     result = launch_pretrain(cfg)
     if result is not None and getattr(result, "run_id", None):
         print_summary(result, cfg)
@@ -197,8 +202,10 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     rt = init_runtime(cfg.launch, cfg.train)
     try:
         result = finetune(source, cfg, rt, num_classes=len(read_manifest(cfg.data.eval_train)["classes"]))
-    finally:
-        shutdown_runtime()
+    except BaseException:
+        shutdown_runtime(failed=True)
+        raise
+    shutdown_runtime()
     if result is None:
         return None
     metrics = {"finetune_top1": result.top1}

@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 from timm.layers import build_sincos2d_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 
 
@@ -43,6 +44,21 @@ def freeze_sincos_pos_embed(vit: VisionTransformer) -> None:
     with torch.no_grad():
         vit.pos_embed.copy_(fixed.to(vit.pos_embed))
     vit.pos_embed.requires_grad_(False)
+
+
+def vit_tokens(vit: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    """Every output token of a timm ViT, ``(N, num_prefix_tokens + L, D)`` after its final norm
+    (class and register tokens first), as ``forward_features``; with ``mask`` ((N, L) bool, True =
+    masked) the embeddings of the masked patches are replaced by ``mask_token`` (D,) before the
+    position embedding is added, as BEiT, iBOT and DINOv2 mask their student's input."""
+    x = vit.patch_embed(x)  # (N, L, D), or (N, h, w, D) with dynamic_img_size
+    if mask is not None:
+        x = torch.where(mask.view(*x.shape[:-1], 1), mask_token.to(x.dtype), x)
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+    # train.activation_checkpointing: recompute the blocks in backward, as timm's forward_features does
+    x = checkpoint_seq(vit.blocks, x) if vit.grad_checkpointing and torch.is_grad_enabled() else vit.blocks(x)
+    return vit.norm(x)
 
 
 def feature_map_reduction(backbone: nn.Module, method: str) -> int:

@@ -6,6 +6,7 @@ local batch), so methods are written once for both cases.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,13 +55,20 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a tensor, for logging (no gradient)."""
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks of a tensor, without gradient (statistics of the global batch: DINO's centre,
+    Sinkhorn-Knopp's normalisers, counts)."""
     if not is_distributed():
         return x
     x = x.detach().clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks of a tensor, without gradient (logging)."""
+    return all_reduce_sum(x) / world_size()
 
 
 @torch.no_grad()
@@ -215,3 +223,23 @@ def zero3_gathered(params: list[torch.Tensor], modifier_rank: int | None = None)
     import deepspeed  # optional (train.strategy=deepspeed); partitioned parameters mean it is installed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+@torch.no_grad()
+def set_parameter_(param: torch.nn.Parameter, value: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Set a *trained* parameter in place to ``value(param)`` (a function of its whole current
+    value, identical on every rank), e.g. SwAV's renormalised prototypes, under any strategy.
+
+    Under DDP the optimizer steps the parameter tensor itself. DeepSpeed ZeRO steps an fp32 master
+    copy (a partition of it on each rank) and copies it into the parameter after each step, so an
+    in-place change of the parameter alone would be undone at the next step: the master copy is
+    set too (``safe_set_full_fp32_param``). Under ZeRO-3 the parameter is gathered whole first and
+    its new value re-partitioned.
+    """
+    with zero3_gathered([param], modifier_rank=0):
+        new = value(param.detach()).to(param.dtype)
+        param.copy_(new)
+    if is_zero3_partitioned(param) or hasattr(param, "_hp_mapping"):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, new.float())

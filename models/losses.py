@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssl_foundry.models.distributed import all_reduce_sum_with_grad, gather_no_grad, gather_with_grad, rank, world_size
+from ssl_foundry.models.distributed import (all_reduce_sum, all_reduce_sum_with_grad, gather_no_grad, gather_with_grad,
+                                            rank, world_size)
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -288,3 +289,184 @@ def cpc_info_nce_loss(predictions: torch.Tensor, z: torch.Tensor) -> torch.Tenso
         labels = (sequence * length + torch.arange(k, length, device=z.device)).flatten()  # z_{t+k}
         losses.append(F.cross_entropy(logits, labels))
     return torch.stack(losses).mean()
+
+
+def negative_cosine_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's D(p, z) = -p/||p|| . z/||z|| with the stop-gradient on z (Chen & He 2021, eq. 1 and
+    3: ``D(p, stopgrad(z))``), averaged over the batch."""
+    return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
+    """VICReg (Bardes, Ponce, LeCun 2022, sec. 3), as the official code computes it (which is what
+    the coefficients lambda = mu = 25, nu = 1 were tuned with):
+
+        s(Z, Z')  = mean_{i, j} (z_ij - z'_ij)^2                         (invariance: MSE)
+        v(Z)      = 1/d sum_j max(0, 1 - sqrt(Var(z^j) + eps))          (variance: hinge on the std)
+        C(Z)      = 1/(n - 1) sum_i (z_i - zbar)(z_i - zbar)^T
+        c(Z)      = 1/d sum_{i != j} C(Z)_ij^2                            (covariance)
+        L = lambda s(Z, Z') + mu [v(Z) + v(Z')] / 2 + nu [c(Z) + c(Z')]
+
+    (the paper's total loss has mu [v(Z) + v(Z')] and a sum over features in s; the code halves
+    the variance term and averages s over features). Var is unbiased; n is the *global* batch: the
+    variance and covariance terms see every rank's embeddings (gathered with gradients, as the
+    reference code's FullGatherLayer), the invariance term is local and averaged over ranks by DDP.
+    """
+    z1, z2 = z1.float(), z2.float()
+    invariance = F.mse_loss(z1, z2)
+    variance = covariance = 0.0
+    for z in (gather_with_grad(z1), gather_with_grad(z2)):
+        n, d = z.shape
+        z = z - z.mean(dim=0)
+        variance = variance + F.relu(1 - torch.sqrt(z.var(dim=0) + eps)).mean() / 2
+        cov = z.T @ z / (n - 1)
+        covariance = covariance + (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / d
+    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+
+
+def nnclr_loss(nearest: torch.Tensor, p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """NNCLR (Dwibedi et al. 2021, eq. 2, with the prediction head the paper trains with): the nearest
+    neighbour NN(z_i, Q) of each embedding in the support set Q is the anchor, the prediction of
+    the other view of the same image the positive, those of every other image of the *global*
+    batch the negatives:
+
+        L_i = -log exp(NN(z_i, Q) . p_i^+ / t) / sum_{k=1..n} exp(NN(z_i, Q) . p_k^+ / t)
+
+    averaged over this rank's anchors; all vectors L2-normalised. ``nearest`` comes from the
+    support set and carries no gradient; ``p`` is gathered from every rank with gradients, and
+    the positive of local sample ``b`` on rank ``r`` is global row ``r * B + b``.
+    """
+    nearest = F.normalize(nearest.float(), dim=1).detach()
+    all_p = gather_with_grad(F.normalize(p.float(), dim=1))
+    logits = nearest @ all_p.T / temperature
+    labels = torch.arange(nearest.shape[0], device=nearest.device) + rank() * nearest.shape[0]
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+                   shared_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft assignments of the samples of the *global* batch to K prototypes (SwAV, Caron et al.
+    2020, sec. 3.1, eq. 3 and its solution eq. 5; DINOv2's optional centering of the teacher, Oquab
+    et al. 2023, sec. 4): the Q (K x B) that maximises
+
+        Tr(Q^T C^T Z) + eps H(Q)   subject to   Q 1_B = 1_K / K,   Q^T 1_K = 1_B / B
+
+    (every prototype gets an equal share of the batch). Its solution Q* = Diag(u) exp(C^T Z / eps)
+    Diag(v) is approximated, as in the official code, by normalising exp(C^T Z / eps) to sum 1, then
+    ``iterations`` times its rows (to 1/K each, sums over every rank) and its columns (to 1/B);
+    returned times B, so each sample's code sums to 1.
+
+    ``scores`` (N, K): this rank's samples against the prototypes, C^T Z (ranks may hold different
+    N). ``shared_scores`` (S, K): SwAV's queue of past embeddings, identical on every rank: its S
+    columns take part in the normalisation once (not once per rank), so B = sum of N over ranks + S,
+    exactly as the official per-rank queues of S / world_size embeddings each. Returns (N, K), this
+    rank's codes.
+    """
+    q = torch.exp(scores.float() / epsilon).T
+    shared = (torch.exp(shared_scores.float() / epsilon).T if shared_scores is not None
+              else q.new_zeros(q.shape[0], 0))
+    prototypes = q.shape[0]
+    samples = all_reduce_sum(q.new_tensor(float(q.shape[1]))) + shared.shape[1]
+    total = all_reduce_sum(q.sum()) + shared.sum()
+    q, shared = q / total, shared / total
+    for _ in range(iterations):
+        rows = all_reduce_sum(q.sum(dim=1, keepdim=True)) + shared.sum(dim=1, keepdim=True)
+        q, shared = q / rows / prototypes, shared / rows / prototypes
+        q = q / q.sum(dim=0, keepdim=True) / samples
+        shared = shared / shared.sum(dim=0, keepdim=True) / samples
+    return (q * samples).T
+
+
+def swapped_prediction_loss(scores: list[torch.Tensor], codes: list[torch.Tensor], assign_views: list[int],
+                            temperature: float = 0.1) -> torch.Tensor:
+    """SwAV's swapped prediction over multi-crop (Caron et al. 2020, eq. 2 and sec. 3.2): the code
+    q_s of each view s in ``assign_views`` (the global views) is predicted from every other view t,
+
+        l(z_t, q_s) = - mean_b sum_k q_s[b, k] log softmax_k(z_t[b] . c_k / tau)
+        L = 1/|S| sum_{s in S} 1/(V - 1) sum_{t != s} l(z_t, q_s)
+
+    ``scores[t]`` (B, K): view t's z . c against the prototypes; ``codes[i]`` (B, K): the codes
+    of view ``assign_views[i]``, no gradient.
+    """
+    loss = scores[0].new_zeros((), dtype=torch.float32)
+    for view, q in zip(assign_views, codes):
+        others = [t for t in range(len(scores)) if t != view]
+        log_p = [F.log_softmax(scores[t].float() / temperature, dim=1) for t in others]
+        loss = loss + torch.stack([-(q * log_p_t).sum(dim=1).mean() for log_p_t in log_p]).mean()
+    return loss / len(codes)
+
+
+def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cos(s, t) between the (projected) student feature and the frozen teacher's, averaged over
+    the batch: regression of the teacher's feature direction, as SimReg (Navaneet et al. 2021)."""
+    return (1 - F.cosine_similarity(student.float(), teacher.detach().float(), dim=1)).mean()
+
+
+def smooth_l1_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """Feature distillation (Wei et al. 2022, "Contrastive Learning Rivals Masked Image Modeling in
+    Fine-tuning via Feature Distillation", sec. 3.1): smooth L1 (``beta`` 2.0, the official code's)
+    between the projected student feature and the teacher's feature whitened by a non-parametric
+    layer norm (zero mean, unit variance over its channels, eps 1e-5), averaged over batch and channels."""
+    target = F.layer_norm(teacher.detach().float(), teacher.shape[-1:])
+    return F.smooth_l1_loss(student.float(), target, beta=beta)
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor],
+              student_temp: float = 0.1) -> torch.Tensor:
+    """DINO's self-distillation loss over multi-crop views (Caron et al. 2021, sec. 3.1, eq. 3):
+
+        P_s(x) = softmax(g_s(x) / t_s)
+        L = mean over pairs (x in {x_1^g, x_2^g}, x' in V, x' != x) of  H(P_t(x), P_s(x')),
+        H(a, b) = -sum_k a_k log b_k
+
+    each pair's cross entropy averaged over the batch, then averaged over the pairs (DINO's
+    ``total_loss / n_loss_terms``). ``student_logits``: one (B, K) batch per view, the global views
+    first; ``teacher_probs``: P_t of the global views, (B, K) each, already centred and sharpened
+    (:class:`models.methods.dino.TeacherCenter` or :func:`sinkhorn_knopp`), no gradient. The pair
+    of a global view with itself is skipped.
+    """
+    log_probs = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student_logits]
+    pairs = [(t, lp) for i, t in enumerate(teacher_probs) for v, lp in enumerate(log_probs) if v != i]
+    if not pairs:
+        raise ValueError("dino_loss: no (teacher view, other student view) pair: give at least 2 views")
+    return torch.stack([-(t.detach() * lp).sum(dim=-1).mean() for t, lp in pairs]).mean()
+
+
+def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
+                    student_temp: float = 0.1) -> torch.Tensor:
+    """iBOT's masked image modelling loss (Zhou et al. 2022, sec. 3.2, eq. 2), a patch-level DINO
+    loss: the student's output at each *masked* patch of a view predicts the teacher's output at
+    that patch of the unmasked view,
+
+        L_MIM = - sum_i m_i P_t(u_i)^T log P_s(u^_i),   P_s = softmax(g_s / t_s)
+
+    averaged over the masked patches of each view, then over every view of the batch (a view
+    without a masked patch counts 0), as iBOT's and DINOv2's code normalise it. ``masks``: (N, L)
+    bool, True = masked; ``student_logits`` and ``teacher_probs``: (M, K), one row per masked patch
+    in ``masks.nonzero()`` order (view by view, row-major), M = ``masks.sum()``.
+    """
+    per_patch = -(teacher_probs.detach() * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(dim=-1)
+    masked_per_view = masks.sum(dim=1, keepdim=True).clamp(min=1)
+    weights = (1.0 / masked_per_view).expand_as(masks)[masks]  # 1 / (masked patches of its view)
+    return (per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko differential entropy estimator as a regulariser (Sablayrolles et al.
+    2019, "Spreading vectors for similarity search", sec. 4), DINOv2's KoLeo (Oquab et al. 2023,
+    sec. 4): on L2-normalised x, with d_i the distance of x_i to its nearest other sample,
+
+        L_koleo = -(1/n) sum_i log(d_i),   d_i = min_{j != i} ||x_i - x_j||
+
+    which pushes the batch's features apart uniformly. ``x``: (n, D), n >= 2; computed in fp32. As in
+    DINOv2 the neighbours are searched within this rank's batch only.
+    """
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.T
+        dots.fill_diagonal_(-1.0)  # never its own neighbour (cosines are >= -1)
+        nearest = dots.argmax(dim=1)
+    distances = F.pairwise_distance(x, x[nearest], eps=eps)
+    return -torch.log(distances + eps).mean()

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 
 from ssl_foundry.models.distributed import is_zero3_partitioned, zero3_gathered
 
@@ -67,3 +68,15 @@ class MomentumEncoder(nn.Module):
             return
         # xi + (1 - m) * (theta - xi) == m * xi + (1 - m) * theta
         torch._foreach_lerp_(target, source, 1.0 - momentum)
+
+
+def without_stochastic_depth(module: nn.Module) -> nn.Module:
+    """``module`` with drop path (timm's DropPath) and dropout turned off, in place: DINO, iBOT and
+    DINOv2 build their teacher without them while the student trains with them. The parameters
+    are untouched, so an EMA teacher still pairs them one to one with the student's."""
+    for m in module.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+        elif isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return module

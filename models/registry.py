@@ -3,7 +3,15 @@
 A method module registers its class with ``@register_method("name")``. The class takes the
 backbone as its first argument and its hyper-parameters as keyword arguments with defaults;
 ``method_args`` from the config are checked against that signature so a mistyped key is an
-error that lists the valid ones, before any process starts.
+error that lists the valid ones, before any process starts. A method whose signature has a
+``teacher`` argument (distillation) is handed a frozen ``nn.Module`` there by the pipeline, which
+resolves ``model.teacher``; it is not a method argument of the config.
+
+What the trainer relies on, besides ``forward(views) -> {"loss": ...}``: the class attributes
+``num_views`` (and ``multi_crop``, see models/multicrop.py), ``input_kind`` ("image" or "clip"),
+``uses_labels``, ``exported_backbone`` (the dotted name of the submodule exported as the trained
+backbone; "backbone" unless the class says otherwise, e.g. DINO's teacher) and the optional hook
+``on_step_end(step, total_steps)``.
 """
 from __future__ import annotations
 
@@ -47,9 +55,17 @@ def method_class(name: str) -> type[nn.Module]:
     return _METHODS[name]
 
 
+_BUILT_BY_THE_PIPELINE = ("self", "backbone", "teacher")
+
+
 def method_arg_names(name: str) -> list[str]:
     params = inspect.signature(method_class(name).__init__).parameters
-    return [p for p in params if p not in ("self", "backbone")]
+    return [p for p in params if p not in _BUILT_BY_THE_PIPELINE]
+
+
+def takes_teacher(name: str) -> bool:
+    """The method distils a frozen teacher network (``model.teacher``)."""
+    return "teacher" in inspect.signature(method_class(name).__init__).parameters
 
 
 def check_method_args(name: str, method_args: dict[str, Any]) -> None:
@@ -59,6 +75,14 @@ def check_method_args(name: str, method_args: dict[str, Any]) -> None:
             raise KeyError(f"model.method_args.{key}: '{name}' has no such argument. Valid: {', '.join(valid)}")
 
 
-def create_method(name: str, backbone: nn.Module, **method_args: Any) -> nn.Module:
+def create_method(name: str, backbone: nn.Module, teacher: nn.Module | None = None, **method_args: Any) -> nn.Module:
     check_method_args(name, method_args)
-    return method_class(name)(backbone, **method_args)
+    if takes_teacher(name) != (teacher is not None):
+        raise ValueError(f"method '{name}' {'needs a' if takes_teacher(name) else 'takes no'} teacher network")
+    return method_class(name)(backbone, **({"teacher": teacher} if teacher is not None else {}), **method_args)
+
+
+def exported_backbone_name(method: nn.Module) -> str:
+    """The dotted name, within ``method``, of the backbone it exports (its ``exported_backbone``;
+    default ``"backbone"``, the trained one)."""
+    return getattr(method, "exported_backbone", "backbone")

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,12 @@ class DataConfig:
     # Methods that take labels (S4L, SLA): the share of the training samples whose label they see,
     # an exact, seed-deterministic subset of the shards' keys (pipeline/data/labelled_subset.py).
     labelled_fraction: float = 1.0
+    # Data faults (docs/faults-data.md). A rank that waits longer than timeout_s for one training
+    # batch (a dead or stalled loader worker, a hung read) ends the run, naming the rank and the cause.
+    timeout_s: float = 300.0
+    verify: str = "size"  # shards against manifest.json before training: size | sha256 | none
+    on_bad_sample: str = "error"  # a sample that does not decode: error (the run ends, naming it) | skip
+    max_sample_bytes: int = 64 * 2**20  # a tar member larger than this is refused unread
 
 
 @dataclass
@@ -69,6 +76,9 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     backbone_args: dict[str, Any] = field(default_factory=dict)  # timm create_model kwargs
     method_args: dict[str, Any] = field(default_factory=dict)  # validated by the method
+    # method=distill: the frozen teacher, models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or
+    # an export folder, resolved in mlflow.tracking_uri's registry (pipeline/registry/teacher.py)
+    teacher: str = ""
 
 
 @dataclass
@@ -125,7 +135,16 @@ class TrainConfig:
     lr_batch_ref: int = 256
     min_lr: float = 0.0
     weight_decay: float = 1e-6
+    # Set: weight decay follows a cosine from weight_decay at step 0 to this at the last step (DINO's
+    # schedule, on the decayed parameter groups). Unset (null): constant.
+    weight_decay_end: float | None = None
     momentum: float = 0.9  # lars and sgd
+    nesterov: bool = False  # sgd: Nesterov momentum (RotNet's); false: plain momentum (MoCo v2, most papers)
+    # Biases and norm parameters: weight decay on them too (MoCo v3's AdamW, SimSiam's SGD decay every
+    # parameter; false: SimCLR/BYOL's rule, no decay and no LARS adaptation), and an lr multiplier
+    # (Barlow Twins: 0.0048 / 0.2 = 0.024).
+    decay_bias_and_norm: bool = False
+    bias_and_norm_lr_scale: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
@@ -234,6 +253,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to annotation ``tp`` or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # X | None: an optional value, null = unset
+        if value is None:
+            return None
+        (inner,) = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+        return _coerce(value, inner, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for {_type_name(tp)}, got {value!r}")
@@ -386,11 +410,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(_unknown_key(f"model.method_args.{key}", key, valid_args,
                                            f"model.method_args ({cfg.model.method})"))
     num_views = getattr(method_class(cfg.model.method), "num_views", None)
-    if num_views is not None and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
+    multi_crop = getattr(method_class(cfg.model.method), "multi_crop", False)  # checked with the views' sizes below
+    if num_views is not None and not multi_crop and cfg.data.views and sum(v.count for v in cfg.data.views) != num_views:
         raise ConfigError(
             f"data.views: method '{cfg.model.method}' takes {num_views} view(s) per image, the recipe "
             f"makes {sum(v.count for v in cfg.data.views)} (the sum of the views' count)"
         )
+    validate_teacher(cfg.model)
     if not 0 < cfg.data.labelled_fraction <= 1:
         raise ConfigError(f"data.labelled_fraction must be in (0, 1] (e.g. 0.1 for 10 % of the labels), "
                           f"got {cfg.data.labelled_fraction}")
@@ -419,6 +445,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "train.strategy": (t.strategy, ("ddp", "deepspeed")),
         "data.backend": (cfg.data.backend, ("auto", "torch", "dali")),
         "data.video_decoder": (cfg.data.video_decoder, ("auto", "dali", "pyav")),
+        "data.verify": (cfg.data.verify, ("size", "sha256", "none")),
+        "data.on_bad_sample": (cfg.data.on_bad_sample, ("error", "skip")),
         "launch.backend": (cfg.launch.backend, ("auto", "gloo", "nccl")),
         "launch.device": (cfg.launch.device, ("auto", "cpu", "cuda")),
     }
@@ -430,12 +458,26 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.readers={cfg.data.readers}: must be 0 (one per rank x worker) or divide the "
                           f"global batch of a forward pass, train.batch_size / grad_accum_steps = {step_batch} "
                           f"(each reader gives every batch an equal part)")
+    if not 0 < cfg.data.timeout_s < float("inf") or cfg.data.max_sample_bytes < 1:
+        raise ConfigError(f"data.timeout_s and data.max_sample_bytes must be positive and finite (the seconds a rank "
+                          f"waits for a batch; the bytes of the largest tar member read), got {cfg.data.timeout_s}, "
+                          f"{cfg.data.max_sample_bytes}")
     if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
         raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
                           f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
     if t.global_batchnorm and cfg.model.method == "moco_v2":
         raise ConfigError("train.global_batchnorm: MoCo v2 needs per-rank BatchNorm statistics for its "
                           "shuffling BN (He et al. 2020, sec. 3.3); set train.global_batchnorm=false")
+    if t.nesterov and (t.optimizer != "sgd" or t.momentum <= 0):
+        raise ConfigError(f"train.nesterov=true is Nesterov momentum for train.optimizer=sgd with train.momentum > 0 "
+                          f"(got optimizer {t.optimizer}, momentum {t.momentum}); set train.nesterov=false")
+    if t.bias_and_norm_lr_scale <= 0:
+        raise ConfigError(f"train.bias_and_norm_lr_scale must be > 0 (1: the weights' lr), got "
+                          f"{t.bias_and_norm_lr_scale}")
+    if t.weight_decay_end is not None and (t.weight_decay_end < 0 or t.weight_decay <= 0):
+        raise ConfigError(f"train.weight_decay_end={t.weight_decay_end}: the schedule goes from train.weight_decay="
+                          f"{t.weight_decay} to it: weight_decay must be > 0 and weight_decay_end >= 0, or set "
+                          f"train.weight_decay_end=null for a constant weight decay")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.budget_minutes < 0:
@@ -452,6 +494,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not cfg.data.views:
         raise ConfigError("data.views is empty: a recipe must list its augmentation views")
     validate_views(cfg.data)
+    if multi_crop:
+        validate_multi_crop(cfg)
     validate_eval(cfg.eval)
     if cfg.mlflow.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("mlflow.tensorboard=true needs the tensorboard package: `pip install tensorboard` "
@@ -467,6 +511,43 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
                     f"`foundry prep fashion-mnist DIR`."
                 )
+
+
+def validate_teacher(model: ModelConfig) -> None:
+    """model.teacher is set exactly for the methods that distil a teacher. Whether it resolves is
+    checked when it is loaded (pipeline/registry/teacher.py), in the registry of mlflow.tracking_uri."""
+    from ssl_foundry.models.registry import method_names, takes_teacher
+
+    if takes_teacher(model.method) and not model.teacher:
+        raise ConfigError(f"model.teacher: method '{model.method}' distils a frozen teacher; set model.teacher="
+                          f"models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or an export folder")
+    if model.teacher and not takes_teacher(model.method):
+        distillers = [m for m in method_names() if takes_teacher(m)]
+        raise ConfigError(f"model.teacher={model.teacher}: method '{model.method}' takes no teacher (those that do: "
+                          f"{', '.join(distillers)}); drop the key")
+
+
+def validate_multi_crop(cfg: Config) -> None:
+    """A multi-crop method's views (models.multicrop): its global views first, at one size, then any
+    local views; a ViT (built here on the meta device: no memory, no weights) takes views of several
+    sizes only with dynamic_img_size, and sizes that are multiples of its patches."""
+    import torch
+
+    from ssl_foundry.models.backbones import create_backbone
+    from ssl_foundry.models.multicrop import check_view_sizes
+    from ssl_foundry.models.registry import method_class
+    from ssl_foundry.pipeline.data.augment.spec import view_sizes
+
+    try:
+        with torch.device("meta"):
+            backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_args={cfg.model.backbone_args}: {cfg.model.backbone} does not take them "
+                          f"({err})") from None
+    try:
+        check_view_sizes(view_sizes(cfg.data.views), method_class(cfg.model.method).num_views, backbone)
+    except ValueError as err:
+        raise ConfigError(f"model.method={cfg.model.method}: {err}") from None
 
 
 def validate_clip_length(cfg: Config, check_paths: bool) -> None:

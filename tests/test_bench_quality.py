@@ -1,7 +1,8 @@
 """`foundry bench quality`: every recipe trains for the same time budget in its own process, is
 kNN-evaluated and linear-probed, and lands in a JSON + markdown table beside raw-pixel and
 random-init baselines computed by the same code. Two tiny recipes (a ViT and a ResNet SimCLR) on 128 real
-Fashion-MNIST images per split, a few seconds of budget each."""
+Fashion-MNIST images per split, a few seconds of budget each, and a distillation recipe, which the bench
+runs last, from the better of the two."""
 from __future__ import annotations
 
 import gzip
@@ -22,8 +23,11 @@ def _write_recipes(fmnist: Path, tmp_path: Path) -> list[Path]:
     vit = tiny_recipe(fmnist, tmp_path / "unused")
     resnet = tiny_recipe(fmnist, tmp_path / "unused")
     resnet["model"].update(backbone="resnet10t", backbone_args={})
+    distill = tiny_recipe(fmnist, tmp_path / "unused")
+    distill["model"] = {"method": "distill", "backbone": "resnet10t", "teacher": "set-by-the-bench"}
+    distill["data"]["views"][0]["count"] = 1
     paths = []
-    for name, recipe in {"tiny_vit": vit, "tiny_resnet": resnet}.items():
+    for name, recipe in {"tiny_distill": distill, "tiny_vit": vit, "tiny_resnet": resnet}.items():
         recipe["eval"]["after_pretrain"] = True
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -61,7 +65,7 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
 
-    assert [r["recipe"] for r in report["runs"]] == ["tiny_vit", "tiny_resnet"]
+    assert [r["recipe"] for r in report["runs"]] == ["tiny_vit", "tiny_resnet", "tiny_distill"]  # the student last
     for run in report["runs"]:
         result = json.loads((out / run["recipe"] / "result.json").read_text())
         assert run["steps"] == result["steps"] and run["knn_top1"] == result["knn_top1"]
@@ -71,6 +75,12 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
         assert run["images_per_s"] > 0 and 0.0 <= run["knn_top1"] <= 1.0
         assert 0.0 <= run["linear_top1"] <= 1.0 and run["linear_best_lr"] in report["linear_lrs"]
         assert len(list((out / run["recipe"] / "feature_cache").glob("*.pt"))) == 2  # train and test features
+    student, teachers = report["runs"][2], report["runs"][:2]
+    best = max(teachers, key=lambda r: r["knn_top1"])
+    assert student["teacher"] == best["recipe"]
+    assert student["knn_share_of_teacher"] == student["knn_top1"] / best["knn_top1"]
+    config = json.loads((out / "tiny_distill" / "backbone" / "config.json").read_text())
+    assert config["ssl_foundry"]["teacher"]["ref"] == str(out / best["recipe"] / "backbone")
     # Every run is in the bench's MLflow store, finished, with its kNN metric.
     with sqlite3.connect(out / "mlflow.db") as db:
         finished = dict(db.execute("SELECT run_uuid, status FROM runs").fetchall())
@@ -93,8 +103,9 @@ def test_bench_quality_trains_each_recipe_for_the_budget_and_tabulates_with_base
 
     table = (out / "quality.md").read_text()
     assert f"--budget-minutes {BUDGET_MINUTES:g}" in table and "| kNN top-1 | linear top-1 |" in table
-    for name in ["tiny_vit", "tiny_resnet", "raw pixels (28 px)", "random init (16 px)"]:
+    for name in ["tiny_vit", "tiny_resnet", "tiny_distill", "raw pixels (28 px)", "random init (16 px)"]:
         assert f"| {name} |" in table
+    assert f"tiny_distill distils {best['recipe']}: its kNN top-1 is" in table
 
     # --reuse-runs: evaluated again from the run folders, nothing trained (no new MLflow run).
     done = run_cli(["bench", "quality", "--budget-minutes", str(BUDGET_MINUTES), "--out-dir", str(out), "--reuse-runs",

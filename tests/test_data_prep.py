@@ -217,8 +217,8 @@ def test_rerun_with_other_inputs_is_refused_unless_overwrite(class_folder, tmp_p
 
     prep_images(class_folder, out, shard_size=10, workers=1, overwrite=True)
     assert [s["num_samples"] for s in read_manifest(out)["shards"]] == [10, 4]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.idx", "shard-000000.tar",
-                                                     "shard-000001.idx", "shard-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [".foundry-prep.lock", "manifest.json", "shard-000000.idx",
+                                                     "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
     assert_shards_verify(out)
 
 

@@ -1,6 +1,9 @@
 """MoCo v3 (gathered keys), MoCo v2 (shuffling BN + enqueue of gathered keys), Barlow Twins (global
-cross-correlation) and BYOL under DDP on 2 real gloo processes equal one process on the
-concatenated batch: the loss, every parameter gradient, and for MoCo v2 the queue.
+cross-correlation), BYOL, SwAV (Sinkhorn-Knopp over the global batch and its queue, multi-crop),
+VICReg (variance and covariance over the global batch), NNCLR (support set of gathered embeddings,
+predictions gathered with gradients) and colorization (ab counts summed over ranks) under DDP on 2
+real gloo processes equal one process on the concatenated batch: the loss, every parameter
+gradient, and the queues and counts.
 
 All ranks are spawned once for the module; each runs every case and saves what it saw.
 The heads' BatchNorm layers train with global-batch statistics on the ranks
@@ -28,7 +31,7 @@ WORLD = 2
 LOCAL_BATCH = 4
 GLOBAL_BATCH = WORLD * LOCAL_BATCH
 SHUFFLE_SEED = 123  # seeds the permutation drawn by rank 0 (and by the single process)
-CASES = ("moco_v3", "moco_v2", "barlow_twins", "byol")
+CASES = ("moco_v3", "moco_v2", "barlow_twins", "byol", "swav", "vicreg", "nnclr", "colorization")
 
 
 def free_port() -> int:
@@ -51,19 +54,28 @@ def make_model(case: str, shuffle_bn_splits: int | None = None) -> nn.Module:
         model.train()
         bn_eval(model.backbone)  # queries: per-sample; keys: BN in train mode, grouped by shuffle-BN
         return model
-    vit = create_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2)
+    if case == "colorization":
+        return create_method(case, create_backbone("resnet10t"), decoder_min_dim=16).train()
+    vit = create_backbone("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, dynamic_img_size=True)
     args = {
         "moco_v3": dict(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32, temperature=0.2),
         "barlow_twins": dict(proj_hidden_dim=32, proj_out_dim=16, lambd=0.02),
         "byol": dict(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32),
+        # the first forward fills the queue, the second solves Sinkhorn-Knopp with it
+        "swav": dict(proj_hidden_dim=32, proj_out_dim=16, num_prototypes=10, queue_size=GLOBAL_BATCH,
+                     freeze_prototypes_steps=0),
+        "vicreg": dict(proj_hidden_dim=32, proj_out_dim=16),
+        "nnclr": dict(proj_hidden_dim=32, proj_out_dim=16, pred_hidden_dim=32, queue_size=4 * GLOBAL_BATCH),
     }[case]
     return create_method(case, vit, **args).train()
 
 
+VIEW_SIZES = {"moco_v2": (32, 32), "swav": (16, 16, 8, 8), "colorization": (32,)}  # SwAV: multi-crop
+
+
 def make_views(case: str) -> list[torch.Tensor]:
-    size = 32 if case == "moco_v2" else 16
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=g) for _ in range(2)]
+    return [torch.randn(GLOBAL_BATCH, 3, size, size, generator=g) for size in VIEW_SIZES.get(case, (16, 16))]
 
 
 def run_case(case: str, model: nn.Module, views: list[torch.Tensor]) -> dict:
@@ -81,8 +93,8 @@ def run_case(case: str, model: nn.Module, views: list[torch.Tensor]) -> dict:
             out["no_grad"] = [n for n, p in inner.named_parameters() if not p.requires_grad]
             inner.zero_grad(set_to_none=True)
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if case == "moco_v2":
-        out["queue"], out["ptr"] = inner.queue.keys.clone(), inner.queue.ptr.clone()
+    out["buffers"] = {name: buffer.clone() for name, buffer in inner.named_buffers()
+                      if name.split(".")[0] in ("queue", "queues", "support_set", "bin_counts")}
     return out
 
 
@@ -185,10 +197,14 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(ranks, case):
             atol = 1e-5 * max(1.0, grad.abs().max().item())
             torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=atol, msg=f"rank {rank} {name}")
         assert got["no_grad"] == reference["no_grad"]  # targets: frozen, and absent from the gradients
-        if case == "moco_v2":
-            # keys enqueued in rank order: rank 0's batch, then rank 1's, exactly the single process's
-            torch.testing.assert_close(got["queue"], reference["queue"], rtol=1e-5, atol=1e-6)
-            assert got["ptr"].item() == reference["ptr"].item() == 2 * GLOBAL_BATCH
+        # queues: embeddings enqueued in rank order (rank 0's batch, then rank 1's), exactly the single
+        # process's; colorization's float64 ab counts: every rank's pixels, on every rank
+        assert got["buffers"].keys() == reference["buffers"].keys()
+        for name, buffer in reference["buffers"].items():
+            assert got["buffers"][name].dtype == buffer.dtype
+            torch.testing.assert_close(got["buffers"][name], buffer, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+    if case in ("moco_v2", "swav", "nnclr", "colorization"):
+        assert reference["buffers"]  # the comparison above was not empty
 
 
 @pytest.mark.slow

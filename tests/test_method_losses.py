@@ -1,12 +1,15 @@
-"""The losses of MoCo v2, MoCo v3, BYOL, Barlow Twins and MAE against their papers' formulas,
-written out as plain loops, plus hand-worked cases (single process)."""
+"""The losses of MoCo v2, MoCo v3, BYOL, Barlow Twins, MAE, SwAV (Sinkhorn-Knopp and the swapped
+prediction), VICReg, SimSiam, NNCLR and feature distillation against their papers' formulas (or the
+official code), written out as plain loops, plus hand-worked cases (single process)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_foundry.models.losses import barlow_twins_loss, byol_loss, info_nce_loss, mae_loss, moco_v3_contrastive_loss
+from ssl_foundry.models.losses import (barlow_twins_loss, byol_loss, cosine_distillation_loss, info_nce_loss, mae_loss,
+                                       moco_v3_contrastive_loss, negative_cosine_loss, nnclr_loss, sinkhorn_knopp,
+                                       smooth_l1_distillation_loss, swapped_prediction_loss, vicreg_loss)
 
 
 def randn(*shape, seed):
@@ -184,3 +187,164 @@ def test_mae_loss_is_mean_over_masked_patches_only(norm_pix):
 def test_mae_loss_without_masked_patches_is_zero():
     x = torch.randn(2, 4, 3)
     assert mae_loss(x + 1, x, torch.zeros(2, 4), norm_pix_loss=False).item() == 0.0
+
+
+# ----------------------------------------------------------------------------- SwAV
+
+
+def reference_sinkhorn(scores, epsilon, iterations):
+    """SwAV's distributed_sinkhorn on one process, by loops over a list of lists (K x B)."""
+    b, k = len(scores), len(scores[0])
+    q = [[math.exp(scores[i][j] / epsilon) for i in range(b)] for j in range(k)]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        q = [[v / sum(row) / k for v in row] for row in q]
+        columns = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / columns[i] / b for i in range(b)] for j in range(k)]
+    return [[q[j][i] * b for j in range(k)] for i in range(b)]
+
+
+@pytest.mark.parametrize("b,k,epsilon,iterations", [(4, 3, 0.05, 3), (6, 10, 0.5, 1), (5, 2, 0.1, 7)])
+def test_sinkhorn_matches_loop_reference(b, k, epsilon, iterations):
+    scores = torch.tanh(randn(b, k, seed=b * k))  # cosine similarities lie in [-1, 1]
+    got = sinkhorn_knopp(scores.float(), epsilon, iterations)
+    expected = torch.tensor(reference_sinkhorn(scores.tolist(), epsilon, iterations))
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(b))  # each sample's code sums to 1
+
+
+def test_sinkhorn_hand_worked_cases():
+    # equal scores: every prototype equally likely for every sample
+    torch.testing.assert_close(sinkhorn_knopp(torch.zeros(4, 5)), torch.full((4, 5), 0.2))
+    # two samples, each on its own prototype: exp(S / eps) is symmetric with equal row and column
+    # sums, so the normalisation only rescales it: q = [[a, 1], [1, a]] / (a + 1), a = e^(1 / eps)
+    a = math.exp(1 / 0.5)
+    codes = sinkhorn_knopp(torch.eye(2), epsilon=0.5)
+    torch.testing.assert_close(codes, torch.tensor([[a, 1.0], [1.0, a]]) / (a + 1))
+    # many iterations reach the equipartition: every prototype gets B / K of the batch
+    codes = sinkhorn_knopp(torch.tanh(randn(12, 4, seed=3)).float(), epsilon=0.3, iterations=200)
+    torch.testing.assert_close(codes.sum(dim=0), torch.full((4,), 3.0), rtol=1e-4, atol=1e-4)
+
+
+def test_sinkhorn_shared_columns_are_part_of_the_problem():
+    """The queue's rows join the batch in the normalisation: the codes of the batch are those of
+    Sinkhorn-Knopp over [queue; batch]."""
+    batch, queue = torch.tanh(randn(4, 6, seed=1)).float(), torch.tanh(randn(8, 6, seed=2)).float()
+    together = sinkhorn_knopp(torch.cat([queue, batch]))
+    torch.testing.assert_close(sinkhorn_knopp(batch, shared_scores=queue), together[8:])
+    assert not torch.allclose(sinkhorn_knopp(batch), together[8:], atol=1e-3)
+
+
+def test_swapped_prediction_matches_loop_reference_and_hand_case():
+    views, b, k, t = 4, 3, 5, 0.1
+    scores = [torch.tanh(randn(b, k, seed=10 + v)).float() for v in range(views)]
+    codes = [torch.softmax(randn(b, k, seed=20 + i).float(), dim=1) for i in range(2)]
+    expected = 0.0
+    for q, s in zip(codes, (0, 1)):
+        for v in range(views):
+            if v != s:
+                log_p = torch.log_softmax(scores[v].double() / t, dim=1)
+                expected += -sum(float((q[i].double() * log_p[i]).sum()) for i in range(b)) / b / (views - 1)
+    got = swapped_prediction_loss(scores, codes, [0, 1], t)
+    assert got.item() == pytest.approx(expected / 2, rel=1e-5)
+    # uniform predictions: the cross entropy of any code is log K
+    uniform = swapped_prediction_loss([torch.zeros(b, k)] * 3, codes, [0, 1], t)
+    assert uniform.item() == pytest.approx(math.log(k), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- VICReg
+
+
+def reference_vicreg(z1, z2, lam, mu, nu, eps=1e-4):
+    """The official VICReg.forward, written out with loops."""
+    n, d = len(z1), len(z1[0])
+    invariance = sum((z1[i][j] - z2[i][j]) ** 2 for i in range(n) for j in range(d)) / (n * d)
+    variance = covariance = 0.0
+    for z in (z1, z2):
+        mean = [sum(z[i][j] for i in range(n)) / n for j in range(d)]
+        c = [[z[i][j] - mean[j] for j in range(d)] for i in range(n)]
+        var = [sum(c[i][j] ** 2 for i in range(n)) / (n - 1) for j in range(d)]
+        variance += sum(max(0.0, 1 - math.sqrt(v + eps)) for v in var) / d / 2
+        cov = [[sum(c[i][a] * c[i][b] for i in range(n)) / (n - 1) for b in range(d)] for a in range(d)]
+        covariance += sum(cov[a][b] ** 2 for a in range(d) for b in range(d) if a != b) / d
+    return lam * invariance + mu * variance + nu * covariance
+
+
+@pytest.mark.parametrize("n,d,scale", [(4, 3, 0.5), (8, 5, 2.0), (16, 4, 0.1)])
+def test_vicreg_matches_loop_reference(n, d, scale):
+    z1, z2 = scale * randn(n, d, seed=n), scale * randn(n, d, seed=n + d)
+    got = vicreg_loss(z1.float(), z2.float(), 25.0, 25.0, 1.0).item()
+    assert got == pytest.approx(reference_vicreg(z1.tolist(), z2.tolist(), 25.0, 25.0, 1.0), rel=1e-4)
+
+
+def test_vicreg_hand_worked_cases():
+    # identical views, centred orthogonal columns of std sqrt(4/3) > 1: every term is 0
+    h = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, -1.0, 1.0, -1.0], [1.0, 1.0, -1.0, -1.0], [1.0, -1.0, -1.0, 1.0]])
+    z = h[:, 1:]
+    assert vicreg_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    # collapse to one point: std = sqrt(eps) = 0.01 in every dimension, so v = 0.99 for each view
+    collapsed = torch.ones(4, 3)
+    assert vicreg_loss(collapsed, collapsed.clone()).item() == pytest.approx(25 * 0.99, rel=1e-5)
+    # perfectly correlated dimensions (copies of one column): C_01 = C_10 = var = 4/3, c = 2 (4/3)^2 / 2
+    col = h[:, 1:2]
+    assert vicreg_loss(col.repeat(1, 2), col.repeat(1, 2), 0.0, 0.0, 1.0).item() == pytest.approx(
+        2 * (2 * (4 / 3) ** 2 / 2), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- SimSiam, NNCLR
+
+
+def test_negative_cosine_hand_cases_and_stop_gradient():
+    e0, e1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert negative_cosine_loss(e0, 3 * e0).item() == pytest.approx(-1.0)
+    assert negative_cosine_loss(e0, e1).item() == pytest.approx(0.0)
+    assert negative_cosine_loss(e0, -e0).item() == pytest.approx(1.0)
+    p, z = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    negative_cosine_loss(p, z).backward()
+    assert z.grad is None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("n,d,t", [(3, 4, 0.1), (6, 8, 0.5)])
+def test_nnclr_loss_matches_loop_reference(n, d, t):
+    nearest, p = randn(n, d, seed=n), randn(n, d, seed=d)
+    expected = 0.0
+    for i in range(n):
+        logits = [dot(unit(nearest[i]), unit(p[k])) / t for k in range(n)]
+        expected += -logits[i] + math.log(sum(math.exp(v) for v in logits))
+    assert nnclr_loss(nearest.float(), p.float(), t).item() == pytest.approx(expected / n, rel=1e-5)
+
+
+def test_nnclr_hand_case_and_gradient_to_predictions_only():
+    for n, t in ((2, 1.0), (4, 0.1)):
+        nearest, p = torch.eye(n, requires_grad=True), torch.eye(n, requires_grad=True)
+        loss = nnclr_loss(nearest, p, t)
+        # float32 cross entropy: logsumexp - logit, each ~1/t, so a few ulps of 1/t absolute
+        assert loss.item() == pytest.approx(math.log(1 + (n - 1) * math.exp(-1 / t)), rel=1e-5, abs=1e-6 / t)
+        loss.backward()
+        assert nearest.grad is None and p.grad is not None
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_cosine_distillation_hand_cases():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    assert cosine_distillation_loss(torch.tensor([[3.0, 0.0], [0.0, 1.0]]), t).item() == pytest.approx(0.0)
+    assert cosine_distillation_loss(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), t).item() == pytest.approx(1.5)
+    s = torch.randn(2, 2, requires_grad=True)
+    cosine_distillation_loss(s, t).backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+
+
+def test_smooth_l1_distillation_whitens_the_teacher():
+    teacher = torch.tensor([[1.0, 2.0, 3.0]])  # whitened: (-a, 0, a), a = 1 / sqrt(2/3 + 1e-5)
+    a = 1 / math.sqrt(2 / 3 + 1e-5)
+    assert smooth_l1_distillation_loss(torch.tensor([[-a, 0.0, a]]), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    # |x| < beta = 2: 0.5 x^2 / beta per element; the mean of (a^2 / 4, 0, a^2 / 4)
+    assert smooth_l1_distillation_loss(torch.zeros(1, 3), teacher).item() == pytest.approx(a * a / 6, rel=1e-5)
+    # beyond beta it is linear: |x| - beta / 2
+    big = torch.tensor([[-a - 5, 0.0, a]])
+    assert smooth_l1_distillation_loss(big, teacher).item() == pytest.approx((5 - 1) / 3, rel=1e-5)
+    # the teacher's scale and offset do not matter (layer norm)
+    assert smooth_l1_distillation_loss(torch.zeros(1, 3), 10 * teacher + 7).item() == pytest.approx(a * a / 6, rel=1e-4)

@@ -1,6 +1,7 @@
 """A real pretrain of every method through the CLI on 2 ranks (torch elastic launch, gloo): each
 recipe for Fashion-MNIST with a tiny model, 2 steps on a few real shards, logging to MLflow and
-exporting a backbone that plain timm loads.
+exporting a backbone that plain timm loads; SwAV (multi-crop), VICReg, SimSiam and NNCLR also on one
+process. Distillation, which needs a registered teacher, is in test_distill.py.
 
 One run costs ~20 s on 2 cores, nearly all of it process start-up (torch, timm and MLflow imports in
 the launcher and each rank). One process is covered in-process by test_recipes.py (a training step
@@ -34,7 +35,24 @@ TINY = {  # per recipe: overrides that make the model tiny
     "s4l_resnet18_fmnist": ["model.backbone=resnet10t"],
     "mae_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.decoder_embed_dim=32",
                             "model.method_args.decoder_depth=1", "model.method_args.decoder_num_heads=2"],
+    # multi-crop (2 x 32 px + 4 x 16 px); the queue fills in step 1, the prototypes train from step 2
+    "swav_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                             "model.method_args.num_prototypes=30", "model.method_args.queue_size=8",
+                             "model.method_args.queue_start_step=0", "model.method_args.freeze_prototypes_steps=1"],
+    "vicreg_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                               "model.method_args.proj_out_dim=32"],
+    "simsiam_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                                "model.method_args.proj_out_dim=32", "model.method_args.pred_hidden_dim=8"],
+    "nnclr_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.proj_hidden_dim=32",
+                              "model.method_args.pred_hidden_dim=32", "model.method_args.queue_size=32"],
+    # multi-crop: 2 global views of 32 px and 6 local views of 16 px per image, the centre over both ranks
+    "dino_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.hidden_dim=32", "model.method_args.bottleneck_dim=16"],
+    "ibot_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
+                             "model.method_args.patch_out_dim=64", "model.method_args.hidden_dim=32",
+                             "model.method_args.bottleneck_dim=16"],
 }
+ONE_PROCESS = ("swav_resnet18_fmnist", "vicreg_resnet18_fmnist", "simsiam_resnet18_fmnist", "nnclr_resnet18_fmnist")
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +63,13 @@ def shards(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", list(TINY))
-def test_pretrain_through_cli_on_two_ranks_logs_and_exports(recipe, shards, tmp_path):
+@pytest.mark.parametrize("recipe,ranks", [(recipe, 2) for recipe in TINY] + [(recipe, 1) for recipe in ONE_PROCESS])
+def test_pretrain_through_cli_logs_and_exports(recipe, ranks, shards, tmp_path):
     out = tmp_path / "run"
     args = [
         f"configs/{recipe}.yaml", f"output_dir={out}",
         f"data.train={shards}/train", f"data.eval_train={shards}/train", f"data.eval_test={shards}/test",
-        "data.num_workers=0", "data.shuffle_buffer=16", "launch.nproc_per_node=2",
+        "data.num_workers=0", "data.shuffle_buffer=16", f"launch.nproc_per_node={ranks}",
         "train.max_steps=2", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
         "train.threads=1", "train.precision=fp32", "eval.after_pretrain=false", "mlflow.registered_model=",
         *TINY[recipe],
@@ -66,6 +84,7 @@ def test_pretrain_through_cli_on_two_ranks_logs_and_exports(recipe, shards, tmp_
     run = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and "loss" in run.data.metrics
     assert run.data.params["model.method"] == recipe.split("_resnet")[0].split("_vit")[0]
+    assert run.data.tags["env.world_size"] == str(ranks)
 
     backbone = timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True).eval()
     with torch.no_grad():

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from ssl_foundry.models.backbones import create_backbone
-from ssl_foundry.models.registry import check_method_args, create_method, method_class
+from ssl_foundry.models.registry import check_method_args, create_method, method_class, takes_teacher
 from ssl_foundry.pipeline.config import load_config
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.augment.spec import view_sizes
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-METHODS = ("simclr", "moco_v2", "moco_v3", "mae", "byol", "barlow_twins")
+METHODS = ("simclr", "moco_v2", "moco_v3", "mae", "byol", "barlow_twins", "swav", "vicreg", "simsiam", "nnclr",
+           "distill", "dino", "ibot")
 
 
 def test_every_method_has_a_cpu_and_a_paper_scale_recipe():
@@ -28,13 +30,16 @@ def test_recipe_loads_and_matches_its_method(path):
     method, m = cfg.model.method, cfg.model
     assert path.stem.startswith(method + "_"), f"{path.name}: file name should start with the method ({method})"
     check_method_args(method, m.method_args)
-    assert sum(v.count for v in cfg.data.views) == method_class(method).num_views
+    num_views, multi_crop = method_class(method).num_views, getattr(method_class(method), "multi_crop", False)
+    made = sum(v.count for v in cfg.data.views)
+    assert made >= num_views if multi_crop else made == num_views
 
     views = MultiViewTransform(cfg.data.views, cfg.data.mean, cfg.data.std)(
         torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
-    sizes = {tuple(v.shape) for v in views}
+    sizes = {tuple(v.shape) for v in views[:num_views]}  # multi-crop: the global views; local ones are smaller
     assert len(sizes) == 1
     (shape,) = sizes
+    assert all(v.shape[-1] < shape[-1] for v in views[num_views:])
     if "vit" in m.backbone:  # a ViT takes exactly its img_size
         assert shape[-1] == m.backbone_args.get("img_size", 224)
     if path.stem.endswith("_fmnist"):
@@ -57,10 +62,11 @@ def test_cpu_recipe_model_takes_a_training_step(path):
     try:
         torch.manual_seed(0)
         backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-        model = create_method(cfg.model.method, backbone, **cfg.model.method_args).train()
+        teacher = create_backbone("resnet10t") if takes_teacher(cfg.model.method) else None  # any timm backbone
+        model = create_method(cfg.model.method, backbone, teacher=teacher, **cfg.model.method_args).train()
         if cfg.model.method == "moco_v2":
             model.queue = type(model.queue)(4 * 4, cfg.model.method_args["proj_out_dim"])  # a batch of 4 here
-        views = [torch.randn(4, 3, 32, 32) for _ in range(model.num_views)]
+        views = [torch.randn(4, 3, *size) for size in view_sizes(cfg.data.views)]  # multi-crop: globals and locals
         labels = torch.tensor([3, -1, 0, 9])  # S4L / SLA: a batch with one unlabelled image
         loss = (model(views, labels) if getattr(model, "uses_labels", False) else model(views))["loss"]
         loss.backward()

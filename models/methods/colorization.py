@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_foundry.models.backbones import feature_map_reduction
+from ssl_foundry.models.distributed import all_reduce_sum
 from ssl_foundry.models.heads import UpsamplingDecoder
 from ssl_foundry.models.lab import ab_bin_centres, lab_to_rgb, rebalancing_weights, rgb_to_lab, soft_encode_ab
 from ssl_foundry.models.losses import rebalanced_soft_cross_entropy
@@ -30,7 +31,9 @@ class Colorization(nn.Module):
       (``models.lab.ab_bin_centres``), trained with the class-rebalanced multinomial cross entropy
       (eq. 2) against soft-encoded targets (5 nearest bins, sigma 5). The rebalancing weights
       (eq. 3-4, ``rebalance_mix`` = lambda = 0.5) come from the ab distribution of every pixel
-      seen so far in training (the paper: of the ImageNet training set), kept in ``bin_counts``.
+      seen so far in training by every rank (the paper: of the ImageNet training set), kept in
+      ``bin_counts``: float64, as float32 stops adding a batch's counts to totals past ~2^24 times
+      larger, and summed over the ranks at every step, so that all ranks hold the same counts.
     - ``regression``: the ab values themselves with the L2 loss (eq. 1), the paper's baseline.
 
     ``pixel_mean``/``pixel_std`` are the normalisation of the views (``data.mean``/``data.std``),
@@ -52,7 +55,7 @@ class Colorization(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32)[:, None, None])
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32)[:, None, None])
         self.register_buffer("ab_centres", ab_bin_centres())
-        self.register_buffer("bin_counts", torch.zeros(len(self.ab_centres)))
+        self.register_buffer("bin_counts", torch.zeros(len(self.ab_centres), dtype=torch.float64))
         outputs = 2 if regression else len(self.ab_centres)
         self.decoder = UpsamplingDecoder(backbone.num_features, outputs,
                                          int(math.log2(reduction // OUTPUT_REDUCTION)), decoder_min_dim)
@@ -72,7 +75,8 @@ class Colorization(nn.Module):
             return {"loss": 0.5 * ((prediction.float() - ab) ** 2).sum(dim=1).mean()}
         soft_targets = soft_encode_ab(ab, self.ab_centres)
         if self.training:
-            self.bin_counts += soft_targets.sum(dim=(0, 2, 3))
-        weights = rebalancing_weights(self.bin_counts, self.ab_centres, self.rebalance_mix)
+            self.bin_counts += all_reduce_sum(soft_targets.sum(dim=(0, 2, 3)).double())
+        distribution = (self.bin_counts / self.bin_counts.sum()).float()
+        weights = rebalancing_weights(distribution, self.ab_centres, self.rebalance_mix)
         pixel_weights = weights[soft_targets.argmax(dim=1)]
         return {"loss": rebalanced_soft_cross_entropy(prediction, soft_targets, pixel_weights)}

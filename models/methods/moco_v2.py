@@ -13,37 +13,8 @@ from ssl_foundry.models.distributed import batch_shuffle, batch_unshuffle, gathe
 from ssl_foundry.models.heads import MLPHead
 from ssl_foundry.models.losses import info_nce_loss
 from ssl_foundry.models.momentum import MomentumEncoder
+from ssl_foundry.models.queues import KeyQueue
 from ssl_foundry.models.registry import register_method
-
-
-class KeyQueue(nn.Module):
-    """The dictionary of MoCo (sec. 3.2): a FIFO queue of ``size`` keys of dimension ``dim``.
-
-    Each step the keys of the current *global* batch (gathered in rank order) replace the oldest
-    ones: ``keys[ptr:ptr + n] = new``, ``ptr = (ptr + n) % size``. ``size`` must be a multiple of
-    the global batch ``n`` so a batch never straddles the end. Both ``keys`` and ``ptr`` are
-    buffers: checkpointed, identical on every rank.
-    """
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @property
-    def size(self) -> int:
-        return self.keys.shape[0]
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        n = keys.shape[0]
-        if self.size % n:
-            raise ValueError(
-                f"moco_v2: queue_size={self.size} is not a multiple of the global batch per forward "
-                f"({n} = train.batch_size / train.grad_accum_steps); choose a queue_size divisible by it")
-        ptr = int(self.ptr)
-        self.keys[ptr:ptr + n] = keys.to(self.keys.dtype)
-        self.ptr.fill_((ptr + n) % self.size)
 
 
 @register_method("moco_v2")

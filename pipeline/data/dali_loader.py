@@ -25,7 +25,8 @@ augmentations are drawn from the same seeds.
 
 Samples whose image does not decode are not in the shard's index (``foundry prep index``
 leaves them out and lists them in the manifest), so DALI never reads them; ``skipped`` counts
-them. A shard without an index is refused, naming the shard and the command that makes it.
+them. A shard without an index is refused, naming the shard and the command that makes it, and so
+is one whose index lists a member over ``max_sample_bytes`` (DALI would read it whole).
 """
 from __future__ import annotations
 
@@ -39,13 +40,28 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, index_path, read_manifest,
                                                 split_member_name)
+from ssl_foundry.pipeline.config import DataConfig
 from ssl_foundry.pipeline.data.augment import dali_backend
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec
+from ssl_foundry.pipeline.data.errors import BadSampleError
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
 
 def _seed(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF
+
+
+def refuse_oversized_members(shards: list[tuple[str, str]], max_sample_bytes: int) -> None:
+    """Raises BadSampleError naming the first member (shard, key, size) that the shards' indexes list
+    as larger than ``max_sample_bytes``: the index lines are ``<ext> <offset> <size> <name>`` groups."""
+    for tar, index in shards:
+        for line in Path(index).read_text().splitlines()[1:]:
+            fields = line.split()
+            for ext, _, size, name in zip(*[iter(fields)] * 4):
+                if int(size) > max_sample_bytes:
+                    raise BadSampleError(f"sample {split_member_name(name)[0]} of shard {tar}: member {name} is {size} "
+                                         f"bytes, over data.max_sample_bytes={max_sample_bytes}; remove it from the "
+                                         f"source and re-prep, or raise data.max_sample_bytes")
 
 
 def indexed_shards(folder: str) -> tuple[list[tuple[str, str]], int, int]:
@@ -91,7 +107,8 @@ class DaliStream:
     def __init__(self, folder: str, views: list[ViewSpec], mean: list[float], std: list[float], batch_size: int,
                  rank: int = 0, world_size: int = 1, num_threads: int = 2, seed: int = 0,
                  shuffle_buffer: int = 0, start: LoaderPosition = LoaderPosition(),
-                 device: torch.device = torch.device("cpu"), prefetch_batches: int = 2):
+                 device: torch.device = torch.device("cpu"), prefetch_batches: int = 2,
+                 max_sample_bytes: int = DataConfig.max_sample_bytes):
         self.folder = folder
         self.views, self.mean, self.std = views, mean, std
         self.view_count = len(dali_backend.compile_views(views))  # a bad recipe fails here, not in DALI
@@ -99,6 +116,7 @@ class DaliStream:
         self.num_threads, self.seed, self.shuffle_buffer = max(1, num_threads), seed, shuffle_buffer
         self.start, self.device, self.prefetch_batches = start, device, max(1, prefetch_batches)
         self.shards, self.num_samples, self.skipped = indexed_shards(folder)
+        refuse_oversized_members(self.shards, max_sample_bytes)
         if self.skipped and rank == 0:
             print(f"{folder}: {self.skipped} samples are not in the DALI indexes (images that do not decode; "
                   f"see index_skipped in its manifest.json) and are skipped", flush=True)

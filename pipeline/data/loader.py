@@ -21,27 +21,69 @@ without decoding them and reproduces the stream.
 ``resampled=True`` draws each reader's shards with replacement instead of a permutation (for
 very long runs on few shards); ``finite=True`` (evaluation) visits every sample exactly once,
 in shard order, one reader per rank x worker, in batches of ``batch_size`` (the last short).
+
+Faults (docs/faults-data.md): a shard that does not read as a tar, or whose sample count differs
+from its manifest entry, is an error naming it; a tar member above ``max_sample_bytes`` is never read;
+a sample that does not decode (or has such a member) is an error naming shard and key, or with
+``on_bad_sample="skip"`` its slot in the micro-batch goes to another sample of the same micro-batch
+(batches keep their size, which the cross-rank gathers need; the order of every other sample is
+unchanged, so resume stays exact) and the batch lists it under ``"skipped"``.
 """
 from __future__ import annotations
 
+import faulthandler
 import io
 import itertools
+import multiprocessing
+import os
 import random
+import signal
+import tarfile
+import time
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
 
-from ssl_foundry.data_prep.shard_format import read_manifest
+from ssl_foundry.data_prep.shard_format import ShardError, read_manifest, read_samples, remake_hint, verify_shards
 from ssl_foundry.models.registry import method_class
-from ssl_foundry.pipeline.config import ConfigError
+from ssl_foundry.pipeline.config import ConfigError, DataConfig
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
 from ssl_foundry.pipeline.data.position import LoaderPosition
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
+# A wait that SIGALRM cannot interrupt after data.timeout_s ends the process this much later.
+STALL_GRACE_S = 30
+
+
+def shard_samples(path: str, num_samples: int, max_sample_bytes: int) -> Iterator[dict]:
+    """The samples of one shard in tar order, grouped by key as webdataset does: ``{"__key__",
+    "__url__": path, ext: bytes, ...}``. A member over ``max_sample_bytes`` is not read: the sample
+    gets ``"__error__"`` instead. Raises ShardError when the shard does not read as a tar (cut inside a
+    member or header) or holds other than ``num_samples`` samples (its manifest's count)."""
+    folder = os.path.dirname(path)
+    try:
+        samples = read_samples(path)
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"shard {path} does not read as a tar ({err}): it was cut short or damaged after prep; "
+                         f"{remake_hint(folder)}") from None
+    if len(samples) != num_samples:
+        raise ShardError(f"shard {path} holds {len(samples)} samples, its manifest {num_samples}: it was cut short or "
+                         f"replaced after prep (data.verify=size finds this before training); {remake_hint(folder)}")
+    with open(path, "rb") as f:
+        for key, members in samples:
+            sample = {"__key__": key, "__url__": path}
+            for ext, offset, size, name in members:
+                if size > max_sample_bytes:
+                    sample["__error__"] = (f"member {name} is {size} bytes, over data.max_sample_bytes="
+                                           f"{max_sample_bytes} (not read)")
+                    continue
+                f.seek(offset)
+                sample[ext.lower()] = f.read(size)
+            yield sample
 
 
 def decode_image(sample: dict) -> torch.Tensor:
@@ -72,7 +114,8 @@ class ShardStream(IterableDataset):
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 0, finite: bool = False,
                  resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0,
-                 video_decoder: str = "pyav"):
+                 video_decoder: str = "pyav", on_bad_sample: str = "error",
+                 max_sample_bytes: int = DataConfig.max_sample_bytes):
         manifest = read_manifest(folder)
         # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
         # (pipeline.data.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
@@ -86,6 +129,7 @@ class ShardStream(IterableDataset):
         self.loader_workers, self.num_workers = num_workers, max(1, num_workers)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.finite, self.resampled, self.start = finite, resampled, start
+        self.on_bad_sample, self.max_sample_bytes = on_bad_sample, max_sample_bytes
         workers = self.world_size * self.num_workers
         # Evaluation reads each sample once: one reader per rank x worker, order is irrelevant.
         self.readers = workers if finite or readers <= 0 else readers
@@ -124,7 +168,7 @@ class ShardStream(IterableDataset):
 
     # ---------------------------------------------------------------- iteration
     def _samples(self, shards: list[tuple[str, int]], rng: random.Random) -> Iterator[dict]:
-        samples = tarfile_samples([{"url": path} for path, _ in shards])
+        samples = itertools.chain.from_iterable(shard_samples(path, n, self.max_sample_bytes) for path, n in shards)
         if self.finite or self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -151,28 +195,48 @@ class ShardStream(IterableDataset):
         if self.finite and pending:
             yield pending
 
-    def _decode(self, samples: list[dict]) -> list[torch.Tensor]:
-        """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W)."""
+    def _decode(self, samples: list[dict]) -> list[torch.Tensor | Exception]:
+        """Images as uint8 (3, H, W), clips as uint8 (T, 3, H, W); the error instead for a sample that
+        does not decode."""
         if not self.clips:
-            return [decode_image(sample) for sample in samples]
+            return [_attempt(decode_image, sample) for sample in samples]
         from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder  # PyAV: for clip shards only
 
         if self._clip_decoder is None:
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
-        return self._clip_decoder([clip_bytes(sample) for sample in samples])
+        if not any("__error__" in sample for sample in samples):
+            try:  # a batch at a time (DALI); one at a time only to find the clip that fails
+                return self._clip_decoder([clip_bytes(sample) for sample in samples])
+            except Exception:
+                pass
+        return [_attempt(lambda s: self._clip_decoder([clip_bytes(s)])[0], sample) for sample in samples]
 
     def _collate(self, samples: list[dict], seed: int) -> dict:
-        views_per_sample = []
         decoded = self._decode(samples)
+        bad = [i for i, item in enumerate(decoded) if isinstance(item, Exception)]
+        good = [i for i, item in enumerate(decoded) if not isinstance(item, Exception)]
+        skipped = [f"sample {samples[i]['__key__']} of shard {samples[i]['__url__']}: {type(decoded[i]).__name__}: "
+                   f"{decoded[i]}" for i in bad]
+        if bad and (self.on_bad_sample == "error" or self.finite):
+            raise BadSampleError(f"{skipped[0]}. Remove it from the source and re-prep, or set "
+                                 f"data.on_bad_sample=skip (skips are counted and logged)")
+        if not good:
+            raise BadSampleError(f"every sample of a micro-batch is bad, e.g. {skipped[0]}: the shards are damaged; "
+                                 f"{remake_hint(os.path.dirname(samples[0]['__url__']))}")
+        slots = list(range(len(samples)))
+        for i in reversed(bad):  # its slot goes to the next good sample (with fresh augmentations)
+            slots[i] = slots[i + 1] if i + 1 < len(slots) else good[0]
+        views_per_sample = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for item in decoded:
-                views_per_sample.append(self.transform(item))
-        labels = [int(s["cls"]) if "cls" in s else -1 for s in samples]
+            for i in slots:
+                views_per_sample.append(self.transform(decoded[i]))
+        labels = [int(samples[i]["cls"]) if "cls" in samples[i] else -1 for i in slots]
         return {
             "views": [torch.stack(v) for v in zip(*views_per_sample)],
             "label": torch.tensor(labels, dtype=torch.long),
-            "key": [s["__key__"] for s in samples],
+            "key": [samples[i]["__key__"] for i in slots],
+            "skipped": skipped,
         }
 
     def _worker(self) -> int:
@@ -212,13 +276,24 @@ class ShardStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
+def _attempt(decode: Callable[[dict], torch.Tensor], sample: dict) -> torch.Tensor | Exception:
+    """``decode(sample)``, or the reason it has no value: an oversized member or the decoder's error."""
+    if "__error__" in sample:
+        return BadSampleError(sample["__error__"])
+    try:
+        return decode(sample)
+    except Exception as err:  # PIL and the video decoders report bad data with many exception types
+        return err
+
+
 def join_parts(parts: list[dict]) -> dict:
-    """Concatenate batch parts (same step) in order: views, labels and keys."""
+    """Concatenate batch parts (same step) in order: views, labels, keys and skipped samples."""
     if len(parts) == 1:
         return parts[0]
     joined = {"views": [torch.cat(v) for v in zip(*(p["views"] for p in parts))],
               "label": torch.cat([p["label"] for p in parts]),
-              "key": [k for p in parts for k in p["key"]]}
+              "key": [k for p in parts for k in p["key"]],
+              "skipped": [s for p in parts for s in p["skipped"]]}
     for name in ("epoch", "batch"):
         if name in parts[0]:
             values = {p[name] for p in parts}
@@ -249,7 +324,8 @@ class JoinedLoader:
 
 def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches: int = 2):
     """Batches are made inside the stream's workers (``num_workers=0``: in this process); in
-    training, each step's parts from the workers are joined into the local batch."""
+    training, each step's parts from the workers are joined into the local batch. A worker that dies
+    is reported by torch (its PID and signal) within seconds."""
     joined = not stream.finite and stream.loader_workers > 1
     loader = DataLoader(
         stream,
@@ -257,8 +333,51 @@ def make_loader(stream: ShardStream, pin_memory: bool = False, prefetch_batches:
         num_workers=stream.loader_workers,
         prefetch_factor=prefetch_batches if stream.loader_workers else None,
         pin_memory=pin_memory and not joined,  # parts are joined first, then pinned once
+        # The workers' base seed from a generator of its own: drawn from the global one, it would shift
+        # the model's random draws (MAE's and iBOT's masks) on resume, when the iterator is made anew.
+        # Augmentations do not use it: they are seeded per micro-batch (see ShardStream).
+        generator=torch.Generator(),
     )
     return JoinedLoader(loader, stream.loader_workers, pin_memory) if joined else loader
+
+
+class StallGuard:
+    """Iterates ``batches`` and bounds every wait for one to ``timeout_s``: a hung read or a stalled
+    loader worker would otherwise block this rank, and the other ranks in a collective until the
+    process group's timeout. SIGALRM interrupts the wait with LoaderStalledError naming ``what``
+    and kills the loader's worker processes (torch's DataLoader ``timeout`` is not enough: it bounds
+    the queue, not the unpickling that then fetches the tensors from the worker). A wait that cannot
+    be interrupted (stuck in native code) ends the process ``STALL_GRACE_S`` later, faulthandler
+    printing every thread's stack."""
+
+    def __init__(self, batches: Iterator[dict], timeout_s: float, what: str):
+        self.batches, self.timeout_s, self.what = batches, timeout_s, what
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        handler = signal.signal(signal.SIGALRM, self._stalled)
+        delay, interval = signal.setitimer(signal.ITIMER_REAL, self.timeout_s)  # another alarm's, resumed below
+        faulthandler.dump_traceback_later(self.timeout_s + STALL_GRACE_S, exit=True)
+        start = time.monotonic()
+        try:
+            return next(self.batches)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, handler)
+            if delay:
+                signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - start), 1e-3), interval)
+
+    def _stalled(self, signum, frame) -> None:
+        # SIGKILL: a stopped worker would not take the DataLoader's SIGTERM, and this process's exit
+        # would wait for it forever. torch's report of a killed worker (on SIGCHLD) would repeat ours.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        raise LoaderStalledError(f"{self.what}: no batch in data.timeout_s={self.timeout_s:g} s: a loader worker or "
+                                 f"the file system is stalled (raise data.timeout_s if the storage is this slow)")
 
 
 def train_backend(backend: str, device: torch.device, folder: str = "") -> tuple[str, str]:
@@ -316,17 +435,25 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
                        device: torch.device) -> Iterator[dict]:
     """The one place the training loader's backend is chosen (``data.backend``): an iterator of
     batch dicts (see ShardStream) for this rank, starting at ``position``. DALI's views arrive on
-    ``device``; the torch loader's on the CPU (pinned for a GPU)."""
+    ``device``; the torch loader's on the CPU (pinned for a GPU). The shards are first checked
+    against their manifest (``data.verify``; the ranks share the hashing); every wait for a batch is
+    bounded by ``data.timeout_s``."""
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
-    if train_backend(d.backend, device, d.train)[0] == "dali":
+    verify_shards(d.train, d.verify, part=(rank, world_size))
+    backend = train_backend(d.backend, device, d.train)[0]
+    if backend == "dali":
         from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
 
-        return iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
-                               num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
-                               start=position, device=device, prefetch_batches=d.prefetch_batches))
-    stream = ShardStream(d.train, transform, batch_size, rank=rank,
-                         world_size=world_size, num_workers=d.num_workers, seed=cfg.train.seed,
-                         shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, start=position, readers=d.readers,
-                         video_decoder=video_decoder)
-    return iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
+        batches = iter(DaliStream(d.train, d.views, d.mean, d.std, batch_size, rank=rank, world_size=world_size,
+                                  num_threads=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                                  start=position, device=device, prefetch_batches=d.prefetch_batches,
+                                  max_sample_bytes=d.max_sample_bytes))
+    else:
+        stream = ShardStream(d.train, transform, batch_size, rank=rank, world_size=world_size,
+                             num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
+                             resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
+                             on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes)
+        batches = iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
+    readers = f"data.num_workers={d.num_workers}" if backend == "torch" and d.num_workers else f"pid {os.getpid()}"
+    return StallGuard(batches, d.timeout_s, f"rank {rank}: the training loader ({backend}, {readers})")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
@@ -124,7 +125,7 @@ def attach_knn_monitor(trainer) -> None:
     def monitor(step: int) -> None:
         if step % every or not trainer.rt.is_main:
             return
-        backbone = trainer.model.backbone
+        backbone = trainer.model.get_submodule(exported_backbone_name(trainer.model))
         modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
         top1 = knn_evaluate(backbone, cfg, trainer.rt.device)
         for module, training in modes.items():

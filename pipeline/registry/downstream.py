@@ -34,9 +34,10 @@ from ssl_foundry.pipeline.registry.export import BackboneSource, registry_listin
 
 CANDIDATE_ALIAS, PRODUCTION_ALIAS = "candidate", "production"
 # Recipe keys quoted in a model card, from the pretraining run's params (the flattened config).
-_CARD_RECIPE_KEYS = ("model.method", "model.backbone", "model.backbone_args", "model.method_args", "data.train",
-                     "data.views", "train.batch_size", "train.optimizer", "train.lr", "train.weight_decay",
-                     "train.warmup_steps", "train.budget_minutes", "train.precision", "train.seed")
+_CARD_RECIPE_KEYS = ("model.method", "model.backbone", "model.backbone_args", "model.method_args", "model.teacher",
+                     "data.train", "data.views", "train.batch_size", "train.optimizer", "train.lr",
+                     "train.weight_decay", "train.warmup_steps", "train.budget_minutes", "train.precision",
+                     "train.seed")
 _CARD_HARDWARE_TAGS = ("env.cuda_devices", "env.cpu_count", "env.world_size", "env.hostname", "env.torch",
                        "env.timm", "env.git_commit")
 
@@ -145,6 +146,8 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
              f"- aliases: {', '.join('@' + a for a in aliases) or 'none'}",
              f"- pretraining run: `{model_version.run_id}` (experiment {run.info.experiment_id}, {run.info.status})",
              f"- steps: {provenance.get('steps', '?')}",
+             *([f"- distilled from: `{tags['lineage.teacher.ref']}` (sha256 `{tags.get('lineage.teacher.sha256')}`)"]
+               if "lineage.teacher.ref" in tags else []),
              f"- data: `{params.get('data.train', '?')}`, manifest sha256 `{manifest}`",
              f"- input: {export['pretrained_cfg']['input_size']}, mean {export['pretrained_cfg']['mean']}, "
              f"std {export['pretrained_cfg']['std']}",
@@ -158,7 +161,7 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
              f"Served: `mlflow models serve -m models:/{name}/{version} --env-manager local`; POST "
              '`{"inputs": <float32 NCHW batch>}` to `/invocations` answers `{"predictions": <embeddings>}`.',
              "", "## Recipe", ""]
-    lines += [f"- `{key}`: `{params[key]}`" for key in _CARD_RECIPE_KEYS if key in params]
+    lines += [f"- `{key}`: `{params[key]}`" for key in _CARD_RECIPE_KEYS if params.get(key, "") != ""]
     lines += ["", "## Hardware", ""]
     lines += [f"- `{key}`: {tags[key]}" for key in _CARD_HARDWARE_TAGS if tags.get(key)]
     lines += ["", "## Metrics", "", "| metric | value | run |", "|---|---|---|"]

@@ -74,7 +74,11 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
     return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown_runtime() -> None:
+def shutdown_runtime(failed: bool = False) -> None:
+    """Leaves the process group; after a failure without the final barrier: the other ranks may wait
+    in another collective, which the barrier would never match (both would hang until the timeout),
+    while this rank's exit ends theirs (torchrun stops them; gloo reports the closed connection)."""
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

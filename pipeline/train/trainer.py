@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +30,17 @@ from timm.scheduler import CosineLRScheduler
 
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
-from ssl_foundry.models.registry import create_method
+from ssl_foundry.models.registry import create_method, takes_teacher
 from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
 from ssl_foundry.pipeline.evaluate.knn import knn_evaluate
 from ssl_foundry.pipeline.registry.export import export_timm_backbone
+from ssl_foundry.pipeline.registry.teacher import Teacher, load_teacher
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
-from ssl_foundry.pipeline.train.optim import base_lr
+from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
@@ -79,9 +81,14 @@ class TrainResult:
     memory_mb: dict[str, list[float]] = field(default_factory=dict)
 
 
-def build_model(cfg: Config) -> torch.nn.Module:
+def build_model(cfg: Config, teacher: Teacher | None = None) -> torch.nn.Module:
+    """The method around a new timm backbone; a distillation method also gets its frozen teacher
+    (``teacher``, or ``model.teacher`` loaded here)."""
     backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
-    model = create_method(cfg.model.method, backbone, **cfg.model.method_args)
+    if takes_teacher(cfg.model.method) and teacher is None:
+        teacher = load_teacher(cfg)
+    model = create_method(cfg.model.method, backbone, teacher=teacher.module if teacher else None,
+                          **cfg.model.method_args)
     if cfg.train.global_batchnorm:
         convert_to_global_batchnorm(model)
     if cfg.train.activation_checkpointing:
@@ -100,10 +107,35 @@ def local_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRScheduler:
-    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``.
+class WarmupCosineSchedule(CosineLRScheduler):
+    """timm's warmup + cosine (with each group's ``lr_scale``), except for the param groups marked
+    ``fixed_lr`` (SimSiam's predictor), which keep the base lr throughout."""
 
-    The lr is a pure function of the step, so rebuilding the scheduler (time budgets, resume)
+    def update_groups(self, values) -> None:
+        super().update_groups(values)
+        for group in self.optimizer.param_groups:
+            if group.get("fixed_lr"):
+                group["lr"] = group["initial_lr"]
+
+
+class StepSchedule:
+    """What the optimizer's param groups follow step by step: the lr, and the weight decay when
+    ``train.weight_decay_end`` is set. ``step_update(k)`` sets the values of step k (0-based)."""
+
+    def __init__(self, lr: CosineLRScheduler, weight_decay: WeightDecaySchedule | None = None):
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def step_update(self, step: int) -> None:
+        self.lr.step_update(step)
+        if self.weight_decay is not None:
+            self.weight_decay.step_update(step)
+
+
+def build_scheduler(cfg: Config, optimizer, total_steps: int) -> StepSchedule:
+    """Linear warmup over ``train.warmup_steps``, then cosine to ``train.min_lr`` at ``total_steps``;
+    with ``train.weight_decay_end``, the weight decay's cosine over the ``total_steps`` too.
+
+    Both are pure functions of the step, so rebuilding the scheduler (time budgets, resume)
     changes nothing but the horizon.
     """
     t = cfg.train
@@ -112,10 +144,18 @@ def build_scheduler(cfg: Config, optimizer, total_steps: int) -> CosineLRSchedul
         # The config's lr, not one restored with the optimizer: a run resumed with a lower
         # train.lr (the fix for a non-finite loss) must train with it.
         group["initial_lr"] = lr
-    return CosineLRScheduler(
+    lr_schedule = WarmupCosineSchedule(
         optimizer, t_initial=max(1, total_steps - t.warmup_steps), lr_min=t.min_lr, warmup_t=t.warmup_steps,
         warmup_lr_init=lr * 1e-3 if t.warmup_steps else 0.0, warmup_prefix=True, t_in_epochs=False,
     )
+    if t.weight_decay_end is None:
+        return StepSchedule(lr_schedule)
+    return StepSchedule(lr_schedule, WeightDecaySchedule(optimizer, t.weight_decay, t.weight_decay_end, total_steps))
+
+
+def scheduled_lr(optimizer) -> float:
+    """The lr the schedule gives the weights now (not a group's multiple or fixed lr)."""
+    return next(g["lr"] for g in optimizer.param_groups if "lr_scale" not in g and not g.get("fixed_lr"))
 
 
 def steps_within_budget(budget_s: float, elapsed_s: float, step: int, step_time_s: float, max_steps: int) -> int:
@@ -186,7 +226,8 @@ class Trainer:
         self.rt = init_runtime(cfg.launch, cfg.train)
         self.out = Path(cfg.output_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = build_model(cfg).to(self.rt.device)
+        self.teacher = load_teacher(cfg) if takes_teacher(cfg.model.method) else None
+        self.model = build_model(cfg, self.teacher).to(self.rt.device)
         if cfg.train.channels_last and cfg.train.strategy == "ddp":
             # DeepSpeed flattens parameters into contiguous buffers (and cannot broadcast strided
             # ones); there only the inputs are channels_last, which is what selects the conv kernels.
@@ -208,6 +249,9 @@ class Trainer:
         # Polled after every step; True on any rank: all ranks checkpoint and raise TrainingInterrupted.
         self.stop_check: Callable[[], bool] | None = None
         self.position = LoaderPosition()
+        # Samples of the current epoch skipped by data.on_bad_sample=skip: this rank's (after a resume,
+        # rank 0 also holds every rank's count from before the checkpoint).
+        self.skipped_samples = 0
         self.run_id: str | None = None
         resume = _find_resume(cfg)
         if resume is not None:
@@ -216,6 +260,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * self.rt.rank + self.step)
         self.tracker = _open_tracker(cfg, self.run_id) if self.rt.is_main else None
         if self.tracker is not None:
+            if self.run_id is None and self.teacher is not None:  # a new run: the teacher's lineage
+                self.tracker.set_tags({f"lineage.teacher.{k}": v for k, v in self.teacher.lineage().items()})
             self.run_id = self.tracker.run_id
             save_config(cfg, self.out / "config.yaml")
             self.tracker.log_artifact(str(self.out / "config.yaml"))
@@ -234,6 +280,7 @@ class Trainer:
             self.total_steps = min(state["budget_total_steps"], self.cfg.train.max_steps)
             self.budget_decided = True
         self.run_id = state.get("mlflow_run_id")
+        self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -242,6 +289,7 @@ class Trainer:
         rng = _gather_objects(_rng_state(), self.rt)
         state = {
             "step": self.step,
+            "skipped_samples": self._sum_over_ranks(self.skipped_samples),
             "budget_total_steps": self.total_steps if self.cfg.train.budget_minutes > 0 and self.budget_decided
             else None,
             "position": {"epoch": self.position.epoch, "batch": self.position.batch},
@@ -289,7 +337,8 @@ class Trainer:
         train_start = time.perf_counter()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
-            step_lr = self.optimizer.param_groups[0]["lr"]  # logged: what this step trains with
+            step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
+            step_wd = max(group["weight_decay"] for group in self.optimizer.param_groups)
             step_loss = torch.zeros((), device=self.rt.device)
             step_wait = step_compute = 0.0
             for micro in range(t.grad_accum_steps):
@@ -297,6 +346,9 @@ class Trainer:
                 batch = next(batches)
                 toc = time.perf_counter()
                 step_wait += toc - tic
+                if batch["epoch"] != self.position.epoch:
+                    self._report_skipped_samples()
+                self._note_skipped(batch.get("skipped", []))
                 self.position = LoaderPosition(batch["epoch"], batch["batch"] + 1)
                 loss = self.strategy.forward_backward(self._to_device(batch["views"]),
                                                       sync=micro == t.grad_accum_steps - 1, labels=self._labels(batch))
@@ -323,6 +375,7 @@ class Trainer:
                 metrics = {
                     "loss": loss_value,
                     "lr": step_lr,
+                    "weight_decay": step_wd,
                     "grad_norm": grad_norm,
                     "images_per_s": window_steps * t.batch_size / elapsed,
                     "step_time_s": elapsed / window_steps,
@@ -339,9 +392,34 @@ class Trainer:
                     print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
                 raise TrainingInterrupted(self.step, path)
         self.train_seconds = time.perf_counter() - train_start
+        self._report_skipped_samples()
         memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
         last = self.save()
         return self._finish(last, loss_value, memory)
+
+    def _note_skipped(self, skipped: list[str]) -> None:
+        """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
+        for what in skipped:
+            print(f"rank {self.rt.rank}: skipped {what} (data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+        self.skipped_samples += len(skipped)
+
+    def _report_skipped_samples(self) -> None:
+        """At the end of an epoch (and of training): the samples skipped in it over all ranks, printed
+        and logged to MLflow as ``skipped_samples`` (at the step reached), then the count restarts."""
+        if self.cfg.data.on_bad_sample != "skip":
+            return
+        total = self._sum_over_ranks(self.skipped_samples)
+        self.skipped_samples = 0
+        if self.rt.is_main:
+            print(f"epoch {self.position.epoch}: {total} bad samples skipped (data.on_bad_sample=skip)", flush=True)
+            self.tracker.log_metrics({"skipped_samples": total}, step=self.step)
+
+    def _sum_over_ranks(self, count: int) -> int:
+        if self.rt.world_size == 1:
+            return count
+        value = torch.tensor([count], dtype=torch.int64, device=self.rt.device)
+        dist.all_reduce(value)
+        return int(value.item())
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any (so all ranks stop at the same step)."""
@@ -443,7 +521,8 @@ class Trainer:
         backbone_dir = export_timm_backbone(
             backbone, m.backbone, m.backbone_args, self.out / "backbone",
             input_size=(3, d.eval_image_size, d.eval_image_size), mean=tuple(d.mean), std=tuple(d.std),
-            extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id},
+            extra={"method": m.method, "steps": self.step, "mlflow_run_id": self.tracker.run_id,
+                   **({"teacher": self.teacher.lineage()} if self.teacher else {})},
         )
         result.backbone_dir = str(backbone_dir)
         result.model_version = self.tracker.log_backbone(str(backbone_dir), self.cfg.mlflow.registered_model, self.step)
@@ -465,15 +544,16 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
         if setup is not None:
             setup(trainer)
         result = trainer.completed_result() or trainer.train()
-    except NonFiniteLossError:
-        raise  # the run is already marked FAILED with the reason
     except BaseException as err:
-        if trainer.tracker is not None:
+        rt = trainer.rt
+        err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
+        # A NonFiniteLossError has already marked the run FAILED with the reason.
+        if trainer.tracker is not None and not isinstance(err, NonFiniteLossError):
             trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+        # An interruption or a non-finite loss stops every rank at the same step: they leave together.
+        shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
         raise
-    finally:
-        if dist.is_initialized():
-            shutdown_runtime()
+    shutdown_runtime()
     if trainer.rt.is_main:
         (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
     return result

@@ -187,6 +187,13 @@ def parse_views(views: list[ViewSpec]) -> list[list[Step]]:
     return [steps for view, steps in zip(views, parsed) for _ in range(view.count)]
 
 
+def view_sizes(views: list[ViewSpec]) -> list[tuple[int, int] | None]:
+    """The (h, w) of every output view (``count`` expanded): the size its last resizing op
+    (random_resized_crop, resize, center_crop) makes; ``None`` for a view that keeps the image's."""
+    return [next((s.params.size for s in reversed(steps) if hasattr(s.params, "size")), None)
+            for steps in parse_views(views)]
+
+
 def compile_views(views: list[ViewSpec], backend: str,
                   ops: dict[str, Callable[..., Impl]]) -> list[list[tuple[Step, Callable[..., Impl]]]]:
     """``parse_views`` with each step's implementation from a backend's op table; an op the

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.train.checkpoint import load_checkpoint, save_checkpoint, world_size_mismatch
 from ssl_foundry.pipeline.train.optim import build_optimizer
@@ -68,5 +69,6 @@ class DDPStrategy:
         return state
 
     def consolidated_backbone(self, checkpoint: Path | None) -> torch.nn.Module:
-        """The trained backbone, whole, on this rank (every rank holds it under DDP)."""
-        return self.model.backbone
+        """The trained backbone (the method's ``exported_backbone``), whole, on this rank (every rank
+        holds it under DDP)."""
+        return self.model.get_submodule(exported_backbone_name(self.model))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config, deepspeed_config, offloads_optimizer, select_accelerator
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_dir, commit_checkpoint_dir, world_size_mismatch
 from ssl_foundry.pipeline.train.optim import build_optimizer
@@ -104,13 +105,14 @@ class DeepSpeedStrategy:
         return client_state["trainer"]
 
     def consolidated_backbone(self, checkpoint: Path) -> torch.nn.Module:
-        """The backbone with the full fp32 master weights of ``checkpoint``, gathered from every
-        rank's shard (DeepSpeed's zero_to_fp32), as a plain timm model on the CPU. Rank 0 only."""
+        """The backbone (the method's ``exported_backbone``) with the full fp32 master weights of
+        ``checkpoint``, gathered from every rank's shard (DeepSpeed's zero_to_fp32; frozen parameters,
+        such as a teacher's, come from the shards too), as a plain timm model on the CPU. Rank 0 only."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional dependency
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         m = self.cfg.model
         backbone = create_backbone(m.backbone, **m.backbone_args)
-        prefix = "backbone."
+        prefix = exported_backbone_name(self.model) + "."
         backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         return backbone
