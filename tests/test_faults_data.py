@@ -142,7 +142,7 @@ def run_until_step(run: subprocess.Popen, step: int) -> str:
     head = ""
     for line in run.stdout:
         head += line
-        if line.startswith(f"step {step}/"):
+        if f" INFO step {step}/" in line:
             return head
     raise AssertionError(f"the run ended before step {step}:\n{head[-5000:]}")
 
@@ -331,7 +331,7 @@ def test_skipped_samples_are_counted_logged_and_resume_stays_exact(fmnist, tiny_
     overrides = [f"data.train={folder}", "data.on_bad_sample=skip", f"train.max_steps={steps}",
                  "train.checkpoint_every=1"]
     straight = train(tiny_config(tmp_path / "straight", *overrides))
-    assert f"rank 0: skipped sample {key} of shard {shard}: UnidentifiedImageError" in capfd.readouterr().err
+    assert f"WARNING skipped sample {key} of shard {shard}: UnidentifiedImageError" in capfd.readouterr().err
 
     resumed_cfg = tiny_config(tmp_path / "resumed", *overrides)
     with monkeypatch.context() as patch:
