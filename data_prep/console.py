@@ -28,7 +28,8 @@ from tqdm import tqdm
 logger = logging.getLogger("ssl_foundry")
 
 _TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-_PLAIN_METER = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), elapsed {elapsed}, eta {remaining}, {rate_fmt}{postfix}"
+_PLAIN_METER = ("{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), elapsed {elapsed}, eta {remaining}, "
+                "{rate_fmt}{postfix}")
 _PLAIN_METER_NO_TOTAL = "{desc}: {n_fmt} {unit}, elapsed {elapsed}, {rate_fmt}{postfix}"
 _DONE = "{desc}: {n_fmt}/{total_fmt} {unit} in {elapsed} ({rate_fmt}{postfix})"
 _DONE_NO_TOTAL = "{desc}: {n_fmt} {unit} in {elapsed} ({rate_fmt}{postfix})"

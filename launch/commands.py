@@ -113,6 +113,11 @@ def _user_errors(command):
     return run
 
 
+def _describe(source) -> str:
+    """A backbone reference, and the folder it resolved to where that is another."""
+    return source.ref if Path(source.ref) == source.folder else f"{source.ref} ({source.folder})"
+
+
 def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
@@ -179,7 +184,7 @@ def evaluate(args: argparse.Namespace) -> int:
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
     check_input_size(backbone, source, cfg.data.eval_image_size)
-    logger.info("eval %s of %s (%s)", args.kind, source.ref, source.folder)
+    logger.info("eval %s of %s", args.kind, _describe(source))
     digest = export_digest(source.folder)
     metrics, params = _EVALUATIONS[args.kind](backbone, cfg, digest)
     report = {"backbone": source.ref, "model_version": source.model_version,
@@ -285,8 +290,7 @@ def eval_finetune(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
-    logger.info("eval finetune of %s (%s) on %d rank(s)", source.ref, source.folder,
-                cfg.launch.nproc_per_node * cfg.launch.nnodes)
+    logger.info("eval finetune of %s on %d rank(s)", _describe(source), cfg.launch.nproc_per_node * cfg.launch.nnodes)
     report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
     if report is not None:
         print(json.dumps(report))

@@ -167,7 +167,7 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
 
     result, stdout = two_task_run["result"], two_task_run["stdout"]
     job_id = re.search(r"submitted Slurm job (\d+)", stdout).group(1)
-    assert f"scancel {job_id}" in stdout and f"tail -F {two_task_run['out'] / 'train.log'}" in stdout  # how to follow it
+    assert f"scancel {job_id}" in stdout and f"tail -F {two_task_run['out'] / 'train.log'}" in stdout  # to follow it
     assert result["steps"] == STEPS and result["model_version"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
     run = client.get_run(result["run_id"])

@@ -95,7 +95,8 @@ def test_eval_knn_shows_feature_extraction(resumed_run, fmnist, tmp_path):
 def test_eval_linear_shows_the_probe(resumed_run, tmp_path):
     err = _eval("linear", resumed_run, tmp_path, "eval.linear.epochs=2", "eval.linear.lrs=[0.01,0.1]").stderr
     assert "INFO features of " in err  # a fresh output_dir: nothing cached
-    assert re.search(rf"^{TIME} INFO linear probe: 3/6 epoch \(50%\), elapsed \d\d:\d\d, eta \d\d:\d\d, .*lr=", err, re.M)
+    assert re.search(rf"^{TIME} INFO linear probe: 3/6 epoch \(50%\), elapsed \d\d:\d\d, eta \d\d:\d\d, .*lr=",
+                     err, re.M)
     assert re.search(rf"^{TIME} INFO linear probe: 6/6 epoch in \d\d:\d\d ", err, re.M), err
 
 
@@ -175,5 +176,6 @@ def test_setup_a_second_time_says_ready_in_one_line(tmp_path):
     done = subprocess.run(["bash", "scripts/setup.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
                           env=subprocess_env(tmp_path, VENV=str(venv)))
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"setup: {venv} ready (up to date with requirements.txt; delete {venv}/.installed to reinstall)\n"
+    assert done.stdout == (f"setup: {venv} ready (up to date with requirements.txt; delete {venv}/.installed to "
+                           f"reinstall)\n")
     assert done.stderr == ""

@@ -469,9 +469,10 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.step)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         # Elapsed and eta of this process's steps, at their mean pace (knn monitor and checkpoints included).
+        timing = progress.meter("elapsed {elapsed}, eta {remaining}", average=True)
         logger.info("step %d/%d loss %.4f lr %.4g %.0f %s/s data-wait %.0f%%, %s", self.step, self.total_steps,
                     metrics["loss"], metrics["lr"], metrics["images_per_s"], self._sample_unit(),
-                    100 * metrics["data_wait_fraction"], progress.meter("elapsed {elapsed}, eta {remaining}", average=True))
+                    100 * metrics["data_wait_fraction"], timing)
 
     def _sample_unit(self) -> str:
         """What a sample of the batch is: an image, or a clip for the video methods (whose metric
@@ -542,11 +543,11 @@ class Trainer:
             result.timing["knn_s"] = time.perf_counter() - tic
             self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
             logger.info("kNN top-1 %.2f%% (k=%d)", 100 * result.knn_top1, self.cfg.eval.knn_k)
-        self.log_run_log()
+        self.upload_run_log()
         self.tracker.end("FINISHED")
         return result
 
-    def log_run_log(self) -> None:
+    def upload_run_log(self) -> None:
         """``<output_dir>/train.log`` (as far as it is written) into the MLflow run (rank 0)."""
         path = self.out / RUN_LOG
         if path.is_file():
@@ -559,32 +560,36 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
     Rank 0 appends its log lines to ``<output_dir>/train.log``."""
     setup_logging()
     with log_file(Path(cfg.output_dir) / RUN_LOG) if process_rank()[0] == 0 else nullcontext():
-        trainer = Trainer(cfg)
-        try:
-            if setup is not None:
-                setup(trainer)
-            result = trainer.completed_result() or trainer.train()
-        except BaseException as err:
-            rt = trainer.rt
-            err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
-            if trainer.tracker is not None:
-                _record_failure(trainer, err)
-            # An interruption or a non-finite loss stops every rank at the same step: they leave together.
-            shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
-            raise
-        shutdown_runtime()
-        if trainer.rt.is_main:
-            (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
-        return result
+        return _train(cfg, setup)
+
+
+def _train(cfg: Config, setup: Callable[[Trainer], None] | None) -> TrainResult:
+    trainer = Trainer(cfg)
+    try:
+        if setup is not None:
+            setup(trainer)
+        result = trainer.completed_result() or trainer.train()
+    except BaseException as err:
+        rt = trainer.rt
+        err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
+        if trainer.tracker is not None:
+            _record_failure(trainer, err)
+        # An interruption or a non-finite loss stops every rank at the same step: they leave together.
+        shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
+        raise
+    shutdown_runtime()
+    if trainer.rt.is_main:
+        (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+    return result
 
 
 def _record_failure(trainer: Trainer, err: BaseException) -> None:
     """The reason in train.log, the log in the MLflow run, and the run's status (rank 0)."""
     if not isinstance(err, TrainingInterrupted):  # that one has said where its checkpoint is
-        logger.error("stopped after step %d: %s", trainer.step, f"{type(err).__name__}: {err}" if str(err)
-                     else type(err).__name__)
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        logger.error("stopped after step %d: %s", trainer.step, reason)
     try:
-        trainer.log_run_log()
+        trainer.upload_run_log()
     except Exception as upload_err:  # a tracker gone meanwhile must not hide why training stopped
         logger.warning("could not log %s to MLflow: %s", RUN_LOG, upload_err)
     # A NonFiniteLossError has already marked the run FAILED with the reason.
