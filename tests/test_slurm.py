@@ -390,7 +390,7 @@ def test_torchrun_agent_killed_the_other_exits_with_an_error(shards, tmp_path):
     logs = [tmp_path / f"agent{i}.log" for i in range(2)]
     agents = [_torchrun(port, out, shards, 100000, logs[i]) for i in range(2)]
     try:
-        _wait_for(lambda: any(re.search(r"^step [2-9]/", p.read_text(), re.M) for p in logs if p.is_file()),
+        _wait_for(lambda: any(re.search(r" INFO step [2-9]/", p.read_text()) for p in logs if p.is_file()),
                   240, "training to start", interval=0.2)
         _stop_group(agents[1])  # the agent and its worker: as if that VM died
         tic = time.monotonic()
