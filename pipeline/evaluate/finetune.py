@@ -112,31 +112,30 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
     torch.manual_seed(cfg.train.seed + rt.rank)  # mixup's draws: independent per rank
     trained.train()
     losses = []
-    with Progress(total=ft.steps, desc="fine-tune", unit="step") as progress:
-        for step, batch in zip(range(1, ft.steps + 1), make_loader(stream)):
-            images, labels = batch["views"][0].to(rt.device), batch["label"].to(rt.device)
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            with autocast(rt.device, amp):
-                logits = trained(images)
-            if mixup is not None:
-                loss = SoftTargetCrossEntropy()(logits.float(), targets)
-            else:
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=ft.label_smoothing)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}: lower eval.finetune.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step_update(step)
-            if step % ft.log_every == 0 or step == ft.steps:
-                mean_loss = loss.detach()
-                if rt.world_size > 1:
-                    dist.all_reduce(mean_loss)
-                    mean_loss /= rt.world_size
-                losses.append((step, float(mean_loss), optimizer.param_groups[-1]["lr"]))
-                progress.set_postfix(loss=f"{losses[-1][1]:.4f}", refresh=False)
-            progress.update()
+    steps = Progress(range(1, ft.steps + 1), desc="fine-tune", unit="step")
+    for step, batch in zip(steps, make_loader(stream)):
+        images, labels = batch["views"][0].to(rt.device), batch["label"].to(rt.device)
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        with autocast(rt.device, amp):
+            logits = trained(images)
+        if mixup is not None:
+            loss = SoftTargetCrossEntropy()(logits.float(), targets)
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=ft.label_smoothing)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"fine-tuning loss is {loss.item()} at step {step}: lower eval.finetune.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step_update(step)
+        if step % ft.log_every == 0 or step == ft.steps:
+            mean_loss = loss.detach()
+            if rt.world_size > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= rt.world_size
+            losses.append((step, float(mean_loss), optimizer.param_groups[-1]["lr"]))
+            steps.set_postfix(loss=f"{losses[-1][1]:.4f}", refresh=False)
     if not rt.is_main:
         return None
     return FinetuneResult(top1=top1_accuracy(model, cfg, rt.device), losses=losses, model=model.eval(),
