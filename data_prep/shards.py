@@ -24,10 +24,10 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -37,11 +37,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from tqdm import tqdm
-
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.dali_index import write_index
 from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, read_manifest,
                                                 sample_key, shard_name)
+
+logger = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".foundry-prep.lock"
@@ -178,8 +179,7 @@ def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | Non
         for shard in plan.shards:
             first_sample.append(first_sample[-1] + len(shard))
         tasks = [_ShardTask(out, i, first_sample[i], plan.shards[i], plan.build_sample) for i in todo]
-        with tqdm(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample",
-                  disable=None) as bar:
+        with Progress(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample") as bar:
             for index, record in parallel_imap(_write_shard, tasks, workers):
                 manifest["shards"][index] = record
                 _write_json_atomic(out / MANIFEST_NAME, manifest)
@@ -206,7 +206,9 @@ def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None 
     with _exclusive_lock(out):
         manifest = read_manifest(out)
         paths = [out / s["name"] for s in manifest["shards"]]
-        records = dict(parallel_imap(_index_task, [(p, verify) for p in paths], workers or default_workers()))
+        tasks = [(p, verify) for p in paths]
+        records = dict(Progress(parallel_imap(_index_task, tasks, workers or default_workers()), total=len(tasks),
+                                desc=f"index {out}", unit="shard"))
         for shard in manifest["shards"]:
             shard.pop("index_skipped", None)
             shard.update(records[shard["name"]])
@@ -237,8 +239,7 @@ def _exclusive_lock(folder: Path) -> Iterator[None]:
                             f"wait for it to finish or stop it") from None
         f.seek(0)
         if holder := f.read():
-            print(f"{folder}: taking over the lock of a foundry prep that is no longer running ({holder})",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s: taking over the lock of a foundry prep that is no longer running (%s)", folder, holder)
         f.truncate(0)
         f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")

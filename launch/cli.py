@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ssl_foundry.data_prep.console import setup_logging
 from ssl_foundry.pipeline.config import ConfigError
 
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + leftover
     elif leftover:
         parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+    setup_logging()  # log lines and progress to stderr; results (JSON, summaries) to stdout
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from ssl_foundry.pipeline.config import ConfigError, load_config
+
+logger = logging.getLogger(__name__)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,11 @@ def _user_errors(command):
     return run
 
 
+def _describe(source) -> str:
+    """A backbone reference, and the folder it resolved to where that is another."""
+    return source.ref if Path(source.ref) == source.folder else f"{source.ref} ({source.folder})"
+
+
 def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
@@ -118,6 +126,7 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
     from ssl_foundry.pipeline.registry.plots import embedding_map
 
     _, _, test_features, test_labels = eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
+    logger.info("embedding map: t-SNE of %d test features", min(len(test_features), cfg.eval.embedding_map_points))
     return embedding_map(test_features, test_labels, read_manifest(cfg.data.eval_test).get("classes"),
                          max_points=cfg.eval.embedding_map_points, seed=cfg.train.seed)
 
@@ -135,6 +144,7 @@ def evaluate(args: argparse.Namespace) -> int:
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
     check_input_size(backbone, source, cfg.data.eval_image_size)
+    logger.info("eval %s of %s", args.kind, _describe(source))
     digest = export_digest(source.folder)
     metrics, params = _EVALUATIONS[args.kind](backbone, cfg, digest)
     report = {"backbone": source.ref, "model_version": source.model_version,
@@ -176,6 +186,7 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
     if figures:
         log_figures(client, tracker.run_id, figures)
     tracker.end()
+    logger.info("logged to MLflow run %s at %s", tracker.run_id, uri)
     record_version_metrics(client, source, metrics, tracker.run_id)
     gate = apply_gate(client, source, metrics, cfg.eval.gate)
     if source.model_version:
@@ -191,6 +202,7 @@ def add_pretrain_parser(sub) -> None:
 
 def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
+    from ssl_foundry.data_prep.console import setup_logging
     from ssl_foundry.data_prep.shard_format import read_manifest
     from ssl_foundry.pipeline.config import config_from_dict, flatten, to_dict
     from ssl_foundry.pipeline.evaluate.finetune import export_classifier, finetune
@@ -198,6 +210,7 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
     from ssl_foundry.pipeline.train.runtime import init_runtime, shutdown_runtime
 
+    setup_logging()  # a rank started by the launcher knows its RANK now
     cfg = config_from_dict(config)
     rt = init_runtime(cfg.launch, cfg.train)
     try:
@@ -238,6 +251,7 @@ def eval_finetune(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
+    logger.info("eval finetune of %s on %d rank(s)", _describe(source), cfg.launch.nproc_per_node * cfg.launch.nnodes)
     report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
     if report is not None:
         print(json.dumps(report))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import logging
 import os
 import re
 import signal
@@ -34,6 +35,7 @@ from typing import Any
 from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -168,14 +170,14 @@ class PretrainJob:
                     trainer.tracker.log_params(self.params)
                 trainer.tracker.set_tags({k: v for k, v in job_tags.items() if v})
             if rank == 0:
-                print(f"rank 0 of {dist_env['WORLD_SIZE']}, master {dist_env['MASTER_ADDR']}:"
-                      f"{dist_env['MASTER_PORT']}, MLflow run {trainer.run_id}", flush=True)
+                logger.info("rank 0 of %s, master %s:%s, MLflow run %s", dist_env["WORLD_SIZE"],
+                            dist_env["MASTER_ADDR"], dist_env["MASTER_PORT"], trainer.run_id)
 
         try:
             return run_pretraining(config_from_dict(self.config), setup=setup)
         except TrainingInterrupted as err:
             if rank == 0:
-                print(f"interrupted at step {err.step}: requeueing (resumes from {err.checkpoint})", flush=True)
+                logger.info("interrupted at step %d: requeueing (resumes from %s)", err.step, err.checkpoint)
             stop.hand_over(rank)
             raise
 
@@ -289,11 +291,11 @@ def describe(jobs, configs, folder: Path) -> str:
     for job, c in zip(jobs, configs):
         run_name = f" ({c.mlflow.run_name})" if len(jobs) > 1 else ""
         lines.append(f"  job {job.job_id}{run_name}: output {c.output_dir}")
-        lines.append(f"      log {folder / f'{job.job_id}_0_log.out'} (rank 0; errors in .err beside it, "
-                     f"rank N in {job.job_id}_N_log.*)")
+        lines.append(f"      log {Path(c.output_dir) / 'train.log'} (rank 0's lines; each rank's output in "
+                     f"{folder / f'{job.job_id}_N_log.err'}, results in .out)")
     lines += [
         f"MLflow: {cfg.mlflow.tracking_uri}, experiment '{cfg.mlflow.experiment}', runs tagged slurm.job_id={main_id}",
-        f"follow: tail -f {folder / f'{first}_0_log.out'}",
+        f"follow: tail -F {Path(configs[0].output_dir) / 'train.log'}",
         f"        squeue -j {main_id}; sacct -j {main_id} -o JobID,State,Elapsed,NodeList",
         f"cancel: scancel {main_id}     preempt (checkpoint + requeue): scancel --signal USR2 {main_id}",
     ]

@@ -79,7 +79,7 @@ def test_torchrun_resumes_the_two_rank_run(two_rank_run):
     done = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "ssl_foundry.launch", "pretrain", str(out.parent / "run.yaml"), f"train.max_steps={TOTAL_STEPS}",
                 "train.checkpoint_every=1", "data.num_workers=1", f"mlflow.tracking_uri={store}"], out.parent)
-    assert f"resumed from {checkpoint_path(out / 'checkpoints', FIRST_STEPS)} at step {FIRST_STEPS}" in done.stdout
+    assert f"resumed at step {FIRST_STEPS} from {checkpoint_path(out / 'checkpoints', FIRST_STEPS)}" in done.stderr
     assert done.stdout.count(SUMMARY) == 1
 
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [

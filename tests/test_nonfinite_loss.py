@@ -6,6 +6,7 @@ forward pass overflows a few steps in.
 """
 import math
 import re
+from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
@@ -51,6 +52,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure"] == message
+    # The run's log, ending with why it stopped, is in the run too.
+    log = Path(client.download_artifacts(run.info.run_id, "train.log", str(tmp_path))).read_text()
+    assert log == (out / "train.log").read_text()
+    assert log.splitlines()[-1].endswith(f" ERROR stopped after step {failed_step - 1}: NonFiniteLossError: {message}")
 
     # train.resume=auto continues from the good checkpoint, in the same run, and replays step
     # failed_step-1 exactly (the set-aside checkpoint would replay the non-finite step instead).

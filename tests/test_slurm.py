@@ -168,7 +168,7 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
 
     result, stdout = two_task_run["result"], two_task_run["stdout"]
     job_id = re.search(r"submitted Slurm job (\d+)", stdout).group(1)
-    assert f"scancel {job_id}" in stdout and f"{job_id}_0_log.out" in stdout  # how to follow it
+    assert f"scancel {job_id}" in stdout and f"tail -F {two_task_run['out'] / 'train.log'}" in stdout  # to follow it
     assert result["steps"] == STEPS and result["model_version"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
     run = client.get_run(result["run_id"])
@@ -176,9 +176,9 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
     assert run.data.tags["env.world_size"] == "2" and run.data.tags["slurm.job_id"] == job_id
     version = client.get_model_version("slurm-tiny", result["model_version"])
     assert version.run_id == result["run_id"]
-    # the job's log says where it rendezvoused: the fake node name resolved to its NodeAddr
-    log = (two_task_run["out"] / "slurm" / f"{job_id}_0_log.out").read_text()
-    assert "rank 0 of 2, master 127.0.0.1:" in log
+    # the run's log says where it rendezvoused: the fake node name resolved to its NodeAddr
+    log = (two_task_run["out"] / "train.log").read_text()
+    assert "rank 0 INFO rank 0 of 2, master 127.0.0.1:" in log
     backbone = timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.isfinite(backbone(torch.randn(2, 3, 32, 32))).all()
@@ -284,10 +284,10 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
     overrides = [f"output_dir={out}", *_data(shards), *TINY, f"train.max_steps={STEPS}", "launch.tasks_per_node=2"]
     jobs, _, folder = submit(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), overrides)
     job = jobs[0]
-    log = folder / f"{job.job_id}_0_log.out"
+    log = folder / f"{job.job_id}_0_log.err"  # rank 0's log lines
 
     # Interrupt once the run is a few steps in (well before its end).
-    _wait_for(lambda: log.is_file() and re.search(r"^step [3-9]/", log.read_text(), re.M), 180, "step 3")
+    _wait_for(lambda: log.is_file() and re.search(r" INFO step [3-9]/", log.read_text()), 180, "step 3")
     job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2
     # Requeued jobs wait ~2 min (BeginTime); start it now.
     _wait_for(lambda: _squeue(job.job_id).startswith("PENDING"), 60, "the job to be requeued")
@@ -296,7 +296,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
 
     text = log.read_text()
     interrupted = int(re.search(r"interrupted at step (\d+)", text).group(1))
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    resumed = int(re.search(r"resumed at step (\d+) from", text).group(1))
     assert 0 < interrupted == resumed < STEPS, text[-3000:]
     assert result.steps == STEPS
 
@@ -329,8 +329,8 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
                  "train.checkpoint_every=4"]
     jobs, _, folder = submit(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), overrides)
     job = jobs[0]
-    log = folder / f"{job.job_id}_0_log.out"
-    _wait_for(lambda: log.is_file() and re.search(r"^step (9|1[0-9])/", log.read_text(), re.M), 180, "step 9")
+    log, submitit_log = folder / f"{job.job_id}_0_log.err", folder / f"{job.job_id}_0_log.out"
+    _wait_for(lambda: log.is_file() and re.search(r" INFO step (9|1[0-9])/", log.read_text()), 180, "step 9")
     # SIGKILL every task process, as a node dying does: no signal to checkpoint on. (Not `scancel
     # --signal=KILL`: it reached the tasks as a SIGTERM that submitit bypasses, and the job finished.)
     # Then requeue it, as Slurm does after a node failure.
@@ -341,9 +341,10 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     result = task_result(job)
 
-    text = log.read_text()
+    text = submitit_log.read_text()
     assert text.count("Exiting after successful completion") == 1, text[-3000:]  # the resumed attempt only
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    text = log.read_text()
+    resumed = int(re.search(r"resumed at step (\d+) from", text).group(1))
     assert resumed >= 8 and resumed % 4 == 0 and result.steps == STEPS, text[-3000:]
     client = MlflowClient(tracking_uri=result.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ssl-foundry").experiment_id])
@@ -427,7 +428,7 @@ def test_torchrun_agent_killed_the_other_exits_with_an_error(shards, tmp_path):
     logs = [tmp_path / f"agent{i}.log" for i in range(2)]
     agents = [_torchrun(port, out, shards, 100000, logs[i]) for i in range(2)]
     try:
-        _wait_for(lambda: any(re.search(r"^step [2-9]/", p.read_text(), re.M) for p in logs if p.is_file()),
+        _wait_for(lambda: any(re.search(r" INFO step [2-9]/", p.read_text()) for p in logs if p.is_file()),
                   240, "training to start", interval=0.2)
         _stop_group(agents[1])  # the agent and its worker: as if that VM died
         tic = time.monotonic()

@@ -30,6 +30,7 @@ is one whose index lists a member over ``max_sample_bytes`` (DALI would read it 
 """
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Iterator
@@ -45,6 +46,8 @@ from ssl_foundry.pipeline.data.augment import dali_backend
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec
 from ssl_foundry.pipeline.data.errors import BadSampleError
 from ssl_foundry.pipeline.data.position import LoaderPosition
+
+logger = logging.getLogger(__name__)
 
 
 def _seed(*parts: int) -> int:
@@ -118,8 +121,8 @@ class DaliStream:
         self.shards, self.num_samples, self.skipped = indexed_shards(folder)
         refuse_oversized_members(self.shards, max_sample_bytes)
         if self.skipped and rank == 0:
-            print(f"{folder}: {self.skipped} samples are not in the DALI indexes (images that do not decode; "
-                  f"see index_skipped in its manifest.json) and are skipped", flush=True)
+            logger.warning("%s: %d samples are not in the DALI indexes (images that do not decode; see "
+                           "index_skipped in its manifest.json) and are skipped", folder, self.skipped)
         if self.steps_per_epoch() == 0:
             raise ValueError(f"{folder}: {self.num_samples} samples over {world_size} ranks give each fewer than "
                              f"a batch of {batch_size}: lower train.batch_size or use more data")

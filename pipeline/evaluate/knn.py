@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.shard_format import file_sha256
 from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config
@@ -32,11 +33,13 @@ def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, me
     amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
     feats, labels = [], []
     backbone.eval()
-    for batch in make_loader(stream):
-        with autocast(device, amp):
-            out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
-        feats.append(out.float().cpu())
-        labels.append(batch["label"])
+    with Progress(total=stream.num_samples, desc=f"features of {folder}", unit="img") as progress:
+        for batch in make_loader(stream):
+            with autocast(device, amp):
+                out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
+            feats.append(out.float().cpu())
+            labels.append(batch["label"])
+            progress.update(len(batch["label"]))
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -11,13 +11,14 @@ model, optimizer, step, every rank's RNG state, the loader position and the MLfl
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import resource
 import statistics
-import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
+from ssl_foundry.data_prep.console import Progress, log_file, process_rank, setup_logging
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from ssl_foundry.models.registry import create_method, takes_teacher
@@ -44,6 +46,11 @@ from ssl_foundry.pipeline.train.optim import WeightDecaySchedule, base_lr
 from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
+
+logger = logging.getLogger(__name__)
+
+# Rank 0's log lines of every process that trains in an output_dir, appended (and logged to MLflow).
+RUN_LOG = "train.log"
 
 # Time budgets: steps left out of the step-time estimate (loader workers still catching up: these
 # ran ~30% slower than the steady state in the demo), then steps whose median is the estimate.
@@ -283,7 +290,7 @@ class Trainer:
         self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
         self._rng_to_restore = state["rng"][self.rt.rank]
         if self.rt.is_main:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            logger.info("resumed at step %d from %s", self.step, path)
 
     def save(self) -> Path | None:
         rng = _gather_objects(_rng_state(), self.rt)
@@ -304,7 +311,7 @@ class Trainer:
     def _loader(self):
         if self.rt.is_main:
             backend, why = train_backend(self.cfg.data.backend, self.rt.device, self.cfg.data.train)
-            print(f"training loader: {backend} on {self.rt.device.type} ({why})", flush=True)
+            logger.info("training loader: %s on %s (%s)", backend, self.rt.device.type, why)
         return build_train_loader(self.cfg, self.local_batch, self.rt.rank, self.rt.world_size, self.position,
                                   self.rt.device)
 
@@ -331,10 +338,26 @@ class Trainer:
             _set_rng_state(self._rng_to_restore)
         self.model.train()
         batches = self._loader()
+        if self.rt.is_main:
+            logger.info("%s %s: steps %d to %d, %d images per step over %d rank(s) on %s, MLflow run %s",
+                        self.cfg.model.method, self.cfg.model.backbone, self.step, self.total_steps, t.batch_size,
+                        self.rt.world_size, self.rt.device.type, self.run_id)
+        train_start = time.perf_counter()
+        with Progress(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
+                      periodic=False) as progress:  # the step lines are the plain lines
+            loss_value = self._train_steps(batches, progress, train_start)
+        self.train_seconds = time.perf_counter() - train_start
+        self._report_skipped_samples()
+        memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
+        last = self.save()
+        return self._finish(last, loss_value, memory)
+
+    def _train_steps(self, batches, progress: Progress, train_start: float) -> float:
+        """Steps until ``total_steps``; returns the last step's loss."""
+        t = self.cfg.train
         data_wait = 0.0
         window_start, window_steps = time.perf_counter(), 0
         loss_value = float("nan")
-        train_start = time.perf_counter()
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
@@ -368,6 +391,8 @@ class Trainer:
                 callback(self.step)
             if not self.budget_decided and len(self.step_times) == BUDGET_SKIP_STEPS + BUDGET_PROBE_STEPS:
                 self._fit_schedule_to_budget(time.perf_counter() - train_start)
+                progress.total = self.total_steps
+            progress.update()
             data_wait += step_wait
             window_steps += 1
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -382,25 +407,21 @@ class Trainer:
                     "data_wait_fraction": data_wait / max(elapsed, 1e-9),
                     "epoch": float(self.position.epoch),
                 }
-                self._log(metrics)
+                self._log(metrics, progress)
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save()
             if self.stop_check is not None and self.step < self.total_steps and self._any_rank(self.stop_check()):
                 path = self.save()
                 if self.rt.is_main:
-                    print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
+                    logger.info("stop requested: checkpoint of step %d written to %s", self.step, path)
                 raise TrainingInterrupted(self.step, path)
-        self.train_seconds = time.perf_counter() - train_start
-        self._report_skipped_samples()
-        memory = _gather_objects(_memory_mb(self.rt.device), self.rt)
-        last = self.save()
-        return self._finish(last, loss_value, memory)
+        return loss_value
 
     def _note_skipped(self, skipped: list[str]) -> None:
-        """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
+        """Every sample data.on_bad_sample=skip left out, a warning of the rank that met it, and counted."""
         for what in skipped:
-            print(f"rank {self.rt.rank}: skipped {what} (data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+            logger.warning("skipped %s (data.on_bad_sample=skip)", what)
         self.skipped_samples += len(skipped)
 
     def _report_skipped_samples(self) -> None:
@@ -411,7 +432,7 @@ class Trainer:
         total = self._sum_over_ranks(self.skipped_samples)
         self.skipped_samples = 0
         if self.rt.is_main:
-            print(f"epoch {self.position.epoch}: {total} bad samples skipped (data.on_bad_sample=skip)", flush=True)
+            logger.info("epoch %d: %d bad samples skipped (data.on_bad_sample=skip)", self.position.epoch, total)
             self.tracker.log_metrics({"skipped_samples": total}, step=self.step)
 
     def _sum_over_ranks(self, count: int) -> int:
@@ -441,8 +462,8 @@ class Trainer:
         self.total_steps, self.budget_decided = total[0], True
         self.scheduler = build_scheduler(self.cfg, self.optimizer, self.total_steps)
         if self.rt.is_main:
-            print(f"time budget {t.budget_minutes:g} min at {step_time:.3f} s/step: training "
-                  f"{self.total_steps} steps", flush=True)
+            logger.info("time budget %g min at %.3f s/step: training %d steps", t.budget_minutes, step_time,
+                        self.total_steps)
             self.tracker.log_params({"train.budget_total_steps": self.total_steps})
 
     def completed_result(self) -> TrainResult | None:
@@ -456,19 +477,22 @@ class Trainer:
         if result.steps != self.step:
             return None
         if self.rt.is_main:
-            print(f"{self.out} already finished at step {self.step} (see {recorded}): nothing to do. "
-                  f"Set train.resume=never for a new run, or raise train.max_steps to train on.", flush=True)
+            logger.info("%s already finished at step %d (see %s): nothing to do. Set train.resume=never for a "
+                        "new run, or raise train.max_steps to train on.", self.out, self.step, recorded)
             self.tracker.end("FINISHED")
         return result
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], progress: Progress) -> None:
         if not self.rt.is_main:
             return
         self.timing = metrics
         self.tracker.log_metrics(metrics, step=self.step)
-        print(f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} "
-              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} {self._sample_unit()}/s "
-              f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        # Elapsed and eta of this process's steps, at their mean pace (knn monitor and checkpoints included).
+        timing = progress.meter("elapsed {elapsed}, eta {remaining}", average=True)
+        logger.info("step %d/%d loss %.4f lr %.4g %.0f %s/s data-wait %.0f%%, %s", self.step, self.total_steps,
+                    metrics["loss"], metrics["lr"], metrics["images_per_s"], self._sample_unit(),
+                    100 * metrics["data_wait_fraction"], timing)
 
     def _sample_unit(self) -> str:
         """What a sample of the batch is: an image, or a clip for the video methods (whose metric
@@ -526,19 +550,37 @@ class Trainer:
         )
         result.backbone_dir = str(backbone_dir)
         result.model_version = self.tracker.log_backbone(str(backbone_dir), self.cfg.mlflow.registered_model, self.step)
+        registered = f", registered as models:/{self.cfg.mlflow.registered_model}/{result.model_version}" \
+            if result.model_version else ""
+        logger.info("backbone exported to %s, logged as the run's MLflow model%s", backbone_dir, registered)
         if self.cfg.eval.after_pretrain and d.eval_train and d.eval_test:
             backbone.eval()
             tic = time.perf_counter()
             result.knn_top1 = knn_evaluate(backbone, self.cfg, self.rt.device)
             result.timing["knn_s"] = time.perf_counter() - tic
             self.tracker.log_metrics({"knn_top1": result.knn_top1}, step=self.step)
+            logger.info("kNN top-1 %.2f%% (k=%d)", 100 * result.knn_top1, self.cfg.eval.knn_k)
+        self.upload_run_log()
         self.tracker.end("FINISHED")
         return result
+
+    def upload_run_log(self) -> None:
+        """``<output_dir>/train.log`` (as far as it is written) into the MLflow run (rank 0)."""
+        path = self.out / RUN_LOG
+        if path.is_file():
+            self.tracker.log_artifact(str(path))
 
 
 def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainResult:
     """Entry point of every rank (direct, torchrun, elastic launch or submitit). ``setup`` is
-    called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``)."""
+    called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``).
+    Rank 0 appends its log lines to ``<output_dir>/train.log``."""
+    setup_logging()
+    with log_file(Path(cfg.output_dir) / RUN_LOG) if process_rank()[0] == 0 else nullcontext():
+        return _train(cfg, setup)
+
+
+def _train(cfg: Config, setup: Callable[[Trainer], None] | None) -> TrainResult:
     trainer = Trainer(cfg)
     try:
         if setup is not None:
@@ -547,9 +589,8 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
     except BaseException as err:
         rt = trainer.rt
         err.add_note(f"(rank {rt.rank} of {rt.world_size}, pid {os.getpid()}, after step {trainer.step})")
-        # A NonFiniteLossError has already marked the run FAILED with the reason.
-        if trainer.tracker is not None and not isinstance(err, NonFiniteLossError):
-            trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
+        if trainer.tracker is not None:
+            _record_failure(trainer, err)
         # An interruption or a non-finite loss stops every rank at the same step: they leave together.
         shutdown_runtime(failed=not isinstance(err, (TrainingInterrupted, NonFiniteLossError)))
         raise
@@ -557,3 +598,17 @@ def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainR
     if trainer.rt.is_main:
         (Path(cfg.output_dir) / "result.json").write_text(json.dumps(result.__dict__, indent=2))
     return result
+
+
+def _record_failure(trainer: Trainer, err: BaseException) -> None:
+    """The reason in train.log, the log in the MLflow run, and the run's status (rank 0)."""
+    if not isinstance(err, TrainingInterrupted):  # that one has said where its checkpoint is
+        reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        logger.error("stopped after step %d: %s", trainer.step, reason)
+    try:
+        trainer.upload_run_log()
+    except Exception as upload_err:  # a tracker gone meanwhile must not hide why training stopped
+        logger.warning("could not log %s to MLflow: %s", RUN_LOG, upload_err)
+    # A NonFiniteLossError has already marked the run FAILED with the reason.
+    if not isinstance(err, NonFiniteLossError):
+        trainer.tracker.end("KILLED" if isinstance(err, (KeyboardInterrupt, TrainingInterrupted)) else "FAILED")
