@@ -66,8 +66,8 @@ def test_train_log_holds_both_runs_and_is_in_the_mlflow_run(resumed_run):
     assert "\r" not in log
     resumed = log.index("INFO resumed at step 4 from ")
     assert log.index("INFO step 4/4 ") < resumed < log.index("INFO step 5/6 ")
-    run_id = json.loads((out / "result.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    result = json.loads((out / "result.json").read_text())
+    run_id, client = result["run_id"], MlflowClient(tracking_uri=result["tracking_uri"])
     logged = Path(client.download_artifacts(run_id, "train.log", str(out.parent))).read_text()
     assert logged == log  # uploaded at the very end of the resumed run
 
