@@ -184,11 +184,19 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
         assert torch.isfinite(backbone(torch.randn(2, 3, 32, 32))).all()
 
 
+def _logged_run_log(client: MlflowClient, run_id: str, output_dir: Path) -> bool:
+    """Whether the run's train.log artifact is the output_dir's, with the last step and the export."""
+    (output_dir.parent / "logged").mkdir(exist_ok=True)
+    logged = Path(client.download_artifacts(run_id, "train.log", str(output_dir.parent / "logged"))).read_text()
+    return logged == (output_dir / "train.log").read_text() and all(
+        line in logged for line in (" INFO step 4/4 ", " INFO backbone exported to "))
+
+
 @pytest.mark.slow
 def test_submitted_run_ends_like_a_local_run(slurm_cluster, shards, tmp_path, mlflow_store):
     """`foundry submit` and `foundry pretrain` of one recipe end the same way (one code path, rank 0):
-    the online kNN monitor, the plots, the gate on the end-of-pretraining kNN and the model card,
-    both in the one store of the tracking-URI rule (here the test's MLFLOW_TRACKING_URI)."""
+    the online kNN monitor, the plots, the gate on the end-of-pretraining kNN, the model card and
+    train.log in the run, both in the one store of the tracking-URI rule (here the test's MLFLOW_TRACKING_URI)."""
     common = [*_data(shards), *TINY, "train.max_steps=4", "eval.after_pretrain=true", "eval.knn_every=2",
               "eval.knn_k=20", "eval.gate.metric=knn_top1", "eval.gate.threshold=0"]
     recipe = "configs/simclr_resnet18_fmnist.yaml"
@@ -213,12 +221,13 @@ def test_submitted_run_ends_like_a_local_run(slurm_cluster, shards, tmp_path, ml
             "version tags": sorted(version.tags),
             "aliases": {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()},
             "online kNN steps": [m.step for m in client.get_metric_history(result["run_id"], "knn_monitor_top1")],
+            "run log": _logged_run_log(client, result["run_id"], tmp_path / launcher),
         }
     assert ends["slurm"] == ends["local"]
     assert ends["slurm"]["plots"] == ["plots/augmentations.png", "plots/curves.png"]
     assert ends["slurm"]["card has the kNN"] and ends["slurm"]["aliases"] == {"candidate": "1"}
     assert {"gate.passed", "gate.last", "model_card"} <= set(ends["slurm"]["version tags"])
-    assert ends["slurm"]["online kNN steps"] == [2, 4]
+    assert ends["slurm"]["online kNN steps"] == [2, 4] and ends["slurm"]["run log"]
 
 
 @pytest.mark.slow

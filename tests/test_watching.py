@@ -1,7 +1,7 @@
 """Watching a run (docs/watching.md): time-stamped log lines with elapsed time and eta, rank 0's
 lines in ``<output_dir>/train.log`` (appended on resume) and in the MLflow run, progress from the
-evaluations, no carriage returns without a terminal and a live bar with one, ranks other than 0
-silent but for warnings, and `make setup` in one line once it is done."""
+evaluations and prep, no carriage returns without a terminal and a live bar with one, ranks other
+than 0 silent but for warnings, and `make setup` in one line once it is done."""
 from __future__ import annotations
 
 import fcntl
@@ -106,6 +106,23 @@ def test_eval_finetune_shows_steps_and_the_test_pass(resumed_run, fmnist, tmp_pa
     assert re.search(rf"^{TIME} INFO fine-tune: 2/4 step \(50%\), elapsed \d\d:\d\d, eta \d\d:\d\d, .*loss=", err, re.M)
     assert re.search(rf"^{TIME} INFO fine-tune: 4/4 step in ", err, re.M), err
     assert re.search(rf"^{TIME} INFO top-1 on {fmnist / 'test'}: 128/128 img in ", err, re.M), err
+
+
+def test_prep_shows_checking_and_shard_writing(tmp_path):
+    from test_data_prep import fashion_mnist_head, save_image
+
+    images, labels = fashion_mnist_head("train", 12)
+    for i, pixels in enumerate(images):
+        save_image(tmp_path / "src" / f"class{labels[i] % 2}" / f"{i:02d}.png", pixels, "PNG")
+    done = run_cli(["prep", "images", str(tmp_path / "src"), str(tmp_path / "shards"), "--shard-size", "6",
+                    "--workers", "1"], tmp_path, FOUNDRY_PROGRESS_EVERY_S="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(rf"^{TIME} INFO check images: 12/12 file in \d\d:\d\d \(", done.stderr, re.M), done.stderr
+    assert re.search(rf"^{TIME} INFO write shards: 6/12 sample \(50%\), elapsed \d\d:\d\d, eta \d\d:\d\d, ",
+                     done.stderr, re.M), done.stderr
+    assert re.search(rf"^{TIME} INFO write shards: 12/12 sample in ", done.stderr, re.M), done.stderr
+    assert "\r" not in done.stdout + done.stderr
+    assert done.stdout.startswith(f"{tmp_path / 'shards'}: 12 samples in 2 shards") and " INFO " not in done.stdout
 
 
 def _console(script: str, terminal: bool = False, **env: str) -> str:
