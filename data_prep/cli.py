@@ -1,6 +1,7 @@
 """`foundry prep images SRC OUT`, `foundry prep video SRC OUT`, `foundry prep fashion-mnist OUT`,
 `foundry prep photos OUT`, `foundry prep sample-videos OUT`: make shard folders (each shard with its
-DALI index); `foundry prep index DIR`: (re)index one."""
+DALI index; OUT may be s3://bucket/prefix); `foundry prep index DIR`: (re)index one; `foundry prep
+manifest LOCATION`: describe WebDataset shards made elsewhere."""
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "unlabelled. Files that are not valid images are listed in OUT/manifest.json. "
                     "Rerun the same command to resume an interrupted run.")
     images.add_argument("src", help="image folder")
-    images.add_argument("out", help="shard folder to write")
+    images.add_argument("out", help="shard folder to write: local, or s3://bucket/prefix (uploaded shard by shard)")
     images.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard (default 1000)")
     images.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                         help="also start a new shard before the images exceed this many bytes")
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "subfolders make it labelled, as for images. Files that are not videos, do not decode, are "
                     "truncated or shorter than a clip are listed in OUT/manifest.json. Rerun to resume.")
     video.add_argument("src", help="video folder")
-    video.add_argument("out", help="shard folder to write")
+    video.add_argument("out", help="shard folder to write: local, or s3://bucket/prefix (uploaded shard by shard)")
     video.add_argument("--clip-frames", type=_positive_int, default=16, help="frames per clip (default 16)")
     video.add_argument("--stride", type=_positive_int, default=8,
                        help="frames between the starts of consecutive clips (default 8: clips overlap by half)")
@@ -71,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "fashion-mnist", help="Fashion-MNIST from the Debian package -> OUT/train, OUT/test",
         description="Shard Fashion-MNIST (/usr/share/datasets/fashion-mnist, Debian package "
                     "dataset-fashion-mnist) into OUT/train and OUT/test as PNG + class index.")
-    fashion.add_argument("out", help="folder for the train/ and test/ shard folders")
+    fashion.add_argument("out", help="folder for the train/ and test/ shard folders (local or s3://bucket/prefix)")
     fashion.add_argument("--shard-size", type=_positive_int, default=FASHION_MNIST_SHARD_SIZE,
                          help=f"images per shard (default {FASHION_MNIST_SHARD_SIZE})")
     fashion.add_argument("--limit", type=_positive_int, default=None,
@@ -102,6 +103,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     index.add_argument("--workers", type=_positive_int, default=None,
                        help="worker processes (default: the CPUs this process may use)")
     index.set_defaults(func=_run_index)
+
+    manifest = kinds.add_parser(
+        "manifest", help="manifest.json + DALI index files for WebDataset shards made elsewhere",
+        description="Read every shard at LOCATION once (a folder of *.tar, local or s3://, or a shard list such "
+                    "as 's3://bucket/train/shard-{000000..000099}.tar' or an http(s):// one) and write its "
+                    "manifest.json (sample counts, sha256, sizes, classes when every sample has a cls index, "
+                    "samples whose image does not decode) and a DALI index per shard, beside the shards or "
+                    "into --out.")
+    manifest.add_argument("location", help="shard folder or shard list (local, s3://, http(s)://)")
+    manifest.add_argument("--out", default=None,
+                          help="local folder for manifest.json and the index files (a read-only store, HTTP); "
+                               "train with data.train=OUT")
+    manifest.add_argument("--workers", type=_positive_int, default=None,
+                          help="worker processes (default: the CPUs this process may use)")
+    manifest.set_defaults(func=_run_manifest)
     return prep
 
 
@@ -208,6 +224,21 @@ def _run_index(args: argparse.Namespace) -> int:
         return 1
     print(f"{summary['out']}: {summary['indexed']} samples indexed in {summary['shards']} shards, "
           f"{summary['skipped']} left out (images that do not decode: see index_skipped in the manifest)")
+    return 0
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    from ssl_foundry.data_prep.existing_shards import describe_shards
+
+    try:
+        summary = describe_shards(args.location, args.out, args.workers)
+    except PrepError as err:
+        print(f"foundry prep manifest: {err}", file=sys.stderr)
+        return 1
+    print(f"{summary['out']}: manifest of {summary['samples']} samples in {summary['shards']} shards "
+          f"({summary['bytes'] / 2**20:.1f} MiB, {'labelled' if summary['labelled'] else 'unlabelled'}), "
+          f"{summary['indexed']} indexed, {summary['skipped']} left out (no image, or one that does not decode: "
+          f"see index_skipped in the manifest)")
     return 0
 
 

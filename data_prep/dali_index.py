@@ -21,16 +21,32 @@ from pathlib import Path
 
 from ssl_foundry.data_prep.shard_format import IMAGE_EXTENSIONS, INDEX_VERSION, index_path, probe_image, read_samples
 
+
+def image_problem(ext: str, data: bytes) -> str | None:
+    """Why a sample's image member (key ``ext``) does not decode; None when it does."""
+    try:
+        probe_image(data)
+    except Exception as err:  # PIL reports bad data with many exception types
+        return f"{ext}: {type(err).__name__}: {err}"
+    return None
+
+
 def _image_problem(f, components: list[tuple[str, int, int, str]]) -> str | None:
     """Why the sample's image does not decode (None when it does, or when it has no image)."""
     for ext, offset, size, _ in components:
         if ext in IMAGE_EXTENSIONS:
             f.seek(offset)
-            try:
-                probe_image(f.read(size))
-            except Exception as err:  # PIL reports bad data with many exception types
-                return f"{ext}: {type(err).__name__}: {err}"
+            if problem := image_problem(ext, f.read(size)):
+                return problem
     return None
+
+
+def index_text(samples: list[tuple[str, list[tuple[str, int, int, str]]]]) -> str:
+    """The index of these samples (key, [(ext, data offset, size, member name), ...]) in DALI's format."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in components)
+              for _, components in samples]
+    return "\n".join(lines) + "\n"
 
 
 def write_index(shard: str | os.PathLike, verify: bool = False) -> dict:
@@ -46,12 +62,9 @@ def write_index(shard: str | os.PathLike, verify: bool = False) -> dict:
         skipped = [{"key": key, "reason": "corrupt", "detail": problem} for key, problem in problems if problem]
         bad = {s["key"] for s in skipped}
         samples = [s for s in samples if s[0] not in bad]
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in components)
-              for _, components in samples]
     final = index_path(shard)
     tmp = final.with_name(final.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(index_text(samples))
     os.replace(tmp, final)
     record = {"index": final.name, "indexed_samples": len(samples)}
     if verify:

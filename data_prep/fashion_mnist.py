@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ssl_foundry.data_prep.shard_format import PrepError
+from ssl_foundry.data_prep.shard_format import PrepError, join_location
 from ssl_foundry.data_prep.shards import ShardPlan, group_into_shards, write_shards
 
 SOURCE_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -97,6 +97,6 @@ def prep_fashion_mnist(out: str | os.PathLike, shard_size: int = DEFAULT_SHARD_S
             classes=CLASSES,
             shard_size=shard_size,
         )
-        summaries[split] = write_shards(Path(out) / split, plan, workers, overwrite,
+        summaries[split] = write_shards(join_location(out, split), plan, workers, overwrite,
                                         progress=f"fashion-mnist {split}")
     return summaries

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ssl_foundry.data_prep.console import Progress
-from ssl_foundry.data_prep.shard_format import FORMAT_KEYS, PrepError, probe_image
+from ssl_foundry.data_prep.shard_format import FORMAT_KEYS, PrepError, is_remote, probe_image
 from ssl_foundry.data_prep.shards import ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
 
 ACCEPTED_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
@@ -131,17 +131,17 @@ def _check_files(task: tuple[Callable[[Path, str, int | None], Any], Path, list[
 
 def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: frozenset[str],
                   check: Callable[[Path, str, int | None], Any], workers: int, batch: int,
-                  what: str, follow_symlinks: bool = False) -> tuple[Path, Path, list[str], list, list[dict]]:
+                  what: str, follow_symlinks: bool = False) -> tuple[Path, Path | str, list[str], list, list[dict]]:
     """The shared first half of a prep: SRC and OUT checked, class folders found (ImageNet style
     when SRC holds no input at its top level), every file below SRC run through ``check(src, path,
     label)`` in worker processes, ``batch`` files per task (symlinks leaving SRC are skipped unless
     ``follow_symlinks``). ``check`` (picklable) returns a valid input or its ``skipped`` entry (a
-    dict). Returns ``(src, out, classes, valid, skipped)``, both lists sorted by path; raises
-    PrepError when nothing is valid."""
-    src_dir, out_dir = Path(src).resolve(), Path(out).resolve()
+    dict). Returns ``(src, out, classes, valid, skipped)`` (OUT resolved, or the URL of an object store),
+    both lists sorted by path; raises PrepError when nothing is valid."""
+    src_dir, out_dir = Path(src).resolve(), str(out) if is_remote(out) else Path(out).resolve()
     if not src_dir.is_dir():
         raise PrepError(f"SRC '{src}' is not a folder")
-    if out_dir == src_dir or src_dir in out_dir.parents:
+    if isinstance(out_dir, Path) and (out_dir == src_dir or src_dir in out_dir.parents):
         raise PrepError(f"OUT '{out}' is inside SRC '{src}': the shards would become inputs")
     classes = find_classes(src_dir, extensions)
     class_index = {name: i for i, name in enumerate(classes)}

@@ -12,6 +12,14 @@ holds a half-written tar, and a rerun of the same command keeps the complete sha
 sha256 still matches, deletes temp files and rewrites the rest. A rerun whose plan differs (other
 source, shard size or source files) is refused unless ``overwrite`` is set.
 
+OUT in an object store (``s3://bucket/prefix``): each shard is written to a local staging folder,
+uploaded with its index and deleted there, so the local disk holds at most one shard per worker. An
+object appears whole or not at all, so the progress record (``OUT/.foundry-prep-progress.json``, the
+manifest as it grows) is rewritten after each upload and ``manifest.json`` is written last, once
+every shard is there: loaders never see a half-written dataset, and a rerun keeps the shards the
+progress record lists whose objects have the recorded size. There is no lock on a store: run one
+prep per OUT.
+
 Every shard gets a DALI index beside it (``shard-000000.idx``, see data_prep.dali_index),
 written with the shard and recorded in its manifest entry (``index``, ``indexed_samples``);
 :func:`reindex` rewrites them for a finished folder, leaving out samples whose image does not
@@ -28,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -39,13 +48,15 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.dali_index import write_index
-from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, read_manifest,
-                                                sample_key, shard_name)
+from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, find_manifest,
+                                                is_remote, join_location, list_location, put_location, read_location,
+                                                read_manifest, redact, remove_location, sample_key, shard_name)
 
 logger = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".foundry-prep.lock"
+PROGRESS_NAME = ".foundry-prep-progress.json"  # an object store's manifest until every shard is there
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Fixed member mtime: rewriting a shard from the same inputs gives identical bytes (same sha256).
 TAR_MTIME = 0
@@ -135,6 +146,7 @@ class _ShardTask:
     first_sample: int
     items: list[Any]
     build_sample: Callable[[Any], dict[str, bytes]]
+    upload_to: str | None = None  # an object store's OUT: the shard and its index go there, then leave out_dir
 
 
 def _die_with_parent(parent: int) -> None:
@@ -168,26 +180,25 @@ def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | Non
     """Writes (or finishes writing) ``plan`` into ``out_dir`` and returns a summary for logs and
     benchmarks: ``out, samples, shards, shards_written, shards_reused, skipped, bytes, seconds``."""
     start = time.perf_counter()
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     workers = workers or default_workers()
     _tar_writer()  # import it before forking workers, so that they inherit it
-    with _exclusive_lock(out):
+    with _shard_output(out_dir) as out:
         manifest = _start_manifest(out, plan, workers, overwrite)
         todo = [i for i, record in enumerate(manifest["shards"]) if not record["complete"]]
         first_sample = [0]
         for shard in plan.shards:
             first_sample.append(first_sample[-1] + len(shard))
-        tasks = [_ShardTask(out, i, first_sample[i], plan.shards[i], plan.build_sample) for i in todo]
+        tasks = [_ShardTask(out.shard_dir, i, first_sample[i], plan.shards[i], plan.build_sample, out.upload_to)
+                 for i in todo]
         with Progress(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample") as bar:
             for index, record in parallel_imap(_write_shard, tasks, workers):
                 manifest["shards"][index] = record
-                _write_json_atomic(out / MANIFEST_NAME, manifest)
+                out.save(manifest)
                 bar.update(record["num_samples"])
         manifest["complete"] = True
-        _write_json_atomic(out / MANIFEST_NAME, manifest)
+        out.save(manifest)
     return {
-        "out": str(out),
+        "out": out.name,
         "samples": plan.num_samples,
         "shards": len(plan.shards),
         "shards_written": len(todo),
@@ -250,21 +261,12 @@ def _exclusive_lock(folder: Path) -> Iterator[None]:
             f.truncate(0)  # released: nothing to take over
 
 
-def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -> dict:
-    """The manifest to resume from: complete shards of an earlier run of the same plan whose
-    bytes still verify are kept; every other shard or temp file in ``out`` is deleted."""
+def _start_manifest(out: "_ShardFolder | _ShardStore", plan: ShardPlan, workers: int, overwrite: bool) -> dict:
+    """The manifest to resume from: complete shards of an earlier run of the same plan that are still
+    intact are kept; every other shard in ``out`` is deleted."""
     previous = _previous_run(out, plan, overwrite)
-    kept = {}
-    if previous:
-        records = [s for s in previous["shards"] if s["complete"] and (out / s["name"]).is_file()
-                   and s.get("index") and (out / s["index"]).is_file()]
-        actual = dict(parallel_imap(_checksum, [out / s["name"] for s in records], workers))
-        kept = {s["name"]: s for s in records if actual[s["name"]] == s["sha256"]}
-    kept_files = set(kept) | {s["index"] for s in kept.values()}
-    for path in [*out.glob("shard-*.tar*"), *out.glob("shard-*.idx*")]:
-        if path.name not in kept_files:
-            path.unlink()
-    (out / (MANIFEST_NAME + TMP_SUFFIX)).unlink(missing_ok=True)
+    records = [s for s in previous["shards"] if s["complete"] and s.get("index")] if previous else []
+    kept = {s["name"]: s for s in out.intact(records, workers)}
     manifest = {
         "format": MANIFEST_FORMAT,
         **plan.identity(),
@@ -280,27 +282,116 @@ def _start_manifest(out: Path, plan: ShardPlan, workers: int, overwrite: bool) -
         **({"settings": plan.settings} if plan.settings else {}),
         **plan.extra,
     }
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    out.save(manifest)
+    out.remove_stale(set(kept) | {s["index"] for s in kept.values()})
     return manifest
 
 
-def _previous_run(out: Path, plan: ShardPlan, overwrite: bool) -> dict | None:
+def _previous_run(out: "_ShardFolder | _ShardStore", plan: ShardPlan, overwrite: bool) -> dict | None:
     """The manifest of an earlier run into ``out`` that this run may resume, or None. Raises
     :class:`PrepError` when ``out`` holds shards this run must not mix with its own."""
     if overwrite:
         return None
-    if not (out / MANIFEST_NAME).exists():
-        if any(out.glob("shard-*.tar")):
-            raise PrepError(f"{out} holds shard-*.tar files but no {MANIFEST_NAME}: they were not "
+    previous = out.previous()
+    if previous is None:
+        if out.holds_shards():
+            raise PrepError(f"{out.name} holds shard-*.tar files but no {MANIFEST_NAME}: they were not "
                             f"written by this prep. Choose another OUT or pass --overwrite.")
         return None
-    previous = read_manifest(out, allow_incomplete=True)
     for key, wanted in plan.identity().items():
         if previous.get(key) != wanted:
-            raise PrepError(f"{out} was written from a different {IDENTITY_NAMES[key]} ({key}: "
+            raise PrepError(f"{out.name} was written from a different {IDENTITY_NAMES[key]} ({key}: "
                             f"{previous.get(key)!r}, now {wanted!r}). Choose another OUT or pass "
                             f"--overwrite to replace it.")
     return previous
+
+
+@contextmanager
+def _shard_output(out: str | os.PathLike) -> Iterator["_ShardFolder | _ShardStore"]:
+    """Where a prep writes: a local folder (locked, see _exclusive_lock) or an object store (through
+    a local staging folder)."""
+    if is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="foundry-prep-") as staging:
+            yield _ShardStore(str(out).rstrip("/"), Path(staging))
+        return
+    folder = Path(out).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(folder):
+        yield _ShardFolder(folder)
+
+
+@dataclass
+class _ShardFolder:
+    """OUT on a local disk: shards written in place, manifest.json (atomically) first and after each shard."""
+
+    shard_dir: Path
+    upload_to = None
+
+    @property
+    def name(self) -> str:
+        return str(self.shard_dir)
+
+    def previous(self) -> dict | None:
+        return find_manifest(self.shard_dir, allow_incomplete=True)
+
+    def holds_shards(self) -> bool:
+        return any(self.shard_dir.glob("shard-*.tar"))
+
+    def intact(self, records: list[dict], workers: int) -> list[dict]:
+        """The records whose shard and index exist and whose shard's bytes still have the recorded sha256."""
+        present = [s for s in records
+                   if (self.shard_dir / s["name"]).is_file() and (self.shard_dir / s["index"]).is_file()]
+        actual = dict(parallel_imap(_checksum, [self.shard_dir / s["name"] for s in present], workers))
+        return [s for s in present if actual[s["name"]] == s["sha256"]]
+
+    def remove_stale(self, keep: set[str]) -> None:
+        for path in [*self.shard_dir.glob("shard-*.tar*"), *self.shard_dir.glob("shard-*.idx*")]:
+            if path.name not in keep:
+                path.unlink()
+
+    def save(self, manifest: dict) -> None:
+        _write_json_atomic(self.shard_dir / MANIFEST_NAME, manifest)
+
+
+@dataclass
+class _ShardStore:
+    """OUT in an object store: shards made in ``shard_dir`` (a local staging folder) and uploaded by the
+    workers; the progress record after each shard, manifest.json last."""
+
+    upload_to: str
+    shard_dir: Path
+    finished_manifest_removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return redact(self.upload_to)
+
+    def previous(self) -> dict | None:
+        progress = read_location(join_location(self.upload_to, PROGRESS_NAME))
+        return json.loads(progress) if progress else find_manifest(self.upload_to)
+
+    def holds_shards(self) -> bool:
+        return any(name.startswith("shard-") and name.endswith(".tar") for name in list_location(self.upload_to))
+
+    def intact(self, records: list[dict], workers: int) -> list[dict]:
+        """The records whose shard object has the recorded size and whose index is there (an upload is atomic)."""
+        sizes = list_location(self.upload_to)
+        return [s for s in records if sizes.get(s["name"]) == s["bytes"] and s["index"] in sizes]
+
+    def remove_stale(self, keep: set[str]) -> None:
+        for name in list_location(self.upload_to):
+            if name.startswith("shard-") and name not in keep:
+                remove_location(join_location(self.upload_to, name))
+
+    def save(self, manifest: dict) -> None:
+        if manifest["complete"]:
+            put_location(join_location(self.upload_to, MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+            remove_location(join_location(self.upload_to, PROGRESS_NAME))
+            return
+        if not self.finished_manifest_removed:  # a rerun rewriting a finished OUT: it is not finished now
+            remove_location(join_location(self.upload_to, MANIFEST_NAME))
+            self.finished_manifest_removed = True
+        put_location(join_location(self.upload_to, PROGRESS_NAME), json.dumps(manifest, indent=1).encode())
 
 
 def _checksum(path: Path) -> tuple[str, str]:
@@ -331,6 +422,10 @@ def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     os.replace(tmp, final)
     record.update(write_index(final))
     _fsync_dir(task.out_dir)
+    if task.upload_to:
+        for path in (final, task.out_dir / record["index"]):
+            put_location(join_location(task.upload_to, path.name), path)
+            path.unlink()
     return task.index, record
 
 

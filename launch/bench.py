@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from ssl_foundry.pipeline.config import load_config, to_dict
+from ssl_foundry.pipeline.config import ConfigError, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,12 +31,21 @@ def _peak_rss_mb() -> dict[str, float]:
     }
 
 
+def _cpu() -> dict:
+    """The CPU's model name and the flags that decide bf16 speed (figures differ between machines)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return {"cpu_model": model or platform.processor(),
+            "cpu_flags": sorted(flags & {"avx2", "avx512_bf16", "amx_bf16"})}
+
+
 def _machine() -> dict:
     import torch
 
     from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+    return {"cpu_count": os.cpu_count(), **_cpu(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
             "cuda": torch.cuda.is_available()}
 
@@ -319,37 +328,55 @@ def _cpu_breakdown(cfg, backend: str, batches: int, warmup: int, repeats: int = 
     return rows
 
 
+def _readable_by(backend: str, location: str) -> bool:
+    """Whether a training loader backend reads the shards at ``location`` (DALI: not over HTTP)."""
+    import torch
+
+    from ssl_foundry.pipeline.data.loader import train_backend
+
+    try:
+        train_backend(backend, torch.device("cpu"), location)
+    except ConfigError:
+        return False
+    return True
+
+
 def bench_loader(args: argparse.Namespace) -> int:
     """DALI (its CPU backend here) against the torchvision loader on the same shards and recipe:
     images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader processes),
-    and where each spends its CPU time."""
+    and where each spends its CPU time; with several --data locations (the same shards on local disk,
+    behind HTTP, in S3), side by side for each."""
     import torch
 
     from ssl_foundry.data_prep.images import prep_images
     from ssl_foundry.data_prep.photos import write_photo_folder
-    from ssl_foundry.data_prep.shard_format import read_manifest
+    from ssl_foundry.data_prep.shard_format import read_manifest, redact
     from ssl_foundry.pipeline.data.augment.spec import parse_views
 
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
-        data = args.data
-        if not data:  # real photos, each written --copies times, so that an epoch outlasts the timing
+        locations = args.data
+        if not locations:  # real photos, each written --copies times, so that an epoch outlasts the timing
             write_photo_folder(f"{tmp}/images", short_side=args.short_side, copies=args.copies)
-            data = f"{tmp}/shards"
-            prep_images(f"{tmp}/images", data, shard_size=64)
-        overrides = [*args.overrides, f"data.train={data}", f"train.batch_size={args.batch_size}",
-                     "train.grad_accum_steps=1", "data.readers=0", "data.resampled=false"]
-        cfg = load_config(args.config, overrides, check_paths=False)
-        runs = [_time_loader(cfg, backend, workers, args.batches, args.warmup)
-                for backend in ("dali", "torch") for workers in args.workers]
+            locations = [f"{tmp}/shards"]
+            prep_images(f"{tmp}/images", locations[0], shard_size=64)
+        configs = {data: load_config(args.config, [*args.overrides, f"data.train={data}",
+                                                   f"train.batch_size={args.batch_size}", "train.grad_accum_steps=1",
+                                                   "data.readers=0", "data.resampled=false"], check_paths=False)
+                   for data in locations}
+        runs = [{"data": redact(data), **_time_loader(cfg, backend, workers, args.batches, args.warmup)}
+                for data, cfg in configs.items() for backend in ("dali", "torch") if _readable_by(backend, data)
+                for workers in args.workers]
+        cfg = configs[locations[0]]
         breakdown = {("dali-cpu" if b == "dali" else b): _cpu_breakdown(cfg, b, args.batches, args.warmup)
                      for b in ("dali", "torch")} if args.breakdown else {}
-        samples = read_manifest(data)["num_samples"]
+        samples = read_manifest(locations[0])["num_samples"]
     report = {
         "benchmark": "loader",
         "config": args.config,
         "overrides": args.overrides,
-        "data": args.data or f"foundry prep photos (short side {args.short_side} px, x{args.copies} copies)",
+        "data": [redact(d) for d in args.data] if args.data else
+        f"foundry prep photos (short side {args.short_side} px, x{args.copies} copies)",
         "samples": samples,
         "batch_size": args.batch_size,
         "batches_measured": args.batches,
@@ -689,7 +716,9 @@ def add_parser(sub) -> None:
                           "torchvision on the same shards and recipe, by worker count, with a per-op CPU breakdown")
     lo.add_argument("config", nargs="?", default=str(REPO / LOADER_RECIPE), help=f"recipe (default {LOADER_RECIPE})")
     lo.add_argument("overrides", nargs="*")
-    lo.add_argument("--data", help="shard folder (default: package photos, made in a temp folder)")
+    lo.add_argument("--data", nargs="+", help="shard locations, each measured (the same shards on local disk, "
+                    "http(s)://, s3://: DALI is skipped where it cannot read them; default: package photos, made in "
+                    "a temp folder); the CPU breakdown is of the first")
     lo.add_argument("--copies", type=int, default=25, help="times each of the 40 photos is written (default 25)")
     lo.add_argument("--short-side", type=int, default=256, help="photo size in px (default 256)")
     lo.add_argument("--batch-size", type=int, default=32)

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ssl_foundry.data_prep.shard_format import redact
 from ssl_foundry.pipeline.config import ConfigError, load_config
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def print_summary(result, cfg) -> None:
     from ssl_foundry.models.registry import method_class
 
     print("\n=== ssl-foundry pretraining finished ===")
-    print(f"shards:            {cfg.data.train}")
+    print(f"shards:            {redact(cfg.data.train)}")
     print(f"steps:             {result.steps} (final loss {result.final_loss:.4f})")
     print(f"MLflow run:        {result.run_id} at {result.tracking_uri}")
     if result.model_version:
@@ -175,7 +176,7 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
                          artifact_location=default_artifact_location(uri))
     tracker.set_tags(lineage_tags(source, kind))
     tracker.log_environment()
-    tracker.log_params({"data.eval_train": cfg.data.eval_train, "data.eval_test": cfg.data.eval_test,
+    tracker.log_params({"data.eval_train": redact(cfg.data.eval_train), "data.eval_test": redact(cfg.data.eval_test),
                         "data.eval_image_size": cfg.data.eval_image_size, **params})
     for step, values in history:
         tracker.log_metrics(values, step=step)

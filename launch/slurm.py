@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ssl_foundry.data_prep.shard_format import is_remote, redact
 from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, load_config, slurm_time_minutes, to_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -237,9 +238,9 @@ def make_executor(cfg: Config, folder: Path):
 
 
 def _absolute(cfg: Config) -> Config:
-    """Paths as absolute ones, and the MLflow store resolved here (the config key, else the submitting
-    shell's MLFLOW_TRACKING_URI, else ./runs/mlflow.db): the job may start in another directory (and on
-    other nodes), with another environment."""
+    """Local paths as absolute ones, and the MLflow store resolved here (the config key, else the
+    submitting shell's MLFLOW_TRACKING_URI, else ./runs/mlflow.db): the job may start in another
+    directory (and on other nodes), with another environment."""
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
     cfg = copy.deepcopy(cfg)
@@ -247,7 +248,7 @@ def _absolute(cfg: Config) -> Config:
     cfg.mlflow.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     for key in ("train", "eval_train", "eval_test"):
         value = getattr(cfg.data, key)
-        if value:
+        if value and not is_remote(value):
             setattr(cfg.data, key, str(Path(value).absolute()))
     return cfg
 
@@ -267,10 +268,11 @@ def submit(config_path: str | None, overrides: list[str] = (), sweeps: list[str]
     for index, combo in enumerate(combos):
         cfg = _absolute(load_config(config_path, overrides + combo))
         cfg.output_dir = str(Path(base.output_dir) / f"{index:02d}-{_slug(combo)}")
+        swept = redact(" ".join(combo))  # a data location's credentials stay out of MLflow
         if not cfg.mlflow.run_name:
-            cfg.mlflow.run_name = " ".join(combo)
+            cfg.mlflow.run_name = swept
         configs.append(cfg)
-        callables.append(PretrainJob(to_dict(cfg), {"sweep.override": " ".join(combo), "sweep.index": str(index)}))
+        callables.append(PretrainJob(to_dict(cfg), {"sweep.override": swept, "sweep.index": str(index)}))
     jobs = executor.submit_array(callables)
     return jobs, configs, folder
 

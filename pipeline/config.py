@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
 from ssl_foundry.pipeline.config_error import ConfigError
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec, parse_views
 
@@ -34,7 +35,9 @@ GATE_METRICS = ("knn_top1", "linear_top1", "finetune_top1")
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard folder (with manifest.json) for pretraining
+    # Shard locations (docs/data.md): a folder with manifest.json, local, s3://bucket/prefix or
+    # http(s)://host/path, or a shard list (.../shard-{000000..000099}.tar).
+    train: str = ""  # pretraining shards
     eval_train: str = ""  # labelled shards: the kNN memory bank
     eval_test: str = ""  # labelled shards: the kNN queries
     # Training loader: dali (NVIDIA DALI; decode + augmentation on the GPU, or DALI's CPU backend),
@@ -65,6 +68,9 @@ class DataConfig:
     # Data faults (docs/faults-data.md). A rank that waits longer than timeout_s for one training
     # batch (a dead or stalled loader worker, a hung read) ends the run, naming the rank and the cause.
     timeout_s: float = 300.0
+    # A failed read from s3:// or http(s):// (error status, reset, no data for timeout_s / (3 (retries + 1))
+    # seconds) is tried again this many times, from the sample it broke off in, before the run ends naming it.
+    retries: int = 3
     verify: str = "size"  # shards against manifest.json before training: size | sha256 | none
     on_bad_sample: str = "error"  # a sample that does not decode: error (the run ends, naming it) | skip
     max_sample_bytes: int = 64 * 2**20  # a tar member larger than this is refused unread
@@ -325,6 +331,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def public_dict(cfg: Config) -> dict[str, Any]:
+    """``to_dict(cfg)`` with the credentials a data location's URL may carry replaced by ``***``: what is
+    logged to MLflow and kept beside a run (config.yaml, checkpoints)."""
+    tree = to_dict(cfg)
+    for key in ("train", "eval_train", "eval_test"):
+        tree["data"][key] = redact(tree["data"][key])
+    return tree
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values): MLflow params."""
     flat: dict[str, Any] = {}
@@ -462,6 +477,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.timeout_s and data.max_sample_bytes must be positive and finite (the seconds a rank "
                           f"waits for a batch; the bytes of the largest tar member read), got {cfg.data.timeout_s}, "
                           f"{cfg.data.max_sample_bytes}")
+    if cfg.data.retries < 0:
+        raise ConfigError(f"data.retries must be >= 0 (0: a failed read from a store ends the run), got "
+                          f"{cfg.data.retries}")
     if cfg.data.clip_frames < 0 or cfg.data.frame_stride < 1:
         raise ConfigError(f"data.clip_frames must be >= 0 (0: every frame of a stored clip) and data.frame_stride "
                           f">= 1, got {cfg.data.clip_frames}, {cfg.data.frame_stride}")
@@ -502,10 +520,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           "(requirements.txt pins it), or set mlflow.tensorboard=false")
     if getattr(method_class(cfg.model.method), "input_kind", "image") == "clip":
         validate_clip_length(cfg, check_paths)
-    if check_paths:
+    for key in ("train", "eval_train", "eval_test"):
+        try:
+            location_scheme(getattr(cfg.data, key))
+        except ManifestError as err:
+            raise ConfigError(f"data.{key}: {err}") from None
+    if check_paths:  # local folders; remote locations and shard lists are checked when they are read
         for key in ("train", "eval_train", "eval_test"):
             value = getattr(cfg.data, key)
-            if value and not (Path(value) / "manifest.json").is_file():
+            local_folder = value and not is_remote(value) and not shard_list(value)
+            if local_folder and not (Path(value) / "manifest.json").is_file():
                 raise ConfigError(
                     f"data.{key}: no shards at '{value}' (no manifest.json). Make them with "
                     f"`foundry prep images SRC {value}`, `foundry prep video SRC {value}` or "
@@ -846,6 +870,6 @@ _KNOWN_SECTIONS = ["zero_optimization", "activation_checkpointing", "flops_profi
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(public_dict(cfg), sort_keys=False))
     os.replace(tmp, path)
 

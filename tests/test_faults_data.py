@@ -32,12 +32,13 @@ from mlflow import MlflowClient
 
 from conftest import REPO, run_cli, subprocess_env, tiny_recipe
 from ssl_foundry.data_prep.images import prep_images
-from ssl_foundry.data_prep.shard_format import PrepError, ShardError, read_manifest, read_samples, verify_shards
+from ssl_foundry.data_prep.shard_format import (PrepError, ShardError, read_manifest, read_samples, shard_samples,
+                                                verify_shards)
 from ssl_foundry.data_prep.shards import LOCK_NAME
 from ssl_foundry.pipeline.config import DataConfig, build
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
 from ssl_foundry.pipeline.data.errors import LoaderStalledError
-from ssl_foundry.pipeline.data.loader import ShardStream, make_loader, shard_samples
+from ssl_foundry.pipeline.data.loader import ShardStream, make_loader
 from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from ssl_foundry.pipeline.train.trainer import train
@@ -272,8 +273,9 @@ def test_ranks_share_the_sha256_check(fmnist, tmp_path):
 
 def test_shard_cut_between_samples_is_named_mid_run_and_resume_is_exact(fmnist, tiny_config, tmp_path):
     """data.verify=none and the 4th shard read cut cleanly after 8 of its 16 samples: the run stops when
-    the reader reaches it, after step 2 (before: `generator raised StopIteration`, no shard named); with
-    the shard restored, the rerun resumes to the uninterrupted run's losses and weights."""
+    the reader reaches the cut (shards stream front to back: the count is known at its end), after step 3
+    (before: `generator raised StopIteration`, no shard named); with the shard restored, the rerun resumes
+    to the uninterrupted run's losses and weights."""
     steps = 5
     overrides = [f"train.max_steps={steps}", "train.checkpoint_every=1"]
     straight = train(tiny_config(tmp_path / "straight", *overrides))
@@ -284,7 +286,7 @@ def test_shard_cut_between_samples_is_named_mid_run_and_resume_is_exact(fmnist, 
     cfg = tiny_config(tmp_path / "run", f"data.train={folder}", "data.verify=none", *overrides)
     with pytest.raises(ShardError, match=f"shard {cut} holds 8 samples, its manifest 16: it was cut short"):
         train(cfg)
-    assert load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 2
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))["step"] == 3
 
     shutil.copyfile(fmnist / "train" / cut.name, cut)
     resumed = train(cfg)
@@ -525,6 +527,7 @@ def test_data_fault_keys_are_validated(tiny_config, tmp_path):
     from ssl_foundry.pipeline.config import ConfigError
 
     for override, key in [("data.verify=md5", "data.verify"), ("data.on_bad_sample=ignore", "data.on_bad_sample"),
-                          ("data.timeout_s=0", "data.timeout_s"), ("data.max_sample_bytes=0", "data.max_sample_bytes")]:
+                          ("data.timeout_s=0", "data.timeout_s"), ("data.max_sample_bytes=0", "data.max_sample_bytes"),
+                          ("data.retries=-1", "data.retries")]:
         with pytest.raises(ConfigError, match=key):
             tiny_config(tmp_path / "run", override)

@@ -27,20 +27,27 @@ Samples whose image does not decode are not in the shard's index (``foundry prep
 leaves them out and lists them in the manifest), so DALI never reads them; ``skipped`` counts
 them. A shard without an index is refused, naming the shard and the command that makes it, and so
 is one whose index lists a member over ``max_sample_bytes`` (DALI would read it whole).
+
+Shards in S3 (``s3://``) are read by DALI itself: its readers have taken s3:// URLs since
+NVIDIA/DALI#5415 (2024), on the CPU backend too (DALI 2.4 here: tests/test_remote_shards.py), through
+the AWS SDK's own configuration (``AWS_*``, ``AWS_ENDPOINT_URL``, ``~/.aws``) and retries; the index
+files are read from wherever the manifest put them. DALI has no HTTP reader (pipeline.data.loader's
+``train_backend`` sends http(s):// shards to the torch loader).
 """
 from __future__ import annotations
 
 import logging
+import posixpath
 import random
-from pathlib import Path
 from typing import Iterator
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, index_path, read_manifest,
-                                                split_member_name)
+from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, ManifestError, absolute_location, index_name,
+                                                join_location, manifest_folder, manifest_shards, read_location,
+                                                read_manifest, redact, split_member_name)
 from ssl_foundry.pipeline.config import DataConfig
 from ssl_foundry.pipeline.data.augment import dali_backend
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec
@@ -54,32 +61,35 @@ def _seed(*parts: int) -> int:
     return hash(parts) & 0x7FFF_FFFF
 
 
-def refuse_oversized_members(shards: list[tuple[str, str]], max_sample_bytes: int) -> None:
-    """Raises BadSampleError naming the first member (shard, key, size) that the shards' indexes list
+def refuse_oversized_members(tar: str, index_text: str, max_sample_bytes: int) -> None:
+    """Raises BadSampleError naming the first member (shard, key, size) that a shard's index lists
     as larger than ``max_sample_bytes``: the index lines are ``<ext> <offset> <size> <name>`` groups."""
-    for tar, index in shards:
-        for line in Path(index).read_text().splitlines()[1:]:
-            fields = line.split()
-            for ext, _, size, name in zip(*[iter(fields)] * 4):
-                if int(size) > max_sample_bytes:
-                    raise BadSampleError(f"sample {split_member_name(name)[0]} of shard {tar}: member {name} is {size} "
-                                         f"bytes, over data.max_sample_bytes={max_sample_bytes}; remove it from the "
-                                         f"source and re-prep, or raise data.max_sample_bytes")
+    for line in index_text.splitlines()[1:]:
+        fields = line.split()
+        for ext, _, size, name in zip(*[iter(fields)] * 4):
+            if int(size) > max_sample_bytes:
+                raise BadSampleError(f"sample {split_member_name(name)[0]} of shard {redact(tar)}: member {name} is "
+                                     f"{size} bytes, over data.max_sample_bytes={max_sample_bytes}; remove it from the "
+                                     f"source and re-prep, or raise data.max_sample_bytes")
 
 
-def indexed_shards(folder: str) -> tuple[list[tuple[str, str]], int, int]:
-    """(tar, index) paths of every shard, the number of indexed samples and of samples left out of
-    the indexes. Raises ManifestError naming a shard without an index and how to make it."""
-    manifest = read_manifest(folder)
-    root = Path(folder).resolve()
+def indexed_shards(location: str, max_sample_bytes: int) -> tuple[list[tuple[str, str]], int, int]:
+    """(tar, index) paths or URLs of every shard, the number of indexed samples and of samples left out
+    of the indexes. Raises ManifestError naming a shard without an index and how to make it, and
+    BadSampleError for an indexed member over ``max_sample_bytes``."""
+    location = absolute_location(location)
+    manifest = read_manifest(location)
+    folder = manifest_folder(location)
     shards, indexed = [], 0
-    for record in manifest["shards"]:
-        tar = root / record["name"]
-        index = root / record["index"] if record.get("index") else index_path(tar)
-        if not record.get("index") or not index.is_file():
-            raise ManifestError(f"shard {tar} has no DALI index ({index} is missing): make the indexes with "
-                                f"`foundry prep index {folder}` (or DALI's `wds2idx {tar} {index}` for one shard)")
-        shards.append((str(tar), str(index)))
+    for tar, record in manifest_shards(location, manifest):
+        index = join_location(folder, record.get("index") or index_name(posixpath.basename(tar)))
+        text = read_location(index) if record.get("index") else None
+        if text is None:
+            raise ManifestError(f"shard {redact(tar)} has no DALI index ({redact(index)} is missing): make the "
+                                f"indexes with `foundry prep index {redact(location)}` (or DALI's `wds2idx` for one "
+                                f"shard; `foundry prep manifest` for shards made elsewhere)")
+        refuse_oversized_members(tar, text.decode(), max_sample_bytes)
+        shards.append((tar, index))
         indexed += int(record["indexed_samples"])
     return shards, indexed, int(manifest["num_samples"]) - indexed
 
@@ -118,14 +128,13 @@ class DaliStream:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_threads, self.seed, self.shuffle_buffer = max(1, num_threads), seed, shuffle_buffer
         self.start, self.device, self.prefetch_batches = start, device, max(1, prefetch_batches)
-        self.shards, self.num_samples, self.skipped = indexed_shards(folder)
-        refuse_oversized_members(self.shards, max_sample_bytes)
+        self.shards, self.num_samples, self.skipped = indexed_shards(folder, max_sample_bytes)
         if self.skipped and rank == 0:
             logger.warning("%s: %d samples are not in the DALI indexes (images that do not decode; see "
-                           "index_skipped in its manifest.json) and are skipped", folder, self.skipped)
+                           "index_skipped in its manifest.json) and are skipped", redact(folder), self.skipped)
         if self.steps_per_epoch() == 0:
-            raise ValueError(f"{folder}: {self.num_samples} samples over {world_size} ranks give each fewer than "
-                             f"a batch of {batch_size}: lower train.batch_size or use more data")
+            raise ValueError(f"{redact(folder)}: {self.num_samples} samples over {world_size} ranks give each fewer "
+                             f"than a batch of {batch_size}: lower train.batch_size or use more data")
 
     def steps_per_epoch(self) -> int:
         """Batches every rank yields per epoch: DALI's smallest shard holds floor(N / world)."""

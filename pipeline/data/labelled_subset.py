@@ -9,22 +9,15 @@ the others' labels are replaced by -1 (unlabelled) before the method sees them.
 from __future__ import annotations
 
 import hashlib
-import tarfile
 
 import torch
 
-from ssl_foundry.data_prep.shard_format import read_manifest, split_member_name
+from ssl_foundry.data_prep.shard_format import read_samples, shard_paths
 
 
-def shard_keys(folder: str) -> list[str]:
-    """Every sample key of a shard folder, in shard order (tar headers only: no sample is read)."""
-    keys: dict[str, None] = {}
-    for shard in read_manifest(folder)["shards"]:
-        with tarfile.open(f"{folder}/{shard['name']}") as tar:
-            for member in tar:
-                if member.isfile():
-                    keys[split_member_name(member.name)[0]] = None
-    return list(keys)
+def shard_keys(location: str) -> list[str]:
+    """Every sample key of a shard location, in shard order (from the tar headers)."""
+    return [key for shard in shard_paths(location) for key, _ in read_samples(shard)]
 
 
 def _rank(seed: int, key: str) -> bytes:

@@ -19,8 +19,14 @@ reader, index)``, so starting at step ``k`` (resume) skips ``k`` micro-batches p
 without decoding them and reproduces the stream.
 
 ``resampled=True`` draws each reader's shards with replacement instead of a permutation (for
-very long runs on few shards); ``finite=True`` (evaluation) visits every sample exactly once,
-in shard order, one reader per rank x worker, in batches of ``batch_size`` (the last short).
+very long runs on few shards); a shard list without a manifest (no sample counts, so no epochs)
+trains only so: each reader draws shards with replacement forever, all in epoch 0. ``finite=True``
+(evaluation) visits every sample exactly once, in shard order, one reader per rank x worker, in
+batches of ``batch_size`` (the last short).
+
+Shards may be local or remote (data_prep.shard_format: s3://, http(s)://, brace lists): each is
+streamed front to back, and a read that fails is retried from the sample it broke off in, so the
+stream, and with it exactly-once epochs and exact resume, is the same as from a local copy.
 
 Faults (docs/faults-data.md): a shard that does not read as a tar, or whose sample count differs
 from its manifest entry, is an error naming it; a tar member above ``max_sample_bytes`` is never read;
@@ -38,16 +44,16 @@ import multiprocessing
 import os
 import random
 import signal
-import tarfile
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ssl_foundry.data_prep.shard_format import ShardError, read_manifest, read_samples, remake_hint, verify_shards
+from ssl_foundry.data_prep.shard_format import (RetryPolicy, find_manifest, locate_shards, location_scheme, redact,
+                                                remake_hint, shard_samples, verify_shards)
 from ssl_foundry.models.registry import method_class
 from ssl_foundry.pipeline.config import ConfigError, DataConfig
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
@@ -57,33 +63,6 @@ from ssl_foundry.pipeline.data.position import LoaderPosition
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 # A wait that SIGALRM cannot interrupt after data.timeout_s ends the process this much later.
 STALL_GRACE_S = 30
-
-
-def shard_samples(path: str, num_samples: int, max_sample_bytes: int) -> Iterator[dict]:
-    """The samples of one shard in tar order, grouped by key as webdataset does: ``{"__key__",
-    "__url__": path, ext: bytes, ...}``. A member over ``max_sample_bytes`` is not read: the sample
-    gets ``"__error__"`` instead. Raises ShardError when the shard does not read as a tar (cut inside a
-    member or header) or holds other than ``num_samples`` samples (its manifest's count)."""
-    folder = os.path.dirname(path)
-    try:
-        samples = read_samples(path)
-    except (OSError, tarfile.TarError) as err:
-        raise ShardError(f"shard {path} does not read as a tar ({err}): it was cut short or damaged after prep; "
-                         f"{remake_hint(folder)}") from None
-    if len(samples) != num_samples:
-        raise ShardError(f"shard {path} holds {len(samples)} samples, its manifest {num_samples}: it was cut short or "
-                         f"replaced after prep (data.verify=size finds this before training); {remake_hint(folder)}")
-    with open(path, "rb") as f:
-        for key, members in samples:
-            sample = {"__key__": key, "__url__": path}
-            for ext, offset, size, name in members:
-                if size > max_sample_bytes:
-                    sample["__error__"] = (f"member {name} is {size} bytes, over data.max_sample_bytes="
-                                           f"{max_sample_bytes} (not read)")
-                    continue
-                f.seek(offset)
-                sample[ext.lower()] = f.read(size)
-            yield sample
 
 
 def decode_image(sample: dict) -> torch.Tensor:
@@ -110,20 +89,26 @@ class ShardStream(IterableDataset):
     "epoch": e, "batch": i}`` for one rank: in training, a worker's part of local batch ``i``
     (``make_loader`` joins the parts); in evaluation (``finite``), whole batches."""
 
-    def __init__(self, folder: str, transform: Callable[[torch.Tensor], list[torch.Tensor]],
+    def __init__(self, location: str, transform: Callable[[torch.Tensor], list[torch.Tensor]],
                  batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  seed: int = 0, shuffle_buffer: int = 0, finite: bool = False,
                  resampled: bool = False, start: LoaderPosition = LoaderPosition(), readers: int = 0,
                  video_decoder: str = "pyav", on_bad_sample: str = "error",
-                 max_sample_bytes: int = DataConfig.max_sample_bytes):
-        manifest = read_manifest(folder)
+                 max_sample_bytes: int = DataConfig.max_sample_bytes, retries: int = DataConfig.retries,
+                 timeout_s: float = DataConfig.timeout_s):
+        self.policy = RetryPolicy(retries, timeout_s)
+        manifest, self.shards = locate_shards(location, self.policy)
+        # A shard list without a manifest has no sample counts: no epochs, only endless resampling.
+        self.endless = manifest is None and not finite
+        if self.endless and not resampled:
+            raise ConfigError(f"{redact(location)} is a shard list without manifest.json, so its sample counts and "
+                              f"epochs are unknown: train on it with data.resampled=true (every reader draws shards "
+                              f"with replacement, forever), or write its manifest with `foundry prep manifest`")
         # Clip shards (`foundry prep video`): samples decode to (T, 3, H, W) clips, by ``video_decoder``
         # (pipeline.data.video), built in the worker that uses it (a DALI pipeline does not survive a fork).
-        self.clips = is_clip_manifest(manifest)
+        self.clips = is_clip_manifest(manifest or {})
         self.video_decoder = video_decoder
         self._clip_decoder: Callable[[list[bytes]], list[torch.Tensor]] | None = None
-        self.shards = [(f"{folder}/{s['name']}", int(s["num_samples"])) for s in manifest["shards"]]
-        self.num_samples = int(manifest["num_samples"])
         self.transform, self.batch_size = transform, batch_size
         self.rank, self.world_size = rank, world_size
         self.loader_workers, self.num_workers = num_workers, max(1, num_workers)
@@ -144,14 +129,20 @@ class ShardStream(IterableDataset):
         self.micro_batch = batch_size if finite else batch_size // self.rank_readers
         if len(self.shards) < self.readers:
             raise ValueError(
-                f"{folder} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} ranks x "
-                f"{self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
+                f"{redact(location)} has {len(self.shards)} shards but {self.readers} readers ({self.world_size} "
+                f"ranks x {self.num_workers} workers, or data.readers) need at least that many: re-shard with a "
                 f"smaller --shard-size or lower data.readers / data.num_workers"
             )
 
+    @property
+    def num_samples(self) -> int | None:
+        """Samples over all shards (None: a shard list without manifest has no counts)."""
+        counts = [n for _, n in self.shards]
+        return None if None in counts else sum(counts)
+
     # ---------------------------------------------------------------- epoch plan
-    def reader_shards(self, epoch: int) -> list[list[tuple[str, int]]]:
-        """Shards of every reader in ``epoch``."""
+    def reader_shards(self, epoch: int) -> list[list[tuple[str, int | None]]]:
+        """Shards of every reader in ``epoch`` (not for an endless stream: see ``_shards_of``)."""
         if self.finite:
             order = list(self.shards)
         elif self.resampled:
@@ -162,13 +153,23 @@ class ShardStream(IterableDataset):
             random.Random(_seed(self.seed, epoch)).shuffle(order)
         return [order[r::self.readers] for r in range(self.readers)]
 
-    def steps_per_epoch(self, epoch: int) -> int:
-        """Full micro-batches of the reader with the fewest samples: the epoch's global steps."""
+    def steps_per_epoch(self, epoch: int) -> int | None:
+        """Full micro-batches of the reader with the fewest samples: the epoch's global steps (None:
+        an endless stream has one epoch without end)."""
+        if self.endless:
+            return None
         return min(sum(n for _, n in shards) for shards in self.reader_shards(epoch)) // self.micro_batch
 
+    def _shards_of(self, reader: int, epoch: int) -> Iterable[tuple[str, int | None]]:
+        if self.endless:
+            rng = random.Random(_seed(self.seed, reader, 2))
+            return (rng.choice(self.shards) for _ in itertools.count())
+        return self.reader_shards(epoch)[reader]
+
     # ---------------------------------------------------------------- iteration
-    def _samples(self, shards: list[tuple[str, int]], rng: random.Random) -> Iterator[dict]:
-        samples = itertools.chain.from_iterable(shard_samples(path, n, self.max_sample_bytes) for path, n in shards)
+    def _samples(self, shards: Iterable[tuple[str, int | None]], rng: random.Random) -> Iterator[dict]:
+        samples = itertools.chain.from_iterable(shard_samples(url, n, self.max_sample_bytes, self.policy)
+                                                for url, n in shards)
         if self.finite or self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -185,9 +186,8 @@ class ShardStream(IterableDataset):
 
     def _micro_batches(self, reader: int, epoch: int) -> Iterator[list[dict]]:
         """One reader's samples in groups of ``micro_batch`` (training: full groups only)."""
-        shards = self.reader_shards(epoch)[reader]
         pending: list[dict] = []
-        for sample in self._samples(shards, random.Random(_seed(self.seed, epoch, reader))):
+        for sample in self._samples(self._shards_of(reader, epoch), random.Random(_seed(self.seed, epoch, reader))):
             pending.append(sample)
             if len(pending) == self.micro_batch:
                 yield pending
@@ -267,7 +267,7 @@ class ShardStream(IterableDataset):
                     f"{fewest} samples, less than its part of a batch ({self.micro_batch}): lower "
                     f"train.batch_size or data.readers / data.num_workers, or use more data")
             streams = [self._micro_batches(reader, epoch) for reader in mine]
-            for index in range(steps):
+            for index in range(steps) if steps is not None else itertools.count():
                 groups = [next(stream) for stream in streams]  # skipped steps are read, never decoded
                 if index < skip:
                     continue
@@ -376,24 +376,35 @@ class StallGuard:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for worker in multiprocessing.active_children():
             worker.kill()
-        raise LoaderStalledError(f"{self.what}: no batch in data.timeout_s={self.timeout_s:g} s: a loader worker or "
-                                 f"the file system is stalled (raise data.timeout_s if the storage is this slow)")
+        raise LoaderStalledError(f"{self.what}: no batch in data.timeout_s={self.timeout_s:g} s: a loader worker, the "
+                                 f"file system or the store is stalled (raise data.timeout_s if the storage is this "
+                                 f"slow)")
 
 
-def train_backend(backend: str, device: torch.device, folder: str = "") -> tuple[str, str]:
+def train_backend(backend: str, device: torch.device, location: str = "") -> tuple[str, str]:
     """``data.backend`` resolved, and why: auto is torch on a CPU, and on a GPU dali once DALI has
-    passed `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Clip shards always
-    take the torch loader (DALI's augmentation graph is written for images, HWC; clips are decoded by
-    DALI there anyway where it can, see data.video_decoder); data.backend=dali with them is a ConfigError."""
-    clips = bool(folder) and is_clip_manifest(read_manifest(folder))
-    if clips and backend == "dali":
-        raise ConfigError(f"data.backend=dali augments images only and {folder} holds video clips: use "
+    passed `foundry check gpu` there (pipeline.data.dali_acceptance), torch until then. Some shards
+    always take the torch loader, and data.backend=dali with them is a ConfigError: clip shards (DALI's
+    augmentation graph is written for images, HWC; clips are decoded by DALI there anyway where it can,
+    see data.video_decoder), shards behind http(s):// (DALI's readers open local files and s3:// only)
+    and a shard list without a manifest (DALI reads through the index files `foundry prep manifest` writes)."""
+    manifest = find_manifest(location) if location else {}
+    if is_clip_manifest(manifest or {}) and backend == "dali":
+        raise ConfigError(f"data.backend=dali augments images only and {redact(location)} holds video clips: use "
                           f"data.backend=auto or torch (clips are still decoded by DALI where it can: "
                           f"data.video_decoder)")
+    shards_at = (manifest or {}).get("shard_root") or location
+    torch_only = ("clip shards" if is_clip_manifest(manifest or {}) else
+                  "http(s) shards" if location_scheme(shards_at) in ("http", "https") else
+                  "no manifest" if manifest is None else "")
+    if torch_only and backend == "dali":
+        raise ConfigError(f"data.backend=dali cannot read {redact(location)} ({torch_only}: DALI's readers open local "
+                          f"files and s3:// through the DALI index files of a manifest): use data.backend=torch, "
+                          f"or for shards made elsewhere write their manifest and index with `foundry prep manifest`")
     if backend != "auto":
         return backend, f"data.backend={backend}"
-    if clips:
-        return "torch", "auto: clip shards"
+    if torch_only:
+        return "torch", f"auto: {torch_only}"
     if device.type != "cuda":
         return "torch", f"auto: on {device.type}"
     from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
@@ -413,10 +424,10 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
     d = cfg.data
     views = MultiViewTransform(d.views, d.mean, d.std)
     kind = method_input_kind(cfg.model.method)
-    settings = read_manifest(d.train).get("settings", {})
+    settings = (find_manifest(d.train, policy=RetryPolicy(d.retries, d.timeout_s)) or {}).get("settings", {})
     if settings.get("kind") != "clips":
         if kind == "clip":
-            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={d.train} "
+            raise ConfigError(f"model.method={cfg.model.method} trains on video clips but data.train={redact(d.train)} "
                               f"holds images: make clip shards with `foundry prep video SRC OUT`")
         return views, "pyav"
     from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
@@ -424,7 +435,7 @@ def train_transform(cfg, device: torch.device) -> tuple[Callable[[torch.Tensor],
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:
         raise ConfigError(f"data.clip_frames={d.clip_frames} x data.frame_stride={d.frame_stride} spans {span} "
-                          f"frames but the clips in {d.train} have {settings['clip_frames']}: lower them or "
+                          f"frames but the clips in {redact(d.train)} have {settings['clip_frames']}: lower them or "
                           f"re-prep with `foundry prep video --clip-frames {span}`")
     # The torch loader decodes in its CPU worker processes, whatever the training device.
     decoder = resolve_video_decoder(d.video_decoder, settings["codec"])
@@ -440,7 +451,7 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
     bounded by ``data.timeout_s``."""
     d = cfg.data
     transform, video_decoder = train_transform(cfg, device)
-    verify_shards(d.train, d.verify, part=(rank, world_size))
+    verify_shards(d.train, d.verify, part=(rank, world_size), policy=RetryPolicy(d.retries, d.timeout_s))
     backend = train_backend(d.backend, device, d.train)[0]
     if backend == "dali":
         from ssl_foundry.pipeline.data.dali_loader import DaliStream  # DALI is imported only when it is used
@@ -453,7 +464,8 @@ def build_train_loader(cfg, batch_size: int, rank: int, world_size: int, positio
         stream = ShardStream(d.train, transform, batch_size, rank=rank, world_size=world_size,
                              num_workers=d.num_workers, seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
                              resampled=d.resampled, start=position, readers=d.readers, video_decoder=video_decoder,
-                             on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes)
+                             on_bad_sample=d.on_bad_sample, max_sample_bytes=d.max_sample_bytes, retries=d.retries,
+                             timeout_s=d.timeout_s)
         batches = iter(make_loader(stream, pin_memory=device.type == "cuda", prefetch_batches=d.prefetch_batches))
     readers = f"data.num_workers={d.num_workers}" if backend == "torch" and d.num_workers else f"pid {os.getpid()}"
     return StallGuard(batches, d.timeout_s, f"rank {rank}: the training loader ({backend}, {readers})")

@@ -28,6 +28,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_foundry.data_prep.console import Progress
+from ssl_foundry.data_prep.shard_format import redact
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
@@ -78,7 +79,7 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
                          num_workers=d.num_workers, finite=True)
     model.eval()
     correct = total = 0
-    with Progress(total=stream.num_samples, desc=f"top-1 on {d.eval_test}", unit="img") as progress:
+    with Progress(total=stream.num_samples, desc=f"top-1 on {redact(d.eval_test)}", unit="img") as progress:
         for batch in make_loader(stream):
             logits = model(batch["views"][0].to(device))
             correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_foundry.data_prep.console import Progress
-from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.data_prep.shard_format import manifest_sha256, redact, shard_list
 from ssl_foundry.models.registry import exported_backbone_name
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
@@ -33,7 +33,7 @@ def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, me
     amp = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else None
     feats, labels = [], []
     backbone.eval()
-    with Progress(total=stream.num_samples, desc=f"features of {folder}", unit="img") as progress:
+    with Progress(total=stream.num_samples, desc=f"features of {redact(folder)}", unit="img") as progress:
         for batch in make_loader(stream):
             with autocast(device, amp):
                 out = backbone(batch["views"][0].to(device, memory_format=torch.channels_last))
@@ -79,7 +79,8 @@ def cached_features(backbone: torch.nn.Module, folder: str, cache_dir: Path, bac
     retrained backbone, re-prepped shards or another image size never reuse stale features.
     """
     preprocessing = {k: extract_args[k] for k in ("image_size", "mean", "std")}
-    key_text = json.dumps({"backbone": backbone_digest, "manifest": file_sha256(Path(folder) / "manifest.json"),
+    listed = [Path(shard).name for shard in shard_list(folder) or []]  # a shard list: some of the manifest's
+    key_text = json.dumps({"backbone": backbone_digest, "manifest": manifest_sha256(folder), "shards": listed,
                            **preprocessing}, sort_keys=True)
     path = Path(cache_dir) / f"{Path(folder).name}-{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.pt"
     if path.is_file():

@@ -28,7 +28,7 @@ import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from ssl_foundry.data_prep.shard_format import file_sha256
+from ssl_foundry.data_prep.shard_format import ManifestError, manifest_sha256
 from ssl_foundry.pipeline.config import GATE_METRICS, GateConfig
 from ssl_foundry.pipeline.registry.export import BackboneSource, registry_listing, export_digest
 
@@ -109,9 +109,12 @@ def promote(client: MlflowClient, name: str, version: str, force: bool = False) 
     write_model_card(client, name, version)
 
 
-def _manifest_sha256(shard_folder: str) -> str | None:
-    manifest = Path(shard_folder) / "manifest.json"
-    return file_sha256(manifest) if shard_folder and manifest.is_file() else None
+def _manifest_sha256(shard_location: str) -> str | None:
+    """The hash of the run's shard manifest; None where it cannot be read from here."""
+    try:
+        return manifest_sha256(shard_location) if shard_location else None
+    except ManifestError:
+        return None
 
 
 def _export_config(client: MlflowClient, name: str, version: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ssl_foundry.data_prep.shard_format import read_manifest  # noqa: E402
+from ssl_foundry.data_prep.shard_format import find_manifest  # noqa: E402
 from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec  # noqa: E402
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform  # noqa: E402
 from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make_loader  # noqa: E402
@@ -60,7 +60,7 @@ def augmentation_grid(folder: str, views: list[ViewSpec], mean: list[float], std
     """The first ``num_images`` images of the shards in ``folder`` and every view of them (clip
     shards: a random frame of each clip)."""
     transform = _OriginalAndViews(views, mean, std, size)
-    if is_clip_manifest(read_manifest(folder)):
+    if is_clip_manifest(find_manifest(folder) or {}):
         transform = ClipTransform(transform, clip_frames=0, frame_stride=1, as_clip=False)
     stream = ShardStream(folder, transform, num_images, finite=True, seed=seed)  # it seeds the random draws
     columns = next(iter(make_loader(stream)))["views"]

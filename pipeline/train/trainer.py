@@ -33,7 +33,7 @@ from ssl_foundry.data_prep.console import Progress, log_file, process_rank, setu
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
 from ssl_foundry.models.registry import create_method, takes_teacher
-from ssl_foundry.pipeline.config import Config, flatten, save_config, to_dict
+from ssl_foundry.pipeline.config import Config, flatten, public_dict, save_config
 from ssl_foundry.pipeline.data.labelled_subset import labelled_keys, mask_unlabelled
 from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
 from ssl_foundry.pipeline.data.position import LoaderPosition
@@ -222,7 +222,7 @@ def _open_tracker(cfg: Config, run_id: str | None):
                          artifact_location=default_artifact_location(uri),
                          tensorboard_dir=str(Path(cfg.output_dir) / "tensorboard") if cfg.mlflow.tensorboard else None)
     if run_id is None:
-        tracker.log_params(flatten(to_dict(cfg)))
+        tracker.log_params(flatten(public_dict(cfg)))
         tracker.log_environment()
     return tracker
 
@@ -303,7 +303,7 @@ class Trainer:
             "rng": rng,
             "world_size": self.rt.world_size,
             "mlflow_run_id": self.run_id,
-            "config": to_dict(self.cfg),
+            "config": public_dict(self.cfg),
         }
         return self.strategy.save(self.out / "checkpoints", self.step, state)
 
