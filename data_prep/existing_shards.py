@@ -22,8 +22,7 @@ import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
-
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.dali_index import image_problem, index_text
 from ssl_foundry.data_prep.shard_format import (IMAGE_EXTENSIONS, MANIFEST_FORMAT, MANIFEST_NAME, PrepError,
                                                 RetryPolicy, StoreError, absolute_location, index_name, join_location,
@@ -120,7 +119,7 @@ def describe_shards(location: str, out: str | os.PathLike | None = None, workers
         raise PrepError(f"an HTTP server is read-only: pass --out DIR to write the manifest of {redact(location)} "
                         f"and its index files into a local folder")
     shards: list[dict] = [{}] * len(urls)
-    with tqdm(total=len(urls), desc="read shards", unit="shard", disable=None) as bar:
+    with Progress(total=len(urls), desc="read shards", unit="shard") as bar:
         for number, record in parallel_imap(_describe, [(i, url, policy) for i, url in enumerate(urls)],
                                             workers or default_workers()):
             shards[number] = record

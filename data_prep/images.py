@@ -22,8 +22,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from tqdm import tqdm
-
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.shard_format import FORMAT_KEYS, PrepError, is_remote, probe_image
 from ssl_foundry.data_prep.shards import ShardPlan, default_workers, group_into_shards, parallel_imap, write_shards
 
@@ -151,7 +150,7 @@ def check_sources(src: str | os.PathLike, out: str | os.PathLike, extensions: fr
                          for path in files]
     tasks = [(check, src_dir, files_with_labels[i:i + batch]) for i in range(0, len(files), batch)]
     valid = []
-    with tqdm(total=len(files), desc=f"check {what}", unit="file", disable=None) as bar:
+    with Progress(total=len(files), desc=f"check {what}", unit="file") as bar:
         for results in parallel_imap(_check_files, tasks, workers):
             for result in results:
                 (skipped if isinstance(result, dict) else valid).append(result)

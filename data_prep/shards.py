@@ -32,10 +32,10 @@ import ctypes
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -46,12 +46,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from tqdm import tqdm
-
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.dali_index import write_index
 from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, find_manifest,
                                                 is_remote, join_location, list_location, put_location, read_location,
                                                 read_manifest, redact, remove_location, sample_key, shard_name)
+
+logger = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".foundry-prep.lock"
@@ -189,8 +190,7 @@ def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | Non
             first_sample.append(first_sample[-1] + len(shard))
         tasks = [_ShardTask(out.shard_dir, i, first_sample[i], plan.shards[i], plan.build_sample, out.upload_to)
                  for i in todo]
-        with tqdm(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample",
-                  disable=None) as bar:
+        with Progress(total=sum(len(plan.shards[i]) for i in todo), desc=progress, unit="sample") as bar:
             for index, record in parallel_imap(_write_shard, tasks, workers):
                 manifest["shards"][index] = record
                 out.save(manifest)
@@ -217,7 +217,9 @@ def reindex(folder: str | os.PathLike, verify: bool = True, workers: int | None 
     with _exclusive_lock(out):
         manifest = read_manifest(out)
         paths = [out / s["name"] for s in manifest["shards"]]
-        records = dict(parallel_imap(_index_task, [(p, verify) for p in paths], workers or default_workers()))
+        tasks = [(p, verify) for p in paths]
+        records = dict(Progress(parallel_imap(_index_task, tasks, workers or default_workers()), total=len(tasks),
+                                desc=f"index {out}", unit="shard"))
         for shard in manifest["shards"]:
             shard.pop("index_skipped", None)
             shard.update(records[shard["name"]])
@@ -248,8 +250,7 @@ def _exclusive_lock(folder: Path) -> Iterator[None]:
                             f"wait for it to finish or stop it") from None
         f.seek(0)
         if holder := f.read():
-            print(f"{folder}: taking over the lock of a foundry prep that is no longer running ({holder})",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s: taking over the lock of a foundry prep that is no longer running (%s)", folder, holder)
         f.truncate(0)
         f.write(f"host {socket.gethostname()}, pid {os.getpid()}, started "
                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")

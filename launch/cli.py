@@ -10,6 +10,7 @@ import argparse
 import sys
 from importlib.metadata import version
 
+from ssl_foundry.data_prep.console import setup_logging
 from ssl_foundry.pipeline.config import ConfigError
 from ssl_foundry.pipeline.extras import install_hint
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + leftover
     elif leftover:
         parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+    setup_logging()  # log lines and progress to stderr; results (JSON, summaries) to stdout
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

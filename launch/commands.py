@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -14,6 +15,8 @@ import yaml
 from ssl_foundry.data_prep.shard_format import redact
 from ssl_foundry.pipeline.config import (ConfigError, load_config, public_dict, require_labels, validate_finetune,
                                          world_size)
+
+logger = logging.getLogger(__name__)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +52,7 @@ def pretrain(args: argparse.Namespace) -> int:
         from ssl_foundry.pipeline.registry.teacher import load_teacher
 
         load_teacher(cfg)  # a teacher that does not resolve or fit fails here once, not in every rank
-    check_reachable(resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+    check_reachable(resolve_tracking_uri(cfg.mlflow.tracking_uri))
     if cfg.launch.nnodes > 1:  # every node runs this command on the shared output_dir: rank 0 takes the lock
         return _pretrain(cfg)
     with OutputDirLock(cfg.output_dir):
@@ -65,50 +68,8 @@ def _pretrain(cfg) -> int:
         print(f"foundry: error: {err}", file=sys.stderr)
         return 1
     if result is not None and getattr(result, "run_id", None):
-        _log_pretraining_plots(result, cfg)
-        if result.model_version:
-            _gate_registered_version(result, cfg)
         print_summary(result, cfg)
     return 0
-
-
-def _log_figures(client, run_id: str, figures: dict[str, bytes]) -> None:
-    """PNG files into the run's ``plots/`` artifact folder."""
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, png in figures.items():
-            (Path(tmp) / name).write_bytes(png)
-        client.log_artifacts(run_id, tmp, "plots")
-
-
-def _log_pretraining_plots(result, cfg) -> None:
-    """The views the method saw, and its loss / lr (/ online kNN) curves, on the pretraining run."""
-    from mlflow import MlflowClient
-
-    from ssl_foundry.pipeline.registry.plots import augmentation_grid, metric_curves
-
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    history = {key: [(m.step, m.value) for m in client.get_metric_history(result.run_id, key)]
-               for key in ("loss", "lr", "knn_monitor_top1")}
-    d = cfg.data
-    _log_figures(client, result.run_id, {
-        "augmentations.png": augmentation_grid(d.train, d.views, d.mean, d.std, seed=cfg.train.seed),
-        "curves.png": metric_curves(history, title=f"{cfg.model.method} {cfg.model.backbone}")})
-
-
-def _gate_registered_version(result, cfg) -> None:
-    """The end-of-pretraining kNN is an evaluation too: it may pass the gate, and the version's
-    card (written at registration, before the kNN ran) gets its accuracy."""
-    from mlflow import MlflowClient
-
-    from ssl_foundry.pipeline.registry.downstream import apply_gate, write_model_card
-    from ssl_foundry.pipeline.registry.export import BackboneSource
-
-    name, version = cfg.mlflow.registered_model, result.model_version
-    client = MlflowClient(tracking_uri=result.tracking_uri, registry_uri=result.tracking_uri)
-    if result.knn_top1 is not None:
-        source = BackboneSource(f"models:/{name}/{version}", Path(result.backbone_dir), name, version, result.run_id)
-        print(f"evaluation gate:   {apply_gate(client, source, {'knn_top1': result.knn_top1}, cfg.eval.gate)}")
-    write_model_card(client, name, version)
 
 
 def print_summary(result, cfg) -> None:
@@ -128,6 +89,9 @@ def print_summary(result, cfg) -> None:
         print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} {unit}/s")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite"):
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
+    if result.model_version:
+        print(f"serve it:          MLFLOW_TRACKING_URI={result.tracking_uri} mlflow models serve -m "
+              f"models:/{cfg.mlflow.registered_model}/{result.model_version} --env-manager local --port 5001")
 
 
 def _user_error_types() -> tuple[type[Exception], ...]:
@@ -183,6 +147,11 @@ def _user_errors(command):
     return run
 
 
+def _describe(source) -> str:
+    """A backbone reference, and the folder it resolved to where that is another."""
+    return source.ref if Path(source.ref) == source.folder else f"{source.ref} ({source.folder})"
+
+
 def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     import torch
 
@@ -231,6 +200,7 @@ def _embedding_map(backbone, cfg, digest: str) -> bytes:
     from ssl_foundry.pipeline.registry.plots import embedding_map
 
     _, _, test_features, test_labels = eval_features(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
+    logger.info("embedding map: t-SNE of %d test features", min(len(test_features), cfg.eval.embedding_map_points))
     return embedding_map(test_features, test_labels, read_manifest(cfg.data.eval_test).get("classes"),
                          max_points=cfg.eval.embedding_map_points, seed=cfg.train.seed)
 
@@ -246,10 +216,11 @@ def evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.kind in ("knn", "linear"):
         require_labels(cfg.data, ("eval_train", "eval_test"), f"foundry eval {args.kind}")
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     backbone = load_timm_backbone(source.folder)
     check_input_size(backbone, source, cfg.data.eval_image_size)
+    logger.info("eval %s of %s", args.kind, _describe(source))
     digest = export_digest(source.folder)
     metrics, params = _EVALUATIONS[args.kind](backbone, cfg, digest)
     report = {"backbone": source.ref, "model_version": source.model_version,
@@ -273,10 +244,11 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
 
     from ssl_foundry.pipeline.registry.downstream import (apply_gate, lineage_tags, record_version_metrics,
                                                           write_model_card)
+    from ssl_foundry.pipeline.registry.plots import log_figures
     from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location
 
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=f"{kind} {source.ref}",
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+                         artifact_location=default_artifact_location(uri))
     tracker.set_tags(lineage_tags(source, kind))
     tracker.log_environment()
     tracker.log_params({"data.eval_train": redact(cfg.data.eval_train), "data.eval_test": redact(cfg.data.eval_test),
@@ -288,8 +260,9 @@ def _log_evaluation(kind: str, source, metrics: dict[str, float], params: dict, 
         tracker.log_artifact(local_path, artifact_path)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if figures:
-        _log_figures(client, tracker.run_id, figures)
+        log_figures(client, tracker.run_id, figures)
     tracker.end()
+    logger.info("logged to MLflow run %s at %s", tracker.run_id, uri)
     record_version_metrics(client, source, metrics, tracker.run_id)
     gate = apply_gate(client, source, metrics, cfg.eval.gate)
     if source.model_version:
@@ -311,6 +284,7 @@ def add_pretrain_parser(sub) -> None:
 
 def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     """One rank of `foundry eval finetune` (in this process or started by the elastic launcher)."""
+    from ssl_foundry.data_prep.console import setup_logging
     from ssl_foundry.data_prep.shard_format import read_manifest
     from ssl_foundry.pipeline.config import config_from_dict, flatten, to_dict
     from ssl_foundry.pipeline.evaluate.finetune import export_classifier, finetune
@@ -318,6 +292,7 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
     from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
     from ssl_foundry.pipeline.train.runtime import init_runtime, shutdown_runtime
 
+    setup_logging()  # a rank started by the launcher knows its RANK now
     cfg = config_from_dict(config)
     rt = init_runtime(cfg.launch, cfg.train)
     try:
@@ -331,7 +306,7 @@ def _finetune_rank(config: dict, source, log: bool) -> dict | None:
               "pretrain_run_id": source.pretrain_run_id, "world_size": rt.world_size, **metrics,
               "final_loss": result.losses[-1][1]}
     if log:
-        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+        uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
         history = [(step, {"loss": loss, "lr": lr}) for step, loss, lr in result.losses]
         curves = metric_curves({"loss": [(step, loss) for step, loss, _ in result.losses],
                                 "lr": [(step, lr) for step, _, lr in result.losses]}, title=f"fine-tuning {source.ref}")
@@ -354,9 +329,10 @@ def eval_finetune(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     validate_finetune(cfg, world_size(cfg))
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     source = locate_backbone(args.backbone or str(Path(cfg.output_dir) / "backbone"), uri)
     check_input_size(load_timm_backbone(source.folder), source, cfg.data.eval_image_size)
+    logger.info("eval finetune of %s on %d rank(s)", _describe(source), cfg.launch.nproc_per_node * cfg.launch.nnodes)
     report = launch_ranks(cfg, _finetune_rank, to_dict(cfg), source, args.log)
     if report is not None:
         print(json.dumps(report))
@@ -389,10 +365,12 @@ def registry(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from ssl_foundry.pipeline.registry.downstream import PRODUCTION_ALIAS, promote, write_model_card
-    from ssl_foundry.pipeline.registry.tracking_server import check_reachable
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+    from ssl_foundry.pipeline.registry.tracking_server import check_store_exists
 
-    check_reachable(args.tracking_uri)
-    client = MlflowClient(tracking_uri=args.tracking_uri, registry_uri=args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_store_exists(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if args.action == "promote":
         promote(client, args.name, args.version, force=args.force)
         print(f"models:/{args.name}@{PRODUCTION_ALIAS} -> version {args.version}")
@@ -410,10 +388,9 @@ def add_registry_parser(sub) -> None:
         command = actions.add_parser(action, help=text)
         command.add_argument("name")
         command.add_argument("version")
-        command.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                             required="MLFLOW_TRACKING_URI" not in os.environ,
-                             help="the store holding the registry (default: $MLFLOW_TRACKING_URI), e.g. "
-                                  "http://host:5000 or sqlite:///runs/demo/mlflow.db")
+        command.add_argument("--tracking-uri", default="",
+                             help="the store holding the registry, e.g. http://host:5000 (default: "
+                                  "$MLFLOW_TRACKING_URI, else runs/mlflow.db in the working directory)")
         if action == "promote":
             command.add_argument("--force", action="store_true", help="promote without a passed gate")
         command.set_defaults(func=registry)

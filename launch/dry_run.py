@@ -65,7 +65,7 @@ def dry_run_report(cfg: Config) -> list[str]:
         f"precision:   {'bf16 autocast' if amp is not None else 'fp32'} (train.precision={t.precision}"
         f"{precision_reason(device) if t.precision == 'auto' else ''})",
         f"evaluation:  {evaluation}",
-        f"MLflow:      {resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)}, experiment "
+        f"MLflow:      {resolve_tracking_uri(cfg.mlflow.tracking_uri)}, experiment "
         f"{cfg.mlflow.experiment}" + (f", registers {cfg.mlflow.registered_model}" if cfg.mlflow.registered_model
                                       else ""),
     ]

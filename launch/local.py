@@ -72,9 +72,9 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
-    from ssl_foundry.pipeline.train.trainer import train
+    from ssl_foundry.pipeline.train.run import run_pretraining
 
-    return train(config_from_dict(config))
+    return run_pretraining(config_from_dict(config))
 
 
 def rendezvous_id(cfg: Config) -> str:

@@ -4,9 +4,10 @@
 
 One Slurm task per rank (per GPU with ``launch.gpus_per_node``), ``launch.nodes`` nodes; each task
 exports the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and runs
-``pipeline.train.trainer.train``. A sweep is one Slurm job array: one array task per combination of the
-``--sweep`` values, each in its own ``<output_dir>/<index>-<override>`` with its override logged to
-MLflow as the param ``sweep.override``.
+``pipeline.train.run.run_pretraining``, as a local run does (online kNN monitor, plots, gate, model
+card). A sweep is one Slurm job array: one array task per combination of the ``--sweep`` values, each
+in its own ``<output_dir>/<index>-<override>`` with its override logged to MLflow as the param
+``sweep.override``.
 
 Preemption and time limits: Slurm sends USR2 ``launch.signal_delay_s`` before the time limit (and
 ``job._interrupt()``/``scancel --signal USR2`` does on demand). Every rank then finishes its step,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import logging
 import os
 import re
 import signal
@@ -36,6 +38,7 @@ from ssl_foundry.pipeline.config import (Config, ConfigError, config_from_dict, 
 from ssl_foundry.pipeline.train.run_dir import plan_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -152,7 +155,8 @@ class PretrainJob:
         self.params = params or {}
 
     def __call__(self):
-        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted, train
+        from ssl_foundry.pipeline.train.run import run_pretraining
+        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted
 
         dist_env = export_torch_distributed_env()
         rank = int(dist_env["RANK"])
@@ -169,14 +173,14 @@ class PretrainJob:
                     trainer.tracker.log_params(self.params)
                 trainer.tracker.set_tags({k: v for k, v in job_tags.items() if v})
             if rank == 0:
-                print(f"rank 0 of {dist_env['WORLD_SIZE']}, master {dist_env['MASTER_ADDR']}:"
-                      f"{dist_env['MASTER_PORT']}, MLflow run {trainer.run_id}", flush=True)
+                logger.info("rank 0 of %s, master %s:%s, MLflow run %s", dist_env["WORLD_SIZE"],
+                            dist_env["MASTER_ADDR"], dist_env["MASTER_PORT"], trainer.run_id)
 
         try:
-            return train(config_from_dict(self.config), setup=setup)
+            return run_pretraining(config_from_dict(self.config), setup=setup)
         except TrainingInterrupted as err:
             if rank == 0:
-                print(f"interrupted at step {err.step}: requeueing (resumes from {err.checkpoint})", flush=True)
+                logger.info("interrupted at step %d: requeueing (resumes from %s)", err.step, err.checkpoint)
             stop.hand_over(rank)
             raise
 
@@ -231,9 +235,14 @@ def make_executor(cfg: Config, folder: Path):
 
 
 def _absolute(cfg: Config) -> Config:
-    """Local paths as absolute ones: the job may start in another directory (and on other nodes)."""
+    """Local paths as absolute ones, and the MLflow store resolved here (the config key, else the
+    submitting shell's MLFLOW_TRACKING_URI, else ./runs/mlflow.db): the job may start in another
+    directory (and on other nodes), with another environment."""
+    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).absolute())
+    cfg.mlflow.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     for key in ("train", "eval_train", "eval_test"):
         value = getattr(cfg.data, key)
         if value and not is_remote(value):
@@ -282,8 +291,6 @@ def task_result(job):
 
 
 def describe(jobs, configs, folder: Path) -> str:
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
-
     cfg = configs[0]
     first = jobs[0].job_id
     main_id = str(first).split("_")[0]
@@ -294,13 +301,11 @@ def describe(jobs, configs, folder: Path) -> str:
     for job, c in zip(jobs, configs):
         run_name = f" ({c.mlflow.run_name})" if len(jobs) > 1 else ""
         lines.append(f"  job {job.job_id}{run_name}: output {c.output_dir}")
-        lines.append(f"      log {folder / f'{job.job_id}_0_log.out'} (rank 0; errors in .err beside it, "
-                     f"rank N in {job.job_id}_N_log.*)")
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, configs[0].output_dir)
+        lines.append(f"      log {Path(c.output_dir) / 'train.log'} (rank 0's lines; each rank's output in "
+                     f"{folder / f'{job.job_id}_N_log.err'}, results in .out)")
     lines += [
-        f"MLflow: {uri if len(jobs) == 1 or cfg.mlflow.tracking_uri else '<output dir>/mlflow.db of each job'}, "
-        f"experiment '{cfg.mlflow.experiment}', runs tagged slurm.job_id={main_id}",
-        f"follow: tail -f {folder / f'{first}_0_log.out'}",
+        f"MLflow: {cfg.mlflow.tracking_uri}, experiment '{cfg.mlflow.experiment}', runs tagged slurm.job_id={main_id}",
+        f"follow: tail -F {Path(configs[0].output_dir) / 'train.log'}",
         f"        squeue -j {main_id}; sacct -j {main_id} -o JobID,State,Elapsed,NodeList",
         f"cancel: scancel {main_id}     preempt (checkpoint + requeue): scancel --signal USR2 {main_id}",
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -213,7 +214,8 @@ class EvalConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # empty: sqlite:///<output_dir>/mlflow.db, artifacts beside it
+    # empty: $MLFLOW_TRACKING_URI, else sqlite:///<working directory>/runs/mlflow.db, artifacts beside it
+    tracking_uri: str = ""
     experiment: str = "ssl-foundry"
     registered_model: str = ""  # empty: don't register
     run_name: str = ""
@@ -221,6 +223,7 @@ class MlflowConfig:
     # <output_dir>/mlflow-unsent.jsonl) and are sent when it answers again. The end of the run waits
     # this long for it, then exits (1) with the metrics kept; rerunning the command sends them.
     outage_minutes: float = 10.0
+    tensorboard: bool = False  # also write the metrics as TensorBoard event files to <output_dir>/tensorboard
 
 
 @dataclass
@@ -714,6 +717,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if method.multi_crop:
         validate_multi_crop(cfg)
     validate_eval(cfg.eval)
+    if cfg.mlflow.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("mlflow.tensorboard=true needs the tensorboard package: `pip install tensorboard` "
+                          "(requirements.txt pins it), or set mlflow.tensorboard=false")
     if method.input_kind == "clip":
         validate_clip_length(cfg, check_paths)
     for key in ("train", "eval_train", "eval_test"):

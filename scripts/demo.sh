@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# `make demo`: real Fashion-MNIST -> shards -> SimCLR pretraining -> backbone registered in MLflow ->
-# kNN top-1 on the test set, all within DEMO_MINUTES (15) after set-up on a 2-core CPU.
-# Every step is the product's own CLI; rerunning resumes the prep and starts a fresh pretraining.
+# `make demo`: real Fashion-MNIST -> shards -> SimCLR pretraining -> backbone registered in MLflow as
+# an MLflow model -> kNN top-1 on the test set, all within DEMO_MINUTES (15) after set-up on a 2-core CPU.
+# Every step is the product's own CLI; rerunning resumes the prep and starts a fresh pretraining. The
+# run goes to MLflow's store by the usual rule: $MLFLOW_TRACKING_URI if set, else runs/mlflow.db of
+# this checkout, beside every other run started here (docs/downstream.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

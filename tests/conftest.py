@@ -156,22 +156,41 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     return path
 
 
+def _copy_of_store(template: Path, folder: Path) -> str:
+    shutil.copyfile(template, folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_mlflow_store(mlflow_db_template, tmp_path_factory):
+    """The store of a module's shared fixtures (a run several tests read), like ``mlflow_store``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", _copy_of_store(mlflow_db_template, tmp_path_factory.mktemp("mlflow")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(mlflow_db_template, tmp_path_factory, monkeypatch) -> str:
+    """Every test's own MLflow store (its URI), a copy of an empty, already created one, given as
+    MLFLOW_TRACKING_URI: what a config without ``mlflow.tracking_uri`` logs to, in this process and
+    in every process it starts (CLI, ranks, Slurm jobs), instead of the checkout's runs/mlflow.db. A
+    run resumed in another test than the one that started it names its store (result.json's
+    ``tracking_uri``) with ``mlflow.tracking_uri``."""
+    uri = _copy_of_store(mlflow_db_template, tmp_path_factory.mktemp("mlflow"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 @pytest.fixture(scope="session")
-def tiny_config(fmnist, mlflow_db_template):
+def tiny_config(fmnist):
     """``tiny_config(output_dir, *overrides) -> Config``: the tiny recipe (written to
-    ``<output_dir>.yaml``) plus dotted overrides, through the real ``load_config``. The run's default
-    MLflow store (``<output_dir>/mlflow.db``) starts as a copy of an empty, already created one."""
+    ``<output_dir>.yaml``) plus dotted overrides, through the real ``load_config``."""
     from ssl_foundry.pipeline.config import load_config
 
     def make(output_dir: Path, *overrides: str):
         output_dir = Path(output_dir)
         recipe = write_recipe(output_dir.parent / f"{output_dir.name}.yaml", fmnist, output_dir)
-        cfg = load_config(recipe, list(overrides))
-        db = Path(cfg.output_dir) / "mlflow.db"
-        if not cfg.mlflow.tracking_uri and not db.exists():
-            db.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(mlflow_db_template, db)
-        return cfg
+        return load_config(recipe, list(overrides))
 
     return make
 
@@ -179,7 +198,7 @@ def tiny_config(fmnist, mlflow_db_template):
 def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
     """What pretraining leaves behind, without the training: a run with the recipe's params and
     environment, and a (randomly initialised, ``seed``) backbone exported to
-    ``<output_dir>/export-<seed>`` and registered from it. Returns (run id, version)."""
+    ``<output_dir>/export-<seed>`` and logged and registered from it. Returns (run id, version)."""
     import torch
 
     from ssl_foundry.models.backbones import create_backbone
@@ -187,9 +206,8 @@ def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
     from ssl_foundry.pipeline.registry.export import export_timm_backbone
     from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
-    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain",
-                         artifact_location=default_artifact_location(uri, cfg.output_dir))
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    tracker = RunTracker(uri, cfg.mlflow.experiment, run_name="pretrain", artifact_location=default_artifact_location(uri))
     tracker.log_params(flatten(to_dict(cfg)))
     tracker.log_environment()
     torch.manual_seed(seed)
@@ -197,7 +215,7 @@ def register_backbone(cfg, name: str, seed: int = 0) -> tuple[str, str]:
     folder = export_timm_backbone(create_backbone(m.backbone, **m.backbone_args), m.backbone, m.backbone_args,
                                   f"{cfg.output_dir}/export-{seed}", (3, IMAGE_SIZE, IMAGE_SIZE), d.mean, d.std,
                                   extra={"method": m.method, "steps": 7, "mlflow_run_id": tracker.run_id})
-    version = tracker.register_model(str(folder), name)
+    version = tracker.log_backbone(str(folder), name)
     tracker.end()
     return tracker.run_id, version
 

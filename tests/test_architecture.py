@@ -3,6 +3,7 @@ functions and under ``TYPE_CHECKING`` included):
 
     launch/ (CLI, launchers)  ->  pipeline/ (config, data, train, evaluate, registry)  ->  models/
     data_prep/ writes shards; pipeline/ reads them only through data_prep.shard_format
+    (and prints through data_prep.console, the log lines and progress bars of every layer)
 
 Nothing under pipeline/, models/ or data_prep/ imports launch/; models/ imports neither pipeline/
 nor data_prep/; data_prep/ imports neither pipeline/ nor models/; every project import is spelled
@@ -21,8 +22,8 @@ ROOT = "ssl_foundry"
 LAYERS = ("launch", "pipeline", "models", "data_prep")
 FORBIDDEN = {("pipeline", "launch"), ("models", "launch"), ("data_prep", "launch"), ("models", "pipeline"),
              ("models", "data_prep"), ("data_prep", "pipeline"), ("data_prep", "models")}
-# (importer, imported layer) -> the one module the importer may use there.
-ONLY_THROUGH = {("pipeline", "data_prep"): f"{ROOT}.data_prep.shard_format"}
+# (importer, imported layer) -> the only modules the importer may use there.
+ONLY_THROUGH = {("pipeline", "data_prep"): (f"{ROOT}.data_prep.shard_format", f"{ROOT}.data_prep.console")}
 
 
 def project_modules(root: Path) -> dict[str, Path]:
@@ -73,9 +74,10 @@ def layering_problems(root: Path) -> list[str]:
                 if (src, dst) in FORBIDDEN:
                     problems.add(f"{where}:{line}: {src}/ must not import {dst}/ ({names[0]})")
                 allowed = ONLY_THROUGH.get((src, dst))
-                if allowed and any(_layer(n) == dst and n != f"{ROOT}.{dst}" and not (n + ".").startswith(allowed + ".")
-                                   for n in names):
-                    problems.add(f"{where}:{line}: {src}/ reads {dst}/ only through {allowed} ({names[0]})")
+                if allowed and any(_layer(n) == dst and n != f"{ROOT}.{dst}"
+                                   and not any((n + ".").startswith(a + ".") for a in allowed) for n in names):
+                    problems.add(f"{where}:{line}: {src}/ reads {dst}/ only through {' and '.join(allowed)} "
+                                 f"({names[0]})")
     return sorted(problems)
 
 

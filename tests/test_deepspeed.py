@@ -157,9 +157,9 @@ def test_zero3_checkpoint_resume_is_exact(zero3_run):
         path = crashed / later
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     proc = run_cli(["pretrain", str(recipe), f"output_dir={crashed}", "train.strategy=deepspeed",
-                    "deepspeed.zero_stage=3", *ZERO3_MOCO], tmp)
+                    "deepspeed.zero_stage=3", *ZERO3_MOCO, f"mlflow.tracking_uri={result['tracking_uri']}"], tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert f"resumed from {crashed / 'checkpoints' / 'step-00000002'} at step 2" in proc.stdout
+    assert f"resumed at step 2 from {crashed / 'checkpoints' / 'step-00000002'}" in proc.stderr
     resumed = json.loads((crashed / "result.json").read_text())
     assert resumed["steps"] == 4 and resumed["final_loss"] == result["final_loss"]
     assert resumed["run_id"] == result["run_id"]  # the same MLflow run, continued

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from conftest import IMAGE_SIZE, register_backbone, run_cli, write_recipe
 from ssl_foundry.pipeline.config import ConfigError, load_config
 from ssl_foundry.pipeline.registry.export import export_digest, load_timm_backbone, locate_backbone
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 
 DISTILL = ["model.method=distill", "model.backbone=resnet10t", "model.backbone_args={}",
@@ -29,7 +30,7 @@ def teacher(tiny_config, tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     cfg = tiny_config(root / "pretrain")
     run_id, version = register_backbone(cfg, "teacher", seed=3)
-    uri = f"sqlite:///{Path(cfg.output_dir).absolute() / 'mlflow.db'}"
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("teacher", "production", version)
     return {"uri": uri, "run_id": run_id, "version": version, "folder": Path(cfg.output_dir) / "export-3",
             "root": root}

@@ -22,7 +22,6 @@ from ssl_foundry.pipeline.config import save_config
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream
 from ssl_foundry.pipeline.registry.export import export_digest
-from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
 # A quick probe: the protocol is tested in test_linear_probe.py; here the plumbing is.
 PROBE = ["eval.linear.epochs=5", "eval.linear.lrs=[0.01,0.1]"]
@@ -130,18 +129,18 @@ def test_wrong_input_size_is_named_before_any_data_is_read(tiny_config, tmp_path
     assert f"set data.eval_image_size={IMAGE_SIZE}" in err
 
 
-def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_config, tmp_path):
-    """`foundry pretrain` with the default sqlite store: the end-of-training kNN passes the gate,
+def test_pretrain_gates_its_version_and_eval_by_run_id_on_the_local_store(tiny_config, tmp_path, mlflow_store):
+    """`foundry pretrain` with a local sqlite store: the end-of-training kNN passes the gate,
     the card has its accuracy, the run has its plots and online kNN curve; `foundry eval linear`
     by bare run id is tagged with that run and logs the t-SNE map of the test features."""
-    cfg = tiny_config(tmp_path / "run")  # writes run.yaml and seeds the run's empty store
+    tiny_config(tmp_path / "run")  # writes run.yaml
     recipe = str(tmp_path / "run.yaml")
     done = run_cli(["pretrain", recipe, "mlflow.registered_model=local-model", "eval.after_pretrain=true",
                     "eval.gate.metric=knn_top1", "eval.gate.threshold=0.05", "train.threads=1",
                     "eval.knn_every=2"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluation gate:   gate passed (knn_top1=" in done.stdout
-    uri = resolve_tracking_uri("", cfg.output_dir)
+    uri = mlflow_store
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("local-model", "candidate")
     knn = client.get_run(version.run_id).data.metrics["knn_top1"]
@@ -227,11 +226,11 @@ def test_downstream_client_fine_tunes_the_candidate_with_only_mlflow_timm_and_to
         assert torch.equal(out["pretrained"][key], value), key
 
 
-def test_registry_commands_on_the_local_store(tiny_config, tmp_path, capsys):
+def test_registry_commands_on_the_local_store(tiny_config, tmp_path, capsys, mlflow_store, monkeypatch):
     cfg = tiny_config(tmp_path / "run")
     pretrain_run, version = register_backbone(cfg, "local-registry")
-    uri = resolve_tracking_uri("", cfg.output_dir)
-    code, out, _ = foundry(capsys, "registry", "card", "local-registry", version, "--tracking-uri", uri)
+    uri = mlflow_store
+    code, out, _ = foundry(capsys, "registry", "card", "local-registry", version)  # the store of MLFLOW_TRACKING_URI
     assert code == 0 and out.startswith("# local-registry v1") and f"pretraining run: `{pretrain_run}`" in out
     code, _, err = foundry(capsys, "registry", "promote", "local-registry", version, "--tracking-uri", uri)
     assert code == 2 and "never gated" in err and "--force" in err
@@ -242,3 +241,11 @@ def test_registry_commands_on_the_local_store(tiny_config, tmp_path, capsys):
     assert "- aliases: @production" in client.get_model_version("local-registry", version).description
     code, _, err = foundry(capsys, "registry", "card", "nope", "1", "--tracking-uri", uri)
     assert code == 2 and "no registered model 'nope'; registered models: local-registry" in err
+
+    # No store named and none in the working directory: said so, and no empty store is created.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = foundry(capsys, "registry", "card", "local-registry", version)
+    assert code == 2 and f"no MLflow store at {tmp_path / 'elsewhere' / 'runs' / 'mlflow.db'}" in err
+    assert list((tmp_path / "elsewhere").iterdir()) == []

@@ -14,7 +14,6 @@ from conftest import register_backbone, run_cli
 from ssl_foundry.launch.cli import main
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.pipeline.evaluate.finetune import build_finetune_optimizer, top1_accuracy
-from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 
 SHORT = ["eval.finetune.steps=6", "eval.finetune.batch_size=16", "eval.finetune.warmup_steps=2",
          "eval.finetune.log_every=2", "eval.finetune.lr=1e-3", "train.threads=1"]
@@ -39,7 +38,8 @@ def test_layer_decay_scales_each_vit_block_lr_by_its_depth_from_the_head(tiny_co
     assert decay["blocks.0.attn.qkv.bias"] == decay["blocks.0.norm1.weight"] == decay["cls_token"] == 0.0
 
 
-def test_finetune_logs_lineage_curves_and_a_classifier_plain_timm_loads(tiny_config, fmnist, tmp_path, capsys):
+def test_finetune_logs_lineage_curves_and_a_classifier_plain_timm_loads(tiny_config, fmnist, tmp_path, capsys,
+                                                                         mlflow_store):
     cfg = tiny_config(tmp_path / "run")
     pretrain_run, version = register_backbone(cfg, "to-finetune")
     code = main(["eval", "finetune", str(tmp_path / "run.yaml"), "--backbone", "models:/to-finetune@candidate"])
@@ -49,7 +49,7 @@ def test_finetune_logs_lineage_curves_and_a_classifier_plain_timm_loads(tiny_con
                  "eval.gate.metric=finetune_top1", "eval.gate.threshold=0.0"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["world_size"] == 1 and "gate passed" in report["gate"]
-    uri = resolve_tracking_uri("", cfg.output_dir)
+    uri = mlflow_store
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(report["eval_run_id"])
     assert run.data.tags["eval.kind"] == "finetune" and run.data.tags["lineage.pretrain_run_id"] == pretrain_run
@@ -73,7 +73,7 @@ def test_finetune_logs_lineage_curves_and_a_classifier_plain_timm_loads(tiny_con
                            registered.state_dict()["blocks.0.attn.qkv.weight"])
 
 
-def test_finetune_on_two_gloo_ranks(tiny_config, tmp_path):
+def test_finetune_on_two_gloo_ranks(tiny_config, tmp_path, mlflow_store):
     cfg = tiny_config(tmp_path / "run")
     register_backbone(cfg, "ddp-finetune")
     done = run_cli(["eval", "finetune", str(tmp_path / "run.yaml"), "--backbone", "models:/ddp-finetune/1",
@@ -81,7 +81,7 @@ def test_finetune_on_two_gloo_ranks(tiny_config, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])  # only rank 0 reports
     assert report["world_size"] == 2 and 0.0 <= report["finetune_top1"] <= 1.0
-    uri = resolve_tracking_uri("", cfg.output_dir)
+    uri = mlflow_store
     run = MlflowClient(tracking_uri=uri).get_run(report["eval_run_id"])
     assert run.data.tags["env.world_size"] == "2" and run.data.tags["lineage.model_version"] == "1"
     runs = MlflowClient(tracking_uri=uri).search_runs([run.info.experiment_id], "tags.`eval.kind` = 'finetune'")

@@ -6,16 +6,16 @@ forward pass overflows a few steps in.
 """
 import math
 import re
+from pathlib import Path
 
 import torch
 from mlflow import MlflowClient
 
-from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from ssl_foundry.pipeline.train.trainer import NonFiniteLossError, build_model, train
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, mlflow_store):
     out = tmp_path / "run"
     exploding = ["train.lr=1e6", "train.warmup_steps=0", "train.max_steps=12", "train.checkpoint_every=1",
                  "train.keep_checkpoints=2"]
@@ -27,7 +27,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     else:
         raise AssertionError("training with lr=1e6 finished without a non-finite loss")
 
-    client = MlflowClient(tracking_uri=resolve_tracking_uri("", str(out)))
+    client = MlflowClient(tracking_uri=mlflow_store)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert all(math.isfinite(v) for v in logged)
@@ -52,6 +52,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, t
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["failure"] == message
+    # The run's log, ending with why it stopped, is in the run too.
+    log = Path(client.download_artifacts(run.info.run_id, "train.log", str(tmp_path))).read_text()
+    assert log == (out / "train.log").read_text()
+    assert log.splitlines()[-1].endswith(f" ERROR stopped after step {failed_step - 1}: NonFiniteLossError: {message}")
 
     # The message's way on: a lower lr from the good checkpoint (train.resume=auto refuses a changed
     # lr), in the same run, replaying step failed_step-1 exactly (the set-aside checkpoint would

@@ -55,7 +55,7 @@ def test_dino_pretrains_from_dali_and_exports_the_teacher(fmnist, tmp_path):
     done = run_cli(["pretrain", str(recipe), *DINO, "data.backend=dali", "data.num_workers=1", "train.max_steps=3",
                     "train.warmup_steps=0", "mlflow.tracking_uri=sqlite:///" + str(tmp_path / "m.db")], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "training loader: dali on cpu" in done.stdout and "step 3/3" in done.stdout
+    assert "INFO training loader: dali on cpu" in done.stderr and "INFO step 3/3 " in done.stderr
     result = json.loads((out / "result.json").read_text())
     state = load_checkpoint(checkpoint_path(out / "checkpoints", 3))
     exported, teacher = load_file(out / "backbone" / "model.safetensors"), teacher_backbone(state)

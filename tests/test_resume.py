@@ -7,7 +7,6 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
 from ssl_foundry.pipeline.train import trainer as trainer_module
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from ssl_foundry.pipeline.train.trainer import train
@@ -66,7 +65,7 @@ def test_resume_is_bitwise_identical_to_straight_run(tiny_config, tmp_path, monk
     assert [p.name for p in list_checkpoints(resumed_dir / "checkpoints")][-1] == checkpoint_path(
         "", crash_step).name
     first = load_checkpoint(checkpoint_path(resumed_dir / "checkpoints", crash_step))
-    client = MlflowClient(tracking_uri=resolve_tracking_uri("", str(resumed_dir)))
+    client = MlflowClient(tracking_uri=straight.tracking_uri)  # the test's store, the crashed run's too
     assert client.get_run(first["mlflow_run_id"]).info.status == "FAILED"
 
     resumed = train(tiny_config(resumed_dir, *overrides))

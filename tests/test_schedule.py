@@ -197,7 +197,6 @@ def test_time_budget_refits_the_schedule_and_resume_continues_it(tiny_config, tm
     Every step costs 1 s of the budget's clock: 40 s buy 40 steps."""
     from mlflow import MlflowClient
 
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
     from ssl_foundry.pipeline.train.checkpoint import checkpoint_path, load_checkpoint
     from ssl_foundry.pipeline.train.trainer import train
     from test_resume import SimulatedCrash, crash_after_checkpoint
@@ -217,7 +216,7 @@ def test_time_budget_refits_the_schedule_and_resume_continues_it(tiny_config, tm
 
     result = train(cfg, one_second)  # train.resume=auto: continues from crash_step with the checkpoint's plan
     assert result.steps == budget_s and result.timing["budget_used_s"] == budget_s
-    client = MlflowClient(tracking_uri=resolve_tracking_uri("", str(tmp_path / "run")))
+    client = MlflowClient(tracking_uri=result.tracking_uri)
     logged = {m.step: m.value for m in client.get_metric_history(result.run_id, "lr")}
     assert sorted(logged) == list(range(1, result.steps + 1))
     # The first step after the resume trains with the checkpointed plan's lr.

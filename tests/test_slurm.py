@@ -4,6 +4,7 @@ in its own state dir and ports, and stops it by PID at the end. It needs root an
 tests skip with that reason elsewhere.
 
 - a 2-task job (`foundry submit --wait`) trains to completion: MLflow run, registered backbone;
+- a submitted run ends like a local one: online kNN, plots, gate tags, model card;
 - a job array of 2 (`--sweep train.lr=...`): both runs in MLflow with their override as a param
   and the online kNN monitor's metric;
 - slurm/pretrain.sbatch (no submitit) on 2 fake nodes;
@@ -168,7 +169,7 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
 
     result, stdout = two_task_run["result"], two_task_run["stdout"]
     job_id = re.search(r"submitted Slurm job (\d+)", stdout).group(1)
-    assert f"scancel {job_id}" in stdout and f"{job_id}_0_log.out" in stdout  # how to follow it
+    assert f"scancel {job_id}" in stdout and f"tail -F {two_task_run['out'] / 'train.log'}" in stdout  # to follow it
     assert result["steps"] == STEPS and result["model_version"]
     client = MlflowClient(tracking_uri=result["tracking_uri"])
     run = client.get_run(result["run_id"])
@@ -176,12 +177,58 @@ def test_two_task_job_trains_logs_and_registers_the_backbone(two_task_run):
     assert run.data.tags["env.world_size"] == "2" and run.data.tags["slurm.job_id"] == job_id
     version = client.get_model_version("slurm-tiny", result["model_version"])
     assert version.run_id == result["run_id"]
-    # the job's log says where it rendezvoused: the fake node name resolved to its NodeAddr
-    log = (two_task_run["out"] / "slurm" / f"{job_id}_0_log.out").read_text()
-    assert "rank 0 of 2, master 127.0.0.1:" in log
+    # the run's log says where it rendezvoused: the fake node name resolved to its NodeAddr
+    log = (two_task_run["out"] / "train.log").read_text()
+    assert "rank 0 INFO rank 0 of 2, master 127.0.0.1:" in log
     backbone = timm.create_model(f"local-dir:{result['backbone_dir']}", pretrained=True).eval()
     with torch.no_grad():
         assert torch.isfinite(backbone(torch.randn(2, 3, 32, 32))).all()
+
+
+def _logged_run_log(client: MlflowClient, run_id: str, output_dir: Path) -> bool:
+    """Whether the run's train.log artifact is the output_dir's, with the last step and the export."""
+    (output_dir.parent / "logged").mkdir(exist_ok=True)
+    logged = Path(client.download_artifacts(run_id, "train.log", str(output_dir.parent / "logged"))).read_text()
+    return logged == (output_dir / "train.log").read_text() and all(
+        line in logged for line in (" INFO step 4/4 ", " INFO backbone exported to "))
+
+
+@pytest.mark.slow
+def test_submitted_run_ends_like_a_local_run(slurm_cluster, shards, tmp_path, mlflow_store):
+    """`foundry submit` and `foundry pretrain` of one recipe end the same way (one code path, rank 0):
+    the online kNN monitor, the plots, the gate on the end-of-pretraining kNN, the model card and
+    train.log in the run, both in the one store of the tracking-URI rule (here the test's MLFLOW_TRACKING_URI)."""
+    common = [*_data(shards), *TINY, "train.max_steps=4", "eval.after_pretrain=true", "eval.knn_every=2",
+              "eval.knn_k=20", "eval.gate.metric=knn_top1", "eval.gate.threshold=0"]
+    recipe = "configs/simclr_resnet18_fmnist.yaml"
+    slurm = _foundry(["submit", recipe, f"output_dir={tmp_path / 'slurm'}", *common,
+                      "mlflow.registered_model=ends-slurm", "--wait"], cwd=REPO)
+    assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
+    local = _foundry(["pretrain", recipe, f"output_dir={tmp_path / 'local'}", *common,
+                      "mlflow.registered_model=ends-local"], cwd=REPO)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
+    ends = {}
+    for launcher, name in (("slurm", "ends-slurm"), ("local", "ends-local")):
+        result = json.loads((tmp_path / launcher / "result.json").read_text())
+        assert result["tracking_uri"] == mlflow_store, launcher
+        version = client.get_model_version(name, result["model_version"])
+        ends[launcher] = {
+            "plots": sorted(f.path for f in client.list_artifacts(result["run_id"], "plots")),
+            "card files": [f.path.replace(name, "NAME") for f in client.list_artifacts(result["run_id"], "model_cards")],
+            "card sections": [line for line in version.description.splitlines() if line.startswith("## ")],
+            "card has the kNN": f"| pretraining knn_top1 | {result['knn_top1']:.4f} |" in version.description,
+            "version tags": sorted(version.tags),
+            "aliases": {alias: str(v) for alias, v in client.get_registered_model(name).aliases.items()},
+            "online kNN steps": [m.step for m in client.get_metric_history(result["run_id"], "knn_monitor_top1")],
+            "run log": _logged_run_log(client, result["run_id"], tmp_path / launcher),
+        }
+    assert ends["slurm"] == ends["local"]
+    assert ends["slurm"]["plots"] == ["plots/augmentations.png", "plots/curves.png"]
+    assert ends["slurm"]["card has the kNN"] and ends["slurm"]["aliases"] == {"candidate": "1"}
+    assert {"gate.passed", "gate.last", "model_card"} <= set(ends["slurm"]["version tags"])
+    assert ends["slurm"]["online kNN steps"] == [2, 4] and ends["slurm"]["run log"]
 
 
 @pytest.mark.slow
@@ -250,10 +297,10 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
     overrides = [f"output_dir={out}", *_data(shards), *TINY, f"train.max_steps={STEPS}", "launch.tasks_per_node=2"]
     jobs, _, folder = submit(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), overrides)
     job = jobs[0]
-    log = folder / f"{job.job_id}_0_log.out"
+    log = folder / f"{job.job_id}_0_log.err"  # rank 0's log lines
 
     # Interrupt once the run is a few steps in (well before its end).
-    _wait_for(lambda: log.is_file() and re.search(r"^step [3-9]/", log.read_text(), re.M), 180, "step 3")
+    _wait_for(lambda: log.is_file() and re.search(r" INFO step [3-9]/", log.read_text()), 180, "step 3")
     job._interrupt()  # what Slurm does on preemption: SIGTERM, then USR2
     # Requeued jobs wait ~2 min (BeginTime); start it now.
     _wait_for(lambda: _squeue(job.job_id).startswith("PENDING"), 60, "the job to be requeued")
@@ -262,7 +309,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, shar
 
     text = log.read_text()
     interrupted = int(re.search(r"interrupted at step (\d+)", text).group(1))
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    resumed = int(re.search(r"resumed at step (\d+) from", text).group(1))
     assert 0 < interrupted == resumed < STEPS, text[-3000:]
     assert result.steps == STEPS
 
@@ -295,8 +342,8 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
                  "train.checkpoint_every=4"]
     jobs, _, folder = submit(str(REPO / "configs/simclr_resnet18_fmnist.yaml"), overrides)
     job = jobs[0]
-    log = folder / f"{job.job_id}_0_log.out"
-    _wait_for(lambda: log.is_file() and re.search(r"^step (9|1[0-9])/", log.read_text(), re.M), 180, "step 9")
+    log, submitit_log = folder / f"{job.job_id}_0_log.err", folder / f"{job.job_id}_0_log.out"
+    _wait_for(lambda: log.is_file() and re.search(r" INFO step (9|1[0-9])/", log.read_text()), 180, "step 9")
     # SIGKILL every task process, as a node dying does: no signal to checkpoint on. (Not `scancel
     # --signal=KILL`: it reached the tasks as a SIGTERM that submitit bypasses, and the job finished.)
     # Then requeue it, as Slurm does after a node failure.
@@ -307,9 +354,10 @@ def test_job_killed_without_warning_resumes_from_the_periodic_checkpoint(slurm_c
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "StartTime=now"], check=True)
     result = task_result(job)
 
-    text = log.read_text()
+    text = submitit_log.read_text()
     assert text.count("Exiting after successful completion") == 1, text[-3000:]  # the resumed attempt only
-    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    text = log.read_text()
+    resumed = int(re.search(r"resumed at step (\d+) from", text).group(1))
     assert resumed >= 8 and resumed % 4 == 0 and result.steps == STEPS, text[-3000:]
     client = MlflowClient(tracking_uri=result.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("ssl-foundry").experiment_id])
@@ -393,7 +441,7 @@ def test_torchrun_agent_killed_the_other_exits_with_an_error(shards, tmp_path):
     logs = [tmp_path / f"agent{i}.log" for i in range(2)]
     agents = [_torchrun(port, out, shards, 100000, logs[i]) for i in range(2)]
     try:
-        _wait_for(lambda: any(re.search(r"^step [2-9]/", p.read_text(), re.M) for p in logs if p.is_file()),
+        _wait_for(lambda: any(re.search(r" INFO step [2-9]/", p.read_text()) for p in logs if p.is_file()),
                   240, "training to start", interval=0.2)
         _stop_group(agents[1])  # the agent and its worker: as if that VM died
         tic = time.monotonic()

@@ -7,6 +7,7 @@ real ``mlflow server`` over HTTP (one per module, ~10 s to start) and as the def
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from mlflow import MlflowClient
 from ssl_foundry.pipeline.registry.export import export_timm_backbone, load_timm_backbone, resolve_backbone
 from ssl_foundry.pipeline.registry.tracking import RunTracker, default_artifact_location, resolve_tracking_uri
 from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
+from conftest import REPO, run_cli
 from mlflow_server import free_port, mlflow_server  # noqa: F401  (tests/ is on sys.path; module-scoped fixture)
 
 IMAGE_SIZE = 32
@@ -146,7 +148,7 @@ def register_two_versions(tracker: RunTracker, name: str, tmp_path: Path) -> dic
     for seed in (0, 1):
         backbone = make_backbone("resnet18", seed)
         folder = export(backbone, "resnet18", tmp_path / f"export_{seed}", mlflow_run_id=tracker.run_id)
-        by_version[tracker.register_model(str(folder), name)] = backbone
+        by_version[tracker.log_backbone(str(folder), name)] = backbone
     return by_version
 
 
@@ -196,19 +198,74 @@ def test_tracking_and_registry_over_http_server(mlflow_server, tmp_path):  # noq
     assert [f.path for f in client.list_artifacts(tracker.run_id, "configs")] == ["configs/config.yaml"]
 
 
-def test_registry_with_default_sqlite_store(tmp_path, monkeypatch):
-    output_dir = tmp_path / "run"
-    uri = resolve_tracking_uri("", str(output_dir))
-    assert uri == f"sqlite:///{output_dir}/mlflow.db"
-    assert default_artifact_location(uri, str(output_dir)) == str(output_dir / "mlartifacts")
-    shared = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"  # an explicit local store: artifacts beside it
-    assert default_artifact_location(shared, str(output_dir)) == str(tmp_path / "store" / "mlartifacts")
-    assert default_artifact_location("http://127.0.0.1:5000", str(output_dir)) is None
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    """The config key, else MLFLOW_TRACKING_URI, else runs/mlflow.db of the working directory with
+    artifacts beside it; a relative sqlite path is made absolute (a Slurm job starts elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5001")
+    assert resolve_tracking_uri("http://127.0.0.1:5002") == "http://127.0.0.1:5002"
+    assert resolve_tracking_uri("") == "http://127.0.0.1:5001"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/team.db")
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path / 'stores' / 'team.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri()
+    assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert default_artifact_location(uri) == str(tmp_path / "runs" / "mlartifacts")
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+
+
+# The repository's SimCLR and BYOL recipes, tiny: ResNet-10t, batch 8, 2 steps on one thread.
+TINY_RECIPE_OVERRIDES = {
+    "simclr_resnet18_fmnist": ["model.method_args.proj_hidden_dim=32", "model.method_args.proj_out_dim=16"],
+    "byol_resnet18_fmnist": ["model.method_args.proj_hidden_dim=32", "model.method_args.pred_hidden_dim=32",
+                             "model.method_args.proj_out_dim=16"],
+}
+TINY_RUN = ["model.backbone=resnet10t", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8",
+            "train.max_steps=2", "train.warmup_steps=0", "train.threads=1", "train.precision=fp32",
+            "eval.after_pretrain=false"]
+
+
+def test_two_recipes_eval_and_registry_share_the_default_store(fmnist, mlflow_db_template, tmp_path, monkeypatch):
+    """No store named anywhere: `foundry pretrain` of two recipes (their own output_dir runs/<name>),
+    `foundry eval` and `foundry registry` run in one working directory all use its runs/mlflow.db."""
+    cwd = tmp_path / "checkout"
+    (cwd / "runs").mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, cwd / "runs" / "mlflow.db")  # MLflow's migrations done once per session
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    data = [f"data.{key}={fmnist / split}" for key, split in
+            (("train", "train"), ("eval_train", "train"), ("eval_test", "test"))]
+    recipes = {name: str(REPO / "configs" / f"{name}.yaml") for name in TINY_RECIPE_OVERRIDES}
+    for name, recipe in recipes.items():
+        done = run_cli(["pretrain", recipe, *data, *TINY_RUN, *TINY_RECIPE_OVERRIDES[name]], tmp_path, cwd=cwd)
+        assert done.returncode == 0, done.stderr[-3000:]
+    done = run_cli(["eval", "knn", recipes["simclr_resnet18_fmnist"], "--backbone", "models:/byol-resnet18-fmnist/1",
+                    *data, "data.eval_image_size=32"], tmp_path, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    eval_run_id = json.loads(done.stdout.strip().splitlines()[-1])["eval_run_id"]
+    done = run_cli(["registry", "card", "simclr-resnet18-fmnist", "1"], tmp_path, cwd=cwd)
+    assert done.returncode == 0 and done.stdout.startswith("# simclr-resnet18-fmnist v1"), done.stderr[-3000:]
+
+    assert sorted(p.relative_to(cwd) for p in cwd.rglob("mlflow.db")) == [Path("runs/mlflow.db")]
+    assert sorted(p.name for p in (cwd / "runs").iterdir()) == [
+        "byol_resnet18_fmnist", "mlartifacts", "mlflow.db", "simclr_resnet18_fmnist"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.params.get("model.method", r.data.tags.get("eval.kind")) for r in runs) == [
+        "byol", "knn", "simclr"]
+    assert client.get_run(eval_run_id).data.tags["lineage.model_name"] == "byol-resnet18-fmnist"
+    assert {m.name for m in client.search_registered_models()} == {"simclr-resnet18-fmnist", "byol-resnet18-fmnist"}
+
+
+def test_registry_with_the_default_local_store(tmp_path, monkeypatch, mlflow_db_template):
+    cwd = tmp_path / "cwd"
+    (cwd / "runs").mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, cwd / "runs" / "mlflow.db")  # MLflow's migrations done once per session
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri()
     x, input_path = fixed_input(tmp_path)
 
-    tracker = RunTracker(uri, "ssl-sqlite", artifact_location=default_artifact_location(uri, str(output_dir)))
+    tracker = RunTracker(uri, "ssl-sqlite", artifact_location=default_artifact_location(uri))
     tracker.log_metrics({"loss": 3.0}, step=0)
     backbones = register_two_versions(tracker, "ssl-local", tmp_path)
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias("ssl-local", "candidate", "2")
@@ -218,8 +275,9 @@ def test_registry_with_default_sqlite_store(tmp_path, monkeypatch):
                          (f"runs:/{tracker.run_id}/backbone", "1")]:
         folder = resolve_backbone(ref, uri)
         assert torch.equal(features(load_timm_backbone(folder), x), features(backbones[version], x)), ref
-    assert (output_dir / "mlartifacts" / tracker.run_id / "artifacts" / "backbone" / "model.safetensors").is_file()
-    assert list(Path.cwd().iterdir()) == []  # no mlflow.db / mlruns / mlartifacts in the working directory
+    # The two MLflow models, each with the timm hub files, under runs/mlartifacts beside the store.
+    assert len(list((cwd / "runs" / "mlartifacts").glob("models/*/artifacts/model.safetensors"))) == 2
+    assert list(cwd.iterdir()) == [cwd / "runs"]  # no mlruns / mlartifacts elsewhere in the working directory
 
     loaded = run_consumer(MLFLOW_CONSUMER, tmp_path, input_path, "models:/ssl-local/2",
                           env={"MLFLOW_TRACKING_URI": uri})
@@ -230,7 +288,7 @@ def test_resolve_backbone_errors_name_the_reference(mlflow_server, tmp_path):  #
     uri = mlflow_server.uri
     tracker = RunTracker(uri, "ssl-errors")
     folder = export(make_backbone("resnet18", 0), "resnet18", tmp_path / "backbone")
-    tracker.register_model(str(folder), "ssl-errors-model")
+    tracker.log_backbone(str(folder), "ssl-errors-model")
     tracker.end()
 
     with pytest.raises(FileNotFoundError, match=r"models:/no-such-model/1.*registered models: .*ssl-errors-model"):

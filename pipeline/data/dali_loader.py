@@ -40,6 +40,7 @@ files are read from wherever the manifest put them. DALI has no HTTP reader (pip
 """
 from __future__ import annotations
 
+import logging
 import posixpath
 import random
 from typing import Iterator
@@ -57,6 +58,8 @@ from ssl_foundry.pipeline.data.augment import dali_backend
 from ssl_foundry.pipeline.data.augment.spec import ViewSpec, eval_views
 from ssl_foundry.pipeline.data.errors import BadSampleError
 from ssl_foundry.pipeline.data.position import LoaderPosition
+
+logger = logging.getLogger(__name__)
 
 
 def _seed(*parts: int) -> int:
@@ -160,8 +163,8 @@ class DaliStream:
         self.start, self.device, self.prefetch_batches = start, device, max(1, prefetch_batches)
         self.shards, self.num_samples, self.skipped = indexed_shards(folder, max_sample_bytes)
         if self.skipped and rank == 0:
-            print(f"{redact(folder)}: {self.skipped} samples are not in the DALI indexes (images that do not decode; "
-                  f"see index_skipped in its manifest.json) and are skipped", flush=True)
+            logger.warning("%s: %d samples are not in the DALI indexes (images that do not decode; see "
+                           "index_skipped in its manifest.json) and are skipped", redact(folder), self.skipped)
         if self.steps_per_epoch() == 0:
             raise ValueError(f"{redact(folder)}: {self.num_samples} samples over {world_size} ranks give each fewer "
                              f"than a batch of {batch_size}: lower train.batch_size or use more data")

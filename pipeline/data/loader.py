@@ -133,6 +133,12 @@ class ShardStream(IterableDataset):
         if not finite:  # evaluation: a reader may get no shard
             check_shard_count(redact(location), len(self.shards), self.readers)
 
+    @property
+    def num_samples(self) -> int | None:
+        """Samples over all shards (None: a shard list without manifest has no counts)."""
+        counts = [n for _, n in self.shards]
+        return None if None in counts else sum(counts)
+
     # ---------------------------------------------------------------- epoch plan
     def reader_shards(self, epoch: int) -> list[list[tuple[str, int | None]]]:
         """Shards of every reader in ``epoch`` (not for an endless stream: see ``_shards_of``)."""

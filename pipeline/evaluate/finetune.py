@@ -27,6 +27,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 
+from ssl_foundry.data_prep.console import Progress
+from ssl_foundry.data_prep.shard_format import redact
 from ssl_foundry.pipeline.config import Config, split_batch
 from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform, eval_transform
@@ -77,10 +79,12 @@ def top1_accuracy(model: torch.nn.Module, cfg: Config, device: torch.device) -> 
                          num_workers=d.num_workers, finite=True)
     model.eval()
     correct = total = 0
-    for batch in make_loader(stream):
-        logits = model(batch["views"][0].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())
-        total += len(batch["label"])
+    with Progress(total=stream.num_samples, desc=f"top-1 on {redact(d.eval_test)}", unit="img") as progress:
+        for batch in make_loader(stream):
+            logits = model(batch["views"][0].to(device))
+            correct += int((logits.argmax(dim=1).cpu() == batch["label"]).sum())
+            total += len(batch["label"])
+            progress.update(len(batch["label"]))
     return correct / total
 
 
@@ -108,7 +112,8 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
     start_collective_timeout(cfg.launch)
     trained.train()
     losses = []
-    for step, batch in zip(range(1, ft.steps + 1), make_loader(stream)):
+    steps = Progress(range(1, ft.steps + 1), desc="fine-tune", unit="step")
+    for step, batch in zip(steps, make_loader(stream)):
         images, labels = batch["views"][0].to(rt.device), batch["label"].to(rt.device)
         if mixup is not None:
             images, targets = mixup(images, labels)
@@ -130,6 +135,7 @@ def finetune(source: BackboneSource, cfg: Config, rt: Runtime, num_classes: int)
                 dist.all_reduce(mean_loss)
                 mean_loss /= rt.world_size
             losses.append((step, float(mean_loss), optimizer.param_groups[-1]["lr"]))
+            steps.set_postfix(loss=f"{losses[-1][1]:.4f}", refresh=False)
     if not rt.is_main:
         return None
     return FinetuneResult(top1=top1_accuracy(model, cfg, rt.device), losses=losses, model=model.eval(),

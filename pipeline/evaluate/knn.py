@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ssl_foundry.data_prep.shard_format import manifest_sha256, shard_list
+from ssl_foundry.data_prep.console import Progress
+from ssl_foundry.data_prep.shard_format import locate_shards, manifest_sha256, redact, shard_list
 from ssl_foundry.pipeline.config import Config
 from ssl_foundry.pipeline.data.augment.torch_backend import eval_transform
 from ssl_foundry.pipeline.data.loader import ShardStream, make_loader, train_backend
@@ -52,9 +53,16 @@ def extract_features(backbone: torch.nn.Module, folder: str, image_size: int, me
                      std: list[float], batch_size: int = 512, num_workers: int = 2,
                      device: torch.device = torch.device("cpu"), rank: int = 0,
                      world_size: int = 1, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`iter_features` whole: (features (N, D), labels (N,)) of this rank's share."""
-    pairs = list(iter_features(backbone, folder, image_size, mean, std, batch_size, num_workers, device, rank,
-                               world_size, backend))
+    """:func:`iter_features` whole: (features (N, D), labels (N,)) of this rank's share, with a
+    progress bar (rank 0's; its total known with one rank)."""
+    counts = [n for _, n in locate_shards(folder)[1]] if world_size == 1 else [None]
+    pairs = []
+    with Progress(total=None if None in counts else sum(counts), desc=f"features of {redact(folder)}",
+                  unit="img") as progress:
+        for features, labels in iter_features(backbone, folder, image_size, mean, std, batch_size, num_workers,
+                                              device, rank, world_size, backend):
+            pairs.append((features, labels))
+            progress.update(len(labels))
     if not pairs:  # more ranks x workers than shards: this rank has none
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     feats, labels = zip(*pairs)

@@ -14,6 +14,7 @@ is folded into the trained layer, so the returned head is one ``nn.Linear`` on r
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
+from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.pipeline.config import LinearProbeConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +43,9 @@ def accuracy(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor
 
 
 def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float,
-                      cfg: LinearProbeConfig) -> torch.nn.Linear:
-    """One linear layer trained on ``features`` (N, D) with labels in [0, num_classes)."""
+                      cfg: LinearProbeConfig, progress: Progress | None = None) -> torch.nn.Linear:
+    """One linear layer trained on ``features`` (N, D) with labels in [0, num_classes); ``progress``
+    advances by one per epoch."""
     mean = features.mean(dim=0)
     std = features.std(dim=0).clamp_min(1e-6)  # constant dimensions (dead units, blank pixels) stay 0
     x = (features - mean) / std
@@ -62,6 +67,8 @@ def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes:
             optimizer.step()
             step += 1
             scheduler.step_update(step)
+        if progress is not None:
+            progress.update()
     folded = torch.nn.Linear(x.shape[1], num_classes)
     with torch.no_grad():  # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m)
         folded.weight.copy_(head.weight / std)
@@ -99,10 +106,15 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     val, fit = sweep_split(len(train_features), cfg, train_groups)
     val_top1 = {}
-    for lr in cfg.lrs:
-        head = train_linear_head(train_features[fit], train_labels[fit], num_classes, lr, cfg)
-        val_top1[lr] = accuracy(head, train_features[val], train_labels[val])
-    best_lr = max(cfg.lrs, key=lambda lr: val_top1[lr])  # the first of equals: the smallest listed first
-    head = train_linear_head(train_features, train_labels, num_classes, best_lr, cfg)
+    with Progress(total=(len(cfg.lrs) + 1) * cfg.epochs, desc="linear probe", unit="epoch") as progress:
+        for lr in cfg.lrs:
+            progress.set_postfix(lr=lr, refresh=False)
+            head = train_linear_head(train_features[fit], train_labels[fit], num_classes, lr, cfg, progress)
+            val_top1[lr] = accuracy(head, train_features[val], train_labels[val])
+        best_lr = max(cfg.lrs, key=lambda lr: val_top1[lr])  # the first of equals: the smallest listed first
+        logger.info("linear probe: held-out top-1 %s; training on all of the train set with lr %g",
+                    ", ".join(f"{100 * top1:.1f}% at lr {lr:g}" for lr, top1 in val_top1.items()), best_lr)
+        progress.set_postfix(lr=best_lr, refresh=False)
+        head = train_linear_head(train_features, train_labels, num_classes, best_lr, cfg, progress)
     return LinearProbeResult(test_top1=accuracy(head, test_features, test_labels), best_lr=best_lr,
                              val_top1=val_top1, head=head)

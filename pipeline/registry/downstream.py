@@ -7,7 +7,7 @@ evaluation of a registered version also tags that version with the metric (``eva
 
 Registry workflow (aliases are MLflow's, one version each):
 
-- pretraining registers a new version (``pipeline.registry.tracking.RunTracker.register_model``), which
+- pretraining registers a new version (``pipeline.registry.tracking.RunTracker.log_backbone``), which
   gets its model card;
 - an evaluation whose ``eval.gate.metric`` reaches ``eval.gate.threshold`` moves ``@candidate``
   to the evaluated version and tags it ``gate.passed``;
@@ -154,11 +154,16 @@ def model_card(client: MlflowClient, name: str, version: str) -> str:
              f"- data: `{params.get('data.train', '?')}`, manifest sha256 `{manifest}`",
              f"- input: {export['pretrained_cfg']['input_size']}, mean {export['pretrained_cfg']['mean']}, "
              f"std {export['pretrained_cfg']['std']}",
-             "", "## Load it with plain timm", "", "```python",
+             "", "## Load it", "", "```python",
              "import mlflow, timm  # MLFLOW_TRACKING_URI: this registry",
              f'folder = mlflow.artifacts.download_artifacts(artifact_uri="models:/{name}/{version}")',
-             'backbone = timm.create_model(f"local-dir:{folder}", pretrained=True)  # features: num_classes=0',
-             "```", "", "## Recipe", ""]
+             'backbone = timm.create_model(f"local-dir:{folder}", pretrained=True)  # plain timm; features: num_classes=0',
+             f'backbone = mlflow.pytorch.load_model("models:/{name}/{version}")  # the same timm module',
+             f'embed = mlflow.pyfunc.load_model("models:/{name}/{version}").predict  # float32 NCHW batch -> embeddings',
+             "```", "",
+             f"Served: `mlflow models serve -m models:/{name}/{version} --env-manager local`; POST "
+             '`{"inputs": <float32 NCHW batch>}` to `/invocations` answers `{"predictions": <embeddings>}`.',
+             "", "## Recipe", ""]
     lines += [f"- `{key}`: `{params[key]}`" for key in _CARD_RECIPE_KEYS if params.get(key, "") != ""]
     lines += ["", "## Hardware", ""]
     lines += [f"- `{key}`: {tags[key]}" for key in _CARD_HARDWARE_TAGS if tags.get(key)]

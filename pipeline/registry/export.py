@@ -14,6 +14,10 @@ So a consumer needs only timm, torch and safetensors. Two equivalent ways to loa
 - ``load_timm_backbone(folder)`` below (explicit ``create_model`` call with the saved model_args);
 - ``timm.create_model(f"local-dir:{folder}", pretrained=True)`` (timm >= 1.0 reads config.json
   itself, including ``model_args`` and ``num_classes=0``; verified with timm 1.0.31).
+
+What MLflow stores of a run's backbone is an MLflow model (``save_mlflow_model``) with these two
+files at its root, so the same folder also loads with ``mlflow.pytorch``, ``mlflow.pyfunc`` and
+``mlflow models serve``.
 """
 
 from __future__ import annotations
@@ -28,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.artifacts
+import mlflow.pytorch
+import numpy as np
 import timm
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model, infer_signature
 from safetensors.torch import save_file
 
-from ssl_foundry.pipeline.registry.tracking_server import check_reachable
+from ssl_foundry.pipeline.registry.tracking_server import check_store_exists
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -134,6 +141,35 @@ def load_timm_backbone(folder: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def save_mlflow_model(folder: str | Path, path: str | Path, mlflow_model: Model | None = None) -> Path:
+    """Write the export ``folder`` as an MLflow model at ``path``: the backbone plain timm builds from
+    it, in MLflow's pytorch flavour, whose pyfunc ``predict`` maps an image batch to embeddings;
+    with a signature and input example at the export's input size (float32 ``(-1, C, H, W)`` ->
+    ``(-1, num_features)``), pip requirements, and the folder's config.json + model.safetensors at
+    its root, so plain timm loads the very same folder.
+
+    Pickled, not ``torch.export``-ed (MLflow's default): ``mlflow.pytorch.load_model`` then gives the
+    timm module itself (trainable, with its ``forward_features`` etc.), for every architecture,
+    without an export step that can fail at the end of a long run. ``mlflow_model`` carries the
+    run and logged-model ids into the MLmodel file.
+    """
+    folder, path = Path(folder), Path(path)
+    backbone = load_timm_backbone(folder)
+    input_size = json.loads((folder / CONFIG_FILE).read_text())["pretrained_cfg"]["input_size"]
+    # The normalised mean image: shows the shape and dtype a caller sends (and stays small as JSON).
+    example = np.zeros((1, *input_size), dtype=np.float32)
+    with torch.no_grad():
+        features = backbone(torch.from_numpy(example)).numpy()
+    mlflow.pytorch.save_model(
+        backbone, path, mlflow_model=mlflow_model, signature=infer_signature(example, features),
+        input_example=example, serialization_format="pickle",
+        # given, not inferred: inference re-imports the model in a subprocess (seconds)
+        pip_requirements=[*mlflow.pytorch.get_default_pip_requirements(), f"timm=={timm.__version__}"])
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(folder / name, path / name)
+    return path
+
+
 def _is_mlflow_ref(ref: str) -> bool:
     return ref.startswith(("models:/", "runs:/"))
 
@@ -167,6 +203,21 @@ def _model_version(client, ref: str):
     except MlflowException as err:
         raise FileNotFoundError(f"backbone '{ref}' not found in MLflow registry {client.tracking_uri}: "
                                 f"{registry_listing(client, name)}") from err
+
+
+def _logged_model_location(client, run_id: str, name: str) -> str | None:
+    """Where the run's logged model ``name`` (``runs:/<run_id>/<name>``) keeps its files; None if the
+    run has no such model (its ``name`` is then a plain artifact folder, as runs logged before the
+    backbone became an MLflow model have). Looked up with ``client``: MLflow 3.17 resolves the
+    logged models of ``runs:/`` URIs in the *global* tracking URI."""
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+    except MlflowException as err:
+        raise FileNotFoundError(f"backbone 'runs:/{run_id}/{name}': no run {run_id} in MLflow store "
+                                f"{client.tracking_uri} ({err.message})") from err
+    models = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    return models[0].artifact_location if models else None
 
 
 @dataclass(frozen=True)
@@ -256,15 +307,16 @@ def locate_backbone(ref: str, tracking_uri: str | None = None) -> BackboneSource
         return BackboneSource(ref, folder, pretrain_run_id=recorded.get("mlflow_run_id"))
 
     if tracking_uri:
-        check_reachable(tracking_uri)
+        check_store_exists(tracking_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if ref.startswith("models:/"):
         version = _model_version(client, ref)
         lineage = dict(model_name=version.name, model_version=str(version.version), pretrain_run_id=version.run_id)
         source = client.get_model_version_download_uri(version.name, version.version)
     else:
-        lineage = dict(pretrain_run_id=ref.removeprefix("runs:/").split("/")[0])
-        source = ref
+        run_id, _, name = ref.removeprefix("runs:/").partition("/")
+        lineage = dict(pretrain_run_id=run_id)
+        source = _logged_model_location(client, run_id, name.rstrip("/")) or ref
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=client.tracking_uri))
     except MlflowException as err:

@@ -1,4 +1,5 @@
-"""Figures logged as MLflow artifacts (matplotlib, headless ``Agg`` backend), each returned as PNG bytes:
+"""Figures logged as MLflow artifacts (matplotlib, headless ``Agg`` backend), each returned as PNG bytes
+(``log_figures`` puts them in a run's ``plots/``):
 
 - ``augmentation_grid``: real training images and the views the recipe makes of them (what the
   method actually sees, de-normalised), one row per image;
@@ -10,6 +11,8 @@
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 
 import matplotlib
 
@@ -29,6 +32,14 @@ def _png(figure) -> bytes:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def log_figures(client, run_id: str, figures: dict[str, bytes]) -> None:
+    """PNG files (``{name: bytes}``) into the run's ``plots/`` artifact folder, with ``client`` (an MlflowClient)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, png in figures.items():
+            (Path(tmp) / name).write_bytes(png)
+        client.log_artifacts(run_id, tmp, "plots")
 
 
 class _OriginalAndViews:

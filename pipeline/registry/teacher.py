@@ -37,7 +37,7 @@ def load_teacher(cfg: Config) -> Teacher:
 
     ref = cfg.model.teacher
     try:
-        source = locate_backbone(ref, resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir))
+        source = locate_backbone(ref, resolve_tracking_uri(cfg.mlflow.tracking_uri))
     except (FileNotFoundError, TrackingError) as err:
         raise ConfigError(f"model.teacher: {err}") from None
     preprocessing = source.config.get("pretrained_cfg", {})

@@ -3,16 +3,20 @@
 Everything goes through an ``MlflowClient`` with explicit run ids, never MLflow's global "active
 run", so several trackers (or an eval run beside a training run) in one process do not interfere.
 
-Tracking URIs:
-- ``""`` (the default) means a local sqlite store ``<output_dir>/mlflow.db`` with artifacts in
-  ``<output_dir>/mlartifacts``: no server needed, and nothing lands in the current directory.
+Which store (``resolve_tracking_uri``, the one rule of every command: pretrain, eval, registry, submit):
+the config key ``mlflow.tracking_uri`` when set, else ``$MLFLOW_TRACKING_URI``, else the local sqlite
+store ``runs/mlflow.db`` of the working directory, with artifacts in ``runs/mlartifacts`` beside it:
+no server needed, and every run of every recipe started there shows in one ``mlflow ui``.
+
 - ``http(s)://host:port``: an ``mlflow server``. It is checked up front (``check_reachable``) so a
   dead server fails in seconds with the command that starts one, instead of after MLflow's
   default ~4 minutes of retries; MLflow's own HTTP retries are also shortened (see
   ``_HTTP_RETRY_DEFAULTS``).
-- anything else MLflow accepts (``sqlite:///...``, ``postgresql://...``) is used as is.
+- anything else MLflow accepts (``sqlite:///...``, ``postgresql://...``) is used as is, a relative
+  sqlite path made absolute (a Slurm job may start in another directory).
 
-The registry URI is always the tracking URI.
+The registry URI is always the tracking URI. With ``mlflow.tensorboard`` the metrics also go to
+TensorBoard event files.
 
 Tracking never costs training. Params, tags and metrics go into a queue that a background thread
 sends in order (``RunLogQueue``), so a step never waits for the server. A call that fails because
@@ -37,6 +41,7 @@ import platform
 import re
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -48,13 +53,15 @@ import mlflow
 import timm
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from ssl_foundry.pipeline.registry.downstream import write_model_card
-from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable
+from ssl_foundry.pipeline.registry.export import save_mlflow_model
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError, check_reachable, sqlite_file
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ _HTTP_RETRY_DEFAULTS = {
 }
 _RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_STORE = Path("runs") / "mlflow.db"  # relative to the working directory
 
 
 class TrackingUnavailable(TrackingError):
@@ -75,22 +83,21 @@ class TrackingUnavailable(TrackingError):
     exit_status = 1
 
 
-def resolve_tracking_uri(uri: str, output_dir: str) -> str:
-    """``""`` -> ``sqlite:///<abs output_dir>/mlflow.db`` (no server needed); anything else unchanged."""
-    if uri:
-        return uri
-    return f"sqlite:///{Path(output_dir).absolute() / 'mlflow.db'}"
+def resolve_tracking_uri(configured: str = "") -> str:
+    """The MLflow store to use: ``configured`` (the config's ``mlflow.tracking_uri``) when set, else
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/runs/mlflow.db``; sqlite paths made absolute."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
+    db = sqlite_file(uri)
+    return f"sqlite:///{db}" if db else uri
 
 
-def default_artifact_location(uri: str, output_dir: str) -> str | None:
+def default_artifact_location(uri: str) -> str | None:
     """Artifact root for new experiments: ``mlartifacts`` beside the db for a local sqlite store
     (MLflow's own default, ``./mlruns``, would fill whatever the current directory is with
     checkpoints), else the store's own default (``None``), which for a server is its
     ``--default-artifact-root`` or proxy."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and uri[len(prefix):] not in ("", ":memory:"):
-        return str(Path(uri[len(prefix):]).absolute().parent / "mlartifacts")
-    return None
+    db = sqlite_file(uri)
+    return str(db.parent / "mlartifacts") if db else None
 
 
 @dataclass
@@ -303,7 +310,8 @@ class RunTracker:
 
     A new run goes into ``experiment``, which is created (with ``artifact_location``) if missing.
     A resumed run stays where it is (``experiment``, ``run_name`` and ``artifact_location`` are
-    not used) and is set back to RUNNING.
+    not used) and is set back to RUNNING. With ``tensorboard_dir``, ``log_metrics`` also writes
+    TensorBoard event files there.
 
     Params on a resumed run: a key already logged with the same value is skipped; a key whose
     value changed (e.g. a longer schedule on resume) keeps its original param (MLflow params are
@@ -315,12 +323,13 @@ class RunTracker:
     """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 artifact_location: str | None = None, spool: Path | None = None, outage_s: float = 60.0):
+                 artifact_location: str | None = None, spool: Path | None = None, outage_s: float = 60.0,
+                 tensorboard_dir: str | None = None):
         check_reachable(tracking_uri)
         for name, value in _HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if db := sqlite_file(tracking_uri):
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = tracking_uri
         self.outage_s = outage_s
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -340,6 +349,11 @@ class RunTracker:
                 for m in item.metrics:
                     self._last_step[m.key] = max(m.step, self._last_step.get(m.key, m.step))
         self._tags: dict[str, str] = dict(run.data.tags)
+        self._tensorboard = None
+        if tensorboard_dir:  # the metrics also as event files (a resumed run adds a file to the folder)
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only if asked
+
+            self._tensorboard = SummaryWriter(tensorboard_dir)
 
     @property
     def run_id(self) -> str:
@@ -402,6 +416,9 @@ class RunTracker:
         self._last_step.update({m.key: m.step for m in batch})
         if batch:
             self._queue.put(RunData(self._run_id, metrics=batch))
+        if self._tensorboard is not None:
+            for m in batch:
+                self._tensorboard.add_scalar(m.key, m.value, m.step)
 
     def persist(self) -> None:
         """Mirror what is not sent yet to the spool file (before a checkpoint: those steps are not retrained)."""
@@ -457,42 +474,61 @@ class RunTracker:
         else:
             raise FileNotFoundError(f"log_artifact: {local_path} does not exist")
 
-    def _free_artifact_path(self, artifact_path: str) -> str:
-        """``artifact_path``, or ``<artifact_path>-2``, ``-3``... if this run already has files there."""
-        candidate, n = artifact_path, 1
-        while self._client.list_artifacts(self._run_id, candidate):
+    def _free_model_name(self, experiment_id: str, name: str) -> str:
+        """``name``, or ``<name>-2``, ``-3``... if this run already logged a model of that name."""
+        taken = {m.name for m in self._client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{self._run_id}'")}
+        candidate, n = name, 1
+        while candidate in taken:
             n += 1
-            candidate = f"{artifact_path}-{n}"
+            candidate = f"{name}-{n}"
         return candidate
 
-    def register_model(self, local_dir: str, name: str, artifact_path: str = "backbone") -> str:
-        """Upload an export folder to the run and register it as a new version of model ``name``.
+    def log_backbone(self, local_dir: str, registered_model: str = "", step: int = 0) -> str | None:
+        """Log an export folder as this run's MLflow model ``backbone`` and, with ``registered_model``,
+        register it as a new version of that name; returns the version ("1", "2", ...) or None.
 
-        Returns the version ("1", "2", ...). The version's source is the run's artifact folder, so
-        ``models:/<name>/<version>``, ``models:/<name>@<alias>`` and ``runs:/<run_id>/<artifact_path>``
-        all download the same files (config.json + model.safetensors), with plain MLflow.
-        Versions are immutable: if this run already has files at ``artifact_path`` (a second
-        registration), the folder goes to ``<artifact_path>-2`` etc. instead of overwriting them.
-        The version gets its model card (``pipeline.registry.downstream``), with the manifest hash of the
-        run's ``data.train`` shards.
+        The model is an MLflow 3 logged model (``export.save_mlflow_model``: the pytorch flavour and
+        its pyfunc, signature, input example, pip requirements, and the export's config.json +
+        model.safetensors at its root), so ``models:/<name>/<version>``, ``models:/<name>@<alias>``
+        and ``runs:/<run_id>/backbone`` load with ``mlflow.pytorch``, ``mlflow.pyfunc``, ``mlflow
+        models serve`` and plain timm alike. Versions are immutable: a second backbone of the same
+        run (a finished run resumed to train on) is the model ``backbone-2`` etc., and
+        ``runs:/<run_id>/backbone`` stays the first. A version gets its model card
+        (``pipeline.registry.downstream``), with the manifest hash of the run's ``data.train`` shards.
         """
         folder = Path(local_dir)
         missing = [f for f in ("config.json", "model.safetensors") if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(f"register_model: {local_dir} lacks {', '.join(missing)}; "
+            raise FileNotFoundError(f"log_backbone: {local_dir} lacks {', '.join(missing)}; "
                                     f"write it with pipeline.registry.export.export_timm_backbone.")
         self._drain()
-        artifact_path = self._free_artifact_path(artifact_path)
-        self.log_artifact(str(folder), artifact_path)
+        experiment_id = self._client.get_run(self._run_id).info.experiment_id
+        model = self._client.create_logged_model(experiment_id, name=self._free_model_name(experiment_id, "backbone"),
+                                                 source_run_id=self._run_id)
         try:
-            self._client.create_registered_model(name)
+            with tempfile.TemporaryDirectory() as tmp:
+                recorded = Model(artifact_path=model.artifact_location, model_uuid=model.model_id,
+                                 run_id=self._run_id, model_id=model.model_id)  # as mlflow.<flavour>.log_model records it
+                save_mlflow_model(folder, Path(tmp) / "model", recorded)
+                self._client.log_model_artifacts(model.model_id, str(Path(tmp) / "model"))
+        except BaseException:
+            self._client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self._client.finalize_logged_model(model.model_id, "READY")
+        self._client.log_outputs(self._run_id, [LoggedModelOutput(model.model_id, step=step)])
+        if not registered_model:
+            return None
+        try:
+            self._client.create_registered_model(registered_model)
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
-        artifact_root = self._client.get_run(self._run_id).info.artifact_uri
-        version = self._client.create_model_version(
-            name, source=f"{artifact_root.rstrip('/')}/{artifact_path}", run_id=self._run_id)
-        write_model_card(self._client, name, str(version.version), data_folder=self._params.get("data.train"))
+        # The source is the model's artifact location, not models:/<model_id>: MLflow 3.17's sqlite
+        # registry looks the latter up in the *global* tracking URI, not this client's.
+        version = self._client.create_model_version(registered_model, source=model.artifact_location,
+                                                    run_id=self._run_id, model_id=model.model_id)
+        write_model_card(self._client, registered_model, str(version.version), data_folder=self._params.get("data.train"))
         return str(version.version)
 
     def end(self, status: str = "FINISHED", wait_s: float | None = None) -> None:
@@ -503,6 +539,8 @@ class RunTracker:
             raise ValueError(f"RunTracker.end: status must be one of {_RUN_END_STATUSES}, got {status!r}")
         if wait_s is not None:
             self.outage_s = wait_s
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
         try:
             self._drain()
             self._client.set_terminated(self._run_id, status=status)

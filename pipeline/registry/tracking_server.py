@@ -1,16 +1,38 @@
-"""Whether an MLflow tracking server answers, checked up front: a dead server then fails in seconds with
-the command that starts one, instead of after MLflow's minutes of retries. Pretraining (tracking), the
+"""Whether an MLflow store can be used, checked up front: a dead server then fails in seconds with
+the command that starts one, instead of after MLflow's minutes of retries, and a registry look-up in a
+local store that does not exist says so instead of creating an empty one. Pretraining (tracking), the
 backbone download (export) and the registry commands all check through here."""
 from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI and how to fix it."""
 
     exit_status = 2  # found before anything started
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The absolute database file of a ``sqlite:///`` URI; None for other stores and in-memory sqlite."""
+    path = uri.removeprefix("sqlite:///")
+    if path == uri or path in ("", ":memory:"):
+        return None
+    return Path(path).absolute()
+
+
+def check_store_exists(uri: str) -> None:
+    """``check_reachable``, and for a local sqlite store that its file exists (MLflow would create an
+    empty store, in which no model or run could be found)."""
+    check_reachable(uri)
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(
+            f"no MLflow store at {db}: run from the directory the runs were started in (their default "
+            f"store is runs/mlflow.db there), or name the store with MLFLOW_TRACKING_URI, "
+            f"mlflow.tracking_uri or --tracking-uri.")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -34,5 +56,5 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         reason = str(getattr(err, "reason", err))
     raise TrackingError(
         f"MLflow tracking server {uri} is unreachable ({reason}). Start one with `mlflow server "
-        f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, or set "
-        f"mlflow.tracking_uri='' to use the local sqlite store.")
+        f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, or leave "
+        f"mlflow.tracking_uri and MLFLOW_TRACKING_URI unset to use the local store runs/mlflow.db.")

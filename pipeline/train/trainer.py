@@ -22,12 +22,12 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import random
 import resource
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
 
+from ssl_foundry.data_prep.console import Progress, log_file, process_rank, setup_logging
 from ssl_foundry.data_prep.shard_format import read_manifest
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import all_reduce_mean, convert_to_global_batchnorm
@@ -65,6 +66,11 @@ from ssl_foundry.pipeline.train.runtime import Runtime, init_runtime, shutdown_r
 from ssl_foundry.pipeline.train.schedule import CosinePlan, initial_plan, refit, schedule_position
 from ssl_foundry.pipeline.train.strategy import create_strategy
 
+
+logger = logging.getLogger(__name__)
+
+# Rank 0's log lines of every process that trains in an output_dir, appended (and logged to MLflow).
+RUN_LOG = "train.log"
 
 # How long a failing run waits for an unreachable tracking server to record the failure.
 FAILURE_REPORT_WAIT_S = 30.0
@@ -234,10 +240,11 @@ def gather_objects(obj: Any, rt: Runtime) -> list[Any]:
 
 
 def _open_tracker(cfg: Config, run_id: str | None):
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.output_dir)
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     tracker = RunTracker(uri, cfg.mlflow.experiment, run_name=cfg.mlflow.run_name, run_id=run_id,
-                         artifact_location=default_artifact_location(uri, cfg.output_dir),
-                         spool=Path(cfg.output_dir) / "mlflow-unsent.jsonl", outage_s=60 * cfg.mlflow.outage_minutes)
+                         artifact_location=default_artifact_location(uri),
+                         spool=Path(cfg.output_dir) / "mlflow-unsent.jsonl", outage_s=60 * cfg.mlflow.outage_minutes,
+                         tensorboard_dir=str(Path(cfg.output_dir) / "tensorboard") if cfg.mlflow.tensorboard else None)
     if run_id is None:
         tracker.log_params(flatten(public_dict(cfg)))
         tracker.log_environment()
@@ -285,7 +292,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         plan = plan_run(cfg)  # refuses to continue a run started with another config
         if plan.replaces is not None and self.rt.is_main:
-            print(f"train.resume=never: the run in {self.out} moved to {set_aside_previous_run(self.out)}", flush=True)
+            logger.info("train.resume=never: the run in %s moved to %s", self.out, set_aside_previous_run(self.out))
         resume = plan.checkpoint
         self._budget_state: dict | None = None
         self.end_timing: dict[str, float] = {}  # measured after the loop (budget used, final checkpoint)
@@ -334,8 +341,8 @@ class Trainer:
         # the seed it was given: no rank's random stream continues another's.
         if self.rt.is_main:
             moved = f" (written by {saved_ranks} ranks, now {self.rt.world_size})"
-            print(f"resumed from {path} at step {self.step}{moved if saved_ranks != self.rt.world_size else ''}",
-                  flush=True)
+            logger.info("resumed at step %d from %s%s", self.step, path,
+                        moved if saved_ranks != self.rt.world_size else "")
 
     def save(self) -> Path | None:
         rng = gather_objects(_rng_state(), self.rt)
@@ -362,7 +369,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _loader(self):
         if self.rt.is_main:
-            print(f"training loader: {self.backend} on {self.rt.device.type} ({self.backend_why})", flush=True)
+            logger.info("training loader: %s on %s (%s)", self.backend, self.rt.device.type, self.backend_why)
         return build_train_loader(self.cfg.data, self.local_batch, self.model.input_kind, self.cfg.train.seed,
                                   self.rt.rank, self.rt.world_size, self.position, self.rt.device)
 
@@ -393,11 +400,37 @@ class Trainer:
         if self.budget is not None and self.budget.covers == "run" and self.rt.is_main:
             self.budget.extraction_s = self._probe_feature_extraction()
         batches = self._loader()
-        data_wait = 0.0
-        window_start, window_steps = time.perf_counter(), 0
+        if self.rt.is_main:
+            logger.info("%s %s: steps %d to %d, %d images per step over %d rank(s) on %s, MLflow run %s",
+                        self.cfg.model.method, self.cfg.model.backbone, self.step, self.total_steps, t.batch_size,
+                        self.rt.world_size, self.rt.device.type, self.run_id)
         train_start = time.perf_counter()
         if self.budget is not None:
             self.budget.start_training()
+        with Progress(total=self.total_steps, initial=self.step, desc="pretrain", unit="step",
+                      periodic=False) as progress:  # the step lines are the plain lines
+            self._train_steps(batches, progress)
+        self.train_seconds = time.perf_counter() - train_start
+        self._report_skipped_samples()
+        self.end_timing = {"budget_used_s": self.budget.used_s()} if self.budget is not None else {}
+        memory = gather_objects(_memory_mb(self.rt.device), self.rt)
+        tic = time.perf_counter()
+        last = self.save()
+        self.end_timing["final_checkpoint_s"] = time.perf_counter() - tic
+        d = self.cfg.data
+        evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
+        backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
+        knn = distributed_knn(backbone, self.cfg, self.rt) if evaluate else None
+        # The ranks' last collective is behind them: rank 0 exports, registers and logs alone, and
+        # no rank waits for it in a collective that could time out.
+        shutdown_runtime()
+        return self._finish(last, memory, backbone, knn)
+
+    def _train_steps(self, batches, progress: Progress) -> None:
+        """Steps until ``total_steps`` (or a stop request)."""
+        t = self.cfg.train
+        data_wait = 0.0
+        window_start, window_steps = time.perf_counter(), 0
         while self.step < self.total_steps:
             self.scheduler.step_update(self.step)
             step_lr = scheduled_lr(self.optimizer)  # logged: what this step trains with
@@ -430,6 +463,8 @@ class Trainer:
                 callback(self.step)
             if self.budget is not None:
                 self._fit_to_budget()
+            progress.total = self.total_steps  # a time budget re-fits it
+            progress.update()
             data_wait += step_wait
             window_steps += 1
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -446,7 +481,7 @@ class Trainer:
                 }
                 if self.budget is not None:
                     metrics.update(budget_total_steps=float(self.total_steps), budget_used_s=self.budget.used_s())
-                self._log(metrics)  # queued, no I/O: the tracker's thread sends it
+                self._log(metrics, progress)  # queued, no I/O: the tracker's thread sends it
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if self.step % t.checkpoint_every == 0 and self.step < self.total_steps:
                 if self.budget is None:
@@ -458,23 +493,8 @@ class Trainer:
             if self.stop_check is not None and self.step < self.total_steps and self._any_rank(self.stop_check()):
                 path = self.save()
                 if self.rt.is_main:
-                    print(f"stop requested: checkpoint of step {self.step} written to {path}", flush=True)
+                    logger.info("stop requested: checkpoint of step %d written to %s", self.step, path)
                 raise TrainingInterrupted(self.step, path)
-        self.train_seconds = time.perf_counter() - train_start
-        self._report_skipped_samples()
-        self.end_timing = {"budget_used_s": self.budget.used_s()} if self.budget is not None else {}
-        memory = gather_objects(_memory_mb(self.rt.device), self.rt)
-        tic = time.perf_counter()
-        last = self.save()
-        self.end_timing["final_checkpoint_s"] = time.perf_counter() - tic
-        d = self.cfg.data
-        evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
-        backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
-        knn = distributed_knn(backbone, self.cfg, self.rt) if evaluate else None
-        # The ranks' last collective is behind them: rank 0 exports, registers and logs alone, and
-        # no rank waits for it in a collective that could time out.
-        shutdown_runtime()
-        return self._finish(last, memory, backbone, knn)
 
     def _record_start(self) -> None:
         """The world size each (re)start trains at, as the metric ``world_size`` at its first step;
@@ -486,9 +506,9 @@ class Trainer:
                                    f"step {self.step} from {self.resumed_from.name}, {self.rt.world_size} ranks"})
 
     def _note_skipped(self, skipped: list[str]) -> None:
-        """Every sample data.on_bad_sample=skip left out, printed by the rank that met it, and counted."""
+        """Every sample data.on_bad_sample=skip left out, a warning of the rank that met it, and counted."""
         for what in skipped:
-            print(f"rank {self.rt.rank}: skipped {what} (data.on_bad_sample=skip)", file=sys.stderr, flush=True)
+            logger.warning("skipped %s (data.on_bad_sample=skip)", what)
         self.skipped_samples += len(skipped)
 
     def _report_skipped_samples(self) -> None:
@@ -499,7 +519,7 @@ class Trainer:
         total = self._sum_over_ranks(self.skipped_samples)
         self.skipped_samples = 0
         if self.rt.is_main:
-            print(f"epoch {self.position.epoch}: {total} bad samples skipped (data.on_bad_sample=skip)", flush=True)
+            logger.info("epoch %d: %d bad samples skipped (data.on_bad_sample=skip)", self.position.epoch, total)
             self.tracker.log_metrics({"skipped_samples": total}, step=self.step)
 
     def _sum_over_ranks(self, count: int) -> int:
@@ -535,9 +555,9 @@ class Trainer:
             self.scheduler.refit(self.step, total)
         if first and self.rt.is_main:
             end = f", {self.budget.end_s():.0f} s kept for the end of the run" if t.budget_covers == "run" else ""
-            print(f"time budget {t.budget_minutes:g} min ({t.budget_covers}): {self.budget.used_s():.0f} s used, "
-                  f"{self.budget.step_s():.3f} s/step{end}: training {self.total_steps} steps (re-fitted "
-                  f"after every step)", flush=True)
+            logger.info("time budget %g min (%s): %.0f s used, %.3f s/step%s: training %d steps (re-fitted after "
+                        "every step)", t.budget_minutes, t.budget_covers, self.budget.used_s(), self.budget.step_s(), end,
+                        self.total_steps)
 
     def _probe_feature_extraction(self) -> float:
         """Seconds the end-of-run kNN will spend extracting the features of data.eval_train and
@@ -574,19 +594,22 @@ class Trainer:
         if result.steps != self.step:
             return None
         if self.rt.is_main:
-            print(f"{self.out} already finished at step {self.step} (see {recorded}): nothing to do. "
-                  f"Set train.resume=never for a new run, or raise train.max_steps to train on.", flush=True)
+            logger.info("%s already finished at step %d (see %s): nothing to do. Set train.resume=never for a "
+                        "new run, or raise train.max_steps to train on.", self.out, self.step, recorded)
             self.tracker.end("FINISHED")
         return result
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], progress: Progress) -> None:
         if not self.rt.is_main:
             return
         self.timing = metrics
         self.tracker.log_metrics(metrics, step=self.step)
-        print(f"step {self.step}/{self.total_steps} loss {metrics['loss']:.4f} "
-              f"lr {metrics['lr']:.4g} {metrics['images_per_s']:.0f} {self._sample_unit()}/s "
-              f"data-wait {100 * metrics['data_wait_fraction']:.0f}%", flush=True)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        # Elapsed and eta of this process's steps, at their mean pace (knn monitor and checkpoints included).
+        timing = progress.meter("elapsed {elapsed}, eta {remaining}", average=True)
+        logger.info("step %d/%d loss %.4f lr %.4g %.0f %s/s data-wait %.0f%%, %s", self.step, self.total_steps,
+                    metrics["loss"], metrics["lr"], metrics["images_per_s"], self._sample_unit(),
+                    100 * metrics["data_wait_fraction"], timing)
 
     def _sample_unit(self) -> str:
         """What a sample of the batch is: an image, or a clip for the video methods (whose metric
@@ -594,18 +617,26 @@ class Trainer:
         return "clips" if self.model.input_kind == "clip" else "img"
 
     def end_failed(self, err: BaseException) -> None:
-        """Mark the MLflow run KILLED (interrupted) or FAILED, with a one-line reason as the tag
-        ``failure`` for the errors that have one; a server that does not answer within
-        FAILURE_REPORT_WAIT_S is warned about, not waited for (the error itself is what matters)."""
-        if isinstance(err, (NonFiniteLossError, TrackingError)):
-            return  # already FAILED with its reason / the store is not answering
-        interrupted = isinstance(err, (KeyboardInterrupt, TrainingInterrupted))
+        """Rank 0: the reason in train.log, train.log into the MLflow run, and the run marked KILLED
+        (interrupted) or FAILED, with a one-line reason as the tag ``failure`` for the errors that
+        have one; a server that does not answer within FAILURE_REPORT_WAIT_S is warned about, not
+        waited for (the error itself is what matters)."""
+        if not isinstance(err, TrainingInterrupted):  # that one has said where its checkpoint is
+            logger.error("stopped after step %d: %s", self.step, f"{type(err).__name__}: {err}" if str(err)
+                         else type(err).__name__)
+        if isinstance(err, TrackingError):
+            return  # the store is not answering
+        self.tracker.outage_s = FAILURE_REPORT_WAIT_S
         try:
+            self.upload_run_log()
+            if isinstance(err, NonFiniteLossError):
+                return  # already FAILED with its reason
             if isinstance(err, CheckpointError):
                 self.tracker.set_tags({"failure": str(err)})
+            interrupted = isinstance(err, (KeyboardInterrupt, TrainingInterrupted))
             self.tracker.end("KILLED" if interrupted else "FAILED", wait_s=FAILURE_REPORT_WAIT_S)
         except TrackingUnavailable as unreachable:
-            print(f"warning: {unreachable}", file=sys.stderr, flush=True)
+            logger.warning("%s", unreachable)
 
     def _fail_non_finite(self, loss_value: float) -> None:
         # A checkpoint of the current step holds the very weights that gave this loss: resuming
@@ -661,32 +692,43 @@ class Trainer:
         # Uploads wait for an unreachable server (mlflow.outage_minutes); the export is on disk already.
         self.tracker.log_artifact(str(last_checkpoint), f"checkpoints/{last_checkpoint.name}"
                                   if last_checkpoint.is_dir() else "checkpoints")
-        if self.cfg.mlflow.registered_model:
-            result.model_version = self.tracker.register_model(str(backbone_dir), self.cfg.mlflow.registered_model)
-        else:
-            self.tracker.log_artifact(str(backbone_dir), "backbone")
+        result.model_version = self.tracker.log_backbone(str(backbone_dir), self.cfg.mlflow.registered_model, self.step)
         result.timing["export_register_s"] = time.perf_counter() - tic
+        registered = f", registered as models:/{self.cfg.mlflow.registered_model}/{result.model_version}" \
+            if result.model_version else ""
+        logger.info("backbone exported to %s, logged as the run's MLflow model%s", backbone_dir, registered)
         if knn is not None:
             result.knn_top1, result.timing["knn_s"] = knn.top1, knn.seconds
             self.tracker.log_metrics({"knn_top1": knn.top1, **{
                 f"knn_images_rank{r}": bank + queries
                 for r, (bank, queries) in enumerate(zip(knn.bank_per_rank, knn.queries_per_rank))}}, step=self.step)
+            logger.info("kNN top-1 %.2f%% (k=%d)", 100 * knn.top1, self.cfg.eval.knn_k)
         if self.budget is not None and self.budget.covers == "run":
             result.timing["budget_used_s"] = self.budget.used_s()  # the whole run, its kNN included
+        self.upload_run_log()
         self.tracker.end("FINISHED")
         return result
+
+    def upload_run_log(self) -> None:
+        """``<output_dir>/train.log`` (as far as it is written) into the MLflow run (rank 0)."""
+        path = self.out / RUN_LOG
+        if path.is_file():
+            self.tracker.log_artifact(str(path))
 
 
 def train(cfg: Config, setup: Callable[[Trainer], None] | None = None) -> TrainResult:
     """Entry point of every rank (direct, torchrun, elastic launch or submitit). ``setup`` is
     called with the constructed Trainer before training (launch/slurm.py sets ``stop_check``).
-    Rank 0 holds the output_dir's lock for the run (or its launcher does)."""
-    rank_zero = int(os.environ.get("RANK", "0")) == 0
-    with OutputDirLock(cfg.output_dir) if rank_zero else nullcontext():
+    Rank 0 holds the output_dir's lock for the run (or its launcher does) and appends its log lines
+    to ``<output_dir>/train.log``."""
+    setup_logging()
+    rank_zero = process_rank()[0] == 0
+    with OutputDirLock(cfg.output_dir) if rank_zero else nullcontext(), \
+            log_file(Path(cfg.output_dir) / RUN_LOG) if rank_zero else nullcontext():
         folder = Path(cfg.output_dir) / "checkpoints"
         if rank_zero and (stale := remove_stale_temps(folder)):
-            print(f"removed what killed checkpoint writers left in {folder}: {', '.join(p.name for p in stale)}",
-                  flush=True)
+            logger.info("removed what killed checkpoint writers left in %s: %s", folder,
+                        ", ".join(p.name for p in stale))
         trainer = Trainer(cfg)
         try:
             if cfg.eval.knn_every:
