@@ -16,12 +16,15 @@ from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, f
 from ssl_foundry.pipeline.train.checkpoint import checkpoint_step, latest_checkpoint
 
 # Keys a resume may change: how long to train (a longer schedule is allowed), how often to log and
-# checkpoint, how to check and wait for the data, the evaluations, and where / on what the ranks
-# run (a different world size is refused by the checkpoint itself). Any other change is a new run.
+# checkpoint, how to check and wait for the data, the evaluations, how the run is tracked (the store
+# is named by the key, MLFLOW_TRACKING_URI or the default, `foundry submit` writes it out; a store
+# without the checkpoint's MLflow run says so), and where / on what the ranks run (a different world
+# size is refused by the checkpoint itself). Any other change is a new run.
 RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.budget_minutes", "train.resume", "train.log_every",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "data.prefetch_batches",
                      "data.timeout_s", "data.verify", "data.max_sample_bytes", "data.eval_train", "data.eval_test",
-                     "data.eval_image_size", "eval.", "mlflow.registered_model", "mlflow.run_name", "launch.")
+                     "data.eval_image_size", "eval.", "mlflow.registered_model", "mlflow.run_name",
+                     "mlflow.tracking_uri", "mlflow.outage_minutes", "mlflow.tensorboard", "launch.")
 
 
 # train.resume=never in an output_dir that holds a run: that run's files move here, under the time
