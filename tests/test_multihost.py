@@ -169,14 +169,14 @@ def test_killed_host_restarted_resumes_in_the_same_run(hosts, recipe, two_hosts,
     out = tmp_path / "run"
     args = per_node(hosts, 29402, f"output_dir={out}", *COMMON, head=1)
     nodes = [Node(host, recipe, args, tmp_path) for host in hosts.hosts]
-    wait_for_line(nodes[:1], rf"^step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)  # rank 0 prints on host 0
+    wait_for_line(nodes[:1], rf" INFO step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)  # rank 0 prints on host 0
     assert hosts.hosts[0].kill()  # the machine dies: its agent and ranks, at once
     killed = time.monotonic()
     nodes[0].wait(timeout=60)
     nodes[0] = Node(hosts.hosts[0], recipe, args, tmp_path)  # its command started again
-    _, resumed = wait_for_line(nodes, r"resumed from \S+step-(\d+)\.pt at step (\d+)", timeout=600, since=killed)
-    step = int(resumed.group(2))
-    training_again, _ = wait_for_line(nodes, rf"^step {step + 1}/{STEPS} ", timeout=600, since=killed)
+    _, resumed = wait_for_line(nodes, r"resumed at step (\d+) from \S+step-\d+\.pt", timeout=600, since=killed)
+    step = int(resumed.group(1))
+    training_again, _ = wait_for_line(nodes, rf" INFO step {step + 1}/{STEPS} ", timeout=600, since=killed)
     assert_finished(nodes)
     print(f"\nhost killed after step {KILL_AFTER_STEP}; training again at step {step + 1} "
           f"{training_again - killed:.1f} s later (its command restarted at once)")
@@ -203,12 +203,13 @@ def test_survivor_goes_on_alone_with_min_nodes(hosts, recipe, one_process, tmp_p
     out = tmp_path / "run"
     args = per_node(hosts, 29403, f"output_dir={out}", *COMMON, "launch.min_nodes=1", "launch.last_call_s=3")
     nodes = [Node(host, recipe, args, tmp_path) for host in hosts.hosts]
-    wait_for_line(nodes, rf"^step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)
+    wait_for_line(nodes, rf" INFO step {KILL_AFTER_STEP}/{STEPS} ", timeout=600)
     hosts.hosts[1].kill()
     killed = time.monotonic()
-    _, resumed = wait_for_line(nodes[:1], r"at step (\d+) \(written by 4 ranks, now 2\)", timeout=600, since=killed)
+    _, resumed = wait_for_line(nodes[:1], r"resumed at step (\d+) from \S+ \(written by 4 ranks, now 2\)", timeout=600,
+                               since=killed)
     step = int(resumed.group(1))
-    training_again, _ = wait_for_line(nodes[:1], rf"^step {step + 1}/{STEPS} ", timeout=600, since=killed)
+    training_again, _ = wait_for_line(nodes[:1], rf" INFO step {step + 1}/{STEPS} ", timeout=600, since=killed)
     assert_finished(nodes[:1])
     print(f"\nhost killed after step {KILL_AFTER_STEP}; the survivor trains again on 2 ranks at step {step + 1} "
           f"{training_again - killed:.1f} s later")
@@ -226,7 +227,7 @@ def test_host_that_never_returns_ends_the_job_within_the_join_timeout(hosts, rec
     join_timeout_s = 10
     args = per_node(hosts, 29404, f"output_dir={tmp_path / 'run'}", *COMMON, f"launch.join_timeout_s={join_timeout_s}")
     nodes = [Node(host, recipe, args, tmp_path) for host in hosts.hosts]
-    wait_for_line(nodes, r"^step 2/", timeout=600)
+    wait_for_line(nodes, r" INFO step 2/", timeout=600)
     hosts.hosts[1].kill()
     killed = time.monotonic()
     failed, _ = wait_for_line(nodes[:1], r"foundry: error: the nodes did not meet within launch.join_timeout_s=10",
