@@ -556,8 +556,8 @@ class Trainer:
         if first and self.rt.is_main:
             end = f", {self.budget.end_s():.0f} s kept for the end of the run" if t.budget_covers == "run" else ""
             logger.info("time budget %g min (%s): %.0f s used, %.3f s/step%s: training %d steps (re-fitted after "
-                        "every step)", t.budget_minutes, t.budget_covers, self.budget.used_s(), self.budget.step_s(), end,
-                        self.total_steps)
+                        "every step)", t.budget_minutes, t.budget_covers, self.budget.used_s(), self.budget.step_s(),
+                        end, self.total_steps)
 
     def _probe_feature_extraction(self) -> float:
         """Seconds the end-of-run kNN will spend extracting the features of data.eval_train and
