@@ -146,7 +146,7 @@ def test_config_rules_fail_before_any_rank_starts(recipe, tmp_path, unlabelled_s
     done = pretrain(tmp_path, recipe, *[o.format(flat=unlabelled_shards) for o in overrides])
     assert done.returncode == 2
     line = error_line(done.stderr, "foundry: config error: ", *[e.format(flat=unlabelled_shards) for e in expected])
-    assert "training loader" not in done.stdout and not (tmp_path / "run").exists(), line  # no rank started
+    assert "training loader" not in done.stderr and not (tmp_path / "run").exists(), line  # no rank started
 
 
 def test_each_rank_of_a_bare_torchrun_checks_before_the_process_group(recipe, tmp_path):
