@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ssl_foundry.pipeline.config import Config, ConfigError, uses_cuda
+from ssl_foundry.pipeline.config import Config, split_batch, uses_cuda
 
 
 def dry_run_report(cfg: Config) -> list[str]:
@@ -20,16 +20,12 @@ def dry_run_report(cfg: Config) -> list[str]:
     from ssl_foundry.pipeline.train.optim import base_lr
     from ssl_foundry.pipeline.train.run_dir import plan_run
     from ssl_foundry.pipeline.train.runtime import autocast_dtype
-    from ssl_foundry.pipeline.train.trainer import local_batch_size
 
     t, d, launch = cfg.train, cfg.data, cfg.launch
     ranks = (int(os.environ["WORLD_SIZE"]), "from the launcher") if under_launcher() else (
         launch.nproc_per_node * launch.nnodes, f"launch.nproc_per_node={launch.nproc_per_node} x "
                                                f"launch.nnodes={launch.nnodes}")
-    try:
-        per_rank = local_batch_size(cfg, ranks[0])
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    per_rank = split_batch(t.batch_size, ranks[0], t.grad_accum_steps)
     device = torch.device("cuda" if uses_cuda(launch) else "cpu")
     dist_backend = launch.backend if launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     loader, why = train_backend(d.backend, device, d.train)

@@ -94,14 +94,14 @@ def test_dry_run_says_what_would_run_and_runs_nothing(fmnist, tmp_path, capsys):
     assert lines["lr"].strip().startswith("0.01875 = train.lr 0.3 x batch 16 / train.lr_batch_ref 256 (lars")
     assert lines["steps"].strip() == "4 (warmup 2, cosine to min_lr 0); an epoch is 8.0 steps"  # 128 images / 16
     assert lines["data"].strip() == f"{fmnist / 'train'}: 128 samples in 8 shards"
-    assert lines["loader"].strip().startswith("torch (auto: on cpu), 0 worker(s) per rank, 2 view(s)")
+    assert lines["loader"].strip().startswith("batched (auto: on cpu), 0 worker(s) per rank, 2 view(s)")
     assert lines["precision"].strip() == "bf16 autocast (train.precision=bf16)"
     assert printed.rstrip().endswith("nothing was run (--dry-run)")
     assert not out.exists()
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["train.batch_size=9", "launch.nproc_per_node=2"], ["train.batch_size=9", "ranks x grad_accum_steps"]),
+    (["train.batch_size=9", "launch.nproc_per_node=2"], ["train.batch_size=9", "does not split over 2 rank(s)"]),
     (["data.train={tmp}/none"], ["data.train", "manifest.json"]),
 ])
 def test_dry_run_config_errors_exit_2_with_one_line(fmnist, tmp_path, capsys, overrides, expected):
