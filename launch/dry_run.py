@@ -25,7 +25,7 @@ def dry_run_report(cfg: Config) -> list[str]:
     ranks = (int(os.environ["WORLD_SIZE"]), "from the launcher") if under_launcher() else (
         launch.nproc_per_node * launch.nnodes, f"launch.nproc_per_node={launch.nproc_per_node} x "
                                                f"launch.nnodes={launch.nnodes}")
-    per_rank = split_batch(t.batch_size, ranks[0], t.grad_accum_steps)  # as the trainer splits it
+    per_rank = split_batch(t.batch_size, ranks[0], t.grad_accum_steps)
     device = torch.device("cuda" if uses_cuda(launch) else "cpu")
     dist_backend = launch.backend if launch.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     loader, why = train_backend(d.backend, device, d.train)

@@ -352,7 +352,7 @@ NUMBER_RANGES: dict[type, dict[str, Range]] = {
         "nproc_per_node": AT_LEAST_1, "nnodes": AT_LEAST_1, "nodes": AT_LEAST_1,
         "gpus_per_node": Range(0, note="0: no GPUs"), "tasks_per_node": Range(0, note="0: one per GPU, or 1"),
         "cpus_per_task": Range(0, note="0: the partition's default"), "signal_delay_s": NON_NEGATIVE,
-        "max_requeues": NON_NEGATIVE,
+        "max_requeues": NON_NEGATIVE, "max_restarts": Range(-1, note="-1: 3 when launch.nnodes > 1, else 0"),
     },
 }
 
@@ -788,9 +788,6 @@ def validate_elastic(cfg: Config) -> None:
     if launch.nnodes < 1 or not 0 <= launch.min_nodes <= launch.nnodes:
         raise ConfigError(f"launch.nnodes must be >= 1 and launch.min_nodes in [0, nnodes] (0: nnodes), got "
                           f"nnodes={launch.nnodes}, min_nodes={launch.min_nodes}")
-    if launch.max_restarts < -1:
-        raise ConfigError(f"launch.max_restarts must be >= 0, or -1 (3 when launch.nnodes > 1, else 0); got "
-                          f"{launch.max_restarts}")
     for key in ("join_timeout_s", "last_call_s", "collective_timeout_s"):
         if getattr(launch, key) <= 0:
             raise ConfigError(f"launch.{key} must be > 0 seconds, got {getattr(launch, key)}")

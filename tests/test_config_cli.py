@@ -59,9 +59,9 @@ MORE_CASES = {
     "train.max_steps=2.5": ["train.max_steps", "expected an integer, got 2.5"],
     "train.optimizer=adam": ["train.optimizer", "'adam' is not one of lars, adamw, sgd"],
     "train.adam_betas=[0.9,1.5]": ["train.adam_betas", "two numbers in [0, 1)"],
-    "train.grad_accum_steps=3": ["train.batch_size=256 does not split into equal parts over 1 rank(s) x "
+    "train.grad_accum_steps=3": ["train.batch_size=256 does not split over 1 rank(s) x "
                                  "train.grad_accum_steps=3: make it a multiple of 3"],
-    "data.readers=3": ["train.batch_size=256 does not split into equal parts over data.readers=3"],
+    "data.readers=3": ["data.readers=3 does not divide the 256 samples of a forward pass"],
     "data.views=[{count: 2, ops: [{op: resize, args: {size: -4}}]}]": [
         "data.views[0].ops[0]: augmentation op 'resize': bad args {'size': -4} (size must be positive"],
     "data.views=[{count: 0, ops: []}]": ["data.views[0]: count=0: a view makes at least 1 output"],
@@ -120,8 +120,10 @@ ZERO_IS_VALID = {
     "eval.linear.seed", "eval.finetune.weight_decay", "eval.finetune.warmup_steps", "eval.finetune.label_smoothing",
     "eval.finetune.mixup_alpha", "eval.finetune.cutmix_alpha", "eval.gate.threshold", "mlflow.outage_minutes",
     "launch.gpus_per_node", "launch.tasks_per_node", "launch.cpus_per_task", "launch.signal_delay_s",
-    "launch.max_requeues",
+    "launch.max_requeues", "launch.min_nodes", "launch.max_restarts",
 }
+# Keys where -1 is valid too (a default resolved later): -2 is tried instead.
+MINUS_ONE_IS_VALID = {"launch.max_restarts"}
 # Keys that only mean something beside others: the context a value is tried in.
 CONTEXT = {"deepspeed.zero_stage": ["train.strategy=deepspeed", "train.optimizer=adamw"]}
 
@@ -155,9 +157,9 @@ def override(key: str, value: str) -> tuple[str, str]:
     from ssl_foundry.pipeline.config import Config
 
     if key == "data.views.count":
-        return f"data.views=[{{count: {value}, ops: [{{op: horizontal_flip}}]}}]", "data.views[0].count"
+        return f"data.views=[{{count: {value}, ops: [{{op: horizontal_flip}}]}}]", "data.views[0]"
     if key == "data.views.ops.p":
-        return f"data.views=[{{count: 2, ops: [{{op: horizontal_flip, p: {value}}}]}}]", "data.views[0].ops[0].p"
+        return f"data.views=[{{count: 2, ops: [{{op: horizontal_flip, p: {value}}}]}}]", "data.views[0].ops[0]"
     node = Config
     for part in key.split("."):
         tp = typing.get_type_hints(node)[part]
@@ -173,7 +175,8 @@ def test_every_numeric_key_refuses_values_out_of_its_range(key, kind, tmp_path, 
     from conftest import write_recipe
 
     recipe = write_recipe(tmp_path / "recipe.yaml", fmnist, tmp_path / "run")
-    bad = ["-1", "ten"] + (["nan"] if kind is float else []) + ([] if key in ZERO_IS_VALID else ["0"])
+    bad = ["-2" if key in MINUS_ONE_IS_VALID else "-1", "ten"] + (["nan"] if kind is float else []) + (
+        [] if key in ZERO_IS_VALID else ["0"])
     for value in bad:
         setting, named = override(key, value)
         code = main(["pretrain", str(recipe), *CONTEXT.get(key, []), setting])
@@ -219,10 +222,11 @@ def test_split_batch_gives_each_rank_its_share(args, local):
 
 @pytest.mark.parametrize("args, message", [
     ((30, 4, 1), "train.batch_size=30 does not split over 4 rank(s): make it a multiple of 4"),
-    ((32, 4, 3), "train.batch_size=32 does not split over 4 rank(s) x train.grad_accum_steps=3: make it a multiple of 12"),
+    ((32, 4, 3), "train.batch_size=32 does not split over 4 rank(s) x train.grad_accum_steps=3: make it a "
+                 "multiple of 12"),
     ((20, 2, 1, 0, 4), "gives each rank 10 samples per forward pass, which do not split over data.num_workers=4 loader workers"),
     ((40, 2, 1, 16), "data.readers=16 does not divide the 40 samples of a forward pass"),
-    ((64, 3, 1, 4), "data.readers=4 is not a multiple of 3 rank(s) x 1 loader worker(s)"),
+    ((63, 3, 1, 4), "data.readers=4 is not a multiple of 3 rank(s) x 1 loader worker(s)"),
 ])
 def test_split_batch_names_the_keys_and_the_multiple(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -204,7 +204,8 @@ def test_resume_refuses_another_world_size_or_strategy(zero3_run):
     ddp = run_cli(["pretrain", str(recipe), f"output_dir={tmp / 'straight'}", "train.strategy=ddp",
                    *ZERO3_MOCO, "train.max_steps=6"], tmp)
     assert ddp.returncode != 0
-    assert "is a DeepSpeed checkpoint directory: resume it with train.strategy=deepspeed" in ddp.stderr
+    # Another strategy is another config: refused before any checkpoint is opened, naming the key.
+    assert "holds a run started with another config" in ddp.stderr and "train.strategy" in ddp.stderr
 
 
 @pytest.mark.slow

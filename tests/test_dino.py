@@ -86,7 +86,7 @@ def test_view_sizes_are_those_of_the_last_resizing_op():
     (["data.views=[{count: 1, ops: [{op: resize, args: {size: 32}}]}, {count: 1, ops: [{op: resize, args: {size: 16}}]}]"],
      "the first 2 views are the global ones and must have one size"),
     (["train.weight_decay=0"], "train.weight_decay_end=0.4: .*weight_decay must be > 0"),
-    (["train.weight_decay_end=-0.1"], "weight_decay_end >= 0"),
+    (["train.weight_decay_end=-0.1"], "weight_decay_end must be >= 0"),
 ])
 def test_multi_crop_config_errors_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):

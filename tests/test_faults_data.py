@@ -203,7 +203,7 @@ def test_stalled_loader_worker_ends_both_ranks_after_data_timeout(tiny_config, t
     loader_worker(run, rank=1).suspend()
     code, output = finish(run, head)
     assert code == 1, output[-5000:]
-    assert "rank 1: the training loader (torch, data.num_workers=1): no batch in data.timeout_s=30 s" in output
+    assert "rank 1: the training loader (batched, data.num_workers=1): no batch in data.timeout_s=30 s" in output
     assert load_checkpoint(latest_checkpoint(out / "checkpoints"))["step"] >= 2
 
 
@@ -217,7 +217,7 @@ def test_hung_read_in_the_rank_ends_at_data_timeout(tiny_config, fmnist, tmp_pat
     os.mkfifo(fifo)
     cfg = tiny_config(tmp_path / "run", f"data.train={folder}", "data.verify=none", "data.timeout_s=5",
                       f"train.max_steps={EPOCH_STEPS}")
-    with pytest.raises(LoaderStalledError, match=r"rank 0: the training loader \(torch, pid \d+\): no batch in "
+    with pytest.raises(LoaderStalledError, match=r"rank 0: the training loader \(batched, pid \d+\): no batch in "
                                                  r"data.timeout_s=5 s"):
         train(cfg)
     state = load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"))

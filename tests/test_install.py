@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def installed_dependencies() -> tuple[Path, Path]:
     shutil.rmtree(root, ignore_errors=True)
     wheels.mkdir(parents=True)
     constraints = root / "constraints.txt"
-    constraints.write_text(f"{(REPO / 'requirements.txt').read_text()}\ndeepspeed=={DEEPSPEED_VERSION}\n")
+    pins = re.sub(r"\[[^\]]*\]", "", (REPO / "requirements.txt").read_text())  # a constraint names no extras
+    constraints.write_text(f"{pins}\ndeepspeed=={DEEPSPEED_VERSION}\n")
     pip = [sys.executable, "-m", "pip"]
     subprocess.run([*pip, "download", "--quiet", "-d", wheels, "-c", constraints, f"{REPO}[{EXTRAS}]",
                     "setuptools>=77"], check=True, cwd=root)

@@ -152,8 +152,9 @@ def test_bench_loader_measures_local_http_and_s3_side_by_side(fmnist, served, s3
     shown = served.replace("//", "//***@") + "/train"
     assert report["data"] == [str(fmnist / "train"), shown, "s3://bench/train"]
     assert [(r["data"], r["backend"]) for r in report["runs"]] == [
-        (str(fmnist / "train"), "dali-cpu"), (str(fmnist / "train"), "torch"), (shown, "torch"),
-        ("s3://bench/train", "dali-cpu"), ("s3://bench/train", "torch")]
+        (str(fmnist / "train"), "dali-cpu"), (str(fmnist / "train"), "torch"), (str(fmnist / "train"), "batched"),
+        (shown, "torch"), (shown, "batched"),
+        ("s3://bench/train", "dali-cpu"), ("s3://bench/train", "torch"), ("s3://bench/train", "batched")]
     assert all(r["images"] == 8 and r["images_per_s"] > 0 for r in report["runs"])
     assert "bench-url-secret" not in done.stdout + done.stderr + out.read_text()
 

@@ -108,10 +108,10 @@ def test_refit_moves_the_weight_decay_and_keeps_each_groups_lr_rule():
 
     from ssl_foundry.pipeline.train.optim import build_optimizer
 
-    cfg = load_config("configs/barlow_twins_resnet50_imagenet.yaml", [], check_paths=False)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    model.fixed_lr_modules = ()  # what build_optimizer reads of a Method: none here
-    optimizer = build_optimizer(cfg, model)
+    from ssl_foundry.pipeline.train.trainer import build_model
+
+    cfg = load_config("configs/barlow_twins_resnet50_imagenet.yaml", ["model.backbone=resnet18"], check_paths=False)
+    optimizer = build_optimizer(cfg, build_model(cfg))
     scheduler = build_scheduler(cfg, optimizer, cfg.train.max_steps)
     biases, weights = optimizer.param_groups
     assert cfg.train.warmup_steps < 7000 < cfg.train.max_steps

@@ -116,14 +116,14 @@ def _train_pipeline(shards: list[tuple[str, str]], views: dali_backend.CompiledV
 
 
 @pipeline_def(enable_conditionals=True)
-def _eval_pipeline(shards: list[tuple[str, str]], image_size: int, mean: list[float], std: list[float],
-                   shard_id: int, num_shards: int, decode_device: str):
+def _eval_pipeline(shards: list[tuple[str, str]], views: dali_backend.CompiledViews, mean: list[float],
+                   std: list[float], shard_id: int, num_shards: int, decode_device: str):
     encoded, cls = fn.readers.webdataset(
         paths=[tar for tar, _ in shards], index_paths=[index for _, index in shards],
         ext=[";".join(IMAGE_EXTENSIONS), "cls"], missing_component_behavior="empty",
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="reader")
     images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-    return (*dali_backend.augment_views(images, eval_views(image_size), mean, std), fn.pad(cls))
+    return (*dali_backend.augment_views(images, views, mean, std), fn.pad(cls))
 
 
 def dali_eval_batches(folder: str, image_size: int, mean: list[float], std: list[float], batch_size: int,
@@ -131,11 +131,11 @@ def dali_eval_batches(folder: str, image_size: int, mean: list[float], std: list
                       device: torch.device = torch.device("cpu")) -> Iterator[dict]:
     """This rank's share of ``folder``, each sample once: ``{"views": [Tensor(B, 3, s, s)], "label":
     Tensor(B)}`` on ``device`` (nvJPEG and the GPU on a GPU, DALI's CPU backend otherwise)."""
-    shards, _, _ = indexed_shards(folder)
+    shards, _, _ = indexed_shards(folder, DataConfig.max_sample_bytes)  # the default cap, as the torch eval reader
     gpu = device.type == "cuda"
-    pipe = _eval_pipeline(shards, image_size, mean, std, rank, world_size, "mixed" if gpu else "cpu",
-                          batch_size=batch_size, num_threads=max(1, num_threads),
-                          device_id=(device.index or 0) if gpu else None)
+    views = dali_backend.compile_views(eval_views(image_size))
+    pipe = _eval_pipeline(shards, views, mean, std, rank, world_size, "mixed" if gpu else "cpu", batch_size=batch_size,
+                          num_threads=max(1, num_threads), device_id=(device.index or 0) if gpu else None)
     for out in DALIGenericIterator([pipe], ["image", "cls"], reader_name="reader",
                                    last_batch_policy=LastBatchPolicy.PARTIAL):
         labels = [int(c) if c else -1 for c in _strings(out[0]["cls"])]
