@@ -7,10 +7,13 @@ per split in 8 shards of 16, 16 px views, a 2-block ViT-Tiny, batches of 8, a ha
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing.util
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,23 @@ def pytest_configure(config):
             f"ssl_foundry is imported from {found or 'nowhere'}, not from this checkout {REPO}: install it "
             f"into this venv with `{sys.executable} -m pip install --no-deps --no-build-isolation -e {REPO}` "
             f"(`make setup` does)")
+
+@pytest.fixture(scope="session", autouse=True)
+def session_folders(tmp_path_factory) -> Iterator[Path]:
+    """The tests' own user cache (backbones downloaded from MLflow, DALI acceptance records) and
+    temp folder (what MLflow's client stages), for this process and every child: nothing is left
+    in the user's ~/.cache or /tmp."""
+    # multiprocessing removes its own temp folder at exit, after pytest has removed ours: made first, in /tmp.
+    multiprocessing.util.get_temp_dir()
+    root = tmp_path_factory.mktemp("session")
+    (root / "cache").mkdir()
+    (root / "tmp").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        patch.setenv("TMPDIR", str(root / "tmp"))
+        patch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+        yield root
+
 
 FMNIST_LIMIT = 128  # images per split
 FMNIST_SHARD_SIZE = 16  # -> 8 shards per split: enough for 2 ranks x 2 workers

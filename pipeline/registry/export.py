@@ -270,6 +270,32 @@ def check_input_size(backbone: torch.nn.Module, source: BackboneSource, image_si
             f"data.eval_image_size={exported[-1] if exported else '<its size>'}. ({err})") from None
 
 
+def download_once(source: str, tracking_uri: str) -> Path:
+    """The artifacts at ``source`` (a model version's or run's, which MLflow never changes) in
+    ``$XDG_CACHE_HOME/ssl-foundry/backbones/`` (``~/.cache`` without XDG_CACHE_HOME): downloaded
+    on first use into a staging folder renamed into place, so a repeated evaluation downloads
+    nothing and concurrent ranks or jobs never see half a download."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssl-foundry" / "backbones"
+    final = cache / hashlib.sha256(f"{tracking_uri} {source}".encode()).hexdigest()[:24]
+    if final.is_dir():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri, dst_path=str(staging))
+        # MLflow puts a directory artifact under its own name inside dst_path.
+        entries = list(staging.iterdir())
+        downloaded = entries[0] if len(entries) == 1 and entries[0].is_dir() else staging
+        try:
+            downloaded.rename(final)
+        except OSError:
+            if not final.is_dir():  # not another process's finished copy: a real error
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
 def resolve_backbone(ref: str, tracking_uri: str | None = None) -> Path:
     """The local export folder of a backbone reference (see ``locate_backbone``)."""
     return locate_backbone(ref, tracking_uri).folder
@@ -282,8 +308,7 @@ def locate_backbone(ref: str, tracking_uri: str | None = None) -> BackboneSource
     or a bare run id (its ``backbone`` artifact), downloaded from the MLflow store ``tracking_uri``
     (which is also the registry; ``None``: MLflow's configured URI), or a local export folder. A
     reference that does not resolve raises ``FileNotFoundError`` naming it and what exists instead.
-    Downloads go to a new temporary folder, except that MLflow returns a local artifact store's own
-    folder (sqlite default, a server without artifact proxying): treat the result as read-only.
+    Downloads are kept in the user's cache (``download_once``): treat the result as read-only.
 
     The pretraining run is the model version's run, the run of a ``runs:/`` reference, or what the
     export's config.json recorded (``ssl_foundry.mlflow_run_id``) for a local folder.
@@ -318,7 +343,7 @@ def locate_backbone(ref: str, tracking_uri: str | None = None) -> BackboneSource
         lineage = dict(pretrain_run_id=run_id)
         source = _logged_model_location(client, run_id, name.rstrip("/")) or ref
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=client.tracking_uri))
+        local = download_once(source, client.tracking_uri)
     except MlflowException as err:
         raise FileNotFoundError(f"backbone '{ref}' could not be downloaded from {source} "
                                 f"(MLflow store {client.tracking_uri}): {err.message}") from err
