@@ -30,11 +30,14 @@ def site_packages(venv: Path) -> Path:
 
 
 def dependencies_view(folder: Path) -> Path:
-    """This environment's site-packages without ssl-foundry (its dist-info and editable finder)."""
+    """This environment's site-packages folders (its own and any a .pth file adds), first one
+    first, without ssl-foundry (its dist-info and editable finder)."""
     folder.mkdir()
-    for entry in Path(sysconfig.get_path("purelib")).iterdir():
-        if not entry.name.startswith(("ssl_foundry", "__editable__", "_ssl_foundry")):
-            (folder / entry.name).symlink_to(entry)
+    for site_dir in (Path(p) for p in sys.path if Path(p).name == "site-packages"):
+        for entry in site_dir.iterdir():
+            view = folder / entry.name
+            if not (entry.name.startswith(("ssl_foundry", "__editable__", "_ssl_foundry")) or view.exists()):
+                view.symlink_to(entry)
     return folder
 
 
