@@ -35,6 +35,9 @@ CLUSTER=foundry
 PARTITION=debug
 HERE=$(cd "$(dirname "$0")" && pwd)
 
+# The daemons run as their own users (mysql, slurm): they use the system's temp folder, never a
+# caller's TMPDIR, which may be private to the caller (MariaDB's InnoDB fails to start there).
+unset TMPDIR
 die() { echo "start.sh: $*" >&2; exit 1; }
 log() { echo "[local-slurm] $*"; }
 
