@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
 
 from ssl_foundry.data_prep.shard_format import find_manifest  # noqa: E402
 from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec  # noqa: E402
@@ -97,8 +98,6 @@ def metric_curves(history: dict[str, list[tuple[int, float]]], title: str = "") 
 def embedding_map(features: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None,
                   max_points: int = 2000, seed: int = 0, title: str = "") -> bytes:
     """t-SNE of (at most ``max_points``, a seeded random subset of) ``features``, coloured by label."""
-    from sklearn.manifold import TSNE  # scikit-learn loads in seconds; only this plot needs it
-
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:max_points]
     x, y = features[keep].double().numpy(), labels[keep].numpy()
     perplexity = min(30.0, (len(x) - 1) / 3)  # t-SNE needs perplexity < points
