@@ -195,8 +195,7 @@ def add_eval(sub) -> None:
                              "runs:/id/backbone or an export folder (default: <output_dir>/backbone)")
         command.add_argument("--no-log", dest="log", action="store_false",
                              help="only print the result: no MLflow run, registry tags, gate or model card")
-        command.set_defaults(run="ssl_foundry.launch.commands:" + ("eval_finetune" if kind == "finetune" else
-                                                                    "evaluate"))
+        command.set_defaults(run=f"ssl_foundry.launch.evaluate:{'eval_finetune' if kind == 'finetune' else 'evaluate'}")
 
 
 def add_registry(sub) -> None:
