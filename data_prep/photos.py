@@ -29,7 +29,7 @@ HOW_TO_INSTALL = "pip install scikit-image and apt-get install opencv-doc (make 
 def package_photos() -> dict[str, list[tuple[str, np.ndarray]]]:
     """Class name -> (name, RGB uint8 array) of every photo above."""
     try:
-        import skimage.data
+        import skimage.data  # optional (the [test] extra): only these sample photos need it
     except ImportError:
         raise PrepError(f"scikit-image is not installed: {HOW_TO_INSTALL}") from None
     missing = [name for name in OPENCV_PHOTOS if not (OPENCV_DATA / name).is_file()]

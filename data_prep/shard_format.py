@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+import aiohttp
+import fsspec
+from botocore.exceptions import BotoCoreError
 from braceexpand import braceexpand
 from PIL import Image
 
@@ -194,16 +197,10 @@ def _store(url: str, policy: RetryPolicy) -> tuple:
     """(fsspec file system, path in it, the errors worth retrying) for ``url``. One attempt per request
     (the retries are the policy's), each waiting at most the policy's request timeout; credentials
     come from the store's own configuration (botocore's chain for S3; ~/.netrc and proxies for HTTP)."""
-    import fsspec
-
     scheme, timeout = location_scheme(url), policy.request_timeout_s
     if not scheme:
         return (*fsspec.core.url_to_fs(url), ())
-    import aiohttp
-
     if scheme == "s3":
-        from botocore.exceptions import BotoCoreError
-
         fs, path = fsspec.core.url_to_fs(url, config_kwargs={
             "connect_timeout": timeout, "read_timeout": timeout, "retries": {"total_max_attempts": 1}})
         fs.retries = 1  # s3fs's own retry loop (a class attribute, not an argument): one attempt

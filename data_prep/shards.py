@@ -46,6 +46,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
+from webdataset.writer import TarWriter
+
 from ssl_foundry.data_prep.console import Progress
 from ssl_foundry.data_prep.dali_index import write_index
 from ssl_foundry.data_prep.shard_format import (MANIFEST_FORMAT, MANIFEST_NAME, PrepError, file_sha256, find_manifest,
@@ -181,7 +183,6 @@ def write_shards(out_dir: str | os.PathLike, plan: ShardPlan, workers: int | Non
     benchmarks: ``out, samples, shards, shards_written, shards_reused, skipped, bytes, seconds``."""
     start = time.perf_counter()
     workers = workers or default_workers()
-    _tar_writer()  # import it before forking workers, so that they inherit it
     with _shard_output(out_dir) as out:
         manifest = _start_manifest(out, plan, workers, overwrite)
         todo = [i for i, record in enumerate(manifest["shards"]) if not record["complete"]]
@@ -398,21 +399,13 @@ def _checksum(path: Path) -> tuple[str, str]:
     return path.name, file_sha256(path)
 
 
-def _tar_writer() -> type:
-    """webdataset's TarWriter, imported on first use: webdataset imports torch (seconds), which
-    `foundry` start-up and manifest readers should not wait for."""
-    from webdataset.writer import TarWriter
-
-    return TarWriter
-
-
 def _write_shard(task: _ShardTask) -> tuple[int, dict]:
     """Writes one shard to a temp name, fsyncs it and renames it into place, then its DALI index
     (in a worker). Its images were checked before planning: the index is not verified again."""
     final = task.out_dir / shard_name(task.index)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     with open(tmp, "wb") as f:
-        with _tar_writer()(f, encoder=False, mtime=TAR_MTIME) as tar:
+        with TarWriter(f, encoder=False, mtime=TAR_MTIME) as tar:
             for offset, item in enumerate(task.items):
                 tar.write({"__key__": sample_key(task.first_sample + offset), **task.build_sample(item)})
         f.flush()

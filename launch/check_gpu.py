@@ -15,6 +15,7 @@ suite run. It proves the plumbing and the JSON's shape, not the GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -23,18 +24,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from ssl_foundry.launch.bench.report import machine as cpu_machine
+from ssl_foundry.launch.gpu_checks import ITEMS, Context
 from ssl_foundry.launch.isolated_items import run_items, write_json
+from ssl_foundry.pipeline.data.dali_acceptance import record_acceptance, withdraw_acceptance
 
 REPORT_NAME, SUMMARY_NAME = "gpu_check.json", "summary.txt"
 
 
 def _machine() -> dict:
-    import importlib.metadata
-
-    import torch
-
-    from ssl_foundry.launch.bench.report import machine as cpu_machine
-
     def version(package: str) -> str | None:
         try:
             return importlib.metadata.version(package)
@@ -52,8 +52,6 @@ def _machine() -> dict:
 
 def update_dali_acceptance(report: dict) -> dict | None:
     """On a GPU: record DALI's pass (data.backend=auto then picks it there), or withdraw an old record."""
-    from ssl_foundry.pipeline.data.dali_acceptance import record_acceptance, withdraw_acceptance
-
     dali = report["items"].get("dali_loader")
     if report["mode"] != "gpu" or not dali or "dali" not in dali:  # not run, or DALI did not even start
         return None
@@ -95,10 +93,6 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def check_gpu(args: argparse.Namespace) -> int:
-    import torch
-
-    from ssl_foundry.launch.gpu_checks import ITEMS, Context
-
     unknown = set(args.only or []) - {item.name for item in ITEMS}
     if unknown:
         print(f"foundry check gpu: --only {' '.join(sorted(unknown))}: no such item; items: "
@@ -129,18 +123,3 @@ def check_gpu(args: argparse.Namespace) -> int:
     print(table, end="")
     return 0 if report["passed"] else 1
 
-
-def add_parser(sub) -> None:
-    check = sub.add_parser("check", help="acceptance checks of a machine")
-    kinds = check.add_subparsers(dest="kind", required=True)
-    gpu = kinds.add_parser("gpu", help="every GPU path (DALI, training and MFU, torch.compile, DeepSpeed, NCCL, "
-                           "export, kNN) in <= 8 minutes on one GPU: one JSON and a table (docs/gpu-acceptance.md)")
-    gpu.add_argument("--out", default="gpu-check", help="folder for gpu_check.json, summary.txt, logs/ and the "
-                     "prepared data (reused by a later run into the same folder; default: gpu-check)")
-    gpu.add_argument("--dry-run", action="store_true", help="each item's CPU twin at tiny sizes (no GPU needed): "
-                     "proves the plumbing and the JSON, not the GPU")
-    gpu.add_argument("--only", nargs="+", metavar="ITEM", help="run these items (and data) only, e.g. to rerun one "
-                     "after a fix")
-    gpu.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU of a GPU missing "
-                     "from the table in launch/gpu_checks.py")
-    gpu.set_defaults(func=check_gpu)

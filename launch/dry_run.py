@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from ssl_foundry.data_prep.shard_format import read_manifest, redact
+from ssl_foundry.launch.local import under_launcher
 from ssl_foundry.pipeline.config import Config, split_batch, uses_cuda
+from ssl_foundry.pipeline.data.loader import train_backend
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.train.checkpoint import checkpoint_step
+from ssl_foundry.pipeline.train.optim import base_lr
+from ssl_foundry.pipeline.train.run_dir import plan_run
+from ssl_foundry.pipeline.train.runtime import autocast_dtype, cpu_has_fast_bf16
 
 
 def dry_run_report(cfg: Config) -> list[str]:
     """``label: value`` lines: output_dir and what happens to it, ranks, batch split, steps, the
     scaled lr, the data, loader, device, precision, strategy, evaluation and MLflow store."""
-    import torch
-
-    from ssl_foundry.data_prep.shard_format import read_manifest, redact
-    from ssl_foundry.launch.local import under_launcher
-    from ssl_foundry.pipeline.data.loader import train_backend
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
-    from ssl_foundry.pipeline.train.checkpoint import checkpoint_step
-    from ssl_foundry.pipeline.train.optim import base_lr
-    from ssl_foundry.pipeline.train.run_dir import plan_run
-    from ssl_foundry.pipeline.train.runtime import autocast_dtype
-
     t, d, launch = cfg.train, cfg.data, cfg.launch
     ranks = (int(os.environ["WORLD_SIZE"]), "from the launcher") if under_launcher() else (
         launch.nproc_per_node * launch.nnodes, f"launch.nproc_per_node={launch.nproc_per_node} x "
@@ -70,10 +69,6 @@ def dry_run_report(cfg: Config) -> list[str]:
 
 def precision_reason(device) -> str:
     """Why train.precision=auto chose what it did (pipeline.train.runtime.autocast_dtype's rule)."""
-    import torch
-
-    from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
-
     if device.type == "cuda":
         return f": this GPU {'has' if torch.cuda.is_bf16_supported() else 'lacks'} bf16"
     return f": this CPU has {'AMX or AVX512-BF16' if cpu_has_fast_bf16() else 'neither AMX nor AVX512-BF16'}"

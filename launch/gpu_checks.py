@@ -19,18 +19,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.photos import write_photo_folder
+from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest
+from ssl_foundry.launch.bench.loader import truncated_views
 from ssl_foundry.launch.isolated_items import Item
+from ssl_foundry.launch.local import launch_ranks
 from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.models.distributed import zero3_gathered
 from ssl_foundry.models.registry import create_method, method_class
 from ssl_foundry.pipeline.config import Config, LaunchConfig, TrainConfig, load_config, split_batch
 from ssl_foundry.pipeline.data.augment import parity, spec
+from ssl_foundry.pipeline.data.dali_acceptance import dali_build
 from ssl_foundry.pipeline.data.loader import build_train_loader
 from ssl_foundry.pipeline.data.position import LoaderPosition
+from ssl_foundry.pipeline.evaluate.knn import extract_features, knn_predict
+from ssl_foundry.pipeline.registry.export import export_timm_backbone
 from ssl_foundry.pipeline.train.runtime import init_runtime
 from ssl_foundry.pipeline.train.strategy import create_strategy
 from ssl_foundry.pipeline.train.trainer import build_model, build_scheduler
@@ -238,11 +248,6 @@ def gpu_train_batch(device: torch.device) -> int:
 def prepare_data(ctx: Context) -> dict:
     """Fashion-MNIST (Debian's dataset-fashion-mnist) and the package photos (scikit-image, opencv-doc)
     as shards: nothing is downloaded. Shard folders completed by an earlier run are reused."""
-    from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
-    from ssl_foundry.data_prep.images import prep_images
-    from ssl_foundry.data_prep.photos import write_photo_folder
-    from ssl_foundry.data_prep.shard_format import ManifestError, read_manifest
-
     s = ctx.scale
     fmnist = ctx.out / "data" / f"fashion-mnist-{s.fmnist_limit or 'all'}"
     # shards of 500: the 10,000 test images make 20, enough for 16 feature-extraction workers
@@ -309,9 +314,6 @@ def check_dali_loader(ctx: Context) -> dict:
     torch loader on the same shards and spec (BYOL's views: every op of the spec): images/s of each, and
     for the spec cut after each op, every channel's mean and std of the views paired by photo, within
     the tolerance of the CPU parity tests (pipeline.data.augment.parity)."""
-    from ssl_foundry.launch.bench.loader import truncated_views
-    from ssl_foundry.pipeline.data.dali_acceptance import dali_build
-
     s = ctx.scale
     cfg = ctx.recipe("byol_resnet50_imagenet", [f"data.train={ctx.data('photos')}", f"data.num_workers={s.workers}",
                                                 "data.shuffle_buffer=256", f"train.batch_size={s.loader_batch}",
@@ -448,8 +450,6 @@ def check_nccl(ctx: Context) -> dict:
     `foundry pretrain launch.nproc_per_node=N` starts ranks: DDP SimCLR with global-batch negatives
     (each rank's embeddings all-gathered) equals one process on the concatenated batch, the loss and
     every gradient, within the tolerances of tests/test_distributed_simclr.py."""
-    from ssl_foundry.launch.local import launch_ranks
-
     s, device = ctx.scale, ctx.device
     ranks = torch.cuda.device_count() if device.type == "cuda" else 2
     setup = {"device": s.device, "threads": s.threads, "backbone": s.nccl_backbone, "local_batch": s.nccl_local_batch}
@@ -478,6 +478,7 @@ def _cpu_adam_load() -> dict:
     """Load DeepSpeed's CPU Adam (the op ZeRO-Offload steps with): prebuilt for this accelerator by
     scripts/setup.sh on a CPU machine; JIT-compiled on first use on a GPU one (then cached in
     TORCH_EXTENSIONS_DIR). Timed; a build that fails is reported, not raised."""
+    # optional (the [deepspeed] extra); imported in this item's own process, where DS_ACCELERATOR is set
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import accelerator_name, installed_ops
 
@@ -565,11 +566,6 @@ def check_export_knn(ctx: Context) -> dict:
     """The Fashion-MNIST recipe's backbone exported (timm hub folder), loaded back by plain timm on the
     device: identical features over the test split; then kNN over the whole training bank on the
     device, against the same kNN on the CPU."""
-    import timm
-
-    from ssl_foundry.pipeline.evaluate.knn import extract_features, knn_predict
-    from ssl_foundry.pipeline.registry.export import export_timm_backbone
-
     s = ctx.scale
     fmnist = ctx.data("fashion_mnist")
     cfg = ctx.recipe("simclr_resnet18_fmnist", [f"data.eval_train={fmnist}/train", f"data.eval_test={fmnist}/test"])

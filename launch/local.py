@@ -25,6 +25,7 @@ from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
 from ssl_foundry.pipeline.config import Config, ConfigError, config_from_dict, max_restarts, to_dict
+from ssl_foundry.pipeline.train.run import run_pretraining
 
 
 class NodeLostError(RuntimeError):
@@ -72,8 +73,6 @@ def under_launcher() -> bool:
 
 
 def _rank_entry(config: dict[str, Any]):
-    from ssl_foundry.pipeline.train.run import run_pretraining
-
     return run_pretraining(config_from_dict(config))
 
 

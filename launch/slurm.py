@@ -32,10 +32,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import submitit
+from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
+
 from ssl_foundry.data_prep.shard_format import is_remote, redact
+from ssl_foundry.launch.commands import print_summary
 from ssl_foundry.pipeline.config import (Config, ConfigError, config_from_dict, load_config, slurm_time_minutes,
                                          tasks_per_node, to_dict)
+from ssl_foundry.pipeline.data.loader import validate_batch
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.train.run import run_pretraining
 from ssl_foundry.pipeline.train.run_dir import plan_run
+from ssl_foundry.pipeline.train.trainer import TrainingInterrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
@@ -109,8 +117,6 @@ def export_torch_distributed_env() -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT from Slurm's variables
     (submitit's TorchDistributedEnvironment; the port is derived from the job id). All GPUs of the
     node stay visible: the runtime picks cuda:LOCAL_RANK."""
-    from submitit.helpers import TorchDistributedEnvironment
-
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = resolve_master_addr(env.master_addr)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -127,9 +133,7 @@ class _StopOnSignal:
     rank 0 (calls ``PretrainJob.checkpoint``, dumps it, ``scontrol requeue``, exits)."""
 
     def __init__(self) -> None:
-        from submitit import JobEnvironment
-
-        self.signum = JobEnvironment._usr_sig()
+        self.signum = submitit.JobEnvironment._usr_sig()
         self.requested = False
         self.submitit_handler = signal.getsignal(self.signum)
         signal.signal(self.signum, self._on_signal)
@@ -155,9 +159,6 @@ class PretrainJob:
         self.params = params or {}
 
     def __call__(self):
-        from ssl_foundry.pipeline.train.run import run_pretraining
-        from ssl_foundry.pipeline.train.trainer import TrainingInterrupted
-
         dist_env = export_torch_distributed_env()
         rank = int(dist_env["RANK"])
         stop = _StopOnSignal()
@@ -186,8 +187,6 @@ class PretrainJob:
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """What submitit requeues: the same job, resuming from the newest checkpoint of output_dir."""
-        from submitit.helpers import DelayedSubmission
-
         config = copy.deepcopy(self.config)
         config["train"]["resume"] = "auto"
         return DelayedSubmission(PretrainJob(config, self.params))
@@ -200,8 +199,6 @@ class PretrainJob:
 
 def make_executor(cfg: Config, folder: Path):
     """submitit's AutoExecutor on Slurm with the launch.* keys as sbatch options."""
-    import submitit
-
     launch = cfg.launch
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=launch.max_requeues)
@@ -238,8 +235,6 @@ def _absolute(cfg: Config) -> Config:
     """Local paths as absolute ones, and the MLflow store resolved here (the config key, else the
     submitting shell's MLFLOW_TRACKING_URI, else ./runs/mlflow.db): the job may start in another
     directory (and on other nodes), with another environment."""
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
-
     cfg = copy.deepcopy(cfg)
     cfg.output_dir = str(Path(cfg.output_dir).absolute())
     cfg.mlflow.tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -252,8 +247,6 @@ def _absolute(cfg: Config) -> Config:
 
 def _load_job_config(config_path: str | None, overrides: list[str]) -> Config:
     """The job's config, validated with its batch split over the ranks it asks Slurm for."""
-    from ssl_foundry.pipeline.data.loader import validate_batch  # late: torch
-
     cfg = load_config(config_path, overrides)
     validate_batch(cfg, launcher="slurm")
     return _absolute(cfg)
@@ -317,8 +310,6 @@ def submit_command(args: argparse.Namespace) -> int:
     print(describe(jobs, configs, folder), flush=True)
     if not args.wait:
         return 0
-    from ssl_foundry.launch.commands import print_summary
-
     status = 0
     for job, cfg in zip(jobs, configs):
         try:
@@ -331,13 +322,3 @@ def submit_command(args: argparse.Namespace) -> int:
         print_summary(result, cfg)
     return status
 
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("submit", help="pretrain as a Slurm job (submitit); --sweep makes a job array",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="recipe YAML, e.g. configs/simclr_resnet18_fmnist.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. launch.nodes=2 launch.gpus_per_node=8")
-    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
-                   help="one array task per value (repeat for a grid), e.g. --sweep train.lr=0.1,0.3")
-    p.add_argument("--wait", action="store_true", help="wait for the job(s) and print their results")
-    p.set_defaults(func=submit_command)

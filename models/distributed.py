@@ -240,6 +240,6 @@ def set_parameter_(param: torch.nn.Parameter, value: Callable[[torch.Tensor], to
         new = value(param.detach()).to(param.dtype)
         param.copy_(new)
     if is_zero3_partitioned(param) or hasattr(param, "_hp_mapping"):
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param  # optional; DeepSpeed's parameters mean it is installed
 
         safe_set_full_fp32_param(param, new.float())

@@ -21,19 +21,24 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import timm
+import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ssl_foundry.data_prep.shard_format import ManifestError, is_remote, location_scheme, redact, shard_list
+from ssl_foundry.data_prep.shard_format import (ManifestError, is_remote, location_scheme, read_manifest, redact,
+                                                shard_list)
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.multicrop import check_view_sizes
+from ssl_foundry.models.registry import method_arg_names, method_class, method_names, takes_teacher
+from ssl_foundry.models.video import min_clip_frames
 from ssl_foundry.pipeline.config_error import ConfigError
-from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec
+from ssl_foundry.pipeline.data.augment.batched_backend import compile_views
+from ssl_foundry.pipeline.data.augment.spec import AugmentOp, ViewSpec, view_sizes
 from ssl_foundry.pipeline.extras import require
-
-if TYPE_CHECKING:
-    import torch
 
 
 # Metrics the eval commands log, which an evaluation gate (eval.gate) may test: higher is better.
@@ -625,8 +630,6 @@ def split_batch(batch_size: int, world_size: int, grad_accum_steps: int = 1, rea
 def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, instead: str = "") -> None:
     """The shards of ``data.<key>`` are labelled, as their manifest says, since ``needed_by`` reads
     their labels (``instead``: the other way out, e.g. turning that evaluation off)."""
-    from ssl_foundry.data_prep.shard_format import read_manifest
-
     for key in keys:
         folder = getattr(data, key)
         if folder and (Path(folder) / "manifest.json").is_file() and read_manifest(folder).get("labelled") is False:
@@ -639,10 +642,6 @@ def require_labels(data: DataConfig, keys: tuple[str, ...], needed_by: str, inst
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Every rule of a run's config but the batch's split over ranks and loader readers, which needs
     the loader (``pipeline.data.loader.validate_batch``): the launchers check both before any rank starts."""
-    import timm  # late, as the models below: they import torch, which loading a config does not wait for
-
-    from ssl_foundry.models.registry import method_arg_names, method_class, method_names
-
     check_ranges(cfg)
     t = cfg.train
     if cfg.model.method not in method_names():
@@ -758,8 +757,6 @@ def validate_finetune(cfg: Config, ranks: int) -> None:
 def validate_labels(cfg: Config, check_paths: bool) -> None:
     """The evaluations a pretraining run makes (the kNN monitor, the kNN at its end) have their
     labelled shards, and a method that trains on labels (S4L, SLA) has labelled training shards."""
-    from ssl_foundry.models.registry import method_class
-
     e, d = cfg.eval, cfg.data
     if e.knn_every and not (d.eval_train and d.eval_test):
         raise ConfigError(f"eval.knn_every={e.knn_every} (the online kNN monitor) needs data.eval_train and "
@@ -819,8 +816,6 @@ def validate_elastic(cfg: Config) -> None:
 def validate_teacher(model: ModelConfig) -> None:
     """model.teacher is set exactly for the methods that distil a teacher. Whether it resolves is
     checked when it is loaded (pipeline/registry/teacher.py), in the registry of mlflow.tracking_uri."""
-    from ssl_foundry.models.registry import method_names, takes_teacher
-
     if takes_teacher(model.method) and not model.teacher:
         raise ConfigError(f"model.teacher: method '{model.method}' distils a frozen teacher; set model.teacher="
                           f"models:/NAME@ALIAS, models:/NAME/VERSION, an MLflow run id or an export folder")
@@ -834,13 +829,6 @@ def validate_multi_crop(cfg: Config) -> None:
     """A multi-crop method's views (models.multicrop): its global views first, at one size, then any
     local views; a ViT (built here on the meta device: no memory, no weights) takes views of several
     sizes only with dynamic_img_size, and sizes that are multiples of its patches."""
-    import torch
-
-    from ssl_foundry.models.backbones import create_backbone
-    from ssl_foundry.models.multicrop import check_view_sizes
-    from ssl_foundry.models.registry import method_class
-    from ssl_foundry.pipeline.data.augment.spec import view_sizes
-
     try:
         with torch.device("meta"):
             backbone = create_backbone(cfg.model.backbone, **cfg.model.backbone_args)
@@ -857,9 +845,6 @@ def validate_clip_length(cfg: Config, check_paths: bool) -> None:
     """A video method's training shards hold clips (when they exist), and its clips (data.clip_frames,
     or the stored clips' length when 0) hold at least the frames its pretext task needs with these
     method_args."""
-    from ssl_foundry.models.registry import method_class  # late: torch (see validate)
-    from ssl_foundry.models.video import min_clip_frames
-
     method = cfg.model.method
     needed = min_clip_frames(method_class(method), cfg.model.method_args)
     frames, source = cfg.data.clip_frames, f"data.clip_frames={cfg.data.clip_frames}"
@@ -903,8 +888,6 @@ def validate_views(data: DataConfig) -> None:
         if value == "dali":
             require("nvidia.dali", f"{key}=dali")
     if data.backend == "batched":
-        from ssl_foundry.pipeline.data.augment.batched_backend import compile_views
-
         compile_views(data.views)
     if data.backend == "dali":
         for key, value in (("data.readers", data.readers), ("data.resampled", data.resampled)):
@@ -961,8 +944,6 @@ def validate_slurm(launch: LaunchConfig) -> None:
 
 
 def uses_cuda(launch: LaunchConfig) -> bool:
-    import torch  # late: loading a config (`foundry --help`, config errors) does not wait for torch
-
     return launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
 
 

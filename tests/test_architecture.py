@@ -9,6 +9,10 @@ Nothing under pipeline/, models/ or data_prep/ imports launch/; models/ imports 
 nor data_prep/; data_prep/ imports neither pipeline/ nor models/; every project import is spelled
 ``ssl_foundry.<layer>...``; and no two modules import each other, directly or around a loop (a
 package's ``__init__`` counts: importing ``a.b.c`` runs ``a`` and ``a.b`` first).
+
+Imports sit at the top of their modules. Inside a function only an optional dependency that may be
+missing (``OPTIONAL``) or a module of ours that imports one at its top, each with a ``#`` comment
+on its line or just above saying why.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ FORBIDDEN = {("pipeline", "launch"), ("models", "launch"), ("data_prep", "launch
              ("models", "data_prep"), ("data_prep", "pipeline"), ("data_prep", "models")}
 # (importer, imported layer) -> the only modules the importer may use there.
 ONLY_THROUGH = {("pipeline", "data_prep"): (f"{ROOT}.data_prep.shard_format", f"{ROOT}.data_prep.console")}
+# Modules outside pyproject's base dependencies: the extras [video], [dali], [deepspeed] (pipeline/extras.py),
+# scikit-image ([test]; `foundry prep photos`), TensorBoard (mlflow.tensorboard=true).
+OPTIONAL = ("av", "nvidia.dali", "deepspeed", "skimage", "torch.utils.tensorboard")
 
 
 def project_modules(root: Path) -> dict[str, Path]:
@@ -44,9 +51,15 @@ def imports(path: Path) -> list[tuple[int, list[str]]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, [alias.name]) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            module = "." * node.level + (node.module or "")
-            found.append((node.lineno, [module] + [f"{module}.{alias.name}" for alias in node.names]))
+            found.append((node.lineno, _names(node)))
     return found
+
+
+def _names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    module = "." * node.level + (node.module or "")
+    return [module] + [f"{module}.{alias.name}" for alias in node.names]
 
 
 def _layer(dotted: str) -> str | None:
@@ -112,12 +125,68 @@ def import_cycles(root: Path) -> list[list[str]]:
     return cycles
 
 
+def _is_optional(name: str) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in OPTIONAL)
+
+
+def _function_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements inside functions (at any depth), in line order."""
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    inside = {id(node): node for function in functions for node in ast.walk(function)
+              if isinstance(node, (ast.Import, ast.ImportFrom))}
+    return sorted(inside.values(), key=lambda node: node.lineno)
+
+
+def needs_optional(root: Path) -> set[str]:
+    """Our modules that import an optional dependency when they are imported (themselves, or through
+    another of ours)."""
+    modules = project_modules(root)
+    top = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        late = {id(node) for node in _function_imports(tree)}
+        top[module] = [name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                       and id(node) not in late for name in _names(node)]
+    needing = {m for m, names in top.items() if any(_is_optional(name) for name in names)}
+    while True:
+        more = {m for m, names in top.items() if {t for n in names for t in _executed(n, modules)} & needing} - needing
+        if not more:
+            return needing
+        needing |= more
+
+
+def late_import_problems(root: Path) -> list[str]:
+    """Imports inside functions of anything but an optional dependency (or one of our modules that
+    needs one), and late imports without a comment saying why."""
+    modules, needing = project_modules(root), needs_optional(root)
+    problems = []
+    for path in modules.values():
+        text = path.read_text()
+        lines = text.splitlines()
+        for node in _function_imports(ast.parse(text, str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else _names(node)[:1]
+            late = [n for n in names if not (_is_optional(n) or set(_executed(n, modules)) & needing)]
+            where = f"{path.relative_to(root)}:{node.lineno}: import {(late or names)[0]}"
+            if late:
+                problems.append(f"{where} inside a function: import it at the top of the module (only the optional "
+                                f"{', '.join(OPTIONAL)}, and modules of ours importing one, are imported late)")
+                continue
+            first = node.lineno  # a comment may head a run of late imports
+            while first > 1 and lines[first - 2].lstrip().startswith(("import ", "from ")):
+                first -= 1
+            said = [lines[i - 1] for i in range(first - 1, node.end_lineno + 1) if i >= 1]
+            if not any("#" in line for line in said):
+                problems.append(f"{where} inside a function: say why in a comment on it or just above")
+    return sorted(problems)
+
+
 def test_the_repository_keeps_its_layers():
     modules = project_modules(REPO)
     assert {_layer(m) for m in modules} == set(LAYERS)
     assert f"{ROOT}.pipeline.config" in modules and f"{ROOT}.data_prep.shard_format" in modules
     assert layering_problems(REPO) == []
     assert import_cycles(REPO) == []
+    assert late_import_problems(REPO) == []
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -140,7 +209,7 @@ def test_a_clean_miniature_passes(tmp_path):
         "pipeline/trainer.py": "import ssl_foundry.models.heads\nfrom ssl_foundry.data_prep.shard_format import y\n",
         "data_prep/shards.py": "from ssl_foundry.data_prep import shard_format\n",
     })
-    assert layering_problems(root) == [] and import_cycles(root) == []
+    assert layering_problems(root) == [] and import_cycles(root) == [] and late_import_problems(root) == []
 
 
 @pytest.mark.parametrize("name, text, problem", [
@@ -178,3 +247,31 @@ def test_a_forbidden_import_is_found(tmp_path, name, text, problem):
 ])
 def test_an_import_cycle_is_found(tmp_path, files, cycle):
     assert import_cycles(_tree(tmp_path, files)) == [cycle]
+
+
+
+def test_late_imports_are_the_optional_ones_and_say_why(tmp_path):
+    root = _tree(tmp_path, {
+        "pipeline/data/dali_loader.py": "import torch\nfrom nvidia.dali import fn\n",
+        "pipeline/data/loader.py": "import torch\n\n\ndef build():\n"
+                                   "    from ssl_foundry.pipeline.data.dali_loader import Stream  # DALI: optional\n",
+        "pipeline/data/video.py": "def decode():\n    import av  # optional: clips only\n",
+        "pipeline/strategy.py": "def engine():\n    # optional: ZeRO only\n    import deepspeed\n"
+                                "    from deepspeed.utils import x\n",
+    })
+    assert needs_optional(root) == {"ssl_foundry.pipeline.data.dali_loader"}
+    assert late_import_problems(root) == []
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("def f():\n    import torch\n", "import torch inside a function: import it at the top"),
+    ("def f():\n    from ssl_foundry.pipeline import config  # late: faster\n",
+     "import ssl_foundry.pipeline inside a function: import it at the top"),
+    ("class A:\n    def f(self):\n        if True:\n            from torch import nn\n",
+     "import torch inside a function: import it at the top"),
+    ("def f():\n    import av\n", "import av inside a function: say why"),
+    ("def f():\n    x = 1\n    from nvidia.dali import fn\n", "import nvidia.dali inside a function: say why"),
+])
+def test_a_late_import_is_found(tmp_path, text, problem):
+    problems = late_import_problems(_tree(tmp_path, {"pipeline/trainer.py": text}))
+    assert len(problems) == 1 and problem in problems[0] and problems[0].startswith("pipeline/trainer.py:"), problems

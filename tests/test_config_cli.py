@@ -1,13 +1,17 @@
 """Config mistakes through the real CLI: a one-line message on stderr that names the key (and the
 valid keys, the close match, the expected type, the missing path and the `foundry prep` command),
 exit code 2, no traceback, and nothing started or written."""
+import argparse
+import pkgutil
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import RECIPE, REPO, run_cli
-from ssl_foundry.launch.cli import main
+from conftest import RECIPE, REPO, run_cli, subprocess_env
+from ssl_foundry.launch.cli import build_parser, main
 from ssl_foundry.pipeline.config import ConfigError, load_config, split_batch
 
 TRAIN_KEYS = ["max_steps", "batch_size", "grad_accum_steps", "optimizer", "lr", "warmup_steps", "resume"]
@@ -100,6 +104,38 @@ def test_overrides_may_follow_options(tmp_path, capsys, fmnist):
     with pytest.raises(SystemExit):
         main(["eval", "knn", str(RECIPE), "--backbone", str(tmp_path), "--no-such-option"])
     assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_help_and_argument_errors_answer_without_torch(tmp_path):
+    """`foundry --help` and a mistyped argument import no command's module (torch, MLflow: seconds)."""
+    code = ("import sys\nfrom ssl_foundry.launch.cli import main\n"
+            "for argv in (['--help'], ['bench', 'strategies', 'c.yaml', '--cases', 'zero4'],\n"
+            "             ['prep', 'video', 'src', 'out', '--codec', 'av1']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as done:\n        print('exit', done.code)\n"
+            "print('imported:', *sorted(m for m in ('torch', 'timm', 'mlflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(tmp_path),
+                          capture_output=True, text=True)
+    assert done.stdout.splitlines()[-4:] == ["exit 0", "exit 2", "exit 2", "imported:"], done.stdout + done.stderr
+    assert "pretrain" in done.stdout
+    assert "invalid choice: 'zero4'" in done.stderr and "invalid choice: 'av1'" in done.stderr
+
+
+def _commands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
+    """(the words of every command, the "module:function" that runs it)."""
+    if parser.get_default("run"):
+        yield words, parser.get_default("run")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, (*words, name))
+
+
+def test_every_command_runs_a_function_that_exists():
+    commands = dict(_commands(build_parser()))
+    assert {("pretrain",), ("prep", "video"), ("eval", "finetune"), ("bench", "strategies"),
+            ("check", "gpu")} <= set(commands)
+    for words, run in commands.items():
+        assert callable(pkgutil.resolve_name(run)), (words, run)
 
 
 def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():

@@ -1,5 +1,4 @@
 """data_prep: image folders and Fashion-MNIST -> shards + manifest; bad inputs; crash and resume."""
-import argparse
 import gzip
 import io
 import json
@@ -14,11 +13,11 @@ import pytest
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-from ssl_foundry.data_prep.cli import add_parser
 from ssl_foundry.data_prep.fashion_mnist import CLASSES, prep_fashion_mnist
 from ssl_foundry.data_prep.images import prep_images
 from ssl_foundry.data_prep.shard_format import ManifestError, PrepError, file_sha256, read_manifest, shard_paths
 from ssl_foundry.data_prep.shards import group_into_shards
+from ssl_foundry.launch.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -276,18 +275,11 @@ def test_read_manifest_names_folder_and_command(tmp_path):
         shard_paths(tmp_path)
 
 
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="foundry")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_cli(class_folder, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert run_cli(["prep", "images", str(class_folder), str(out), "--shard-size", "6", "--workers", "1"]) == 0
+    assert main(["prep", "images", str(class_folder), str(out), "--shard-size", "6", "--workers", "1"]) == 0
     assert "13 samples in 3 shards" in capsys.readouterr().out
-    assert run_cli(["prep", "images", str(tmp_path / "absent"), str(out)]) == 1
+    assert main(["prep", "images", str(tmp_path / "absent"), str(out)]) == 1
     assert "is not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run_cli(["prep", "fashion-mnist", str(out), "--shard-size", "0"])
+        main(["prep", "fashion-mnist", str(out), "--shard-size", "0"])

@@ -1,5 +1,6 @@
-"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/registry/plots.py); that
-the commands log them is tested with the commands (test_downstream.py, test_finetune.py)."""
+"""The figures logged as artifacts decode as PNGs of the expected layout (pipeline/registry/plots.py,
+embedding_map.py); that the commands log them is tested with the commands (test_downstream.py,
+test_finetune.py)."""
 from __future__ import annotations
 
 import io
@@ -9,7 +10,8 @@ from PIL import Image
 
 from conftest import tiny_recipe
 from ssl_foundry.pipeline.config import build, DataConfig
-from ssl_foundry.pipeline.registry.plots import augmentation_grid, embedding_map, metric_curves
+from ssl_foundry.pipeline.registry.embedding_map import embedding_map
+from ssl_foundry.pipeline.registry.plots import augmentation_grid, metric_curves
 
 
 def decode(png: bytes) -> Image.Image:

@@ -8,21 +8,23 @@ import dataclasses
 import tempfile
 import time
 
-from ssl_foundry.launch.bench.report import cpu_seconds, machine, write_report
-from ssl_foundry.pipeline.config import ConfigError, load_config
+import torch
 
-LOADER_RECIPE = "configs/byol_resnet50_imagenet.yaml"  # two 224-px views (BYOL's asymmetric pair)
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.photos import write_photo_folder
+from ssl_foundry.data_prep.shard_format import read_manifest, redact
+from ssl_foundry.launch.bench.report import cpu_seconds, machine, write_report
+from ssl_foundry.models.registry import method_class
+from ssl_foundry.pipeline.config import ConfigError, load_config
+from ssl_foundry.pipeline.data.augment.spec import view_sizes
+from ssl_foundry.pipeline.data.loader import build_train_loader, train_backend
+from ssl_foundry.pipeline.data.position import LoaderPosition
+
 LOADER_BACKENDS = ("dali", "torch", "batched")
 
 
 def _time_loader(cfg, backend: str, workers: int, batches: int, warmup: int) -> dict:
     """Images/s and CPU time per image of one rank's training loader (views on the CPU)."""
-    import torch
-
-    from ssl_foundry.models.registry import method_class
-    from ssl_foundry.pipeline.data.loader import build_train_loader
-    from ssl_foundry.pipeline.data.position import LoaderPosition
-
     data = dataclasses.replace(cfg.data, backend=backend, num_workers=workers)
     loader = build_train_loader(data, cfg.train.batch_size, method_class(cfg.model.method).input_kind,
                                 cfg.train.seed, 0, 1, LoaderPosition(), torch.device("cpu"))
@@ -63,10 +65,6 @@ def _cpu_breakdown(cfg, backend: str, batches: int, warmup: int, repeats: int = 
 
 def _readable_by(backend: str, location: str) -> bool:
     """Whether a training loader backend reads the shards at ``location`` (DALI: not over HTTP)."""
-    import torch
-
-    from ssl_foundry.pipeline.data.loader import train_backend
-
     try:
         train_backend(backend, torch.device("cpu"), location)
     except ConfigError:
@@ -79,13 +77,6 @@ def bench_loader(args: argparse.Namespace) -> int:
     recipe: images/s and CPU time per image at 1 and 2 workers (DALI threads / torch loader
     processes), and where each spends its CPU time; with several --data locations (the same shards on local disk,
     behind HTTP, in S3), side by side for each."""
-    import torch
-
-    from ssl_foundry.data_prep.images import prep_images
-    from ssl_foundry.data_prep.photos import write_photo_folder
-    from ssl_foundry.data_prep.shard_format import read_manifest, redact
-    from ssl_foundry.pipeline.data.augment.spec import view_sizes
-
     torch.set_num_threads(1)  # the main process only hands batches over; workers do the work
     with tempfile.TemporaryDirectory(prefix="foundry-bench-loader-") as tmp:
         locations = args.data
@@ -121,23 +112,3 @@ def bench_loader(args: argparse.Namespace) -> int:
     }
     write_report(report, args.out)
     return 0
-
-
-def add_parser(kinds) -> None:
-    lo = kinds.add_parser("loader", help="training loader images/s and CPU per image: DALI (CPU backend) vs "
-                          "torchvision on the same shards and recipe, by worker count, with a per-op CPU breakdown")
-    lo.add_argument("config", nargs="?", default=LOADER_RECIPE, help=f"recipe (default {LOADER_RECIPE})")
-    lo.add_argument("overrides", nargs="*")
-    lo.add_argument("--data", nargs="+", help="shard locations, each measured (the same shards on local disk, "
-                    "http(s)://, s3://: DALI is skipped where it cannot read them; default: package photos, made in "
-                    "a temp folder); the CPU breakdown is of the first")
-    lo.add_argument("--copies", type=int, default=25, help="times each of the 40 photos is written (default 25)")
-    lo.add_argument("--short-side", type=int, default=256, help="photo size in px (default 256)")
-    lo.add_argument("--batch-size", type=int, default=32)
-    lo.add_argument("--batches", type=int, default=20, help="measured batches per run (default 20)")
-    lo.add_argument("--warmup", type=int, default=3, help="batches run first and not measured")
-    lo.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DALI threads / torch loader processes")
-    lo.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                    help="skip the per-op CPU breakdown (one run per op prefix and backend)")
-    lo.add_argument("--out", help="write the JSON here too")
-    lo.set_defaults(func=bench_loader)

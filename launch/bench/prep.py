@@ -8,24 +8,21 @@ import time
 
 import psutil
 
+from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
+from ssl_foundry.data_prep.images import prep_images
+from ssl_foundry.data_prep.shards import default_workers
 from ssl_foundry.launch.bench.report import machine, peak_rss_mb, write_report
 
 
 def bench_prep(args: argparse.Namespace) -> int:
     """Shard-writing throughput: ``foundry prep`` on Fashion-MNIST (``--limit`` images per split)
     or an image folder, into a temporary folder; check (decode) and write phases separately."""
-    from ssl_foundry.data_prep.shards import default_workers
-
     workers = args.workers or default_workers()
     with tempfile.TemporaryDirectory(prefix="foundry-bench-prep-") as tmp:
         start = time.perf_counter()
         if args.source == "fashion-mnist":
-            from ssl_foundry.data_prep.fashion_mnist import prep_fashion_mnist
-
             summaries = list(prep_fashion_mnist(tmp, workers=workers, limit=args.limit).values())
         else:
-            from ssl_foundry.data_prep.images import prep_images
-
             summaries = [prep_images(args.source, tmp, workers=workers)]
         wall = time.perf_counter() - start
     samples = sum(s["samples"] for s in summaries)
@@ -49,13 +46,3 @@ def bench_prep(args: argparse.Namespace) -> int:
     }
     write_report(report, args.out)
     return 0
-
-
-def add_parser(kinds) -> None:
-    prep = kinds.add_parser("prep", help="shard-writing images/s, MiB/s, memory")
-    prep.add_argument("--source", default="fashion-mnist",
-                      help="fashion-mnist (the Debian package) or an image folder (default: fashion-mnist)")
-    prep.add_argument("--limit", type=int, default=10000, help="Fashion-MNIST images per split (default 10000)")
-    prep.add_argument("--workers", type=int, default=None, help="prep processes (default: usable CPUs)")
-    prep.add_argument("--out", help="write the JSON here too")
-    prep.set_defaults(func=bench_prep)

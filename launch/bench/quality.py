@@ -4,14 +4,22 @@ and random-init baselines computed by the same code."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import time
 from pathlib import Path
 
+import torch
+
 from ssl_foundry.launch.bench.report import machine, write_report
 from ssl_foundry.launch.bench.runs import pretrain_process, shipped_recipes
+from ssl_foundry.models.backbones import create_backbone
+from ssl_foundry.models.registry import takes_teacher
 from ssl_foundry.pipeline.config import load_config
+from ssl_foundry.pipeline.evaluate.knn import eval_features, knn_accuracy
+from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
+from ssl_foundry.pipeline.registry.export import export_digest, load_timm_backbone
 
 
 def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out: Path, tracking_uri: str,
@@ -65,12 +73,6 @@ def _pretrain_row(recipe: str, variant: list[str], args: argparse.Namespace, out
 
 def _linear_probe_export(backbone_dir: str, cfg) -> dict:
     """`foundry eval linear`'s protocol on an exported backbone (features cached in the run folder)."""
-    import torch
-
-    from ssl_foundry.pipeline.evaluate.knn import eval_features
-    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
-    from ssl_foundry.pipeline.registry.export import export_digest, load_timm_backbone
-
     tic = time.perf_counter()
     features = eval_features(load_timm_backbone(backbone_dir), cfg, torch.device("cpu"), export_digest(backbone_dir))
     probe = linear_probe(*features, cfg.eval.linear)
@@ -79,14 +81,6 @@ def _linear_probe_export(backbone_dir: str, cfg) -> dict:
 
 def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
     """Raw pixels and each distinct backbone at random initialisation, through the same kNN code."""
-    import dataclasses
-
-    import torch
-
-    from ssl_foundry.models.backbones import create_backbone
-    from ssl_foundry.pipeline.evaluate.knn import eval_features, knn_accuracy
-    from ssl_foundry.pipeline.evaluate.linear_probe import linear_probe
-
     def evaluate(name: str, arch: str, backbone: torch.nn.Module, cfg) -> dict:
         tic = time.perf_counter()
         features = eval_features(backbone, cfg, torch.device("cpu"))
@@ -150,8 +144,6 @@ def _quality_markdown(report: dict) -> str:
 
 def bench_quality(args: argparse.Namespace) -> int:
     """Every Fashion-MNIST recipe for the same CPU budget, kNN-evaluated, beside the baselines."""
-    from ssl_foundry.models.registry import takes_teacher
-
     recipes = args.recipe or shipped_recipes("*_fmnist.yaml")
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -187,28 +179,3 @@ def bench_quality(args: argparse.Namespace) -> int:
     write_report(report, str(out / "quality.json"))
     print(_quality_markdown(report))
     return 1 if any("error" in r for r in runs) else 0
-
-
-def add_parser(kinds) -> None:
-    q = kinds.add_parser("quality", help="kNN and linear-probe top-1 of every Fashion-MNIST recipe after the same "
-                         "CPU budget, "
-                         "with raw-pixel and random-init baselines (JSON + markdown)")
-    q.add_argument("overrides", nargs="*", help="dotted key=value applied to every recipe")
-    q.add_argument("--recipe", action="append", help="a recipe YAML; repeat for several (default: every "
-                   "configs/*_fmnist.yaml)")
-    q.add_argument("--budget-minutes", type=float, default=20.0, help="training minutes per recipe (default 20)")
-    q.add_argument("--steps", type=int, default=0, help="train every row exactly this many steps instead of "
-                   "--budget-minutes (an ablation at a fixed step count)")
-    q.add_argument("--variant", action="append", nargs="+", metavar=("NAME", "KEY=VALUE"),
-                   help="a row per recipe: NAME and the overrides it adds (repeat for several; run folders "
-                   "are <recipe>.<NAME>)")
-    q.add_argument("--no-linear", dest="linear", action="store_false", help="skip the linear probe (kNN only)")
-    q.add_argument("--no-baselines", dest="baselines", action="store_false",
-                   help="skip the raw-pixel and random-init rows")
-    q.add_argument("--out-dir", default="bench/quality", help="runs, logs, quality.json and quality.md")
-    q.add_argument("--tracking-uri", help="MLflow store for the runs (default: sqlite in --out-dir)")
-    q.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "
-                   "has a result.json is evaluated (kNN from it, linear probe) without training again")
-    q.add_argument("--raw-pixel-size", type=int, default=28,
-                   help="image side for the raw-pixel baseline (default 28, Fashion-MNIST's own)")
-    q.set_defaults(func=bench_quality)

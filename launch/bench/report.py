@@ -9,6 +9,9 @@ import resource
 from pathlib import Path
 
 import psutil
+import torch
+
+from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
 
 
 def peak_rss_mb() -> dict[str, float]:
@@ -29,10 +32,6 @@ def cpu() -> dict:
 
 
 def machine() -> dict:
-    import torch
-
-    from ssl_foundry.pipeline.train.runtime import cpu_has_fast_bf16
-
     return {"cpu_count": os.cpu_count(), **cpu(), "platform": platform.platform(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_fast_bf16": cpu_has_fast_bf16(),
             "cuda": torch.cuda.is_available()}

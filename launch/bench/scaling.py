@@ -10,8 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from torch.profiler import ProfilerActivity, profile, schedule
+
 from ssl_foundry.launch.bench.report import machine, write_report
-from ssl_foundry.pipeline.config import load_config, to_dict
+from ssl_foundry.launch.local import launch_ranks
+from ssl_foundry.launch.netns import NamespaceNetwork, can_make_namespaces
+from ssl_foundry.pipeline.config import config_from_dict, load_config, to_dict
+from ssl_foundry.pipeline.train.trainer import Trainer, gather_objects
 
 REPO = Path(__file__).resolve().parents[2]
 SCALING_PORT = 29450  # the rendezvous port on the first namespace host (the network is this bench's own)
@@ -27,9 +32,6 @@ def _collective_seconds(profiler) -> float:
 def _scaling_rank(config: dict, warmup: int, steps: int, out: str) -> None:
     """One rank of a scaling case: train ``warmup + steps`` steps, profile the last ``steps``; at
     the last step the ranks gather their step times and collective seconds, and rank 0 writes them."""
-    from ssl_foundry.pipeline.config import config_from_dict
-    from ssl_foundry.pipeline.train.trainer import Trainer, gather_objects
-
     trainer = Trainer(config_from_dict(config))
     measured: dict[str, float] = {}
 
@@ -45,8 +47,6 @@ def _scaling_rank(config: dict, warmup: int, steps: int, out: str) -> None:
         if trainer.rt.is_main:
             Path(out).write_text(json.dumps({key: [r[key] for r in ranks] for key in measured}))
 
-    from torch.profiler import ProfilerActivity, profile, schedule
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.rt.device.type == "cuda" else [])
     profiler = profile(activities=activities, on_trace_ready=window_done,
                        schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps))
@@ -57,8 +57,6 @@ def _scaling_rank(config: dict, warmup: int, steps: int, out: str) -> None:
 
 def _scaling_node(args: argparse.Namespace) -> int:
     """This process is one node of a scaling case (`--node-of FILE`): its ranks; rank 0 writes FILE."""
-    from ssl_foundry.launch.local import launch_ranks
-
     cfg = load_config(args.config, args.overrides)
     launch_ranks(cfg, _scaling_rank, to_dict(cfg), args.warmup, args.steps, args.node_of)
     return 0
@@ -69,8 +67,6 @@ def bench_scaling(args: argparse.Namespace) -> int:
     ``--hosts`` Linux network namespaces (real TCP between them; root only), each host running the
     per-node command: images/s, step time and the time spent in collectives per step, and the
     efficiency images/s(N) / (N x images/s(1))."""
-    from ssl_foundry.launch.netns import NamespaceNetwork, can_make_namespaces
-
     if args.node_of:
         return _scaling_node(args)
     reason = can_make_namespaces()
@@ -126,18 +122,3 @@ def bench_scaling(args: argparse.Namespace) -> int:
               "cases": rows, "machine": machine()}
     write_report(report, str(out / "scaling.json"))
     return 1 if any("error" in r for r in rows) else 0
-
-
-def add_parser(kinds) -> None:
-    sc = kinds.add_parser("scaling", help="weak scaling over 1, 2, 4 ranks on hosts made of Linux network "
-                          "namespaces (root): images/s, step time, time in collectives per step")
-    sc.add_argument("config")
-    sc.add_argument("overrides", nargs="*", help="dotted key=value applied to every case")
-    sc.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    sc.add_argument("--hosts", type=int, default=2, help="namespace hosts the ranks are spread over (default 2)")
-    sc.add_argument("--batch-per-rank", type=int, default=32, help="samples per rank and step (default 32)")
-    sc.add_argument("--steps", type=int, default=20, help="measured steps (default 20)")
-    sc.add_argument("--warmup", type=int, default=5, help="steps run first and not measured (default 5)")
-    sc.add_argument("--out-dir", default="bench/scaling", help="runs, logs and scaling.json")
-    sc.add_argument("--node-of", help=argparse.SUPPRESS)  # set by the bench itself: run one node of a case
-    sc.set_defaults(func=bench_scaling)

@@ -8,20 +8,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import urlparse
 
+from mlflow import MlflowClient
+
+from ssl_foundry.launch.bench import STRATEGY_CASES
 from ssl_foundry.launch.bench.report import machine, write_report
 from ssl_foundry.launch.bench.runs import pretrain_process
 from ssl_foundry.pipeline.config import load_config
+from ssl_foundry.pipeline.train.trainer import build_model
 
-STRATEGY_CASES = {
-    "ddp": ["train.strategy=ddp"],
-    "zero1": ["train.strategy=deepspeed", "deepspeed.zero_stage=1"],
-    "zero2": ["train.strategy=deepspeed", "deepspeed.zero_stage=2"],
-    "zero3": ["train.strategy=deepspeed", "deepspeed.zero_stage=3"],
-    "zero2-offload": ["train.strategy=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
-    "zero3-offload": ["train.strategy=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu",
-                      "deepspeed.offload_params=cpu"],
-}
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "sgd": 4, "lars": 4}  # fp32 moments per trained parameter
 
 
@@ -41,10 +37,6 @@ def model_state_mb_per_rank(case: str, trained: int, frozen: int, optimizer: str
 def _drop_checkpoints(run_dir: Path, result: dict) -> None:
     """A benchmark keeps numbers, not weights: the run's checkpoints and their MLflow copy (GBs
     per case for a ViT-B with Adam) are deleted once its result is read."""
-    from urllib.parse import urlparse
-
-    from mlflow import MlflowClient
-
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     artifact_uri = MlflowClient(tracking_uri=result["tracking_uri"]).get_run(result["run_id"]).info.artifact_uri
     if urlparse(artifact_uri).scheme in ("", "file"):
@@ -55,8 +47,6 @@ def bench_strategies(args: argparse.Namespace) -> int:
     """The same short run under DDP and each ZeRO stage (and offload), ``--nproc`` ranks: steady
     step time, images/s and each rank's memory after training (RSS now and peak; GPU memory on a
     GPU), beside the model-state memory ZeRO predicts."""
-    from ssl_foundry.pipeline.train.trainer import build_model
-
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = [f"launch.nproc_per_node={args.nproc}", f"train.max_steps={args.steps}", "train.resume=never",
@@ -98,16 +88,3 @@ def bench_strategies(args: argparse.Namespace) -> int:
               "torch_threads_per_rank": max(1, (os.cpu_count() or 1) // args.nproc)}
     write_report(report, str(out / "strategies.json"))
     return 1 if any("error" in r for r in rows) else 0
-
-
-def add_parser(kinds) -> None:
-    st = kinds.add_parser("strategies", help="DDP vs DeepSpeed ZeRO-1/2/3 (+ offload) on the same run: step time, "
-                          "peak memory per rank, ZeRO's model-state arithmetic")
-    st.add_argument("config")
-    st.add_argument("overrides", nargs="*", help="dotted key=value applied to every case (deepspeed.* keys: to "
-                    "the DeepSpeed cases)")
-    st.add_argument("--nproc", type=int, default=2, help="ranks (default 2)")
-    st.add_argument("--steps", type=int, default=15, help="steps per case (default 15; the first 5 are not timed)")
-    st.add_argument("--cases", nargs="+", choices=list(STRATEGY_CASES), default=list(STRATEGY_CASES))
-    st.add_argument("--out-dir", default="bench/strategies", help="runs, logs and strategies.json")
-    st.set_defaults(func=bench_strategies)

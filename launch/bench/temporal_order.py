@@ -11,14 +11,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+
 from ssl_foundry.launch.bench.report import machine, write_report
 from ssl_foundry.launch.bench.runs import pretrain_process, shipped_recipes
+from ssl_foundry.models.backbones import create_backbone
 from ssl_foundry.pipeline.config import load_config
+from ssl_foundry.pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
+from ssl_foundry.pipeline.registry.export import load_timm_backbone
 
 
 def _temporal_order_of(backbone, cfg, seed_note: str) -> dict:
-    from ssl_foundry.pipeline.evaluate.temporal_order import clip_frame_features, temporal_order_accuracy
-
     d = cfg.data
     tic = time.perf_counter()
     features = clip_frame_features(backbone, d.eval_test, cfg.eval.temporal_order_frames, d.eval_image_size,
@@ -33,11 +36,6 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
     temporal-order`'s probe on its export, beside the same backbones at random initialisation
     (``--seeds`` seeds): the probe on a few videos is noisy, so the spread over seeds is part of
     the result, and ``summary`` gives each side's mean and standard deviation."""
-    import torch
-
-    from ssl_foundry.models.backbones import create_backbone
-    from ssl_foundry.pipeline.registry.export import load_timm_backbone
-
     recipes = args.recipe or shipped_recipes("*_video.yaml")
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -89,19 +87,3 @@ def bench_temporal_order(args: argparse.Namespace) -> int:
               "summary": summary, "runs": runs, "random_init": baselines, "machine": machine()}
     write_report(report, str(out / "temporal_order.json"))
     return 1 if any("error" in r for r in runs) else 0
-
-
-def add_parser(kinds) -> None:
-    to = kinds.add_parser("temporal-order", help="every video recipe for the same CPU budget, then the "
-                          "forward-vs-reversed probe (foundry eval temporal-order) beside random-init backbones")
-    to.add_argument("overrides", nargs="*", help="dotted key=value applied to every recipe")
-    to.add_argument("--recipe", action="append",
-                    help="a recipe YAML; repeat for several (default: configs/*_video.yaml)")
-    to.add_argument("--budget-minutes", type=float, default=5.0, help="training minutes per recipe (default 5)")
-    to.add_argument("--seeds", type=int, default=3, help="random-init seeds per backbone (default 3)")
-    to.add_argument("--train-seeds", type=int, default=1, help="training seeds per recipe (train.seed 0..N-1; "
-                    "default 1); with more than 1, run folders are <recipe>.seed<N>")
-    to.add_argument("--reuse-runs", action="store_true", help="a recipe whose run folder in --out-dir already "
-                    "has a result.json is probed without training again")
-    to.add_argument("--out-dir", default="bench/temporal-order", help="runs, logs and temporal_order.json")
-    to.set_defaults(func=bench_temporal_order)

@@ -12,17 +12,26 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import psutil
+import torch
+import webdataset as wds
+from torch.profiler import ProfilerActivity, profile, schedule
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_foundry.data_prep.shard_format import shard_paths
 from ssl_foundry.launch.bench.report import cpu_seconds, machine, peak_rss_mb, write_report
 from ssl_foundry.pipeline.config import load_config, to_dict
+from ssl_foundry.pipeline.data.augment.spec import view_sizes
+from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.train.optim import build_optimizer
+from ssl_foundry.pipeline.train.runtime import autocast_dtype
+from ssl_foundry.pipeline.train.trainer import Trainer, build_model
 
 
 def _step_profiler(trainer, warmup: int, steps: int):
     """torch.profiler over the measured steps only (the trainer calls ``step`` after each step). One
     cycle (``repeat=1``): with a repeating schedule and no wait, the step after the last one would
     start a new cycle and drop the measured one."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.rt.device.type == "cuda" else [])
     profiler = profile(activities=activities,
                        schedule=schedule(wait=max(0, warmup - 1), warmup=1, active=steps, repeat=1))
@@ -42,8 +51,6 @@ def _write_profile(profiler, path: str) -> None:
 def matmul_peak_gflops(dtype, n: int = 2048, repeats: int = 10) -> float:
     """The CPU's practical peak in ``dtype``: the best of ``repeats`` n x n matmuls on this
     process's threads (the best, because other processes only ever slow one down)."""
-    import torch
-
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
     best = float("inf")
@@ -57,12 +64,6 @@ def matmul_peak_gflops(dtype, n: int = 2048, repeats: int = 10) -> float:
 def step_gflop(cfg) -> float:
     """FLOPs of one training step's forward and backward of the recipe's model on a batch of its
     views (torch's FLOP counter: convolutions and matmuls, the loss's included)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ssl_foundry.pipeline.data.augment.spec import view_sizes
-    from ssl_foundry.pipeline.train.trainer import build_model
-
     sizes = view_sizes(cfg.data.views)
     model = build_model(cfg)
     views = [torch.randn(cfg.train.batch_size, 3, *size) for size in sizes]
@@ -79,15 +80,6 @@ def lightly_style_loop(cfg, workers: int = 2):
     seconds (data wait included) and the CPU seconds (this process and its loader workers) of all
     but the first (which starts the workers); the loader stops between calls, so that its workers
     do not compete with whatever runs in between."""
-    import torch
-    import webdataset as wds
-    from torch.utils.data import DataLoader
-
-    from ssl_foundry.data_prep.shard_format import shard_paths
-    from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
-    from ssl_foundry.pipeline.train.optim import build_optimizer
-    from ssl_foundry.pipeline.train.trainer import build_model
-
     d = cfg.data
     urls = shard_paths(d.train)
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), empty_check=False).shuffle(d.shuffle_buffer)
@@ -125,11 +117,6 @@ def bench_train(args: argparse.Namespace) -> int:
     """Steady-state training throughput of a recipe on one process, loader included; side by
     side with the same work done by a plain lightly-style loop (blocks of ``--block`` steps,
     interleaved, so both see the same load), and as a fraction of the CPU's matmul peak."""
-    import torch
-
-    from ssl_foundry.pipeline.train.runtime import autocast_dtype
-    from ssl_foundry.pipeline.train.trainer import Trainer
-
     with tempfile.TemporaryDirectory(prefix="foundry-bench-") as tmp:
         overrides = list(args.overrides) + [
             f"output_dir={tmp}", f"train.max_steps={args.warmup + args.steps}", "train.budget_minutes=0",
@@ -218,20 +205,3 @@ def bench_train(args: argparse.Namespace) -> int:
             report["cpu_ratio_reference_to_trainer"] = report["reference"]["cpu_s_per_step"] / report["cpu_s_per_step"]
     write_report(report, args.out)
     return 0
-
-
-def add_parser(kinds) -> None:
-    t = kinds.add_parser("train", help="training images/s, data-wait vs compute, memory")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*")
-    t.add_argument("--steps", type=int, default=20, help="measured steps")
-    t.add_argument("--warmup", type=int, default=3, help="steps run first and not measured")
-    t.add_argument("--out", help="write the JSON here too")
-    t.add_argument("--profile", metavar="FILE", help="torch.profiler table of the measured steps to FILE "
-                   "(and a Chrome trace to FILE.trace.json); the reference loop is not run")
-    t.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="skip the lightly-style reference loop")
-    t.add_argument("--reference-workers", type=int, default=2, help="the reference's DataLoader workers (default 2)")
-    t.add_argument("--block", type=int, default=5, help="steps per block: the trainer and the reference alternate "
-                   "blocks of this many measured steps (default 5)")
-    t.set_defaults(func=bench_train)

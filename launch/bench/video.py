@@ -8,19 +8,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from webdataset.tariterators import tarfile_samples
+
+from ssl_foundry.data_prep.sample_videos import copy_sample_videos
+from ssl_foundry.data_prep.shard_format import CLIP_CODECS, shard_paths
+from ssl_foundry.data_prep.video import ClipSettings, prep_video
 from ssl_foundry.launch.bench.report import machine, write_report
+from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder
 
 
 def bench_video(args: argparse.Namespace) -> int:
     """Clip prep throughput per codec, then decode throughput per decoder on those shards (clips/s
     and frames/s, one process), on the packaged sample videos (or --source)."""
-    from webdataset.tariterators import tarfile_samples
-
-    from ssl_foundry.data_prep.sample_videos import copy_sample_videos
-    from ssl_foundry.data_prep.shard_format import CLIP_CODECS, shard_paths
-    from ssl_foundry.data_prep.video import ClipSettings, prep_video
-    from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder
-
     work = Path(tempfile.mkdtemp(prefix="bench-video-"))
     try:
         source = Path(args.source) if args.source else work / "src"
@@ -58,17 +57,3 @@ def bench_video(args: argparse.Namespace) -> int:
               "codecs": rows, "machine": machine()}
     write_report(report, args.out)
     return 0
-
-
-def add_parser(kinds) -> None:
-    vi = kinds.add_parser("video", help="clip prep clips/s per codec and decode clips/s per decoder (PyAV, DALI CPU)")
-    vi.add_argument("--source", help="video folder (default: the packaged sample videos)")
-    vi.add_argument("--codecs", nargs="+", default=["mjpeg", "vp9", "h264"])
-    vi.add_argument("--clip-frames", type=int, default=16)
-    vi.add_argument("--stride", type=int, default=8)
-    vi.add_argument("--fps", type=float, default=10.0)
-    vi.add_argument("--max-side", type=int, default=128)
-    vi.add_argument("--workers", type=int, default=None, help="prep processes (default: usable CPUs)")
-    vi.add_argument("--batch-size", type=int, default=16, help="clips per decode call")
-    vi.add_argument("--out", help="write the JSON here too")
-    vi.set_defaults(func=bench_video)

@@ -21,7 +21,7 @@ CHECK_COMMAND = "foundry check gpu"
 def dali_build() -> str:
     """The installed DALI as ``<version>-cuda<major>`` (the wheel flavour matters: the cuda120 and
     cuda130 wheels share a version number). Raises ImportError without DALI."""
-    import nvidia.dali
+    import nvidia.dali  # optional (the [dali] extra): ImportError without it, as said above
 
     return f"{nvidia.dali.__version__}-cuda{int(nvidia.dali.__cuda_version__) // 1000}"
 

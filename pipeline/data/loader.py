@@ -57,8 +57,10 @@ from ssl_foundry.data_prep.shard_format import (RetryPolicy, find_manifest, loca
 from ssl_foundry.pipeline.config import Config, ConfigError, DataConfig, split_batch, uses_cuda, world_size
 from ssl_foundry.pipeline.data.augment.batched_backend import BatchedMultiViewTransform
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
+from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
 from ssl_foundry.pipeline.data.errors import BadSampleError, LoaderStalledError
 from ssl_foundry.pipeline.data.position import LoaderPosition
+from ssl_foundry.pipeline.data.video import ClipTransform, clip_bytes, clip_decoder, resolve_video_decoder
 
 IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tif", "tiff")
 # A wait that SIGALRM cannot interrupt after data.timeout_s ends the process this much later.
@@ -199,8 +201,6 @@ class ShardStream(IterableDataset):
         does not decode."""
         if not self.clips:
             return [_attempt(decode_image, sample) for sample in samples]
-        from ssl_foundry.pipeline.data.video import clip_bytes, clip_decoder  # PyAV: for clip shards only
-
         if self._clip_decoder is None:
             self._clip_decoder = clip_decoder(self.video_decoder, self.micro_batch)
         if not any("__error__" in sample for sample in samples):
@@ -408,8 +408,6 @@ def train_backend(backend: str, device: torch.device, location: str = "") -> tup
         return "torch", f"auto: {torch_only}"
     if device.type != "cuda":
         return "batched", f"auto: on {device.type}"
-    from ssl_foundry.pipeline.data.dali_acceptance import auto_backend_on_gpu
-
     return auto_backend_on_gpu(torch.cuda.get_device_name(device))
 
 
@@ -446,8 +444,6 @@ def train_transform(d: DataConfig, input_kind: str, batched: bool = False
             raise ConfigError(f"the method trains on video clips but data.train={redact(d.train)} holds images: "
                               f"make clip shards with `foundry prep video SRC OUT`")
         return (BatchedMultiViewTransform(d.views, d.mean, d.std) if batched else views), "pyav"
-    from ssl_foundry.pipeline.data.video import ClipTransform, resolve_video_decoder  # PyAV: for clip shards only
-
     span = (max(d.clip_frames, 1) - 1) * d.frame_stride + 1
     if span > settings["clip_frames"]:
         raise ConfigError(f"data.clip_frames={d.clip_frames} x data.frame_stride={d.frame_stride} spans {span} "

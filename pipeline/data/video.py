@@ -15,10 +15,10 @@ the loader's augmentation of clips is torchvision's, on the CPU (README "Video")
 """
 from __future__ import annotations
 
+import functools
 import io
 from typing import Callable
 
-import av
 import numpy as np
 import torch
 
@@ -37,16 +37,22 @@ def clip_bytes(sample: dict) -> bytes:
                      f"{', '.join(CLIP_KEYS)})")
 
 
-# One YUV -> RGB converter per process: ``frame.to_ndarray(format=...)`` builds a new swscale
-# context for every frame, which made PyAV decoding ~2.8x slower (measured on 128 px MJPEG clips).
-_TO_RGB = av.video.reformatter.VideoReformatter()
+@functools.cache
+def _to_rgb():
+    """One YUV -> RGB converter per process: ``frame.to_ndarray(format=...)`` builds a new swscale
+    context for every frame, which made PyAV decoding ~2.8x slower (measured on 128 px MJPEG clips)."""
+    import av  # optional (the [video] extra): only decoding clips with PyAV needs it
+
+    return av.video.reformatter.VideoReformatter()
 
 
 def decode_clip_pyav(data: bytes) -> torch.Tensor:
     """Every frame of an encoded clip as uint8 (T, 3, H, W)."""
+    import av  # optional (the [video] extra): only decoding clips with PyAV needs it
+
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        frames = [_TO_RGB.reformat(frame, format="rgb24").to_ndarray() for frame in container.decode(stream)]
+        frames = [_to_rgb().reformat(frame, format="rgb24").to_ndarray() for frame in container.decode(stream)]
     if not frames:
         raise ValueError("the clip has no decodable frame")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)

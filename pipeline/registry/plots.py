@@ -5,8 +5,7 @@
   method actually sees, de-normalised), one row per image;
 - ``metric_curves``: loss, lr and any other per-step metric (the online kNN monitor's
   ``knn_monitor_top1``) against the step;
-- ``embedding_map``: a 2-D t-SNE (van der Maaten & Hinton 2008; scikit-learn) of test features,
-  coloured by class.
+- the evaluations' t-SNE map of test features: pipeline/registry/embedding_map.py.
 """
 from __future__ import annotations
 
@@ -27,7 +26,8 @@ from ssl_foundry.pipeline.data.loader import ShardStream, is_clip_manifest, make
 from ssl_foundry.pipeline.data.video import ClipTransform  # noqa: E402
 
 
-def _png(figure) -> bytes:
+def figure_png(figure) -> bytes:
+    """``figure`` as PNG bytes (the figure is closed)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
@@ -76,7 +76,7 @@ def augmentation_grid(folder: str, views: list[ViewSpec], mean: list[float], std
             axis.set_yticks([])
             if row == 0:
                 axis.set_title("image" if col == 0 else f"view {col}", fontsize=9)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def metric_curves(history: dict[str, list[tuple[int, float]]], title: str = "") -> bytes:
@@ -91,26 +91,5 @@ def metric_curves(history: dict[str, list[tuple[int, float]]], title: str = "") 
     axes[-1, 0].set_xlabel("step")
     if title:
         axes[0, 0].set_title(title)
-    return _png(figure)
+    return figure_png(figure)
 
-
-def embedding_map(features: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None,
-                  max_points: int = 2000, seed: int = 0, title: str = "") -> bytes:
-    """t-SNE of (at most ``max_points``, a seeded random subset of) ``features``, coloured by label."""
-    from sklearn.manifold import TSNE  # scikit-learn loads in seconds; only this plot needs it
-
-    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))[:max_points]
-    x, y = features[keep].double().numpy(), labels[keep].numpy()
-    perplexity = min(30.0, (len(x) - 1) / 3)  # t-SNE needs perplexity < points
-    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
-    figure, axis = plt.subplots(figsize=(6.5, 5.5))
-    cmap = plt.get_cmap("tab10" if y.max() < 10 else "tab20")
-    for label in sorted(set(y.tolist())):
-        mask = y == label
-        name = class_names[label] if class_names and label < len(class_names) else str(label)
-        axis.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(label % cmap.N), label=name)
-    axis.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
-    axis.set_xticks([])
-    axis.set_yticks([])
-    axis.set_title(title or f"t-SNE of {len(x)} test features")
-    return _png(figure)

@@ -11,6 +11,8 @@ import torch
 from ssl_foundry.pipeline.config import Config, ConfigError
 from ssl_foundry.pipeline.data.augment.spec import view_sizes
 from ssl_foundry.pipeline.registry.export import BackboneSource, export_digest, load_timm_backbone, locate_backbone
+from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
+from ssl_foundry.pipeline.registry.tracking_server import TrackingError
 
 
 @dataclass
@@ -32,9 +34,6 @@ def load_teacher(cfg: Config) -> Teacher:
     tracking server that does not answer), a teacher exported with another normalisation than
     ``data.mean``/``data.std`` (it would see other pixel values than it was trained on), or one that
     refuses the views' size is a ConfigError naming ``model.teacher`` and the fix."""
-    from ssl_foundry.pipeline.registry.tracking import resolve_tracking_uri
-    from ssl_foundry.pipeline.registry.tracking_server import TrackingError
-
     ref = cfg.model.teacher
     try:
         source = locate_backbone(ref, resolve_tracking_uri(cfg.mlflow.tracking_uri))

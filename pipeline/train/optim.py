@@ -63,7 +63,7 @@ def build_optimizer(cfg: Config, model: Method, cpu_offload: bool = False) -> to
         if t.optimizer != "adamw":
             raise ValueError(f"optimizer offload runs DeepSpeed's CPU Adam: set train.optimizer=adamw "
                              f"(got {t.optimizer})")
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # optional: offload runs under train.strategy=deepspeed only
 
         return DeepSpeedCPUAdam(groups, lr=base_lr(cfg), betas=tuple(t.adam_betas), weight_decay=t.weight_decay,
                                 adamw_mode=True)

@@ -44,6 +44,7 @@ def load_weights_only(engine) -> None:
     one that loads tensors, plain values and the three DeepSpeed classes its files hold (ZeRO-1/2/3,
     with and without offload: the ZeRO stage, the loss scaler's settings, ZeRO-1/2's parameter
     fragment addresses). DeepSpeed's other engines load with torch's default, weights only, already."""
+    # optional (the [deepspeed] extra): only a DeepSpeed engine, already made, comes here
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
