@@ -7,6 +7,7 @@ imported only when its command runs, so `foundry --help` and a mistyped argument
 from __future__ import annotations
 
 import argparse
+import os
 import pkgutil
 import sys
 from importlib.metadata import version
@@ -380,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     elif leftover:
         parser.error(f"unrecognized arguments: {' '.join(leftover)}")
     setup_logging()  # log lines and progress to stderr; results (JSON, summaries) to stdout
+    # MLflow's own download bars would interleave with the time-stamped lines (a user's setting wins).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(pkgutil.resolve_name(args.run)(args) or 0)  # imports the command's module now
     except ConfigError as err:

@@ -117,7 +117,7 @@ def print_summary(result, cfg) -> None:
         print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * result.knn_top1:.2f}%")
     if result.timing:
         unit = "clips" if method_class(cfg.model.method).input_kind == "clip" else "images"
-        print(f"throughput:        {result.timing.get('images_per_s', 0):.0f} {unit}/s")
+        print(f"throughput:        {result.timing.get('steady_images_per_s', 0):.0f} {unit}/s (median step)")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite"):
         print(f"open the UI:       mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
     if result.model_version:
