@@ -179,7 +179,15 @@ def test_tracking_and_registry_over_http_server(mlflow_server, tmp_path):  # noq
     assert torch.equal(loaded["models:/ssl-resnet18/2"], second)
     assert torch.equal(loaded["models:/ssl-resnet18@best"], second)
     assert torch.equal(loaded[f"runs:/{tracker.run_id}/backbone"], first)
-    assert torch.equal(features(load_timm_backbone(resolve_backbone("models:/ssl-resnet18@best", uri)), x), second)
+    best = resolve_backbone("models:/ssl-resnet18@best", uri)
+    assert torch.equal(features(load_timm_backbone(best), x), second)
+    # Downloaded once into the user's cache: the same reference again, or the version it names, is that folder.
+    assert best.is_relative_to(Path(os.environ["XDG_CACHE_HOME"]) / "ssl-foundry" / "backbones")
+    weights = (best / "model.safetensors").stat()
+    assert resolve_backbone("models:/ssl-resnet18/2", uri) == best == resolve_backbone("models:/ssl-resnet18@best", uri)
+    assert (best / "model.safetensors").stat().st_mtime_ns == weights.st_mtime_ns  # not downloaded again
+    assert resolve_backbone("models:/ssl-resnet18/1", uri) != best
+    assert not [p for p in best.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
 
     # Resume: the same run keeps receiving metrics; re-logged params are skipped, a changed one is a tag.
     resumed = RunTracker(uri, "ssl-http", run_id=tracker.run_id)
