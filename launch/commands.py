@@ -16,6 +16,7 @@ from ssl_foundry.launch.local import NodeLostError, RanksFailed, launch_pretrain
 from ssl_foundry.models.registry import method_class, takes_teacher
 from ssl_foundry.pipeline.config import ConfigError, load_config, public_dict
 from ssl_foundry.pipeline.data.loader import validate_batch
+from ssl_foundry.pipeline.evaluate.knn import knn_protocol
 from ssl_foundry.pipeline.registry.downstream import PRODUCTION_ALIAS, RegistryError, promote, write_model_card
 from ssl_foundry.pipeline.registry.export import BackboneInputError
 from ssl_foundry.pipeline.registry.teacher import load_teacher
@@ -114,7 +115,7 @@ def print_summary(result, cfg) -> None:
         print(f"registered model:  models:/{cfg.mlflow.registered_model}/{result.model_version}")
     print(f"backbone (timm):   {result.backbone_dir}")
     if result.knn_top1 is not None:
-        print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * result.knn_top1:.2f}%")
+        print(f"kNN top-1 ({knn_protocol(cfg.eval)}): {100 * result.knn_top1:.2f}%")
     if result.timing:
         unit = "clips" if method_class(cfg.model.method).input_kind == "clip" else "images"
         print(f"throughput:        {result.timing.get('steady_images_per_s', 0):.0f} {unit}/s (median step)")

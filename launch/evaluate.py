@@ -39,7 +39,8 @@ def _describe(source) -> str:
 
 def _knn(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:
     top1 = knn_evaluate(backbone, cfg, torch.device("cpu"), backbone_digest=digest)
-    return {"knn_top1": top1}, {"eval.knn_k": cfg.eval.knn_k, "eval.knn_temperature": cfg.eval.knn_temperature}
+    return {"knn_top1": top1}, {"eval.knn_k": cfg.eval.knn_k, "eval.knn_temperature": cfg.eval.knn_temperature,
+                                "eval.knn_whiten": cfg.eval.knn_whiten}
 
 
 def _linear(backbone, cfg, digest: str) -> tuple[dict[str, float], dict]:

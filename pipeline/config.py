@@ -207,6 +207,9 @@ class DeepSpeedConfig:
 class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
+    # ZCA-whiten bank and queries with the bank's statistics before the cosine (docs/evaluation.md);
+    # off: the protocol of solo-learn and lightly, which the benchmark tables use.
+    knn_whiten: bool = False
     batch_size: int = 512
     after_pretrain: bool = True  # run kNN at the end of `foundry pretrain`
     knn_every: int = 0  # > 0: online kNN monitor, a kNN evaluation every N pretraining steps (all ranks)

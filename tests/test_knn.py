@@ -1,6 +1,6 @@
 """kNN evaluation (pipeline/evaluate/knn.py): the vote on a hand-worked case, the bank streamed in blocks,
-the bank split over 3 real gloo ranks (one of them with no samples, one with fewer than k) against
-one process holding the whole bank, and the end-of-run kNN of a 4-rank pretraining spread over all
+whitening on a hand-worked case and on a case it exists for, the bank split over 3 real gloo ranks
+(one of them with no samples, one with fewer than k) against one process holding the whole bank, and the end-of-run kNN of a 4-rank pretraining spread over all
 ranks."""
 import json
 import math
@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 import ssl_foundry.pipeline.evaluate.knn as evaluate
 from conftest import FMNIST_LIMIT, run_cli
-from ssl_foundry.pipeline.evaluate.knn import knn_evaluate, knn_predict, nearest, vote
+from ssl_foundry.pipeline.evaluate.knn import knn_accuracy, knn_evaluate, knn_predict, nearest, vote, whitening
 from ssl_foundry.pipeline.registry.export import load_timm_backbone
 
 BANK_SHARES = (5, 0, 12)  # rows of the bank on each rank
@@ -44,6 +44,35 @@ def test_nearest_streams_the_bank_in_blocks(monkeypatch):
     torch.testing.assert_close(similarities, expected_sim, rtol=0, atol=8 * torch.finfo(torch.float32).eps)
 
 
+def test_whitening_of_a_hand_worked_bank():
+    # The corners of a 2 x 4 rectangle: mean (1, 2), covariance diag(1, 4), so W = diag(1, 1/2) up to
+    # eps (relative to the largest eigenvalue 4): diag((1 + 4e)^-1/2, (4 + 4e)^-1/2).
+    bank = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0], [2.0, 4.0]])
+    mean, matrix = whitening(bank, eps=1e-3)
+    torch.testing.assert_close(mean, torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(matrix, torch.diag(torch.tensor([1.004 ** -0.5, 4.004 ** -0.5])))
+    whitened = (bank - mean) @ matrix
+    torch.testing.assert_close(whitened.T @ whitened / 4, torch.diag(torch.tensor([1 / 1.004, 4 / 4.004])))
+
+
+def test_whitening_lets_the_class_directions_decide_the_cosine():
+    # Features like pooled ReLU ones: a large mean shared by all, 8 nuisance directions with a large
+    # spread (sd 5) and the class (+-0.3) on 4 others with a small one (sd 0.1). The plain cosine's
+    # neighbours are decided by the nuisance, near chance; once whitened, every direction counts
+    # alike and the class directions separate the two classes.
+    torch.manual_seed(0)
+
+    def features(n):
+        labels = torch.randint(0, 2, (n,))
+        return torch.cat([torch.full((n, 1), 10.0), 5 * torch.randn(n, 8),
+                          (0.6 * labels - 0.3)[:, None] + 0.1 * torch.randn(n, 4)], dim=1), labels
+
+    (bank, bank_labels), (queries, query_labels) = features(2000), features(500)
+    plain = knn_accuracy(bank, bank_labels, queries, query_labels, k=20)
+    whitened = knn_accuracy(bank, bank_labels, queries, query_labels, k=20, whiten=True)
+    assert plain < 0.7 and whitened > 0.95, (plain, whitened)
+
+
 def _data():
     torch.manual_seed(1)
     bank = torch.randn(sum(BANK_SHARES), DIM)
@@ -59,13 +88,15 @@ def _sharded_rank(rank: int, port: int, out: dict) -> None:
     start = sum(BANK_SHARES[:rank])
     part = slice(start, start + BANK_SHARES[rank])
     # chunk=4: several query chunks, each its own exchange of candidates
-    out[rank] = knn_predict(bank[part], labels[part], queries, CLASSES, K, temperature=0.1, chunk=4, sharded=True)
+    out[rank] = (knn_predict(bank[part], labels[part], queries, CLASSES, K, temperature=0.1, chunk=4, sharded=True),
+                 whitening(bank[part].reshape(-1, DIM), sharded=True))
     dist.destroy_process_group()
 
 
-def test_bank_split_over_ranks_votes_like_the_whole_bank():
+def test_bank_split_over_ranks_votes_and_whitens_like_the_whole_bank():
     bank, labels, queries = _data()
     expected = knn_predict(bank, labels, queries, CLASSES, K, temperature=0.1)
+    expected_mean, expected_matrix = whitening(bank)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -75,7 +106,10 @@ def test_bank_split_over_ranks_votes_like_the_whole_bank():
         predictions = dict(out)
     assert len(set(expected.tolist())) > 1  # the case is not trivially one class
     for rank in range(len(BANK_SHARES)):
-        assert torch.equal(predictions[rank], expected), rank
+        predicted, (mean, matrix) = predictions[rank]
+        assert torch.equal(predicted, expected), rank
+        torch.testing.assert_close(mean, expected_mean)
+        torch.testing.assert_close(matrix, expected_matrix)
 
 
 @pytest.mark.parametrize("k", [1, 30])  # 30 > the bank: every row votes

@@ -84,7 +84,7 @@ def _baselines(configs: list, raw_pixel_size: int) -> list[dict]:
     def evaluate(name: str, arch: str, backbone: torch.nn.Module, cfg) -> dict:
         tic = time.perf_counter()
         features = eval_features(backbone, cfg, torch.device("cpu"))
-        top1 = knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature)
+        top1 = knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.eval.knn_whiten)
         knn_s = time.perf_counter() - tic
         probe = linear_probe(*features, cfg.eval.linear)
         print(f"[bench quality] baseline {name}: kNN top-1 {100 * top1:.2f}%, linear top-1 "
@@ -119,7 +119,8 @@ def _percent(value) -> str:
 
 def _quality_markdown(report: dict) -> str:
     length = (f"{report['steps']} steps" if report["steps"] else f"{report['budget_minutes']:g} min of training")
-    lines = [f"kNN top-1 (cosine, k={report['knn_k']}, T={report['knn_temperature']}) and linear-probe top-1 "
+    whitened = ", whitened" if report["knn_whiten"] else ""
+    lines = [f"kNN top-1 (cosine, k={report['knn_k']}, T={report['knn_temperature']}{whitened}) and linear-probe top-1 "
              f"(`foundry eval linear`: lr swept over {report['linear_lrs']}) on the Fashion-MNIST test "
              f"set after {length} per recipe "
              f"({report['machine']['cpu_count']} CPUs, torch {report['machine']['torch']}).",
@@ -169,6 +170,7 @@ def bench_quality(args: argparse.Namespace) -> int:
         "steps": args.steps or None,
         "knn_k": configs[0].eval.knn_k,
         "knn_temperature": configs[0].eval.knn_temperature,
+        "knn_whiten": configs[0].eval.knn_whiten,
         "linear_lrs": configs[0].eval.linear.lrs,
         "tracking_uri": tracking_uri,
         "runs": runs,

@@ -3,6 +3,7 @@ via Non-Parametric Instance Discrimination"; the protocol of solo-learn and ligh
 
 Each test feature votes with its ``k`` nearest train features by cosine similarity, a
 neighbour with similarity ``s`` adding ``exp(s / T)`` to its class; the top class wins.
+``eval.knn_whiten`` first ZCA-whitens both sets with the bank's mean and covariance (no labels).
 """
 from __future__ import annotations
 
@@ -97,6 +98,31 @@ def vote(similarities: torch.Tensor, labels: torch.Tensor, num_classes: int, tem
 
 
 @torch.no_grad()
+def whitening(bank: torch.Tensor, eps: float = 1e-5, sharded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZCA whitening fitted on the bank, without labels (image retrieval's practice: Jegou & Chum,
+    "Negative evidences and co-occurrences in image retrieval: the benefit of PCA and whitening",
+    ECCV 2012): the mean mu and W = V (Lambda + eps lambda_max)^(-1/2) V^T of the bank's covariance
+    Sigma = V Lambda V^T, so that W (x - mu) has the identity covariance over the bank (up to
+    ``eps``, relative to the largest eigenvalue, which keeps near-empty directions from blowing
+    up). Pooled ReLU features share a large mean and a few dominant directions (a trained
+    backbone's test features have a mean cosine near 0.9), which otherwise decide the cosine.
+
+    ``sharded``: the bank is split over the ranks of the process group; every rank gets the
+    statistics of the whole bank."""
+    stats = torch.cat([bank.double().sum(0), bank.new_tensor([len(bank)], dtype=torch.float64)])
+    if sharded:
+        dist.all_reduce(stats)
+    mean = (stats[:-1] / stats[-1]).float()
+    centred = bank - mean  # centred first: E[x x^T] - mu mu^T would cancel catastrophically in fp32
+    covariance = centred.T @ centred
+    if sharded:
+        dist.all_reduce(covariance)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double() / stats[-1])
+    eigenvalues = eigenvalues.clamp_min(0)
+    matrix = eigenvectors @ torch.diag((eigenvalues + eps * eigenvalues.max()).rsqrt()) @ eigenvectors.T
+    return mean, matrix.float()
+
+
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024,
                 sharded: bool = False) -> torch.Tensor:
@@ -125,8 +151,12 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     return torch.cat(predictions)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1) -> float:
+def knn_accuracy(train_features, train_labels, test_features, test_labels, k=200, temperature=0.1,
+                 whiten: bool = False) -> float:
     _check_labelled(train_labels, test_labels)
+    if whiten:
+        mean, matrix = whitening(train_features)
+        train_features, test_features = (train_features - mean) @ matrix, (test_features - mean) @ matrix
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     predicted = knn_predict(train_features, train_labels, test_features, num_classes, k, temperature)
     return float((predicted == test_labels).float().mean())
@@ -187,7 +217,12 @@ def knn_evaluate(backbone: torch.nn.Module, cfg: Config, device: torch.device,
                  backbone_digest: str | None = None) -> float:
     """Top-1 kNN accuracy of ``backbone`` with data.eval_train as memory bank, data.eval_test as queries."""
     features = eval_features(backbone, cfg, device, backbone_digest)
-    return knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature)
+    return knn_accuracy(*features, cfg.eval.knn_k, cfg.eval.knn_temperature, cfg.eval.knn_whiten)
+
+
+def knn_protocol(e) -> str:
+    """How kNN is computed (``cfg.eval``), as printed beside its top-1."""
+    return f"k={e.knn_k}, T={e.knn_temperature}" + (", whitened" if e.knn_whiten else "")
 
 
 @dataclass
@@ -246,8 +281,12 @@ def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime) -> KnnR
     if _all_ranks_max(int((local_labels < 0).any()), device):
         raise ValueError(UNLABELLED)
     num_classes = _all_ranks_max(int(local_labels.max()) if len(local_labels) else 0, device) + 1
-    predicted = knn_predict(bank.reshape(-1, queries.shape[1]), bank_labels, queries, num_classes, e.knn_k,
-                            e.knn_temperature, sharded=rt.world_size > 1)
+    bank = bank.reshape(-1, queries.shape[1])
+    if e.knn_whiten:
+        mean, matrix = whitening(bank, sharded=rt.world_size > 1)
+        bank, queries = (bank - mean) @ matrix, (queries - mean) @ matrix
+    predicted = knn_predict(bank, bank_labels, queries, num_classes, e.knn_k, e.knn_temperature,
+                            sharded=rt.world_size > 1)
     top1 = float((predicted == query_labels).float().mean())
     return KnnResult(top1, bank_per_rank, [len(part) for part in query_parts], time.perf_counter() - tic)
 
