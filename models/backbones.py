@@ -7,6 +7,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -14,11 +15,47 @@ from timm.models.vision_transformer import VisionTransformer
 
 def create_backbone(name: str, **model_args: Any) -> nn.Module:
     """A timm model without classifier (``num_classes=0``): ``forward`` returns pooled features
-    of size ``model.num_features``."""
+    of size ``model.num_features``. Its convolutions compute a 1x1 output as a matmul
+    (:class:`SingleOutputConv2d`); parameters and state dict are timm's."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise KeyError(f"model.backbone: '{name}' is not a timm model. Similar: {', '.join(close)}")
-    return timm.create_model(name, pretrained=False, num_classes=0, **model_args)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **model_args)
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = SingleOutputConv2d  # same parameters, buffers and hooks: only forward changes
+    return model
+
+
+def single_output_window(size: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int] | None:
+    """When ``conv`` maps an input of spatial ``size`` to a 1x1 output: the (h, w) corner of the
+    input its one output position reads (the rest of its receptive field is zero padding); else None."""
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.dilation != (1, 1):
+        return None
+    if any((n + 2 * p - k) // s + 1 != 1 for n, p, k, s in zip(size, conv.padding, conv.kernel_size, conv.stride)):
+        return None
+    # The output reads input rows -p .. k-1-p, of which 0 .. min(n, k-p)-1 exist (kernel rows p ..).
+    return tuple(min(n, k - p) for n, p, k in zip(size, conv.padding, conv.kernel_size))
+
+
+class SingleOutputConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that computes a 1x1 output as the matmul it is: the input corner it reads
+    times the kernel taps that fall on it, W[:, :, p:p+h, p:p+w]. The same function, gradients
+    included (the other taps multiply zero padding, so their gradient is zero either way).
+
+    Why: a ResNet on small images ends in such convolutions (layer4 of a ResNet-18 sees 2x2 and
+    1x1 maps from 32 and 16 px views), and oneDNN's CPU kernels handle them badly: layer4's
+    backward ran at 40-100 GFLOP/s against 300-600 for the forward, ~40 % of the Fashion-MNIST
+    demo's step, and its bf16 weight gradient for a 1x1 input comes back with garbage values.
+    Any other input goes to ``nn.Conv2d.forward``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = single_output_window(tuple(x.shape[-2:]), self)
+        if window is None:
+            return super().forward(x)
+        (h, w), (p_h, p_w) = window, self.padding
+        taps = self.weight[:, :, p_h:p_h + h, p_w:p_w + w]
+        return F.linear(x[:, :, :h, :w].flatten(1), taps.flatten(1), self.bias)[:, :, None, None]
 
 
 def is_vit(backbone: nn.Module) -> bool:

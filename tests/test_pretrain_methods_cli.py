@@ -48,7 +48,7 @@ TINY = {  # per recipe: overrides that make the model tiny
     # multi-crop: 2 global views of 32 px and 6 local views of 16 px per image, the centre over both ranks
     "dino_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
                              "model.method_args.hidden_dim=32", "model.method_args.bottleneck_dim=16"],
-    # multi-crop through a CNN: 2 global views of 32 px and 6 local views of 18 px, BatchNorm in the backbone
+    # multi-crop through a CNN: 2 global views of 32 px and 6 local views of 16 px, BatchNorm in the backbone
     "dino_resnet18_fmnist": ["model.backbone=resnet10t", "model.method_args.out_dim=64",
                              "model.method_args.hidden_dim=32", "model.method_args.bottleneck_dim=16"],
     "ibot_vit_tiny_fmnist": ["model.backbone_args.depth=2", "model.method_args.out_dim=64",
