@@ -20,10 +20,16 @@ def create_backbone(name: str, **model_args: Any) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise KeyError(f"model.backbone: '{name}' is not a timm model. Similar: {', '.join(close)}")
-    model = timm.create_model(name, pretrained=False, num_classes=0, **model_args)
+    return single_output_convs(timm.create_model(name, pretrained=False, num_classes=0, **model_args))
+
+
+def single_output_convs(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """``model`` with every ``nn.Conv2d`` a :class:`SingleOutputConv2d` (or, ``enabled=False``, back
+    to ``nn.Conv2d``): the same parameters, buffers and hooks, only ``forward`` changes."""
+    old, new = (nn.Conv2d, SingleOutputConv2d) if enabled else (SingleOutputConv2d, nn.Conv2d)
     for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = SingleOutputConv2d  # same parameters, buffers and hooks: only forward changes
+        if type(module) is old:
+            module.__class__ = new
     return model
 
 

@@ -1,12 +1,12 @@
 """Backbones (models/backbones.py): a convolution with a 1x1 output computed as a matmul gives
-timm's function and gradients, for the window each size of input reads, and leaves the state dict
-plain timm's."""
+timm's function and gradients, for the window each size of input reads, leaves the state dict
+plain timm's, and can be turned back into timm's convolution."""
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-from ssl_foundry.models.backbones import SingleOutputConv2d, create_backbone, single_output_window
+from ssl_foundry.models.backbones import SingleOutputConv2d, create_backbone, single_output_convs, single_output_window
 
 
 @pytest.mark.parametrize("conv,size,window", [
@@ -62,3 +62,9 @@ def test_backbone_is_timms_function_on_small_views(name):
             # fp32 sums in another order, through up to 18 layers: compared as whole tensors
             assert (ours.grad - theirs.grad).norm() <= 1e-4 * theirs.grad.norm(), param
         reference.zero_grad(), backbone.zero_grad()
+
+
+def test_single_output_convs_can_be_turned_back_into_timms():
+    backbone = single_output_convs(create_backbone("resnet10t"), enabled=False)  # the bench's reference loop
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is nn.Conv2d for m in convs)

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_foundry.data_prep.shard_format import shard_paths
 from ssl_foundry.launch.bench.report import cpu_seconds, machine, peak_rss_mb, write_report
+from ssl_foundry.models.backbones import single_output_convs
 from ssl_foundry.pipeline.config import load_config, to_dict
 from ssl_foundry.pipeline.data.augment.spec import view_sizes
 from ssl_foundry.pipeline.data.augment.torch_backend import MultiViewTransform
@@ -75,7 +76,8 @@ def step_gflop(cfg) -> float:
 def lightly_style_loop(cfg, workers: int = 2):
     """The reference: the recipe's work (its shards, model, optimizer, batch and views) as the plain
     loop of lightly's SimCLR example runs it. Torchvision transforms per image in a torch DataLoader
-    with ``workers`` processes (a WebDataset pipeline over the shards), fp32, NCHW, default threads.
+    with ``workers`` processes (a WebDataset pipeline over the shards), fp32, NCHW, default threads,
+    timm's convolutions as they are.
     Returns ``run(steps)``, which starts the loader, trains ``steps`` steps and returns each one's
     seconds (data wait included) and the CPU seconds (this process and its loader workers) of all
     but the first (which starts the workers); the loader stops between calls, so that its workers
@@ -86,7 +88,7 @@ def lightly_style_loop(cfg, workers: int = 2):
                .decode("torchrgb8").to_tuple("png;jpg;jpeg;webp", "cls")
                .map_tuple(MultiViewTransform(d.views, d.mean, d.std), int))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).train()
+    model = single_output_convs(build_model(cfg), enabled=False).train()  # timm's convolutions, as the peers run them
     optimizer = build_optimizer(cfg, model)
 
     def run(steps: int) -> tuple[list[float], float]:
