@@ -483,8 +483,10 @@ def test_four_ranks_on_two_nodes_match_four_local_ranks_and_one_rank(slurm_clust
     assert sorted(histories[0]) == [1, 2, 3]
     for step in (1, 2, 3):
         assert histories[0][step] == pytest.approx(histories[1][step], rel=1e-6, abs=1e-7), step
-        # one process sums in another order than 4 ranks' all-reduce: equal to float tolerance
-        assert histories[2][step] == pytest.approx(histories[1][step], rel=1e-5), step
+        # one process sums in another order than 4 ranks' all-reduce, and two LARS updates through a
+        # softmax at temperature 0.1 amplify that: 2.6e-6 relative at step 3 on the full shards, 2.7e-5
+        # on these (6e-7 at temperature 0.2). A wrong split of the batch or its negatives is ~1e-2.
+        assert histories[2][step] == pytest.approx(histories[1][step], rel=1e-4), step
 
 
 @pytest.mark.slow
