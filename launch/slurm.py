@@ -113,10 +113,24 @@ def resolve_master_addr(host: str) -> str:
     return match.group(1)
 
 
+# Rank 0 listens on a port every node derives from the job id alone. Outgoing connections take
+# their local port at random from the kernel's ephemeral range (Linux: 32768-60999), so a port in
+# that range can be taken on the master node by any client at the wrong moment; below it, only a
+# listening service can hold one. slurm/pretrain.sbatch derives its rendezvous port the same way.
+MASTER_PORT_BASE, MASTER_PORT_SPAN = 20000, 12768
+
+
+def master_port(job_id: str | int) -> int:
+    """The job's rendezvous port: the same on every node and after a requeue, different for the
+    tasks of a job array (each has its own SLURM_JOB_ID), below the ephemeral range."""
+    return MASTER_PORT_BASE + int(job_id) % MASTER_PORT_SPAN
+
+
 def export_torch_distributed_env() -> dict[str, str]:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT from Slurm's variables
-    (submitit's TorchDistributedEnvironment; the port is derived from the job id). All GPUs of the
-    node stay visible: the runtime picks cuda:LOCAL_RANK."""
+    (submitit's TorchDistributedEnvironment). MASTER_PORT is ``master_port(SLURM_JOB_ID)`` unless the
+    job's environment sets it. All GPUs of the node stay visible: the runtime picks cuda:LOCAL_RANK."""
+    os.environ.setdefault("MASTER_PORT", str(master_port(os.environ["SLURM_JOB_ID"])))
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = resolve_master_addr(env.master_addr)
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -147,7 +161,9 @@ class _StopOnSignal:
     def hand_over(self, rank: int) -> None:
         if rank == 0 and callable(self.submitit_handler):
             self.submitit_handler(self.signum, None)  # requeues and exits (or raises when it cannot)
-        sys.exit(-1)  # other ranks: the requeue ends this step anyway; write no result
+        # Other ranks: their part is checkpointed; they write no result. Exit status 0, since srun's
+        # --kill-on-bad-exit would end rank 0 on a failure status before it has requeued the job.
+        sys.exit(0)
 
 
 class PretrainJob:
@@ -212,6 +228,8 @@ def make_executor(cfg: Config, folder: Path):
         "tasks_per_node": tasks_per_node(cfg),
         "timeout_min": slurm_time_minutes(launch.time),
         "slurm_signal_delay_s": launch.signal_delay_s,
+        # A rank that fails ends the step: the others would otherwise wait for it until the time limit.
+        "slurm_srun_args": ["--kill-on-bad-exit=1"],
         # The job imports this checkout (launch.slurm, pipeline ...), whatever is installed.
         "slurm_setup": [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}", *launch.setup],
     }

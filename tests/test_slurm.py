@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,8 +159,42 @@ def test_submitted_sbatch_script_has_the_launch_keys(slurm_cluster, tmp_path):
     text = executor._executor._make_submission_file_text("python -m x", "uid")
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=90",
                  "--account=proj", "--qos=high", "--constraint=h100", "--mem=64G", "--signal=USR2@300",
-                 "--cpus-per-task=8", "--exclusive", "module load cuda"):
+                 "--cpus-per-task=8", "--exclusive", "module load cuda", "--kill-on-bad-exit=1"):
         assert line in text, (line, text)
+
+
+def test_master_port_is_the_jobs_own_and_below_the_ephemeral_ports():
+    from ssl_foundry.launch.slurm import master_port
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [master_port(job_id) for job_id in range(1, 40000)]
+    assert min(ports) == 20000 and max(ports) == 32767 < ephemeral_low
+    assert master_port("118") == master_port(118) == 20118  # every node, every requeue: the same
+    assert len({master_port(job_id) for job_id in range(1000, 1000 + 12768)}) == 12768  # array tasks differ
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_start_ends_the_job_with_its_error(slurm_cluster, shards, tmp_path):
+    """Rank 0 finds its port held on the node: the job fails at once with an error naming the port
+    and the fix (srun --kill-on-bad-exit), instead of rank 1 waiting for it until the time limit."""
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MASTER_PORT": str(port)}
+        done = subprocess.run([sys.executable, "-m", "ssl_foundry.launch", "submit", "configs/simclr_resnet18_fmnist.yaml",
+                               f"output_dir={tmp_path / 'run'}", *_data(shards), *TINY, "train.max_steps=2",
+                               "launch.tasks_per_node=2", "--wait"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.close()
+    job_id = re.search(r"submitted Slurm job (\d+)", done.stdout).group(1)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"cannot listen on MASTER_PORT {port}" in done.stderr and "set MASTER_PORT" in done.stderr, done.stderr[-3000:]
+    state = subprocess.run(["sacct", "-n", "-X", "-j", job_id, "-o", "State,Elapsed"], capture_output=True,
+                           text=True).stdout.split()
+    assert state[0] == "FAILED", state  # not TIMEOUT: rank 1 did not wait out the time limit
 
 
 @pytest.mark.slow

@@ -70,8 +70,17 @@ def init_runtime(launch: LaunchConfig, train: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         backend = launch.backend if launch.backend != "auto" else ("nccl" if want_cuda else "gloo")
-        dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
-                                device_id=device if backend == "nccl" else None)
+        try:
+            dist.init_process_group(backend, timeout=STARTUP_TIMEOUT,
+                                    device_id=device if backend == "nccl" else None)
+        except dist.DistNetworkError as err:
+            if "EADDRINUSE" not in str(err):
+                raise
+            port = os.environ.get("MASTER_PORT")
+            raise RuntimeError(
+                f"rank {rank} cannot listen on MASTER_PORT {port} of {os.environ.get('MASTER_ADDR')}: another "
+                f"process on this node holds it ({err}). Free it, or set MASTER_PORT to a free port in the "
+                f"job's environment (e.g. `export MASTER_PORT=29511` before foundry submit or sbatch)") from err
     if device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         threads = train.threads or max(1, (os.cpu_count() or 1) // local_world)
