@@ -170,6 +170,10 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
+    # > 0: evaluate and export an exponential moving average of the backbone's weights and BatchNorm
+    # statistics (timm's ModelEmaV3): decay min(ema_decay, 1 - (1 + step)^-3/4), timm's warmup for
+    # runs under ~10k steps, so that a short run's average does not hold its first steps. 0: off.
+    ema_decay: float = 0.0
     # ddp: every rank holds the whole model (torch DDP). deepspeed: ZeRO shards optimizer states,
     # gradients and (stage 3) parameters over the ranks; see the deepspeed section.
     strategy: str = "ddp"
@@ -334,6 +338,7 @@ NUMBER_RANGES: dict[type, dict[str, Range]] = {
         "weight_decay_end": Range(0, note="unset (null): constant weight decay"),
         "bias_and_norm_lr_scale": Range(0, low_open=True, note="1: the weights' lr"),
         "momentum": Range(0, 1, high_open=True), "warmup_steps": NON_NEGATIVE, "grad_clip": OFF_AT_0,
+        "ema_decay": Range(0, 1, high_open=True, note="0: off; e.g. 0.999"),
         "seed": NON_NEGATIVE, "log_every": Range(1, note="steps between logged metrics"),
         "checkpoint_every": Range(1, note="steps between checkpoints"),
         "keep_checkpoints": Range(0, note="0: keep every checkpoint"),
@@ -706,6 +711,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {t.adam_betas}")
     if t.resume not in ("auto", "never") and not Path(t.resume).exists():
         raise ConfigError(f"train.resume: checkpoint '{t.resume}' not found (use auto, never or a .pt path)")
+    if t.ema_decay > 0 and t.strategy == "deepspeed":
+        raise ConfigError(f"train.ema_decay={t.ema_decay} averages the whole fp32 backbone on every rank, which "
+                          f"train.strategy=deepspeed does not hold (ZeRO-3 shards it, the engine may keep it in "
+                          f"bf16): use train.strategy=ddp, or set train.ema_decay=0")
     if t.strategy == "deepspeed":
         validate_deepspeed(cfg)
     elif cfg.deepspeed != DeepSpeedConfig():

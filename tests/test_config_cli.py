@@ -151,7 +151,7 @@ def test_global_batchnorm_is_refused_for_moco_v2_shuffling_bn():
 ZERO_IS_VALID = {
     "data.num_workers", "data.retries", "data.shuffle_buffer", "data.readers", "data.clip_frames", "data.mean", "data.views.ops.p",
     "train.budget_minutes", "train.min_lr", "train.weight_decay", "train.weight_decay_end", "train.momentum",
-    "train.adam_betas", "train.warmup_steps", "train.grad_clip", "train.seed", "train.keep_checkpoints", "train.threads",
+    "train.adam_betas", "train.warmup_steps", "train.grad_clip", "train.ema_decay", "train.seed", "train.keep_checkpoints", "train.threads",
     "eval.knn_every", "eval.embedding_map_points", "eval.linear.momentum", "eval.linear.weight_decay",
     "eval.linear.seed", "eval.finetune.weight_decay", "eval.finetune.warmup_steps", "eval.finetune.label_smoothing",
     "eval.finetune.mixup_alpha", "eval.finetune.cutmix_alpha", "eval.gate.threshold", "mlflow.outage_minutes",

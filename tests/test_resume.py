@@ -46,7 +46,8 @@ def loss_history(tracking_uri: str, run_id: str) -> list[tuple[int, float]]:
     (0, 3, ["train.precision=auto"]),  # bf16 autocast where the CPU is fast at it (AMX here), else fp32
     (2, 3, []),  # an odd position with 2 loader workers: the resumed stream must not reorder them
     (1, 2, ["model.backbone=test_resnet", "model.backbone_args={}"]),  # BatchNorm running stats in the backbone
-], ids=["workers0-auto-precision", "workers2-odd-step", "workers1-resnet"])
+    (0, 3, ["model.backbone=test_resnet", "model.backbone_args={}", "train.ema_decay=0.9"]),  # and their average
+], ids=["workers0-auto-precision", "workers2-odd-step", "workers1-resnet", "workers0-ema"])
 def test_resume_is_bitwise_identical_to_straight_run(tiny_config, tmp_path, monkeypatch, num_workers, crash_step,
                                                      extra):
     overrides = [f"train.max_steps={MAX_STEPS}", f"data.num_workers={num_workers}", "train.checkpoint_every=1",
@@ -83,6 +84,10 @@ def test_resume_is_bitwise_identical_to_straight_run(tiny_config, tmp_path, monk
     b = load_checkpoint(checkpoint_path(resumed_dir / "checkpoints", MAX_STEPS))
     assert a["step"] == b["step"] == MAX_STEPS and a["position"] == b["position"]
     assert_state_equal(a["model"], b["model"], "model")
+    assert a.keys() == b.keys()
+    if "ema" in a:
+        assert_state_equal(a["ema"], b["ema"], "the backbone's moving average")
+        assert not all(torch.equal(a["ema"][k], first["ema"][k]) for k in a["ema"])
     for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items(), strict=True):
         assert ka == kb
         assert_state_equal(va, vb, f"optimizer state {ka}")

@@ -293,15 +293,16 @@ def distributed_knn(backbone: torch.nn.Module, cfg: Config, rt: Runtime) -> KnnR
 
 def attach_knn_monitor(trainer) -> None:
     """Online kNN monitor (``eval.knn_every`` > 0): after every N-th pretraining step, the kNN top-1
-    of the backbone as it is (``knn_monitor_top1``, the accuracy-over-training curve of solo-learn
-    and lightly), every rank extracting its share (``distributed_knn``). The time counts in the
-    step (and in a time budget's estimate if it falls in the probed steps)."""
+    of the backbone as it is, or of its moving average (train.ema_decay) (``knn_monitor_top1``, the
+    accuracy-over-training curve of solo-learn and lightly), every rank extracting its share
+    (``distributed_knn``). The time counts in the step (and in a time budget's estimate if it falls
+    in the probed steps)."""
     every, cfg = trainer.cfg.eval.knn_every, trainer.cfg
 
     def monitor(step: int) -> None:
         if step % every:
             return
-        backbone = trainer.model.get_submodule(trainer.model.exported_backbone)
+        backbone = trainer.trained_backbone()
         modes = {module: module.training for module in backbone.modules()}  # extraction sets eval mode
         result = distributed_knn(backbone, cfg, trainer.rt)
         for module, training in modes.items():

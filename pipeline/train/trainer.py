@@ -39,6 +39,7 @@ import psutil
 import torch
 import torch.distributed as dist
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 
 from ssl_foundry.data_prep.console import Progress, log_file, process_rank, setup_logging
 from ssl_foundry.data_prep.shard_format import read_manifest
@@ -271,6 +272,9 @@ class Trainer:
                                        num_workers=d.num_workers)
         self.strategy = create_strategy(cfg, self.model, self.rt, self.local_batch)
         self.optimizer = self.strategy.optimizer
+        # train.ema_decay: what is evaluated and exported is a moving average of the backbone.
+        self.ema = (ModelEmaV3(self.model.get_submodule(self.model.exported_backbone), decay=cfg.train.ema_decay,
+                               use_warmup=True, warmup_power=3 / 4) if cfg.train.ema_decay > 0 else None)
         # train.budget_minutes: the run's length is re-fitted to the time left as it trains.
         self.budget = (BudgetClock(60 * cfg.train.budget_minutes, cfg.train.budget_covers)
                        if cfg.train.budget_minutes > 0 else None)
@@ -331,6 +335,8 @@ class Trainer:
         self.loss = state.get("loss", float("nan"))
         self.resumed_from = path
         self.skipped_samples = state.get("skipped_samples", 0) if self.rt.is_main else 0
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
         saved_ranks = state["world_size"]
         if saved_ranks == self.rt.world_size:
             self._rng_to_restore = state["rng"][self.rt.rank]
@@ -358,6 +364,8 @@ class Trainer:
             "loss": self.loss,
             "config": public_dict(self.cfg),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
         if self.tracker is not None:
             self.tracker.persist()  # the steps up to this one are not trained again: their metrics, on disk first
         return self.strategy.save(self.out / "checkpoints", self.step, state)
@@ -365,6 +373,15 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.scheduler.total_steps
+
+    def trained_backbone(self, checkpoint: Path | None = None) -> torch.nn.Module:
+        """What is evaluated and exported: the backbone's moving average (train.ema_decay), else the
+        backbone itself (from ``checkpoint`` when the strategy shards it)."""
+        if self.ema is not None:
+            return self.ema.module
+        if checkpoint is None:
+            return self.model.get_submodule(self.model.exported_backbone)
+        return self.strategy.consolidated_backbone(checkpoint)
 
     # ------------------------------------------------------------------ loop
     def _loader(self):
@@ -419,7 +436,7 @@ class Trainer:
         self.end_timing["final_checkpoint_s"] = time.perf_counter() - tic
         d = self.cfg.data
         evaluate = self.cfg.eval.after_pretrain and d.eval_train and d.eval_test
-        backbone = self.strategy.consolidated_backbone(last) if evaluate or self.rt.is_main else None
+        backbone = self.trained_backbone(last) if evaluate or self.rt.is_main else None
         knn = distributed_knn(backbone, self.cfg, self.rt) if evaluate else None
         # The ranks' last collective is behind them: rank 0 exports, registers and logs alone, and
         # no rank waits for it in a collective that could time out.
@@ -456,6 +473,8 @@ class Trainer:
                 self._fail_non_finite(self.loss)
             grad_norm = self.strategy.step()
             self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.model.get_submodule(self.model.exported_backbone), step=self.step)
             self.model.on_step_end(self.step, self.total_steps)
             step_compute += time.perf_counter() - tic
             self.step_times.append((step_wait, step_compute))
