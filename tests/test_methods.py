@@ -101,6 +101,19 @@ def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(name, b
         torch.testing.assert_close(ckpt_grads[n], plain_grads[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_simclr_without_a_projector_contrasts_the_backbone_features():
+    """proj_layers=0: the paper's "no projection" (Chen et al. 2020, Fig. 8), NT-Xent on f(x) itself."""
+    from ssl_foundry.models.losses import nt_xent_loss
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18")
+    model = create_method("simclr", backbone, proj_layers=0, temperature=0.1).train()
+    assert isinstance(model.projector, nn.Identity)
+    views = views_for(model)
+    h1, h2 = backbone(torch.cat(views)).chunk(2)
+    torch.testing.assert_close(model(views)["loss"], nt_xent_loss(h1, h2, 0.1))
+
+
 # ----------------------------------------------------------------------------- momentum
 
 

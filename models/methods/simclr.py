@@ -25,7 +25,9 @@ class SimCLR(Method):
                  proj_layers: int = 2, temperature: float = 0.5):
         super().__init__()
         self.backbone = backbone
-        self.projector = MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
+        # proj_layers=0: the loss on the backbone's own features, the paper's "no projection" (Fig. 8).
+        self.projector = (MLPHead(backbone.num_features, proj_hidden_dim, proj_out_dim, proj_layers)
+                          if proj_layers else nn.Identity())
         self.temperature = temperature
 
     def compute_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
