@@ -171,7 +171,7 @@ class TrainConfig:
     warmup_steps: int = 10
     grad_clip: float = 0.0  # 0 = off; the norm is always logged
     # > 0: evaluate and export an exponential moving average of the backbone's weights and BatchNorm
-    # statistics (timm's ModelEmaV3): decay min(ema_decay, 1 - (1 + step)^-3/4), timm's warmup for
+    # statistics (timm's ModelEmaV3): at step t decay min(ema_decay, 1 - t^(-3/4)), timm's warmup for
     # runs under ~10k steps, so that a short run's average does not hold its first steps. 0: off.
     ema_decay: float = 0.0
     # ddp: every rank holds the whole model (torch DDP). deepspeed: ZeRO shards optimizer states,
